@@ -196,7 +196,7 @@ def plan(
         mem_util: fraction of device memory usable for weights + cache.
     """
     if not isinstance(spec, AttentionSpec):
-        raise ValueError(f"spec must be an AttentionSpec, got {type(spec).__name__}")
+        raise TypeError(f"spec must be an AttentionSpec, got {type(spec).__name__}")
     _check_int("batch", batch)
     _check_int("context", context)
     _check_int("q_len", q_len)
@@ -242,14 +242,30 @@ def plan(
     max_seqs = max(0, math.floor(avail / per_seq))
     max_tokens = max(0, math.floor(avail / (num_layers * row_dev * nbytes)))
     return PlanResult(
-        spec=spec, batch=batch, context=context, q_len=q_len, tp=tp, dtype=dtype, gpu=gpu,
-        num_layers=num_layers, weights_bytes=weights_bytes, mem_util=float(mem_util),
-        elems_per_token=spec.row_dim, elems_per_token_device=row_dev,
-        bytes_per_token=spec.bytes_per_token(nbytes), bytes_per_token_device=row_dev * nbytes,
+        spec=spec,
+        batch=batch,
+        context=context,
+        q_len=q_len,
+        tp=tp,
+        dtype=dtype,
+        gpu=gpu,
+        num_layers=num_layers,
+        weights_bytes=weights_bytes,
+        mem_util=float(mem_util),
+        elems_per_token=spec.row_dim,
+        elems_per_token_device=row_dev,
+        bytes_per_token=spec.bytes_per_token(nbytes),
+        bytes_per_token_device=row_dev * nbytes,
         duplication=spec.duplication(tp),
-        flops_layer=flops, kv_bytes_layer=kv_bytes, qo_bytes_layer=qo_bytes, time_layer_s=t_layer,
-        cache_bytes_device=batch * per_seq, time_attn_s=num_layers * t_layer,
-        time_with_weights_s=time_w, max_sequences=max_seqs, max_tokens=max_tokens,
+        flops_layer=flops,
+        kv_bytes_layer=kv_bytes,
+        qo_bytes_layer=qo_bytes,
+        time_layer_s=t_layer,
+        cache_bytes_device=batch * per_seq,
+        time_attn_s=num_layers * t_layer,
+        time_with_weights_s=time_w,
+        max_sequences=max_seqs,
+        max_tokens=max_tokens,
     )
 
 
@@ -267,34 +283,61 @@ def format_plan(r: PlanResult) -> str:
     d_qk, d_v = decode_dims(s)
     rows = [
         ("KV per token per layer", f"{r.elems_per_token} elements, {r.bytes_per_token} bytes"),
-        ("KV per token per layer per device",
-         f"{r.elems_per_token_device} elements, {r.bytes_per_token_device} bytes"),
+        (
+            "KV per token per layer per device",
+            f"{r.elems_per_token_device} elements, {r.bytes_per_token_device} bytes",
+        ),
         ("KV per token, all layers, device", f"{r.bytes_per_token_device * r.num_layers} bytes"),
-        ("cache for B x L, all layers",
-         f"{_gb(r.cache_bytes_device)} per device, {_gb(r.cache_bytes_total)} over {r.tp} device(s)"),
-        ("duplication D = ceil(N*g_q/h_q)",
-         f"{r.duplication} (" + ("redundancy-free" if r.redundancy_free
-                                 else f"state replicated on {r.duplication} ranks") + ")"),
+        (
+            "cache for B x L, all layers",
+            f"{_gb(r.cache_bytes_device)} per device, {_gb(r.cache_bytes_total)} over {r.tp} device(s)",
+        ),
+        (
+            "duplication D = ceil(N*g_q/h_q)",
+            f"{r.duplication} ("
+            + ("redundancy-free" if r.redundancy_free else f"state replicated on {r.duplication} ranks")
+            + ")",
+        ),
         ("decode dims d_qk / d_v", f"{d_qk} / {d_v}"),
-        ("arithmetic intensity",
-         f"{r.ai_per_byte:.2f} FLOP/byte, {r.ai_per_element:.2f} FLOP/element (~2*g_q/m_kv = "
-         f"{r.ai_approx:g}; ridge {g.ridge:.0f} FLOP/byte -> {r.bound}-bound)"),
-        ("roofline, attention only",
-         f"{_us(r.time_layer_s)} per layer, {_us(r.time_attn_s)} per step ({r.num_layers} layers)"),
+        (
+            "arithmetic intensity",
+            (
+                f"{r.ai_per_byte:.2f} FLOP/byte, {r.ai_per_element:.2f} FLOP/element (~2*g_q/m_kv = "
+                f"{r.ai_approx:g}; ridge {g.ridge:.0f} FLOP/byte -> {r.bound}-bound)"
+            ),
+        ),
+        (
+            "roofline, attention only",
+            f"{_us(r.time_layer_s)} per layer, {_us(r.time_attn_s)} per step ({r.num_layers} layers)",
+        ),
     ]
     if r.time_with_weights_s is not None:
-        rows.append(("roofline, attention + weights",
-                     f"{_us(r.time_with_weights_s)} per step (weights {_gb(r.weights_bytes)} total, "
-                     f"{_gb(r.weights_bytes / r.tp)} per device)"))
-    rows.append((f"capacity at mem-util {r.mem_util:g}",
-                 f"{r.max_sequences} sequences of L={r.context} ({r.max_tokens} tokens) per device"
-                 + ("" if r.weights_bytes is not None else ", weights not counted")))
+        rows.append(
+            (
+                "roofline, attention + weights",
+                (
+                    f"{_us(r.time_with_weights_s)} per step (weights {_gb(r.weights_bytes)} total, "
+                    f"{_gb(r.weights_bytes / r.tp)} per device)"
+                ),
+            )
+        )
+    rows.append(
+        (
+            f"capacity at mem-util {r.mem_util:g}",
+            f"{r.max_sequences} sequences of L={r.context} ({r.max_tokens} tokens) per device"
+            + ("" if r.weights_bytes is not None else ", weights not counted"),
+        )
+    )
     width = max(len(k) for k, _ in rows) + 2
     lines = [
-        f"{s.name}: {s.kind}, h_q={s.num_heads}, d_h={s.head_dim}, state heads={s.num_state_heads}"
-        f" x {s.state_dim}, shared rope={s.shared_rope_dim}, g_q={r.group_size}, m_kv={r.m_kv}",
-        f"deployment: B={r.batch}, L={r.context}, q_len={r.q_len}, TP={r.tp}, {r.dtype}, "
-        f"{r.num_layers} layers, {g.name} ({g.bandwidth_tbs} TB/s, {g.tflops:g} TFLOP/s, {g.memory_gb:g} GB)",
+        (
+            f"{s.name}: {s.kind}, h_q={s.num_heads}, d_h={s.head_dim}, state heads={s.num_state_heads}"
+            f" x {s.state_dim}, shared rope={s.shared_rope_dim}, g_q={r.group_size}, m_kv={r.m_kv}"
+        ),
+        (
+            f"deployment: B={r.batch}, L={r.context}, q_len={r.q_len}, TP={r.tp}, {r.dtype}, "
+            f"{r.num_layers} layers, {g.name} ({g.bandwidth_tbs} TB/s, {g.tflops:g} TFLOP/s, {g.memory_gb:g} GB)"
+        ),
         "",
         *(f"{k + ':':<{width}}{v}" for k, v in rows),
     ]
@@ -303,8 +346,9 @@ def format_plan(r: PlanResult) -> str:
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    fmt = lambda row: "  ".join(str(x).rjust(w) if i else str(x).ljust(w)  # noqa: E731
-                                for i, (x, w) in enumerate(zip(row, widths)))
+    fmt = lambda row: "  ".join(
+        str(x).rjust(w) if i else str(x).ljust(w) for i, (x, w) in enumerate(zip(row, widths))
+    )
     return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *map(fmt, rows)])
 
 
@@ -314,29 +358,58 @@ def format_table(results: Sequence[PlanResult]) -> str:
         raise ValueError("results must not be empty")
     r0 = results[0]
     with_w = any(r.time_with_weights_s is not None for r in results)
-    header = ["variant", "TP", "g_q", "m_kv", "elems/tok/dev", "bytes/tok/dev", "D", "red.-free",
-              "AI FLOP/B", "AI FLOP/el", "cache/dev", "attn step"]
+    header = [
+        "variant",
+        "TP",
+        "g_q",
+        "m_kv",
+        "elems/tok/dev",
+        "bytes/tok/dev",
+        "D",
+        "red.-free",
+        "AI FLOP/B",
+        "AI FLOP/el",
+        "cache/dev",
+        "attn step",
+    ]
     header += ["step+weights"] if with_w else []
     header += ["max seqs"]
     rows = []
     for r in results:
-        row = [r.name, r.tp, r.group_size, r.m_kv, r.elems_per_token_device, r.bytes_per_token_device,
-               r.duplication, "yes" if r.redundancy_free else "no", f"{r.ai_per_byte:.2f}",
-               f"{r.ai_per_element:.2f}", _gb(r.cache_bytes_device), _us(r.time_attn_s)]
+        row = [
+            r.name,
+            r.tp,
+            r.group_size,
+            r.m_kv,
+            r.elems_per_token_device,
+            r.bytes_per_token_device,
+            r.duplication,
+            "yes" if r.redundancy_free else "no",
+            f"{r.ai_per_byte:.2f}",
+            f"{r.ai_per_element:.2f}",
+            _gb(r.cache_bytes_device),
+            _us(r.time_attn_s),
+        ]
         if with_w:
             row.append(_us(r.time_with_weights_s) if r.time_with_weights_s is not None else "-")
         rows.append(row + [r.max_sequences])
-    head = (f"B={r0.batch}, L={r0.context}, q_len={r0.q_len}, {r0.dtype}, {r0.num_layers} layers, "
-            f"{r0.gpu.name} ({r0.gpu.bandwidth_tbs} TB/s, {r0.gpu.tflops:g} TFLOP/s, {r0.gpu.memory_gb:g} GB), "
-            f"mem-util {r0.mem_util:g}; per-layer sizes, roofline step = attention KV+q+o read")
+    head = (
+        f"B={r0.batch}, L={r0.context}, q_len={r0.q_len}, {r0.dtype}, {r0.num_layers} layers, "
+        f"{r0.gpu.name} ({r0.gpu.bandwidth_tbs} TB/s, {r0.gpu.tflops:g} TFLOP/s, {r0.gpu.memory_gb:g} GB), "
+        f"mem-util {r0.mem_util:g}; per-layer sizes, roofline step = attention KV+q+o read"
+    )
     out = [head, "", _table(header, rows)]
     tps = sorted({r.tp for r in results})
     if len(tps) > 1:
         names = list(dict.fromkeys(r.name for r in results))
         by = {(r.name, r.tp): r.bytes_per_token_device for r in results}
         pivot = [[n] + [by.get((n, t), "-") for t in tps] for n in names]
-        out += ["", f"KV bytes per token per layer per device ({r0.dtype}):", "",
-                _table(["variant"] + [f"TP={t}" for t in tps], pivot)]
+        out += [
+            "",
+            f"KV bytes per token per layer per device ({r0.dtype}):",
+            "",
+            _table(["variant"] + [f"TP={t}" for t in tps], pivot),
+        ]
     return "\n".join(out)
 
 
@@ -368,8 +441,9 @@ def plot_roofline(results: Sequence[PlanResult], path: str) -> str:
     for r in results:
         y = r.flops_layer / r.time_layer_s / 1e12
         ax.scatter([r.ai_per_byte], [y], zorder=3)
-        ax.annotate(f"{r.name} TP={r.tp}", (r.ai_per_byte, y), textcoords="offset points",
-                    xytext=(4, -10), fontsize=8)
+        ax.annotate(
+            f"{r.name} TP={r.tp}", (r.ai_per_byte, y), textcoords="offset points", xytext=(4, -10), fontsize=8
+        )
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("arithmetic intensity (FLOP/byte)")

@@ -41,13 +41,32 @@ def test_preset_overrides():
 @pytest.mark.parametrize(
     "kwargs, field",
     [
-        (dict(kind="gqa", hidden_size=2048, num_heads=16, head_dim=128, num_kv_heads=3), "num_kv_heads"),
-        (dict(kind="gta", hidden_size=2048, num_heads=16, head_dim=127, num_kv_heads=4), "head_dim"),
-        (dict(kind="gla", hidden_size=2048, num_heads=16, head_dim=128, num_latent_heads=3,
-              latent_dim=256, rope_dim=64), "num_latent_heads"),
-        (dict(kind="foo", hidden_size=2048, num_heads=16, head_dim=128), "kind"),
-        (dict(kind="gqa", hidden_size=2048, num_heads=0, head_dim=128, num_kv_heads=1), "num_heads"),
-        (dict(kind="mla", hidden_size=2048, num_heads=16, head_dim=128), "latent_dim"),
+        (
+            {"kind": "gqa", "hidden_size": 2048, "num_heads": 16, "head_dim": 128, "num_kv_heads": 3},
+            "num_kv_heads",
+        ),
+        (
+            {"kind": "gta", "hidden_size": 2048, "num_heads": 16, "head_dim": 127, "num_kv_heads": 4},
+            "head_dim",
+        ),
+        (
+            {
+                "kind": "gla",
+                "hidden_size": 2048,
+                "num_heads": 16,
+                "head_dim": 128,
+                "num_latent_heads": 3,
+                "latent_dim": 256,
+                "rope_dim": 64,
+            },
+            "num_latent_heads",
+        ),
+        ({"kind": "foo", "hidden_size": 2048, "num_heads": 16, "head_dim": 128}, "kind"),
+        (
+            {"kind": "gqa", "hidden_size": 2048, "num_heads": 0, "head_dim": 128, "num_kv_heads": 1},
+            "num_heads",
+        ),
+        ({"kind": "mla", "hidden_size": 2048, "num_heads": 16, "head_dim": 128}, "latent_dim"),
     ],
 )
 def test_validation_names_field(kwargs, field):
@@ -70,12 +89,36 @@ def test_from_dict_unknown_field():
 @pytest.mark.parametrize(
     "cfg, kind, h_kv, d_h",
     [
-        ({"model_type": "llama", "hidden_size": 4096, "num_attention_heads": 32,
-          "num_key_value_heads": 8, "rope_theta": 500000.0}, "gqa", 8, 128),
-        ({"model_type": "qwen2", "hidden_size": 896, "num_attention_heads": 14,
-          "num_key_value_heads": 2}, "gqa", 2, 64),
-        ({"model_type": "mistral", "hidden_size": 4096, "num_attention_heads": 32,
-          "num_key_value_heads": 8, "head_dim": 128}, "gqa", 8, 128),
+        (
+            {
+                "model_type": "llama",
+                "hidden_size": 4096,
+                "num_attention_heads": 32,
+                "num_key_value_heads": 8,
+                "rope_theta": 500000.0,
+            },
+            "gqa",
+            8,
+            128,
+        ),
+        (
+            {"model_type": "qwen2", "hidden_size": 896, "num_attention_heads": 14, "num_key_value_heads": 2},
+            "gqa",
+            2,
+            64,
+        ),
+        (
+            {
+                "model_type": "mistral",
+                "hidden_size": 4096,
+                "num_attention_heads": 32,
+                "num_key_value_heads": 8,
+                "head_dim": 128,
+            },
+            "gqa",
+            8,
+            128,
+        ),
         ({"model_type": "llama", "hidden_size": 2048, "num_attention_heads": 32}, "mha", 32, 64),
     ],
 )
@@ -92,9 +135,17 @@ def test_from_hf_config_gqa_family(cfg, kind, h_kv, d_h, tmp_path):
 
 
 def test_from_hf_config_deepseek():
-    cfg = {"model_type": "deepseek_v3", "hidden_size": 7168, "num_attention_heads": 128,
-           "kv_lora_rank": 512, "qk_rope_head_dim": 64, "qk_nope_head_dim": 128,
-           "v_head_dim": 128, "q_lora_rank": 1536, "num_hidden_layers": 61}
+    cfg = {
+        "model_type": "deepseek_v3",
+        "hidden_size": 7168,
+        "num_attention_heads": 128,
+        "kv_lora_rank": 512,
+        "qk_rope_head_dim": 64,
+        "qk_nope_head_dim": 128,
+        "v_head_dim": 128,
+        "q_lora_rank": 1536,
+        "num_hidden_layers": 61,
+    }
     s = AttentionSpec.from_hf_config(cfg)
     assert s.kind == "mla"
     assert (s.latent_dim, s.rope_dim, s.head_dim, s.v_head_dim, s.q_lora_rank) == (512, 64, 128, 128, 1536)
@@ -105,8 +156,9 @@ def test_from_hf_config_deepseek():
 
 def test_from_hf_config_errors(tmp_path):
     with pytest.raises(ValueError, match="kv_lora_rank|qk_rope_head_dim|qk_nope_head_dim"):
-        AttentionSpec.from_hf_config({"model_type": "deepseek_v2", "hidden_size": 64,
-                                      "num_attention_heads": 4})
+        AttentionSpec.from_hf_config(
+            {"model_type": "deepseek_v2", "hidden_size": 64, "num_attention_heads": 4}
+        )
     with pytest.raises(ValueError, match="model_type"):
         AttentionSpec.from_hf_config({"model_type": "gpt2", "hidden_size": 64, "num_attention_heads": 4})
     with pytest.raises(ValueError, match="not found"):
