@@ -436,13 +436,20 @@ def plot_roofline(results: Sequence[PlanResult], path: str) -> str:
     ais = [r.ai_per_byte for r in results]
     lo, hi = min(ais + [1.0]) / 2, max(ais + [r.gpu.ridge for r in results]) * 4
     xs = [lo * (hi / lo) ** (i / 200) for i in range(201)]
-    for g in dict.fromkeys(r.gpu for r in results):
-        ax.plot(xs, [min(g.tflops, x * g.bandwidth_tbs) for x in xs], label=f"{g.name} roof")
+    for g, ls in zip(dict.fromkeys(r.gpu for r in results), ["-", "--", ":", "-."] * 4):
+        ax.plot(xs, [min(g.tflops, x * g.bandwidth_tbs) for x in xs], "k", ls=ls, label=f"{g.name} roof")
+    # Colour per variant, marker per TP size: points of equal AI stay distinguishable.
+    colours = {n: f"C{i % 10}" for i, n in enumerate(dict.fromkeys(r.name for r in results))}
+    markers = {t: "osD^v<>p*h"[i % 10] for i, t in enumerate(sorted({r.tp for r in results}))}
     for r in results:
         y = r.flops_layer / r.time_layer_s / 1e12
-        ax.scatter([r.ai_per_byte], [y], zorder=3)
-        ax.annotate(
-            f"{r.name} TP={r.tp}", (r.ai_per_byte, y), textcoords="offset points", xytext=(4, -10), fontsize=8
+        ax.scatter(
+            [r.ai_per_byte],
+            [y],
+            color=colours[r.name],
+            marker=markers[r.tp],
+            zorder=3,
+            label=f"{r.name} TP={r.tp}",
         )
     ax.set_xscale("log")
     ax.set_yscale("log")
@@ -451,7 +458,7 @@ def plot_roofline(results: Sequence[PlanResult], path: str) -> str:
     r0 = results[0]
     ax.set_title(f"decode attention roofline: B={r0.batch}, L={r0.context}, q_len={r0.q_len}, {r0.dtype}")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper left", fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
