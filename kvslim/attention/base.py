@@ -1,0 +1,116 @@
+"""What every attention variant shares: the forward over prefill, cached chunks and decode.
+
+A variant only says how to
+
+* ``project(x, cos, sin)`` -> the naive per-head query ``[B, T, H, d_qk]`` and the packed
+  cache rows ``[B, T, row]`` of the new tokens (RoPE already applied);
+* ``expand(rows)`` -> naive keys/values ``[B, L, H_kv, d_qk]``, ``[B, L, H_kv, d_v]`` from
+  rows (up-projected for MLA/GLA), used for prefill and the naive decode path;
+* ``decode(q, cache, seq_lens)`` -> ``[B, T, H, d_v]`` through one of the two kernels.
+
+Tensor parallelism (seed 000 §3.3): a module built with ``tp_rank/tp_size`` holds the
+heads of one rank; ``o_proj`` is row-parallel, so the per-rank outputs sum to the full
+output (``all_reduce`` when a process group is set, or summed by the caller).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kvslim.cache import LayerCache
+from kvslim.kernels import MAX_Q_LEN
+from kvslim.rope import Rotary
+from kvslim.spec import AttentionSpec
+
+
+class AttentionBase(nn.Module):
+    def __init__(self, spec: AttentionSpec, *, tp_rank: int = 0, tp_size: int = 1):
+        super().__init__()
+        if not 0 <= tp_rank < tp_size:
+            raise ValueError(f"tp_rank must be in [0, tp_size={tp_size}), got {tp_rank}")
+        self.spec = spec
+        self.local = spec.shard(tp_size)
+        self.tp_rank, self.tp_size = tp_rank, tp_size
+        self.rotary = Rotary(spec.rope_dim, spec.rope_theta, spec.rope_scaling) if spec.rope_dim else None
+        self.impl = "auto"  # kernel choice for decode: auto | triton | torch
+        self.process_group = None  # set to all-reduce the row-parallel output
+
+    # ---- per-variant hooks ----------------------------------------------------
+    def project(self, x, cos, sin):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def expand(self, rows):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def decode(self, q, cache: LayerCache, seq_lens):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # ---- shared ---------------------------------------------------------------
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+        """x ``[B, T, D]``, positions ``[B, T]`` (long) -> ``[B, T, D]`` (this rank's partial sum under TP).
+
+        With a cache, the new rows are written at ``cache.start`` and attention reads the
+        whole cached sequence; without one, this is a causal prefill of ``x`` alone.
+        """
+        B, T, _ = x.shape
+        cos, sin = self.rotary(positions) if self.rotary is not None else (None, None)
+        q, rows = self.project(x, cos, sin)
+        if cache is None:
+            o = self._attend_fresh(q, rows)
+        else:
+            cache.write(rows)
+            seq_lens = cache.start + T
+            if T <= MAX_Q_LEN and self.use_kernel_path():
+                o = self.decode(q, cache, seq_lens)
+            elif int(cache.start.max()) == 0:
+                o = self._attend_fresh(q, rows)
+            else:
+                o = self._attend_gathered(q, cache, seq_lens)
+        out = self.o_proj(o.reshape(B, T, -1))
+        if self.process_group is not None:
+            torch.distributed.all_reduce(out, group=self.process_group)
+        return out
+
+    def use_kernel_path(self) -> bool:
+        return True
+
+    def _sdpa(self, q, k, v, mask=None, causal=False):
+        """q ``[B, T, H, dqk]``, k/v ``[B, L, Hk, d]`` -> ``[B, T, H, dv]`` (Hk divides H)."""
+        H, Hk = q.shape[2], k.shape[2]
+        if Hk != H:
+            k = k.repeat_interleave(H // Hk, dim=2)
+            v = v.repeat_interleave(H // Hk, dim=2)
+        o = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+            attn_mask=mask, is_causal=causal, scale=self.spec.softmax_scale,
+        )
+        return o.transpose(1, 2)
+
+    def _attend_fresh(self, q, rows):
+        k, v = self.expand(rows)
+        return self._sdpa(q, k, v, causal=q.shape[1] > 1)
+
+    def _attend_gathered(self, q, cache: LayerCache, seq_lens):
+        """Naive path over the cached sequence (any q length, ragged lengths)."""
+        rows = cache.gather(seq_lens)
+        k, v = self.expand(rows.to(q.dtype))
+        T, L = q.shape[1], rows.shape[1]
+        qpos = cache.start.long()[:, None] + torch.arange(T, device=q.device)[None, :]  # [B, T]
+        kpos = torch.arange(L, device=q.device)
+        mask = kpos[None, None, :] <= qpos[:, :, None]  # [B, T, L]
+        return self._sdpa(q, k, v, mask=mask[:, None])
+
+
+def shard_rows(w: torch.Tensor, blocks: int, rank: int, size: int) -> torch.Tensor:
+    """Rows of rank ``rank`` when ``w``'s first dim is ``blocks`` equal blocks split ``size`` ways.
+
+    With fewer blocks than ranks (duplication), rank r gets block ``r * blocks // size``.
+    """
+    per = w.shape[0] // blocks
+    if blocks >= size:
+        n = blocks // size
+        return w[rank * n * per : (rank + 1) * n * per]
+    j = rank * blocks // size
+    return w[j * per : (j + 1) * per]

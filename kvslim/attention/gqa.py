@@ -1,0 +1,73 @@
+"""MHA / MQA / GQA (seed 001): separate K and V for h_kv heads, g_q query heads per group.
+
+Weights use Hugging Face Llama names (``q_proj, k_proj, v_proj, o_proj``) so Llama /
+Mistral / Qwen2 checkpoints load without renaming. The cache row is ``[K | V]`` with
+RoPE applied to the first ``rope_dim`` dims of each key head (full RoPE by default).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kvslim.attention.base import AttentionBase, shard_rows
+from kvslim.kernels import decode_separate
+from kvslim.rope import apply_rope
+
+
+class GroupedQueryAttention(AttentionBase):
+    def __init__(self, spec, *, tp_rank: int = 0, tp_size: int = 1):
+        super().__init__(spec, tp_rank=tp_rank, tp_size=tp_size)
+        if spec.kind not in ("mha", "mqa", "gqa"):
+            raise ValueError(f"GroupedQueryAttention needs kind mha/mqa/gqa, got {spec.kind}")
+        loc, D, d = self.local, spec.hidden_size, spec.head_dim
+        self.q_proj = nn.Linear(D, loc.num_heads * d, bias=spec.qkv_bias)
+        self.k_proj = nn.Linear(D, loc.num_kv_heads * d, bias=spec.qkv_bias)
+        self.v_proj = nn.Linear(D, loc.num_kv_heads * d, bias=spec.qkv_bias)
+        self.o_proj = nn.Linear(loc.num_heads * d, D, bias=False)
+
+    def _rope(self, t, cos, sin):
+        r = self.spec.rope_dim
+        if cos is None or r == 0:
+            return t
+        return torch.cat([apply_rope(t[..., :r], cos, sin), t[..., r:]], dim=-1)
+
+    def project(self, x, cos, sin):
+        B, T, _ = x.shape
+        loc, d = self.local, self.spec.head_dim
+        q = self._rope(self.q_proj(x).view(B, T, loc.num_heads, d), cos, sin)
+        k = self._rope(self.k_proj(x).view(B, T, loc.num_kv_heads, d), cos, sin)
+        v = self.v_proj(x)
+        rows = torch.cat([k.reshape(B, T, -1), v], dim=-1)
+        return q, rows
+
+    def expand(self, rows):
+        B, L, _ = rows.shape
+        h, d = self.local.num_kv_heads, self.spec.head_dim
+        k = rows[..., : h * d].view(B, L, h, d)
+        v = rows[..., h * d : 2 * h * d].view(B, L, h, d)
+        return k, v
+
+    def decode(self, q, cache, seq_lens):
+        o, _ = decode_separate(
+            q.to(cache.pool.dtype), cache.pool, cache.block_table, seq_lens,
+            num_kv_heads=self.local.num_kv_heads, head_dim=self.spec.head_dim,
+            softmax_scale=self.spec.softmax_scale, impl=self.impl,
+        )
+        return o.to(q.dtype)
+
+    @staticmethod
+    def shard_state_dict(sd: dict, spec, rank: int, size: int) -> dict:
+        """Slice a full (unsharded) state dict to the weights of one rank."""
+        h_q, h_kv = spec.num_heads, spec.num_kv_heads
+        out = {}
+        for name, w in sd.items():
+            if name.startswith("q_proj."):
+                out[name] = shard_rows(w, h_q, rank, size)
+            elif name.startswith(("k_proj.", "v_proj.")):
+                out[name] = shard_rows(w, h_kv, rank, size)
+            elif name == "o_proj.weight":
+                out[name] = shard_rows(w.t(), h_q, rank, size).t().contiguous()
+            else:
+                out[name] = w
+        return out

@@ -1,0 +1,77 @@
+"""Grouped-Tied Attention (seed 000 §3.3.1).
+
+Each of the h_kv groups caches one tied state ``KV`` of d_h; one extra single-head key
+``k_rope`` of d_h/2 gets RoPE and is shared by all heads. For query head h in group j:
+
+    key   = concat(KV_j[:d_h/2], RoPE(k_rope))      value = KV_j (all d_h)
+
+The query's first half meets the un-rotated half of the state, its second half is
+rotated and meets the shared RoPE key. Cache row: ``[KV (h_kv*d_h) | k_rope (d_h/2)]``,
+i.e. ``h_kv*d_h + d_h/2`` elements per token: half of GQA's, plus d_h/2.
+
+Under tensor parallelism the groups are split over ranks and the RoPE key is
+replicated (as in the paper's TP=2 figure: GTA-4 -> 2*128 + 64 per device).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kvslim.attention.base import AttentionBase, shard_rows
+from kvslim.kernels import decode_tied
+from kvslim.rope import apply_rope
+
+
+class GroupedTiedAttention(AttentionBase):
+    def __init__(self, spec, *, tp_rank: int = 0, tp_size: int = 1):
+        super().__init__(spec, tp_rank=tp_rank, tp_size=tp_size)
+        if spec.kind != "gta":
+            raise ValueError(f"GroupedTiedAttention needs kind gta, got {spec.kind}")
+        loc, D, d = self.local, spec.hidden_size, spec.head_dim
+        self.q_proj = nn.Linear(D, loc.num_heads * d, bias=spec.qkv_bias)
+        self.kv_proj = nn.Linear(D, loc.num_kv_heads * d, bias=spec.qkv_bias)
+        self.k_rope_proj = nn.Linear(D, d // 2, bias=spec.qkv_bias)
+        self.o_proj = nn.Linear(loc.num_heads * d, D, bias=False)
+
+    def project(self, x, cos, sin):
+        B, T, _ = x.shape
+        loc, d = self.local, self.spec.head_dim
+        half = d // 2
+        q = self.q_proj(x).view(B, T, loc.num_heads, d)
+        q = torch.cat([q[..., :half], apply_rope(q[..., half:], cos, sin)], dim=-1)
+        k_rope = apply_rope(self.k_rope_proj(x), cos, sin)  # [B, T, d/2]
+        rows = torch.cat([self.kv_proj(x), k_rope], dim=-1)
+        return q, rows
+
+    def expand(self, rows):
+        B, L, _ = rows.shape
+        h, d = self.local.num_kv_heads, self.spec.head_dim
+        state = rows[..., : h * d].view(B, L, h, d)
+        rope = rows[..., h * d :][:, :, None, :].expand(B, L, h, d // 2)
+        k = torch.cat([state[..., : d // 2], rope], dim=-1)
+        return k, state
+
+    def decode(self, q, cache, seq_lens):
+        d = self.spec.head_dim
+        o, _ = decode_tied(
+            q.to(cache.pool.dtype), cache.pool, cache.block_table, seq_lens,
+            num_state_heads=self.local.num_kv_heads, state_dim=d, nope_dim=d // 2,
+            rope_dim=d // 2, v_dim=d, softmax_scale=self.spec.softmax_scale, impl=self.impl,
+        )
+        return o.to(q.dtype)
+
+    @staticmethod
+    def shard_state_dict(sd: dict, spec, rank: int, size: int) -> dict:
+        h_q, h_kv = spec.num_heads, spec.num_kv_heads
+        out = {}
+        for name, w in sd.items():
+            if name.startswith("q_proj."):
+                out[name] = shard_rows(w, h_q, rank, size)
+            elif name.startswith("kv_proj."):
+                out[name] = shard_rows(w, h_kv, rank, size)
+            elif name == "o_proj.weight":
+                out[name] = shard_rows(w.t(), h_q, rank, size).t().contiguous()
+            else:  # k_rope_proj: replicated
+                out[name] = w
+        return out

@@ -1,0 +1,107 @@
+"""KV caches: one packed row per token per layer (DESIGN.md §1), stored in pages.
+
+A cache is a list of per-layer pools ``[num_pages, page_size, row_dim]`` plus a block
+table ``[B, max_pages]`` (int32) and ``seq_lens [B]`` (int32, tokens cached so far).
+A contiguous cache is just the special case of one page per sequence, so modules,
+kernels and the engine see a single layout. ``row_dim`` comes from the spec, so the
+planner's bytes/token *is* the memory layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvslim.spec import AttentionSpec
+
+
+@dataclass
+class LayerCache:
+    """What one attention layer sees during a forward: its pool and where to write."""
+
+    pool: torch.Tensor  # [num_pages, page_size, row]
+    block_table: torch.Tensor  # [B, max_pages] int32
+    start: torch.Tensor  # [B] int32: tokens cached before this forward
+
+    def write(self, rows: torch.Tensor) -> None:
+        """Store ``rows [B, T, row]`` at positions ``start[b] + t``."""
+        B, T, R = rows.shape
+        if R != self.pool.shape[-1]:
+            raise ValueError(f"row width {R} does not match the cache's {self.pool.shape[-1]}")
+        page_size = self.pool.shape[1]
+        pos = self.start.long()[:, None] + torch.arange(T, device=rows.device)[None, :]  # [B, T]
+        page_idx = pos // page_size
+        if int(page_idx.max()) >= self.block_table.shape[1]:
+            raise ValueError(
+                f"cache overflow: position {int(pos.max())} needs more than "
+                f"{self.block_table.shape[1]} pages of {page_size}"
+            )
+        pages = torch.gather(self.block_table.long(), 1, page_idx)
+        flat = (pages * page_size + pos % page_size).reshape(-1)
+        self.pool.view(-1, R).index_copy_(0, flat, rows.reshape(-1, R).to(self.pool.dtype))
+
+    def gather(self, lengths: torch.Tensor) -> torch.Tensor:
+        """Padded rows ``[B, max(lengths), row]`` of every sequence (zeros past its length)."""
+        B = self.block_table.shape[0]
+        L = int(lengths.max())
+        page_size = self.pool.shape[1]
+        pos = torch.arange(L, device=self.pool.device)
+        pages = self.block_table.long()[:, (pos // page_size)]  # [B, L]
+        flat = pages * page_size + (pos % page_size)[None, :]
+        rows = self.pool.view(-1, self.pool.shape[-1])[flat.reshape(-1)].view(B, L, -1)
+        valid = pos[None, :] < lengths.long()[:, None].to(pos.device)
+        return rows * valid[..., None].to(rows.dtype)
+
+
+class KVCache:
+    """Per-layer paged pools plus the batch's block table and lengths.
+
+    Args:
+        spec: attention spec of the layers (its ``row_dim_per_rank(tp_size)`` is the row).
+        num_layers: number of attention layers.
+        batch: sequences in the batch.
+        max_len: tokens each sequence may hold.
+        page_size: tokens per page (default: ``max_len``, i.e. contiguous).
+        dtype, device: storage type and place.
+        tp_size: tensor-parallel size (rows hold this rank's shard).
+    """
+
+    def __init__(self, spec: AttentionSpec, num_layers: int, *, batch: int, max_len: int,
+                 page_size: int | None = None, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu", tp_size: int = 1):
+        if batch <= 0 or max_len <= 0:
+            raise ValueError(f"KVCache needs batch > 0 and max_len > 0, got batch={batch}, max_len={max_len}")
+        page_size = max_len if page_size is None else page_size
+        if page_size <= 0:
+            raise ValueError(f"page_size must be > 0, got {page_size}")
+        self.spec = spec
+        self.page_size = page_size
+        self.max_len = max_len
+        pages_per_seq = -(-max_len // page_size)
+        self.row_dim = spec.row_dim_per_rank(tp_size)
+        self.pools = [
+            torch.zeros(batch * pages_per_seq, page_size, self.row_dim, dtype=dtype, device=device)
+            for _ in range(num_layers)
+        ]
+        self.block_table = torch.arange(batch * pages_per_seq, dtype=torch.int32, device=device).view(
+            batch, pages_per_seq
+        )
+        self.seq_lens = torch.zeros(batch, dtype=torch.int32, device=device)
+
+    def subset(self, b: int) -> KVCache:
+        """A view of sequence ``b`` alone (shares pools and length storage with this cache)."""
+        view = object.__new__(KVCache)
+        view.__dict__.update(self.__dict__)
+        view.block_table = self.block_table[b : b + 1]
+        view.seq_lens = self.seq_lens[b : b + 1]
+        return view
+
+    def layer(self, i: int) -> LayerCache:
+        return LayerCache(self.pools[i], self.block_table, self.seq_lens)
+
+    def advance(self, n: int) -> None:
+        self.seq_lens += n
+
+    def nbytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.pools)

@@ -1,0 +1,1 @@
+"""Inference engine pieces (sampling now; paged scheduler, CUDA graphs and TP serving to come)."""

@@ -1,0 +1,156 @@
+"""Decode attention over a paged cache: validation and dispatch.
+
+Two entry points cover all six variants (DESIGN.md §1):
+
+* :func:`decode_separate` — MHA / MQA / GQA, row ``[K heads | V heads]``;
+* :func:`decode_tied` — GTA / absorbed MLA / absorbed GLA, row ``[state heads | rope key]``.
+
+``impl="auto"`` runs the Triton kernel on CUDA tensors and the torch reference
+elsewhere; an explicit ``impl`` never falls back silently.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvslim.kernels.reference import decode_separate_ref, decode_tied_ref
+
+IMPLS = ("auto", "triton", "torch")
+MAX_Q_LEN = 8
+
+
+def _check_common(q, cache, block_table, seq_lens, row_dim, q_dim, impl):
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if not isinstance(q, torch.Tensor) or q.dim() != 4:
+        raise ValueError(f"q must be a 4-D tensor [B, q_len, h_q, d], got shape {getattr(q, 'shape', None)}")
+    B, q_len, _, d = q.shape
+    if d != q_dim:
+        raise ValueError(f"q.shape[-1] must be {q_dim}, got {d}")
+    if not 1 <= q_len <= MAX_Q_LEN:
+        raise ValueError(f"q_len must be in [1, {MAX_Q_LEN}], got {q_len}")
+    if cache.dim() != 3:
+        raise ValueError(f"cache must be [num_pages, page_size, row], got shape {tuple(cache.shape)}")
+    if cache.shape[-1] != row_dim:
+        raise ValueError(f"cache row width must be {row_dim}, got {cache.shape[-1]}")
+    if not cache.is_contiguous():
+        raise ValueError("cache must be contiguous")
+    if cache.dtype != q.dtype:
+        raise TypeError(f"cache dtype {cache.dtype} must match q dtype {q.dtype}")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"q dtype must be float16, bfloat16 or float32, got {q.dtype}")
+    if block_table.dtype != torch.int32 or block_table.dim() != 2 or block_table.shape[0] != B:
+        raise ValueError(
+            f"block_table must be int32 [B={B}, max_pages], got {block_table.dtype} {tuple(block_table.shape)}"
+        )
+    if seq_lens.dtype != torch.int32 or seq_lens.shape != (B,):
+        raise ValueError(f"seq_lens must be int32 [B={B}], got {seq_lens.dtype} {tuple(seq_lens.shape)}")
+    for name, t in (("cache", cache), ("block_table", block_table), ("seq_lens", seq_lens)):
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+    if impl == "triton" and q.device.type != "cuda":
+        import os
+
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1)")
+    if impl == "torch" or q.device.type != "cuda":
+        # Value checks need the lengths on the host: free for CPU tensors and on the
+        # reference path (it syncs anyway). The CUDA kernels skip them to stay sync-free
+        # and CUDA-graph capturable; they clamp seq_len to the block table instead.
+        page_size = cache.shape[1]
+        max_len = block_table.shape[1] * page_size
+        if int(seq_lens.max()) > max_len:
+            raise ValueError(f"seq_lens max {int(seq_lens.max())} exceeds block_table capacity {max_len}")
+        if int(seq_lens.min()) < q_len:
+            raise ValueError(f"every seq_len must be >= q_len={q_len}, got min {int(seq_lens.min())}")
+    return "triton" if impl == "triton" or (impl == "auto" and q.device.type == "cuda") else "torch"
+
+
+def decode_separate(
+    q: torch.Tensor,
+    cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    num_kv_heads: int,
+    head_dim: int,
+    softmax_scale: float | None = None,
+    num_splits: int | None = None,
+    impl: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode attention for MHA/MQA/GQA over a paged cache.
+
+    Args:
+        q: ``[B, q_len, h_q, d_h]`` fp16/bf16/fp32, ``1 <= q_len <= 8``.
+        cache: ``[num_pages, page_size, 2*h_kv*d_h]``, row = ``[K | V]``, same dtype as q.
+        block_table: ``[B, max_pages]`` int32.
+        seq_lens: ``[B]`` int32, tokens in the cache including the q_len new ones.
+        num_kv_heads: ``h_kv`` (must divide h_q).
+        head_dim: ``d_h``.
+        softmax_scale: default ``1/sqrt(d_h)``.
+        num_splits: split-KV partitions (None = heuristic).
+        impl: ``auto``, ``triton`` or ``torch``.
+
+    Returns:
+        ``o [B, q_len, h_q, d_h]`` in q's dtype and ``lse [B, q_len, h_q]`` fp32.
+    """
+    if q.dim() == 4 and q.shape[2] % num_kv_heads:
+        raise ValueError(f"num_kv_heads={num_kv_heads} must divide h_q={q.shape[2]}")
+    which = _check_common(q, cache, block_table, seq_lens, 2 * num_kv_heads * head_dim, head_dim, impl)
+    scale = head_dim**-0.5 if softmax_scale is None else softmax_scale
+    if which == "torch":
+        return decode_separate_ref(q, cache, block_table, seq_lens, num_kv_heads=num_kv_heads,
+                                   head_dim=head_dim, softmax_scale=scale)
+    from kvslim.kernels.separate import decode_separate_triton
+
+    return decode_separate_triton(q, cache, block_table, seq_lens, num_kv_heads=num_kv_heads,
+                                  head_dim=head_dim, softmax_scale=scale, num_splits=num_splits)
+
+
+def decode_tied(
+    q: torch.Tensor,
+    cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    num_state_heads: int,
+    state_dim: int,
+    nope_dim: int,
+    rope_dim: int,
+    v_dim: int,
+    softmax_scale: float,
+    num_splits: int | None = None,
+    impl: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode attention for GTA and absorbed MLA/GLA over a paged tied-state cache.
+
+    Args:
+        q: ``[B, q_len, h_q, nope_dim + rope_dim]``; head ``h`` reads state head ``h // (h_q/S)``.
+        cache: ``[num_pages, page_size, S*state_dim + rope_dim]``.
+        block_table, seq_lens: as in :func:`decode_separate`.
+        num_state_heads: ``S`` (GTA: h_kv, MLA: 1, GLA: h_c).
+        state_dim: width of one state head (GTA: d_h, MLA/GLA: d_c).
+        nope_dim: key dims read from the state (GTA: d_h/2, MLA/GLA: d_c).
+        rope_dim: shared RoPE key width ``d_R``.
+        v_dim: value dims read from the state (GTA: d_h, MLA/GLA: d_c).
+        softmax_scale: scale of the original q.k (e.g. ``1/sqrt(d_nope + d_R)`` for MLA).
+
+    Returns:
+        ``o [B, q_len, h_q, v_dim]`` in q's dtype and ``lse [B, q_len, h_q]`` fp32.
+    """
+    if q.dim() == 4 and q.shape[2] % num_state_heads:
+        raise ValueError(f"num_state_heads={num_state_heads} must divide h_q={q.shape[2]}")
+    if nope_dim > state_dim or v_dim > state_dim:
+        raise ValueError(f"nope_dim={nope_dim} and v_dim={v_dim} must be <= state_dim={state_dim}")
+    row = num_state_heads * state_dim + rope_dim
+    which = _check_common(q, cache, block_table, seq_lens, row, nope_dim + rope_dim, impl)
+    kw = dict(num_state_heads=num_state_heads, state_dim=state_dim, nope_dim=nope_dim,
+              rope_dim=rope_dim, v_dim=v_dim, softmax_scale=softmax_scale)
+    if which == "torch":
+        return decode_tied_ref(q, cache, block_table, seq_lens, **kw)
+    from kvslim.kernels.tied import decode_tied_triton
+
+    return decode_tied_triton(q, cache, block_table, seq_lens, num_splits=num_splits, **kw)
+
+
+__all__ = ["IMPLS", "MAX_Q_LEN", "decode_separate", "decode_tied"]
