@@ -1,0 +1,85 @@
+"""Launch configurations for the decode kernels, chosen on the host from shapes only.
+
+Nothing here reads device memory, so a launch stays CUDA-graph capturable (DESIGN.md §6):
+the number of KV splits depends on the batch, the head blocks and the block table's
+*capacity* (``max_pages * page_size``), never on the actual ``seq_lens``.
+
+Configs were picked on an H100 SXM (132 SMs) with ``benchmarks/bench_decode.py``; see
+``benchmarks/NOTES.md`` for the measurements behind each number.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+DEFAULT_SMS = 132  # H100 SXM; used when no CUDA device is present (interpreter)
+MAX_SPLITS = 64
+MIN_TOKENS_PER_SPLIT = 256
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return DEFAULT_SMS
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+def pick_num_splits(programs: int, max_seq_len: int, sms: int) -> int:
+    """Flash-decoding splits: enough programs for ~2 waves, each split >= 256 tokens.
+
+    Args:
+        programs: programs per split (batch x head blocks).
+        max_seq_len: upper bound of any seq_len (block-table capacity), host-side.
+        sms: streaming multiprocessors on the device.
+    """
+    if programs >= 2 * sms:
+        return 1
+    want = -(-2 * sms // programs)
+    cap = max(1, max_seq_len // MIN_TOKENS_PER_SPLIT)
+    return max(1, min(want, cap, MAX_SPLITS))
+
+
+def separate_config(*, group: int, q_len: int, head_dim: int, dtype: torch.dtype) -> dict:
+    """Blocks for the separate-KV kernel.
+
+    All ``g_q`` query heads of a KV head (x q_len) form the M side of ``tl.dot`` so each
+    K/V tile is loaded once; M is capped at 64 rows (acc ``[64, d_h]`` fp32 in registers).
+    """
+    block_h = max(1, min(group, 64 // q_len))
+    block_m = max(16, next_pow2(block_h * q_len))
+    block_d = max(16, next_pow2(head_dim))
+    block_n = 64 if block_d <= 128 else 32
+    if dtype == torch.float32:
+        block_n = min(block_n, 32)
+    return dict(BLOCK_H=block_h, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=3)
+
+
+def tied_config(*, group: int, q_len: int, state_block: int, dtype: torch.dtype) -> dict:
+    """Blocks for the tied-state kernel (GTA / MLA / GLA).
+
+    ``state_block`` is the padded state width read per tile (``next_pow2(max(d_nope, d_v))``).
+    Wide states (MLA/GLA latents, 256-512) keep M <= 64 so the ``[M, d_v]`` fp32
+    accumulator fits in registers with 8 warps; narrow ones (GTA, 128) allow M up to 128.
+    """
+    max_m = 64 if state_block >= 256 else 128
+    block_h = max(1, min(group, max_m // q_len))
+    block_m = max(16, next_pow2(block_h * q_len))
+    if state_block >= 512:
+        block_n, warps, stages = 32, (8 if block_m >= 64 else 4), 2
+    elif state_block >= 256:
+        block_n, warps, stages = 32, (8 if block_m >= 64 else 4), 3
+    else:
+        block_n, warps, stages = 64, (8 if block_m >= 128 else 4), 3
+    if dtype == torch.float32:
+        block_n = min(block_n, 16)
+    return dict(BLOCK_H=block_h, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)

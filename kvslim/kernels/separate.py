@@ -1,0 +1,203 @@
+"""Triton decode kernel for separate K/V caches: MHA, MQA, GQA (seed 000 §3, DESIGN.md §6).
+
+Cache row of one token: ``[K (h_kv * d_h) | V (h_kv * d_h)]``. One program owns one
+sequence, one KV head and one KV split; the query heads of that KV head times the
+``q_len`` new tokens form the M side of both ``tl.dot``s, so each K/V tile is read from
+memory once for the whole group. Splits are merged by :mod:`kvslim.kernels.combine`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kvslim.kernels.combine import INTERPRET, combine_splits, round_p
+from kvslim.kernels.heuristics import num_sms, pick_num_splits, separate_config
+
+LN2 = 0.6931471805599453
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _separate_kernel(
+    Q,  # [B, q_len, h_q, d_h]
+    Cache,  # [num_pages, PAGE, ROW]
+    BlockTable,  # [B, max_pages] int32
+    SeqLens,  # [B] int32
+    O,  # [B, q_len, h_q, d_h]            (NUM_SPLITS == 1)
+    Lse,  # [B, q_len, h_q] fp32
+    OPart,  # [B, q_len, h_q, NUM_SPLITS, d_h] fp32 (NUM_SPLITS > 1)
+    LsePart,  # [B, q_len, h_q, NUM_SPLITS] fp32
+    stride_qb,
+    stride_qt,
+    stride_qh,
+    stride_ob,
+    stride_ot,
+    stride_oh,
+    stride_bt,
+    max_pages,
+    sm_scale_log2,
+    H_Q: tl.constexpr,
+    H_KV: tl.constexpr,
+    G: tl.constexpr,
+    Q_LEN: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PAGE: tl.constexpr,
+    ROW: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HB_PER_KV: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    UPCAST: tl.constexpr,  # interpreter: its bf16/fp16 tl.dot is wrong, so dot in fp32
+):
+    b = tl.program_id(0).to(tl.int64)
+    pid_h = tl.program_id(1)
+    split = tl.program_id(2)
+    kvh = pid_h // HB_PER_KV
+    hb = pid_h % HB_PER_KV
+
+    # Row m of the tile is (new token t, head j of the group): heads vary fastest.
+    offs_m = tl.arange(0, BLOCK_M)
+    t_q = offs_m // BLOCK_H  # [BLOCK_M]
+    j = hb * BLOCK_H + offs_m % BLOCK_H
+    row_ok = (t_q < Q_LEN) & (j < G)
+    head = kvh * G + j
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+
+    q_ptrs = Q + b * stride_qb + t_q[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
+    if UPCAST:
+        q = q.to(tl.float32)
+
+    # Clamp to the block table so a bad seq_len can never read past it (no host check here).
+    seq_len = tl.minimum(tl.load(SeqLens + b), max_pages * PAGE)
+    pos = seq_len - Q_LEN + t_q  # [BLOCK_M] absolute position of each new token
+    chunk = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * chunk
+    end = tl.minimum(start + chunk, seq_len)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    k_col = kvh * HEAD_DIM + offs_d  # [BLOCK_D]
+    v_col = (H_KV + kvh) * HEAD_DIM + offs_d
+    bt_row = BlockTable + b * stride_bt
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)  # [BLOCK_N] token positions
+        n_ok = offs_n < end
+        page = tl.load(bt_row + offs_n // PAGE, mask=n_ok, other=0)
+        rows = (page.to(tl.int64) * PAGE + offs_n % PAGE) * ROW  # [BLOCK_N] int64 element offsets
+        kv_mask = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(Cache + rows[:, None] + k_col[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+        v = tl.load(Cache + rows[:, None] + v_col[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * sm_scale_log2  # [BLOCK_M, BLOCK_N]
+        keep = (offs_n[None, :] <= pos[:, None]) & n_ok[None, :]
+        s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])  # [BLOCK_M, BLOCK_N]
+        l_i = l_i * alpha + tl.sum(p, 1)
+        pv = tl.dot(round_p(p, Cache.dtype.element_ty, UPCAST), v, input_precision=DOT_PREC)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+
+    has = l_i > 0
+    l_safe = tl.where(has, l_i, 1.0)
+    out = acc / l_safe[:, None]  # [BLOCK_M, BLOCK_D]
+    lse = tl.where(has, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))  # natural log
+    out_mask = row_ok[:, None] & d_ok[None, :]
+    flat = (b * Q_LEN + t_q) * H_Q + head  # [BLOCK_M] index into [B, q_len, h_q]
+    if NUM_SPLITS == 1:
+        o_ptrs = O + b * stride_ob + t_q[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
+        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=out_mask)
+        tl.store(Lse + flat, lse, mask=row_ok)
+    else:
+        prow = flat * NUM_SPLITS + split
+        tl.store(OPart + prow[:, None] * HEAD_DIM + offs_d[None, :], out, mask=out_mask)
+        tl.store(LsePart + prow, lse, mask=row_ok)
+
+
+def decode_separate_triton(
+    q: torch.Tensor,
+    cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    num_kv_heads: int,
+    head_dim: int,
+    softmax_scale: float,
+    num_splits: int | None = None,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
+    config: dict | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the separate-KV decode kernel (inputs already validated by ``kvslim.kernels``).
+
+    Args:
+        q: ``[B, q_len, h_q, d_h]``; cache ``[num_pages, page_size, 2*h_kv*d_h]`` contiguous;
+            block_table ``[B, max_pages]`` int32; seq_lens ``[B]`` int32.
+        num_splits: KV splits; None picks one from shapes (host-side, graph-safe).
+        out: optional preallocated ``(o [B, q_len, h_q, d_h] q.dtype, lse [B, q_len, h_q] fp32)``;
+            lse must be contiguous.
+        config: overrides of the heuristic blocks (BLOCK_H, BLOCK_N, num_warps, num_stages).
+
+    Returns:
+        ``(o, lse)``.
+    """
+    B, q_len, h_q, d = q.shape
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if block_table.stride(-1) != 1:
+        block_table = block_table.contiguous()
+    seq_lens = seq_lens.contiguous()
+    g = h_q // num_kv_heads
+    cfg = separate_config(group=g, q_len=q_len, head_dim=head_dim, dtype=q.dtype)
+    if config:
+        cfg.update(config)
+        cfg["BLOCK_M"] = max(16, triton.next_power_of_2(cfg["BLOCK_H"] * q_len))
+    hb_per_kv = triton.cdiv(g, cfg["BLOCK_H"])
+    page_size, max_pages = cache.shape[1], block_table.shape[1]
+    if num_splits is None:
+        num_splits = pick_num_splits(B * num_kv_heads * hb_per_kv, max_pages * page_size, num_sms(q.device))
+    if num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+
+    if out is None:
+        o = torch.empty(B, q_len, h_q, head_dim, dtype=q.dtype, device=q.device)
+        lse = torch.empty(B, q_len, h_q, dtype=torch.float32, device=q.device)
+    else:
+        o, lse = out
+    if num_splits > 1:
+        o_part = torch.empty(B, q_len, h_q, num_splits, head_dim, dtype=torch.float32, device=q.device)
+        lse_part = torch.empty(B, q_len, h_q, num_splits, dtype=torch.float32, device=q.device)
+    else:
+        o_part, lse_part = o, lse
+
+    grid = (B, num_kv_heads * hb_per_kv, num_splits)
+    _separate_kernel[grid](
+        q, cache, block_table, seq_lens, o, lse, o_part, lse_part,
+        q.stride(0), q.stride(1), q.stride(2),
+        o.stride(0), o.stride(1), o.stride(2),
+        block_table.stride(0),
+        max_pages,
+        softmax_scale * LOG2E,
+        H_Q=h_q, H_KV=num_kv_heads, G=g, Q_LEN=q_len,
+        HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        PAGE=page_size, ROW=cache.shape[2],
+        BLOCK_H=cfg["BLOCK_H"], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+        HB_PER_KV=hb_per_kv, NUM_SPLITS=num_splits,
+        DOT_PREC="ieee" if q.dtype == torch.float32 or INTERPRET else "tf32",
+        UPCAST=INTERPRET and q.dtype != torch.float32,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    if num_splits > 1:
+        combine_splits(o_part, lse_part, o, lse)
+    return o, lse

@@ -1,0 +1,220 @@
+"""Triton decode kernel for tied-state caches: GTA, absorbed MLA, absorbed GLA (seed 000 §3-4).
+
+Cache row of one token: ``[state (S * state_dim) | rope key (d_R)]``. Query head ``h``
+reads state head ``h // (h_q / S)``; its key is ``concat(state[:d_nope], rope)`` and its
+value ``state[:d_v]``. One program owns one sequence, one block of query heads of a state
+head and one KV split: each ``[BLOCK_N, state]`` tile is loaded once and feeds both
+``QKᵀ`` (against the zero-padded no-RoPE query) and ``PV`` — the arithmetic-intensity gain
+that makes GTA/GLA/MLA decode fast. Heads x new tokens form the M side of ``tl.dot``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kvslim.kernels.combine import INTERPRET, combine_splits, round_p
+from kvslim.kernels.heuristics import num_sms, pick_num_splits, tied_config
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _tied_kernel(
+    Q,  # [B, q_len, h_q, NOPE + ROPE]
+    Cache,  # [num_pages, PAGE, ROW], ROW = S * STATE_DIM + ROPE
+    BlockTable,  # [B, max_pages] int32
+    SeqLens,  # [B] int32
+    O,  # [B, q_len, h_q, DV]                (NUM_SPLITS == 1)
+    Lse,  # [B, q_len, h_q] fp32
+    OPart,  # [B, q_len, h_q, NUM_SPLITS, DV] fp32 (NUM_SPLITS > 1)
+    LsePart,  # [B, q_len, h_q, NUM_SPLITS] fp32
+    stride_qb,
+    stride_qt,
+    stride_qh,
+    stride_ob,
+    stride_ot,
+    stride_oh,
+    stride_bt,
+    max_pages,
+    sm_scale_log2,
+    H_Q: tl.constexpr,
+    S: tl.constexpr,
+    G: tl.constexpr,
+    Q_LEN: tl.constexpr,
+    STATE_DIM: tl.constexpr,
+    NOPE: tl.constexpr,
+    ROPE: tl.constexpr,
+    DV: tl.constexpr,
+    BLOCK_DS: tl.constexpr,  # pow2 >= max(NOPE, DV): state columns read per tile
+    BLOCK_R: tl.constexpr,  # pow2 >= ROPE
+    PAGE: tl.constexpr,
+    ROW: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HB_PER_S: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    UPCAST: tl.constexpr,  # interpreter: its bf16/fp16 tl.dot is wrong, so dot in fp32
+):
+    b = tl.program_id(0).to(tl.int64)
+    pid_h = tl.program_id(1)
+    split = tl.program_id(2)
+    sh = pid_h // HB_PER_S  # state head
+    hb = pid_h % HB_PER_S
+
+    offs_m = tl.arange(0, BLOCK_M)
+    t_q = offs_m // BLOCK_H  # [BLOCK_M] new token
+    j = hb * BLOCK_H + offs_m % BLOCK_H  # head within the state head's group
+    row_ok = (t_q < Q_LEN) & (j < G)
+    head = sh * G + j
+    offs_s = tl.arange(0, BLOCK_DS)
+    offs_r = tl.arange(0, BLOCK_R)
+    USED: tl.constexpr = NOPE if NOPE > DV else DV
+    s_ok = offs_s < USED
+
+    # The no-RoPE query is zero past NOPE, so one dot over the state tile gives q_nope.k_nope.
+    q_base = Q + b * stride_qb + t_q[:, None] * stride_qt + head[:, None] * stride_qh
+    q_n = tl.load(q_base + offs_s[None, :], mask=row_ok[:, None] & (offs_s < NOPE)[None, :], other=0.0)
+    q_r = tl.load(q_base + NOPE + offs_r[None, :], mask=row_ok[:, None] & (offs_r < ROPE)[None, :], other=0.0)
+    # q_n [BLOCK_M, BLOCK_DS], q_r [BLOCK_M, BLOCK_R]
+    if UPCAST:
+        q_n = q_n.to(tl.float32)
+        q_r = q_r.to(tl.float32)
+
+    seq_len = tl.minimum(tl.load(SeqLens + b), max_pages * PAGE)
+    pos = seq_len - Q_LEN + t_q  # [BLOCK_M]
+    chunk = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * chunk
+    end = tl.minimum(start + chunk, seq_len)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DS], dtype=tl.float32)
+    s_col = sh * STATE_DIM + offs_s  # [BLOCK_DS]
+    r_col = S * STATE_DIM + offs_r  # [BLOCK_R]
+    bt_row = BlockTable + b * stride_bt
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < end
+        page = tl.load(bt_row + offs_n // PAGE, mask=n_ok, other=0)
+        rows = (page.to(tl.int64) * PAGE + offs_n % PAGE) * ROW  # [BLOCK_N] int64
+        st = tl.load(Cache + rows[:, None] + s_col[None, :], mask=n_ok[:, None] & s_ok[None, :], other=0.0)
+        kr = tl.load(Cache + rows[:, None] + r_col[None, :], mask=n_ok[:, None] & (offs_r < ROPE)[None, :],
+                     other=0.0)
+        if UPCAST:
+            st = st.to(tl.float32)
+            kr = kr.to(tl.float32)
+        # st [BLOCK_N, BLOCK_DS] is both key (first NOPE cols) and value (first DV cols)
+        s = tl.dot(q_n, tl.trans(st), input_precision=DOT_PREC)
+        s = tl.dot(q_r, tl.trans(kr), s, input_precision=DOT_PREC)
+        s = s * sm_scale_log2  # [BLOCK_M, BLOCK_N]
+        keep = (offs_n[None, :] <= pos[:, None]) & n_ok[None, :]
+        s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        pv = tl.dot(round_p(p, Cache.dtype.element_ty, UPCAST), st, input_precision=DOT_PREC)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+
+    has = l_i > 0
+    l_safe = tl.where(has, l_i, 1.0)
+    out = acc / l_safe[:, None]  # [BLOCK_M, BLOCK_DS]
+    lse = tl.where(has, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    out_mask = row_ok[:, None] & (offs_s < DV)[None, :]
+    flat = (b * Q_LEN + t_q) * H_Q + head
+    if NUM_SPLITS == 1:
+        o_ptrs = O + b * stride_ob + t_q[:, None] * stride_ot + head[:, None] * stride_oh + offs_s[None, :]
+        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=out_mask)
+        tl.store(Lse + flat, lse, mask=row_ok)
+    else:
+        prow = flat * NUM_SPLITS + split
+        tl.store(OPart + prow[:, None] * DV + offs_s[None, :], out, mask=out_mask)
+        tl.store(LsePart + prow, lse, mask=row_ok)
+
+
+def decode_tied_triton(
+    q: torch.Tensor,
+    cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    num_state_heads: int,
+    state_dim: int,
+    nope_dim: int,
+    rope_dim: int,
+    v_dim: int,
+    softmax_scale: float,
+    num_splits: int | None = None,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
+    config: dict | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the tied-state decode kernel (inputs already validated by ``kvslim.kernels``).
+
+    Args:
+        q: ``[B, q_len, h_q, nope_dim + rope_dim]``; cache
+            ``[num_pages, page_size, S*state_dim + rope_dim]`` contiguous; block_table
+            ``[B, max_pages]`` int32; seq_lens ``[B]`` int32.
+        num_splits: KV splits; None picks one from shapes (host-side, graph-safe).
+        out: optional preallocated ``(o [B, q_len, h_q, v_dim], lse [B, q_len, h_q] fp32)``.
+        config: overrides of the heuristic blocks (BLOCK_H, BLOCK_N, num_warps, num_stages).
+
+    Returns:
+        ``(o, lse)``.
+    """
+    B, q_len, h_q, _ = q.shape
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if block_table.stride(-1) != 1:
+        block_table = block_table.contiguous()
+    seq_lens = seq_lens.contiguous()
+    g = h_q // num_state_heads
+    block_ds = max(16, triton.next_power_of_2(max(nope_dim, v_dim)))
+    cfg = tied_config(group=g, q_len=q_len, state_block=block_ds, dtype=q.dtype)
+    if config:
+        cfg.update(config)
+        cfg["BLOCK_M"] = max(16, triton.next_power_of_2(cfg["BLOCK_H"] * q_len))
+    hb_per_s = triton.cdiv(g, cfg["BLOCK_H"])
+    page_size, max_pages = cache.shape[1], block_table.shape[1]
+    if num_splits is None:
+        num_splits = pick_num_splits(B * num_state_heads * hb_per_s, max_pages * page_size, num_sms(q.device))
+    if num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+
+    if out is None:
+        o = torch.empty(B, q_len, h_q, v_dim, dtype=q.dtype, device=q.device)
+        lse = torch.empty(B, q_len, h_q, dtype=torch.float32, device=q.device)
+    else:
+        o, lse = out
+    if num_splits > 1:
+        o_part = torch.empty(B, q_len, h_q, num_splits, v_dim, dtype=torch.float32, device=q.device)
+        lse_part = torch.empty(B, q_len, h_q, num_splits, dtype=torch.float32, device=q.device)
+    else:
+        o_part, lse_part = o, lse
+
+    grid = (B, num_state_heads * hb_per_s, num_splits)
+    _tied_kernel[grid](
+        q, cache, block_table, seq_lens, o, lse, o_part, lse_part,
+        q.stride(0), q.stride(1), q.stride(2),
+        o.stride(0), o.stride(1), o.stride(2),
+        block_table.stride(0),
+        max_pages,
+        softmax_scale * LOG2E,
+        H_Q=h_q, S=num_state_heads, G=g, Q_LEN=q_len,
+        STATE_DIM=state_dim, NOPE=nope_dim, ROPE=rope_dim, DV=v_dim,
+        BLOCK_DS=block_ds, BLOCK_R=max(16, triton.next_power_of_2(max(rope_dim, 1))),
+        PAGE=page_size, ROW=cache.shape[2],
+        BLOCK_H=cfg["BLOCK_H"], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+        HB_PER_S=hb_per_s, NUM_SPLITS=num_splits,
+        DOT_PREC="ieee" if q.dtype == torch.float32 or INTERPRET else "tf32",
+        UPCAST=INTERPRET and q.dtype != torch.float32,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    if num_splits > 1:
+        combine_splits(o_part, lse_part, o, lse)
+    return o, lse

@@ -1,0 +1,233 @@
+"""Decode kernels vs their torch oracles (kvslim/kernels/reference.py).
+
+On a machine without CUDA the Triton kernels run under ``TRITON_INTERPRET=1`` at small
+shapes (head dims 16-64, sequences < 100 tokens) so the suite stays fast on 2 CPU cores.
+With CUDA the same tests run at realistic shapes (d_h = 128, MLA 512+64, thousands of
+tokens). Tolerance (STYLE.md §5): kernel error vs the fp32 reference must be at most
+2 x the error of a plain torch computation in the same precision, plus a small atol.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from kvslim.kernels import decode_separate, decode_tied  # noqa: E402
+from kvslim.kernels.reference import decode_separate_ref, decode_tied_ref, gather_rows  # noqa: E402
+from kvslim.kernels.separate import decode_separate_triton  # noqa: E402
+from kvslim.kernels.tied import decode_tied_triton  # noqa: E402
+
+GPU = torch.cuda.is_available()
+DEVICE = "cuda" if GPU else "cpu"
+# atol = one unit in the last place of the output dtype, relative to the output's scale:
+# flash-style kernels round the *unnormalised* probabilities to the input dtype, which the
+# torch baseline (normalised p) does not, so a lone element may differ by one ulp more.
+ATOL = {torch.float32: 2**-17, torch.float16: 2**-10, torch.bfloat16: 2**-7}
+
+
+def make_inputs(B, q_len, h_q, d_qk, row, page, lens, dtype, seed):
+    """Random paged cache with shuffled pages, spare block-table columns and ragged lengths."""
+    g = torch.Generator().manual_seed(seed)
+    max_pages = max(-(-n // page) for n in lens) + 1
+    num_pages = B * max_pages + 3
+    cache = torch.randn(num_pages, page, row, generator=g).to(dtype)
+    perm = torch.randperm(num_pages, generator=g)[: B * max_pages]
+    block_table = perm.reshape(B, max_pages).to(torch.int32)
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    q = torch.randn(B, q_len, h_q, d_qk, generator=g).to(dtype)
+    return [t.to(DEVICE) for t in (q, cache, block_table, seq_lens)]
+
+
+def lowp_attention(q, k, v, scale):
+    """Same maths as the oracle but in the input precision (fp32 softmax): the error baseline."""
+    q_len, L = q.shape[0], k.shape[0]
+    s = torch.einsum("qhd,khd->hqk", q, k).float() * scale
+    pos = torch.arange(L - q_len, L, device=q.device)
+    s = s.masked_fill(torch.arange(L, device=q.device)[None, :] > pos[:, None], float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    p = torch.exp(s - lse[..., None]).to(q.dtype)
+    return torch.einsum("hqk,khd->qhd", p, v).to(q.dtype), lse.transpose(0, 1)
+
+
+def lowp_separate(q, cache, bt, lens, h_kv, d, scale):
+    g = q.shape[2] // h_kv
+    outs = []
+    for b in range(q.shape[0]):
+        L = int(lens[b])
+        rows = gather_rows(cache, bt, L, b)
+        k = rows[:, : h_kv * d].reshape(L, h_kv, d).repeat_interleave(g, 1)
+        v = rows[:, h_kv * d :].reshape(L, h_kv, d).repeat_interleave(g, 1)
+        outs.append(lowp_attention(q[b], k, v, scale))
+    return torch.stack([o for o, _ in outs]), torch.stack([s for _, s in outs])
+
+
+def lowp_tied(q, cache, bt, lens, S, sd, nope, rope, dv, scale):
+    g = q.shape[2] // S
+    outs = []
+    for b in range(q.shape[0]):
+        L = int(lens[b])
+        rows = gather_rows(cache, bt, L, b)
+        st = rows[:, : S * sd].reshape(L, S, sd)
+        kr = rows[:, S * sd : S * sd + rope][:, None, :].expand(L, S, rope)
+        k = torch.cat([st[..., :nope], kr], -1).repeat_interleave(g, 1)
+        v = st[..., :dv].repeat_interleave(g, 1)
+        outs.append(lowp_attention(q[b], k, v, scale))
+    return torch.stack([o for o, _ in outs]), torch.stack([s for _, s in outs])
+
+
+def assert_close(name, out, ref, base, atol):
+    """max|out-ref| <= 2 max|base-ref| + atol; reports max diff and the RMS-error ratio."""
+    out, ref, base = out.float(), ref.float(), base.float()
+    assert not torch.isnan(out).any(), f"{name}: NaN in output (unwritten elements?)"
+    err = (out - ref).abs().max().item()
+    bound = 2 * (base - ref).abs().max().item() + atol * ref.abs().max().clamp_min(1.0).item()
+    rms = ((out - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-12)).item()
+    assert err <= bound, f"{name}: max err {err:.3e} > bound {bound:.3e} (rms ratio {rms:.2e})"
+
+
+def nan_out(B, q_len, h_q, dv, dtype):
+    return (torch.full((B, q_len, h_q, dv), float("nan"), dtype=dtype, device=DEVICE),
+            torch.full((B, q_len, h_q), float("nan"), dtype=torch.float32, device=DEVICE))
+
+
+# (B, q_len, h_q, h_kv, d_h, page, lens, splits, dtype, config)
+SEPARATE_CPU = [
+    (3, 1, 6, 2, 32, 16, [5, 70, 33], None, torch.bfloat16, None),
+    (3, 3, 6, 2, 32, 1, [3, 41, 20], 3, torch.bfloat16, None),
+    (2, 2, 3, 3, 16, 64, [2, 90], 2, torch.bfloat16, None),  # MHA, page > length
+    (2, 4, 5, 1, 48, 16, [4, 37], 1, torch.float16, None),  # MQA, d_h not a power of 2
+    (2, 2, 6, 2, 32, 16, [17, 50], 2, torch.float32, None),
+    (2, 2, 6, 2, 32, 16, [9, 63], 1, torch.bfloat16, {"BLOCK_H": 2}),  # 2 head blocks per group
+]
+SEPARATE_GPU = [
+    (4, 1, 32, 8, 128, 16, [1, 3000, 777, 4096], None, torch.bfloat16, None),
+    (4, 4, 32, 8, 128, 1, [4, 2049, 1500, 64], 7, torch.bfloat16, None),
+    (3, 2, 28, 4, 128, 64, [900, 2, 4000], 1, torch.float16, None),
+    (2, 8, 16, 16, 64, 16, [300, 1111], 3, torch.bfloat16, None),
+    (2, 3, 24, 3, 96, 64, [513, 128], 2, torch.float32, None),
+]
+
+
+@pytest.mark.parametrize("case", SEPARATE_GPU if GPU else SEPARATE_CPU)
+def test_separate_matches_reference(case):
+    B, q_len, h_q, h_kv, d, page, lens, splits, dtype, config = case
+    q, cache, bt, sl = make_inputs(B, q_len, h_q, d, 2 * h_kv * d, page, lens, dtype, seed=hash(str(case)) % 1000)
+    scale = d**-0.5
+    out = nan_out(B, q_len, h_q, d, dtype)
+    o, lse = decode_separate_triton(q, cache, bt, sl, num_kv_heads=h_kv, head_dim=d, softmax_scale=scale,
+                                    num_splits=splits, out=out, config=config)
+    ro, rl = decode_separate_ref(q.float(), cache.float(), bt, sl, num_kv_heads=h_kv, head_dim=d,
+                                 softmax_scale=scale)
+    bo, bl = lowp_separate(q, cache, bt, sl, h_kv, d, scale)
+    assert o.dtype == dtype and lse.dtype == torch.float32
+    assert_close("o", o, ro, bo, ATOL[dtype])
+    assert_close("lse", lse, rl, bl, ATOL[dtype])
+
+
+# (B, q_len, h_q, S, state_dim, nope, rope, v_dim, page, lens, splits, dtype, config)
+TIED_CPU = [
+    (3, 1, 6, 2, 32, 16, 16, 32, 16, [5, 70, 33], None, torch.bfloat16, None),  # GTA-2
+    (3, 3, 6, 2, 32, 16, 16, 32, 1, [3, 41, 20], 3, torch.bfloat16, None),  # GTA, q_len 3, page 1
+    (2, 2, 5, 1, 64, 64, 16, 64, 64, [2, 90], 2, torch.bfloat16, None),  # MLA, odd h_q
+    (2, 4, 6, 2, 32, 32, 16, 32, 16, [4, 37], 4, torch.float16, None),  # GLA-2
+    (2, 2, 4, 1, 64, 64, 0, 48, 16, [17, 50], 2, torch.float32, None),  # no rope, v_dim < state
+    (2, 2, 6, 1, 32, 32, 16, 32, 16, [9, 63], 1, torch.bfloat16, {"BLOCK_H": 4}),  # 2 head blocks
+]
+TIED_GPU = [
+    (4, 1, 32, 8, 128, 64, 64, 128, 16, [1, 3000, 777, 4096], None, torch.bfloat16, None),  # GTA-8
+    (3, 2, 16, 1, 512, 512, 64, 512, 64, [2, 2500, 900], None, torch.bfloat16, None),  # MLA
+    (2, 1, 128, 1, 512, 512, 64, 512, 64, [1800, 333], 3, torch.bfloat16, None),  # MLA h_q 128
+    (3, 4, 32, 2, 256, 256, 64, 256, 1, [4, 1025, 2000], 5, torch.bfloat16, None),  # GLA-2
+    (2, 8, 16, 4, 256, 256, 64, 256, 16, [700, 8], 1, torch.float16, None),  # GLA-4
+    (2, 2, 12, 3, 64, 32, 32, 64, 16, [300, 45], 2, torch.float32, None),  # GTA-3
+]
+
+
+@pytest.mark.parametrize("case", TIED_GPU if GPU else TIED_CPU)
+def test_tied_matches_reference(case):
+    B, q_len, h_q, S, sd, nope, rope, dv, page, lens, splits, dtype, config = case
+    q, cache, bt, sl = make_inputs(B, q_len, h_q, nope + rope, S * sd + rope, page, lens, dtype,
+                                   seed=hash(str(case)) % 1000)
+    scale = (nope + rope) ** -0.5
+    kw = dict(num_state_heads=S, state_dim=sd, nope_dim=nope, rope_dim=rope, v_dim=dv, softmax_scale=scale)
+    out = nan_out(B, q_len, h_q, dv, dtype)
+    o, lse = decode_tied_triton(q, cache, bt, sl, num_splits=splits, out=out, config=config, **kw)
+    ro, rl = decode_tied_ref(q.float(), cache.float(), bt, sl, **kw)
+    bo, bl = lowp_tied(q, cache, bt, sl, S, sd, nope, rope, dv, scale)
+    assert o.shape == (B, q_len, h_q, dv) and lse.dtype == torch.float32
+    assert_close("o", o, ro, bo, ATOL[dtype])
+    assert_close("lse", lse, rl, bl, ATOL[dtype])
+
+
+def test_public_api_triton_and_split_invariance():
+    """impl='triton' through the public entry points; the result does not depend on splits."""
+    q, cache, bt, sl = make_inputs(2, 2, 4, 16, 2 * 2 * 16, 16, [6, 45], torch.bfloat16, seed=7)
+    a = decode_separate(q, cache, bt, sl, num_kv_heads=2, head_dim=16, num_splits=1, impl="triton")
+    b = decode_separate(q, cache, bt, sl, num_kv_heads=2, head_dim=16, num_splits=3, impl="triton")
+    torch.testing.assert_close(a[0].float(), b[0].float(), atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(a[1], b[1], atol=1e-4, rtol=1e-4)
+    q, cache, bt, sl = make_inputs(2, 1, 4, 32 + 16, 32 + 16, 16, [6, 45], torch.bfloat16, seed=8)
+    kw = dict(num_state_heads=1, state_dim=32, nope_dim=32, rope_dim=16, v_dim=32, softmax_scale=0.15)
+    o, lse = decode_tied(q, cache, bt, sl, impl="triton", **kw)
+    ro, rl = decode_tied_ref(q.float(), cache.float(), bt, sl, **kw)
+    assert o.dtype == torch.bfloat16 and lse.shape == (2, 1, 4)
+    torch.testing.assert_close(o.float(), ro, atol=2e-2, rtol=2e-2)
+
+
+def _sep_args():
+    return make_inputs(2, 1, 4, 16, 2 * 2 * 16, 16, [6, 20], torch.bfloat16, seed=3)
+
+
+def test_bad_inputs_raise_clear_errors():
+    q, cache, bt, sl = _sep_args()
+    kw = dict(num_kv_heads=2, head_dim=16, impl="triton")
+    with pytest.raises(TypeError, match="dtype"):
+        decode_separate(q, cache.half(), bt, sl, **kw)
+    with pytest.raises(ValueError, match="block_table"):
+        decode_separate(q, cache, bt.long(), sl, **kw)
+    with pytest.raises(ValueError, match="seq_lens"):
+        decode_separate(q, cache, bt, sl.long(), **kw)
+    with pytest.raises(ValueError, match="contiguous"):
+        decode_separate(q, cache.transpose(0, 1).contiguous().transpose(0, 1), bt, sl, **kw)
+    with pytest.raises(ValueError, match="divide"):
+        decode_separate(q, cache, bt, sl, num_kv_heads=3, head_dim=16, impl="triton")
+    with pytest.raises(ValueError, match="q_len"):
+        decode_separate(q.expand(2, 9, 4, 16), cache, bt, sl, **kw)
+    with pytest.raises(ValueError, match="num_splits"):
+        decode_separate(q, cache, bt, sl, num_splits=0, **kw)
+    with pytest.raises(ValueError, match="impl"):
+        decode_separate(q, cache, bt, sl, num_kv_heads=2, head_dim=16, impl="cuda")
+
+
+@pytest.mark.skipif(GPU, reason="value checks on seq_lens need a host sync; they run for CPU tensors")
+def test_seq_len_past_block_table_raises():
+    q, cache, bt, sl = _sep_args()
+    too_long = torch.tensor([6, bt.shape[1] * cache.shape[1] + 1], dtype=torch.int32)
+    with pytest.raises(ValueError, match="block_table capacity"):
+        decode_separate(q, cache, bt, too_long, num_kv_heads=2, head_dim=16, impl="triton")
+    short = torch.tensor([0, 5], dtype=torch.int32)
+    with pytest.raises(ValueError, match="q_len"):
+        decode_separate(q, cache, bt, short, num_kv_heads=2, head_dim=16, impl="triton")
+    qt = torch.randn(2, 1, 4, 48).bfloat16()
+    with pytest.raises(ValueError, match="nope_dim"):
+        decode_tied(qt, cache, bt, sl, num_state_heads=1, state_dim=16, nope_dim=32, rope_dim=16, v_dim=16,
+                    softmax_scale=0.1, impl="triton")
+
+
+def test_seq_len_past_block_table_never_reads_out_of_bounds():
+    """The kernel clamps seq_len to the block table's capacity (no host check on CUDA)."""
+    q, cache, bt, sl = _sep_args()
+    cap = bt.shape[1] * cache.shape[1]
+    big = torch.tensor([6, cap + 1000], dtype=torch.int32, device=q.device)
+    clamped = torch.tensor([6, cap], dtype=torch.int32, device=q.device)
+    kw = dict(num_kv_heads=2, head_dim=16, softmax_scale=0.25, num_splits=2)
+    o1, _ = decode_separate_triton(q, cache, bt, big, **kw)
+    o2, _ = decode_separate_triton(q, cache, bt, clamped, **kw)
+    assert not torch.isnan(o1.float()).any()
+    torch.testing.assert_close(o1, o2)
