@@ -27,7 +27,7 @@ class LayerCache:
     def write(self, rows: torch.Tensor) -> None:
         """Store ``rows [B, T, row]`` at positions ``start[b] + t``."""
         B, T, R = rows.shape
-        if R != self.pool.shape[-1]:
+        if self.pool.shape[-1] != R:
             raise ValueError(f"row width {R} does not match the cache's {self.pool.shape[-1]}")
         page_size = self.pool.shape[1]
         pos = self.start.long()[:, None] + torch.arange(T, device=rows.device)[None, :]  # [B, T]

@@ -322,9 +322,8 @@ class AttentionSpec:
             raise ValueError(f"unknown preset {name!r}: expected one of {preset_names()}")
         if kind in ("mha", "mqa", "mla") and arg:
             raise ValueError(f"preset {kind!r} takes no '-N' suffix, got {name!r}")
-        if kind in ("gqa", "gta", "gla"):
-            if not arg.isdigit() or int(arg) <= 0:
-                raise ValueError(f"preset {name!r} needs a positive head count, e.g. {kind}-4")
+        if kind in ("gqa", "gta", "gla") and (not arg.isdigit() or int(arg) <= 0):
+            raise ValueError(f"preset {name!r} needs a positive head count, e.g. {kind}-4")
         if kind in ("gqa", "gta"):
             base["num_kv_heads"] = int(arg)
         elif kind == "mla":

@@ -109,7 +109,8 @@ def test_own_checkpoint_roundtrip(tmp_path, name):
 def test_atomic_dir_leaves_nothing_on_failure(tmp_path):
     target = tmp_path / "out"
     with pytest.raises(RuntimeError), atomic_dir(target) as tmp:
-        open(os.path.join(tmp, "partial"), "w").write("x")
+        with open(os.path.join(tmp, "partial"), "w") as f:
+            f.write("x")
         raise RuntimeError("interrupted")
     assert not target.exists()
     assert os.listdir(tmp_path) == []
