@@ -1,0 +1,228 @@
+"""LLMEngine: paged KV pool + continuous-batching scheduler + runner + sampling.
+
+Single-threaded and synchronous: ``add_request`` queues, ``step`` runs one scheduler
+step (a decode batch and/or prefill chunks) and samples. ``EngineLoop`` in
+``kvslim/engine/server.py`` drives it from a thread for the HTTP server;
+``generate`` drives it offline. Under tensor parallelism this object lives on the
+leader rank and mirrors every forward to the followers (``kvslim/engine/tp.py``).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+
+import torch
+
+from kvslim.engine.allocator import BlockAllocator, free_device_memory, num_pages_for_memory
+from kvslim.engine.runner import DEFAULT_GRAPH_BATCHES, ModelRunner
+from kvslim.engine.sampling import sample
+from kvslim.engine.scheduler import FINISHED, SamplingParams, Scheduler, Sequence
+
+Listener = Callable[[Sequence, "int | None"], None]
+
+
+class LLMEngine:
+    """Serve many sequences from one preallocated paged KV pool per layer.
+
+    Args:
+        model: a ``Transformer`` (eval mode, on its device and dtype) or one TP rank's shard.
+        num_pages: pages per layer pool; else sized from ``kv_memory`` bytes, else (CUDA) from
+            free device memory x ``mem_util``.
+        page_size: tokens per page.
+        max_batch: running sequences at most (largest decode batch / CUDA graph).
+        max_num_batched_tokens: tokens fed per step (chunked-prefill budget).
+        max_model_len: prompt + output limit (default: the model's max_position_embeddings,
+            capped by the pool).
+        cache_dtype: pool dtype (default the model's).
+        cuda_graphs: capture decode in CUDA graphs (default: on CUDA).
+        eos_token_id: stops a request unless its params say ``ignore_eos``.
+        tp: a ``tp.TPLeader`` to mirror forwards to follower ranks (None = single rank).
+        seed: seed of the engine RNG used by requests without their own seed.
+    """
+
+    def __init__(self, model, *, num_pages: int | None = None, kv_memory: int | None = None, page_size: int = 16,
+                 max_batch: int = 64, max_num_batched_tokens: int = 512, max_model_len: int | None = None,
+                 cache_dtype: torch.dtype | None = None, cuda_graphs: bool | None = None, mem_util: float = 0.9,
+                 eos_token_id: int | None = None, tp=None, seed: int | None = None,
+                 graph_batches=DEFAULT_GRAPH_BATCHES):
+        self.model = model.eval()
+        self.config = model.config
+        p = next(model.parameters())
+        self.device = p.device
+        cache_dtype = cache_dtype or p.dtype
+        tp_size = tp.size if tp is not None else 1
+        spec = self.config.attention
+        if num_pages is None:
+            if kv_memory is None:
+                kv_memory = free_device_memory(self.device, mem_util)
+            num_pages = num_pages_for_memory(spec, self.config.num_layers, kv_memory, page_size=page_size,
+                                             dtype=cache_dtype, tp_size=tp_size)
+        self.allocator = BlockAllocator(num_pages, page_size)
+        limit = self.allocator.num_usable * page_size
+        self.max_model_len = min(max_model_len or self.config.max_position_embeddings, limit)
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.scheduler = Scheduler(self.allocator, max_batch=max_batch,
+                                   max_num_batched_tokens=max_num_batched_tokens)
+        self.eos_token_id = eos_token_id
+        self.tp = tp
+        runner_kw = dict(num_pages=num_pages, page_size=page_size,
+                         max_pages_per_seq=self.allocator.pages_for(self.max_model_len), max_batch=max_batch,
+                         cache_dtype=cache_dtype, cuda_graphs=cuda_graphs, graph_batches=tuple(graph_batches))
+        if tp is not None:
+            tp.send("init", runner_kw)
+        self.runner = ModelRunner(model, **runner_kw)
+        self.rng = torch.Generator(device=self.device).manual_seed(
+            seed if seed is not None else random.randrange(2**31))
+        self.requests: dict[str, Sequence] = {}
+        self.listeners: dict[str, Listener] = {}
+        self.counters = dict(prompt_tokens=0, generation_tokens=0, requests_finished=0, requests_aborted=0,
+                             steps=0)
+
+    # ---- requests ----------------------------------------------------------------------
+    def validate(self, prompt, params: SamplingParams) -> None:
+        """Raise ValueError if the request can never run (bad ids, too long)."""
+        if not isinstance(prompt, (list, tuple)) or not prompt:
+            raise ValueError("prompt must be a non-empty list of token ids")
+        V = self.config.vocab_size
+        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < V for t in prompt):
+            raise ValueError(f"prompt token ids must be ints in [0, {V})")
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
+        total = len(prompt) + params.max_tokens
+        if total > self.max_model_len:
+            raise ValueError(
+                f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds "
+                f"max_model_len {self.max_model_len}"
+            )
+
+    def add_request(self, prompt: list[int], params: SamplingParams | None = None, *, request_id: str | None = None,
+                    listener: Listener | None = None) -> Sequence:
+        params = params or SamplingParams()
+        self.validate(prompt, params)
+        seq = Sequence(list(prompt), params, request_id=request_id or "")
+        if seq.request_id in self.requests:
+            raise ValueError(f"request id {seq.request_id!r} is already in use")
+        if params.seed is not None:
+            seq.generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        self.requests[seq.request_id] = seq
+        if listener is not None:
+            self.listeners[seq.request_id] = listener
+        self.scheduler.add(seq)
+        self.counters["prompt_tokens"] += len(prompt)
+        return seq
+
+    def abort(self, request_id: str) -> bool:
+        seq = self.requests.get(request_id)
+        if seq is None or seq.finished:
+            return False
+        self._finish(seq, "abort")
+        self.counters["requests_aborted"] += 1
+        return True
+
+    def has_unfinished(self) -> bool:
+        return bool(self.scheduler.running or self.scheduler.waiting)
+
+    # ---- stepping ------------------------------------------------------------------------
+    def step(self) -> list[Sequence]:
+        """Run one scheduler step; returns the sequences that got a token or finished."""
+        plan = self.scheduler.schedule()
+        self.counters["steps"] += 1
+        touched: list[Sequence] = []
+        if plan.decode:
+            seqs = plan.decode
+            toks = [s.tokens[-1] for s in seqs]
+            starts = [s.num_computed for s in seqs]
+            pages = [s.pages for s in seqs]
+            if self.tp is not None:
+                self.tp.send("decode", toks, starts, pages)
+            logits = self.runner.decode(toks, starts, pages)
+            for s in seqs:
+                s.num_computed += 1
+            self._sample(seqs, logits)
+            touched += seqs
+        for seq, n in plan.prefill:
+            start = seq.num_computed
+            chunk = seq.tokens[start : start + n]
+            if self.tp is not None:
+                self.tp.send("prefill", chunk, start, seq.pages)
+            logits = self.runner.prefill(chunk, start, seq.pages)
+            seq.num_computed += n
+            if seq.pending == 0:
+                self._sample([seq], logits[None])
+                touched.append(seq)
+        return touched
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        greedy = logits.argmax(-1).tolist()
+        for i, seq in enumerate(seqs):
+            p = seq.params
+            if p.temperature == 0:
+                tok = greedy[i]
+            else:
+                tok = int(sample(logits[i : i + 1], temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
+                                 generator=seq.generator or self.rng)[0])
+            self._append(seq, tok)
+
+    def _append(self, seq: Sequence, tok: int) -> None:
+        import time
+
+        if seq.first_token_time is None:
+            seq.first_token_time = time.monotonic()
+        seq.output.append(tok)
+        self.counters["generation_tokens"] += 1
+        p = seq.params
+        reason = None
+        if tok in p.stop_token_ids or (tok == self.eos_token_id and not p.ignore_eos):
+            reason = "stop"
+        elif len(seq.output) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            reason = "length"
+        listener = self.listeners.get(seq.request_id)
+        if listener is not None:
+            listener(seq, tok)
+        if reason is not None:
+            self._finish(seq, reason)
+            self.counters["requests_finished"] += 1
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        self.scheduler.finish(seq, reason)
+        self.requests.pop(seq.request_id, None)
+        listener = self.listeners.pop(seq.request_id, None)
+        if listener is not None:
+            listener(seq, None)
+
+    # ---- offline -------------------------------------------------------------------------
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None, *,
+                 arrival_steps: list[int] | None = None, max_steps: int = 1_000_000) -> list[list[int]]:
+        """Run ``prompts`` to completion; request ``i`` joins at step ``arrival_steps[i]`` (default 0)."""
+        params = params or SamplingParams()
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        arrivals = arrival_steps or [0] * len(prompts)
+        if not (len(plist) == len(arrivals) == len(prompts)):
+            raise ValueError("prompts, params and arrival_steps must have the same length")
+        for p, sp in zip(prompts, plist):
+            self.validate(p, sp)
+        order = sorted(range(len(prompts)), key=lambda i: arrivals[i])
+        seqs: list[Sequence | None] = [None] * len(prompts)
+        step, k = 0, 0
+        while k < len(order) or self.has_unfinished():
+            while k < len(order) and arrivals[order[k]] <= step:
+                i = order[k]
+                seqs[i] = self.add_request(prompts[i], plist[i])
+                k += 1
+            if self.has_unfinished():
+                self.step()
+            step += 1
+            if step > max_steps:
+                raise RuntimeError(f"generate did not finish in {max_steps} steps")
+        return [s.output for s in seqs]
+
+    def stats(self) -> dict:
+        a, s = self.allocator, self.scheduler
+        return dict(num_pages=a.num_usable, free_pages=a.num_free, page_size=a.page_size,
+                    running=len(s.running), waiting=len(s.waiting), preemptions=s.num_preemptions,
+                    max_model_len=self.max_model_len, cuda_graphs=self.runner.use_graphs, **self.counters)
+
+
+__all__ = ["LLMEngine", "SamplingParams", "Sequence", "FINISHED"]

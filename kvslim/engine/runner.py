@@ -1,0 +1,159 @@
+"""Model runner: the engine-side forward over the paged pools, with CUDA-graph decode.
+
+The runner loops the model's own layers (embedding -> decoder layers -> norm -> lm_head)
+with an :class:`EngineLayerCache` built from the allocator's block table, so the model
+code is untouched. Two kinds of forward:
+
+* ``prefill(tokens [1, T], start, pages)``: one sequence's chunk (T may exceed the
+  kernels' q_len limit; the attention modules then take their SDPA path);
+* ``decode(tokens [B], starts [B], block_table [B, P])``: one new token per running
+  sequence, each at its own length, through ``kvslim.kernels`` (Triton on CUDA, torch
+  reference on CPU).
+
+On CUDA, decode is captured in CUDA graphs for a set of batch sizes; a batch is padded
+to the next captured size with rows that point at the scratch page (page 0). Capture is
+skipped on CPU and can be turned off. The kernels and :class:`EngineLayerCache` are free
+of host synchronisation, which is what makes the capture legal.
+
+Tensor parallelism: the runner of every rank holds its own shard of the model and of
+the pools; ``tp.Follower`` replays the leader's forwards (see ``kvslim/engine/tp.py``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvslim.cache import LayerCache
+from kvslim.engine.allocator import SCRATCH_PAGES
+
+DEFAULT_GRAPH_BATCHES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)
+
+
+class EngineLayerCache(LayerCache):
+    """LayerCache whose write has no host-side bounds check (graph capturable).
+
+    The engine's scheduler guarantees every written position has a page.
+    """
+
+    def write(self, rows: torch.Tensor) -> None:
+        B, T, R = rows.shape
+        page_size = self.pool.shape[1]
+        pos = self.start.long()[:, None] + torch.arange(T, device=rows.device)[None, :]  # [B, T]
+        pages = torch.gather(self.block_table.long(), 1, pos // page_size)
+        flat = (pages * page_size + pos % page_size).reshape(-1)
+        self.pool.view(-1, R).index_copy_(0, flat, rows.reshape(-1, R).to(self.pool.dtype))
+
+
+class ModelRunner:
+    """Holds the pools and runs forwards of one rank's model.
+
+    Args:
+        model: a ``Transformer`` (or one rank's shard of it, see ``tp.shard_model``).
+        num_pages, page_size: pool shape (same on every layer and rank).
+        max_pages_per_seq: width of the decode block table (= max_model_len / page_size).
+        max_batch: largest decode batch.
+        cache_dtype: pool dtype (default: the model's).
+        cuda_graphs: capture decode graphs (CUDA only; ``None`` = on CUDA).
+        graph_batches: batch sizes to capture (clipped to ``max_batch``).
+    """
+
+    def __init__(self, model, *, num_pages: int, page_size: int, max_pages_per_seq: int, max_batch: int,
+                 cache_dtype: torch.dtype | None = None, cuda_graphs: bool | None = None,
+                 graph_batches=DEFAULT_GRAPH_BATCHES):
+        self.model = model
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, cache_dtype or p.dtype
+        self.page_size = page_size
+        self.max_pages_per_seq = max_pages_per_seq
+        self.max_batch = max_batch
+        spec = model.model.layers[0].self_attn.local
+        self.row_dim = spec.row_dim
+        self.pools = [
+            torch.zeros(num_pages, page_size, self.row_dim, dtype=self.dtype, device=self.device)
+            for _ in model.model.layers
+        ]
+        if cuda_graphs is None:
+            cuda_graphs = self.device.type == "cuda"
+        if cuda_graphs and self.device.type != "cuda":
+            raise ValueError("cuda_graphs=True needs the model on a CUDA device")
+        self.use_graphs = cuda_graphs
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.graph_batches = sorted({b for b in graph_batches if b <= max_batch} | {max_batch})
+        if self.use_graphs:
+            self._capture()
+
+    # ---- forward -------------------------------------------------------------------
+    @torch.inference_mode()
+    def _forward(self, tokens: torch.Tensor, start: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
+        """tokens ``[B, T]``, start ``[B]`` int32, block_table ``[B, P]`` int32 -> last-position logits ``[B, V]``."""
+        m = self.model
+        T = tokens.shape[1]
+        positions = start.long()[:, None] + torch.arange(T, device=tokens.device)[None, :]
+        x = m.model.embed_tokens(tokens)
+        for layer, pool in zip(m.model.layers, self.pools):
+            x = layer(x, positions, EngineLayerCache(pool, block_table, start))
+        x = m.model.norm(x[:, -1:])
+        return m.lm_head(x)[:, 0].float()
+
+    def prefill(self, tokens: list[int], start: int, pages: list[int]) -> torch.Tensor:
+        """One sequence's chunk: ``tokens`` continue it at position ``start`` -> logits ``[V]``."""
+        dev = self.device
+        t = torch.tensor([tokens], dtype=torch.long, device=dev)
+        s = torch.tensor([start], dtype=torch.int32, device=dev)
+        bt = torch.tensor([pages], dtype=torch.int32, device=dev)
+        return self._forward(t, s, bt)[0]
+
+    def decode(self, tokens: list[int], starts: list[int], page_lists: list[list[int]]) -> torch.Tensor:
+        """One token per sequence -> logits ``[B, V]``."""
+        B = len(tokens)
+        if self.use_graphs:
+            return self._replay(tokens, starts, page_lists)
+        width = max(len(p) for p in page_lists)
+        bt = torch.full((B, width), SCRATCH_PAGES - 1, dtype=torch.int32)
+        for i, p in enumerate(page_lists):
+            bt[i, : len(p)] = torch.tensor(p, dtype=torch.int32)
+        dev = self.device
+        t = torch.tensor(tokens, dtype=torch.long, device=dev)[:, None]
+        s = torch.tensor(starts, dtype=torch.int32, device=dev)
+        return self._forward(t, s, bt.to(dev))
+
+    # ---- CUDA graphs -----------------------------------------------------------------
+    def _capture(self) -> None:
+        dev, n = self.device, self.max_batch
+        self._tokens = torch.zeros(n, 1, dtype=torch.long, device=dev)
+        self._starts = torch.zeros(n, dtype=torch.int32, device=dev)
+        self._bt = torch.zeros(n, self.max_pages_per_seq, dtype=torch.int32, device=dev)
+        self._bt_host = torch.zeros(n, self.max_pages_per_seq, dtype=torch.int32)
+        self._outs: dict[int, torch.Tensor] = {}
+        pool = None
+        stream = torch.cuda.Stream(device=dev)
+        stream.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(stream):  # warm up (allocator, Triton autotune/compile)
+            for b in self.graph_batches:
+                self._forward(self._tokens[:b], self._starts[:b], self._bt[:b])
+        torch.cuda.current_stream(dev).wait_stream(stream)
+        torch.cuda.synchronize(dev)
+        for b in reversed(self.graph_batches):  # largest first so smaller graphs share its pool
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=pool):
+                self._outs[b] = self._forward(self._tokens[:b], self._starts[:b], self._bt[:b])
+            pool = g.pool() if pool is None else pool
+            self.graphs[b] = g
+        torch.cuda.synchronize(dev)
+
+    def _replay(self, tokens, starts, page_lists) -> torch.Tensor:
+        B = len(tokens)
+        b = next(x for x in self.graph_batches if x >= B)
+        host = self._bt_host
+        host[:b].zero_()  # padded rows and columns point at the scratch page
+        for i, p in enumerate(page_lists):
+            host[i, : len(p)] = torch.tensor(p, dtype=torch.int32)
+        self._bt[:b].copy_(host[:b])
+        tok = torch.zeros(b, dtype=torch.long)
+        tok[:B] = torch.tensor(tokens)
+        st = torch.zeros(b, dtype=torch.int32)
+        st[:B] = torch.tensor(starts, dtype=torch.int32)
+        self._tokens[:b, 0].copy_(tok)
+        self._starts[:b].copy_(st)
+        self.graphs[b].replay()
+        return self._outs[b][:B]

@@ -1,0 +1,216 @@
+"""Continuous-batching scheduler: fair FIFO admission, chunked prefill, preemption by recompute.
+
+A sequence's tokens are ``prompt + output``; ``num_computed`` of them have rows in the
+KV pool. Each step the scheduler picks
+
+* a **decode batch**: every running sequence with exactly one token left to feed
+  (T = 1 each, at its own length: the model handles per-sequence lengths);
+* **prefill chunks**: the remaining tokens of running sequences that are still being
+  prefilled, then newly admitted ones, within a per-step token budget.
+
+Admission is strict FIFO (the head of the queue blocks the rest, so no request starves)
+and reserves the pages of the whole pending prefix. A decode that needs a new page when
+none are free preempts the most recently admitted running sequence: its pages are freed
+and it goes back to the *front* of the queue; on readmission its prompt and the tokens it
+already generated are prefilled again (recompute), which reproduces its cache exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from kvslim.engine.allocator import BlockAllocator
+from kvslim.engine.sampling import check_sampling
+
+WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
+
+
+@dataclass
+class SamplingParams:
+    """Per-request sampling: greedy when ``temperature == 0``.
+
+    Args:
+        max_tokens: new tokens to generate at most (>= 1).
+        temperature, top_k, top_p: as in :func:`kvslim.engine.sampling.sample`.
+        seed: per-request RNG seed (reproducible sampling regardless of batching).
+        stop_token_ids: tokens that end the request (included in the output).
+        ignore_eos: do not stop at the model's EOS token (benchmarks).
+    """
+
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be a positive int, got {self.max_tokens!r}")
+        if isinstance(self.temperature, bool):
+            raise ValueError(f"temperature must be a number >= 0, got {self.temperature!r}")
+        if isinstance(self.top_k, bool) or isinstance(self.top_p, bool):
+            raise ValueError("top_k / top_p must be numbers")
+        if isinstance(self.top_p, int):
+            self.top_p = float(self.top_p)
+        if self.top_p is not None and not isinstance(self.top_p, float):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        check_sampling(self.temperature, self.top_k, self.top_p)
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise ValueError(f"seed must be an int, got {self.seed!r}")
+        ids = tuple(self.stop_token_ids or ())
+        if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
+            raise ValueError(f"stop_token_ids must be non-negative ints, got {self.stop_token_ids!r}")
+        self.stop_token_ids = ids
+
+
+_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class Sequence:
+    prompt: list[int]
+    params: SamplingParams
+    request_id: str = ""
+    output: list[int] = field(default_factory=list)
+    status: str = WAITING
+    pages: list[int] = field(default_factory=list)
+    num_computed: int = 0
+    finish_reason: str | None = None
+    generator: torch.Generator | None = None
+    arrival: float = field(default_factory=time.monotonic)
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    num_preemptions: int = 0
+
+    def __post_init__(self):
+        if not self.request_id:
+            self.request_id = f"req-{next(_ids)}"
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt + self.output
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt) + len(self.output)
+
+    @property
+    def pending(self) -> int:
+        """Tokens not yet in the cache."""
+        return self.num_tokens - self.num_computed
+
+    @property
+    def finished(self) -> bool:
+        return self.status == FINISHED
+
+
+@dataclass
+class StepPlan:
+    decode: list[Sequence]
+    prefill: list[tuple[Sequence, int]]  # (sequence, tokens to feed this step)
+    preempted: list[Sequence]
+
+    @property
+    def empty(self) -> bool:
+        return not self.decode and not self.prefill
+
+
+class Scheduler:
+    """Chooses what each engine step runs; owns the queue, the running set and the pages.
+
+    Args:
+        allocator: the page allocator of the pool.
+        max_batch: running sequences at most (the largest decode batch).
+        max_num_batched_tokens: tokens fed per step at most (decode + prefill chunks).
+    """
+
+    def __init__(self, allocator: BlockAllocator, *, max_batch: int = 64, max_num_batched_tokens: int = 512):
+        if max_batch < 1 or max_num_batched_tokens < 1:
+            raise ValueError("max_batch and max_num_batched_tokens must be >= 1")
+        self.alloc = allocator
+        self.max_batch = max_batch
+        self.max_tokens_per_step = max(max_num_batched_tokens, max_batch)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = WAITING
+        self.waiting.append(seq)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Mark ``seq`` finished, free its pages and drop it from the queues."""
+        if seq.status == FINISHED:
+            return
+        if seq.status == RUNNING:
+            self.running.remove(seq)
+        else:
+            with contextlib.suppress(ValueError):
+                self.waiting.remove(seq)
+        self.alloc.free(seq.pages)
+        seq.pages = []
+        seq.status = FINISHED
+        seq.finish_reason = reason
+        seq.finish_time = time.monotonic()
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.alloc.free(seq.pages)
+        seq.pages = []
+        seq.num_computed = 0
+        seq.status = WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def _grow(self, seq: Sequence, num_tokens: int) -> bool:
+        need = self.alloc.pages_for(num_tokens) - len(seq.pages)
+        if need <= 0:
+            return True
+        if not self.alloc.can_allocate(need):
+            return False
+        seq.pages.extend(self.alloc.allocate(need))
+        return True
+
+    def schedule(self) -> StepPlan:
+        preempted: list[Sequence] = []
+        decode: list[Sequence] = []
+        for seq in list(self.running):
+            if seq.status != RUNNING or seq.pending != 1:
+                continue
+            while not self._grow(seq, seq.num_tokens):
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is seq:
+                    break
+            if seq.status == RUNNING:
+                decode.append(seq)
+        budget = self.max_tokens_per_step - len(decode)
+        prefill: list[tuple[Sequence, int]] = []
+        for seq in self.running:
+            if budget <= 0:
+                break
+            if seq.pending > 1:
+                n = min(seq.pending, budget)
+                prefill.append((seq, n))
+                budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.max_batch and not preempted:
+            seq = self.waiting[0]
+            if not self._grow(seq, seq.num_tokens):
+                break  # FIFO: the head waits for pages, nobody overtakes it
+            self.waiting.popleft()
+            seq.status = RUNNING
+            self.running.append(seq)
+            n = min(seq.pending, budget)
+            prefill.append((seq, n))
+            budget -= n
+        return StepPlan(decode, prefill, preempted)

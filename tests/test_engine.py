@@ -1,0 +1,175 @@
+"""Engine: continuous batching == model.generate, preemption, sampling, validation, pool sizing, TP=2."""
+
+import pytest
+import torch
+
+from kvslim.engine.allocator import BlockAllocator, OutOfPages, num_pages_for_memory
+from kvslim.engine.engine import LLMEngine
+from kvslim.engine.scheduler import SamplingParams
+from kvslim.engine.source import ModelSource
+from kvslim.spec import AttentionSpec
+from kvslim.testing import tiny_model, tiny_spec
+
+KINDS = ("gqa-2", "gta-2", "mla", "gla-2")
+LENS = (3, 17, 9, 30, 1, 12)
+ARRIVALS = [0, 0, 2, 3, 5, 9]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: threads only add contention on shared CPUs
+    yield
+    torch.set_num_threads(old)
+
+
+def _prompts(seed=1, vocab=97):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in LENS]
+
+
+@pytest.mark.parametrize("kind", KINDS + ("mha",))
+def test_engine_matches_generate_with_ragged_arrivals(kind):
+    model = tiny_model(tiny_spec(kind))
+    prompts = _prompts()
+    ref = model.generate(prompts, max_new_tokens=10)
+    # budget 16 < the 30-token prompt: chunked prefill over several steps, mixed with decodes
+    eng = LLMEngine(model, num_pages=64, page_size=4, max_batch=8, max_num_batched_tokens=16)
+    out = eng.generate(prompts, SamplingParams(max_tokens=10), arrival_steps=ARRIVALS)
+    assert out == ref
+    assert eng.stats()["preemptions"] == 0
+    assert eng.allocator.num_free == eng.allocator.num_usable
+
+
+@pytest.mark.parametrize("kind", ("gqa-2", "gla-2", "mla"))
+def test_preemption_by_recompute_keeps_outputs(kind):
+    model = tiny_model(tiny_spec(kind))
+    prompts = _prompts(seed=2)
+    ref = model.generate(prompts, max_new_tokens=12)
+    # 11 usable pages x 4 tokens: the 6 sequences (up to 42 tokens) cannot all fit
+    eng = LLMEngine(model, num_pages=12, page_size=4, max_batch=8, max_num_batched_tokens=16)
+    out = eng.generate(prompts, SamplingParams(max_tokens=12), arrival_steps=ARRIVALS)
+    assert eng.stats()["preemptions"] > 0
+    assert out == ref
+    assert eng.allocator.num_free == eng.allocator.num_usable
+
+
+def test_max_batch_limits_running_and_keeps_fifo():
+    model = tiny_model(tiny_spec("gqa-2"))
+    prompts = _prompts(seed=3)
+    eng = LLMEngine(model, num_pages=64, page_size=4, max_batch=2, max_num_batched_tokens=64)
+    seqs = [eng.add_request(p, SamplingParams(max_tokens=4)) for p in prompts]
+    first_token_order = []
+    while eng.has_unfinished():
+        assert len(eng.scheduler.running) <= 2
+        for s in eng.step():
+            if len(s.output) == 1:
+                first_token_order.append(seqs.index(s))
+    assert first_token_order == sorted(first_token_order)  # FIFO: served in arrival order
+    assert [s.output for s in seqs] == model.generate(prompts, max_new_tokens=4)
+
+
+def test_seeded_sampling_is_independent_of_batching():
+    model = tiny_model(tiny_spec("gla-2"))
+    prompts = _prompts(seed=4)
+    p = SamplingParams(max_tokens=8, temperature=1.0, top_k=20, top_p=0.9, seed=123)
+    alone = LLMEngine(model, num_pages=64, page_size=4).generate([prompts[1]], p)[0]
+    batched = LLMEngine(model, num_pages=64, page_size=4).generate(prompts, p, arrival_steps=ARRIVALS)[1]
+    assert alone == batched
+    other = LLMEngine(model, num_pages=64, page_size=4).generate(
+        [prompts[1]], SamplingParams(max_tokens=8, temperature=1.0, seed=7))[0]
+    assert other != alone
+
+
+def test_stop_tokens_eos_and_max_tokens():
+    model = tiny_model(tiny_spec("gta-2"))
+    prompt = _prompts()[3]
+    free_run = model.generate([prompt], max_new_tokens=10)[0]
+    stop = free_run[4]
+    first = free_run.index(stop)
+    eng = LLMEngine(model, num_pages=32, page_size=4, eos_token_id=stop)
+    assert eng.generate([prompt], SamplingParams(max_tokens=10))[0] == free_run[: first + 1]
+    assert eng.generate([prompt], SamplingParams(max_tokens=10, ignore_eos=True))[0] == free_run
+    eng = LLMEngine(model, num_pages=32, page_size=4)
+    s = eng.add_request(prompt, SamplingParams(max_tokens=10, stop_token_ids=(stop,)))
+    while eng.has_unfinished():
+        eng.step()
+    assert s.output == free_run[: first + 1] and s.finish_reason == "stop"
+    s = eng.add_request(prompt, SamplingParams(max_tokens=3))
+    while eng.has_unfinished():
+        eng.step()
+    assert s.output == free_run[:3] and s.finish_reason == "length"
+
+
+def test_bad_requests_raise_clear_errors():
+    model = tiny_model(tiny_spec("mla"))
+    eng = LLMEngine(model, num_pages=9, page_size=4)  # 32 tokens of capacity
+    assert eng.max_model_len == 32
+    with pytest.raises(ValueError, match="exceeds max_model_len"):
+        eng.add_request(list(range(30)), SamplingParams(max_tokens=5))
+    with pytest.raises(ValueError, match="non-empty"):
+        eng.add_request([], SamplingParams())
+    with pytest.raises(ValueError, match=r"\[0, 97\)"):
+        eng.add_request([1, 200], SamplingParams())
+    for bad in (dict(max_tokens=0), dict(temperature=-1.0), dict(top_p=1.5), dict(top_k=-2),
+                dict(seed="x"), dict(stop_token_ids=(-1,)), dict(max_tokens=True)):
+        with pytest.raises(ValueError):
+            SamplingParams(**bad)
+    assert eng.allocator.num_free == eng.allocator.num_usable
+
+
+def test_abort_frees_pages_mid_generation():
+    model = tiny_model(tiny_spec("gqa-2"))
+    eng = LLMEngine(model, num_pages=32, page_size=4)
+    seqs = [eng.add_request(p, SamplingParams(max_tokens=20)) for p in _prompts()]
+    eng.step()
+    eng.step()
+    assert eng.allocator.num_free < eng.allocator.num_usable
+    for s in seqs:
+        eng.abort(s.request_id)
+    assert not eng.has_unfinished()
+    assert eng.allocator.num_free == eng.allocator.num_usable
+    assert all(s.finish_reason == "abort" for s in seqs)
+
+
+def test_allocator_errors():
+    a = BlockAllocator(5, 4)
+    assert a.num_usable == 4 and a.pages_for(9) == 3
+    pages = a.allocate(3)
+    assert 0 not in pages  # the scratch page is never handed out
+    with pytest.raises(OutOfPages):
+        a.allocate(2)
+    a.free(pages)
+    with pytest.raises(ValueError, match="double free"):
+        a.free(pages[:1])
+    with pytest.raises(ValueError):
+        BlockAllocator(1, 4)
+
+
+def test_pool_sizing_follows_bytes_per_token():
+    gib = 2**30
+    kw = dict(page_size=16, dtype=torch.bfloat16)
+    n = {(name, tp): num_pages_for_memory(AttentionSpec.preset(name), 24, gib, tp_size=tp, **kw)
+         for name, tp in (("gqa-4", 1), ("gla-2", 1), ("mla", 2), ("gla-2", 2))}
+    # seed 000 table: GQA-4 2048 B, GLA-2 1152 B at TP=1; at TP=2 GLA-2 640 B, MLA 1152 B
+    assert n["gqa-4", 1] == gib // (24 * 16 * 2048)
+    assert n["gla-2", 1] == gib // (24 * 16 * 1152)
+    assert n["mla", 2] == gib // (24 * 16 * 1152)
+    assert n["gla-2", 2] == gib // (24 * 16 * 640)
+
+
+def test_tp2_gloo_matches_tp1():
+    from kvslim.engine.tp import TPSession
+
+    prompts = _prompts(seed=5)
+    with TPSession(2) as tp:
+        for preset in ("gla-2", "mla", "gta-2"):
+            src = ModelSource(preset=preset, shape="tiny", seed=0)
+            ref = src.build().generate(prompts, max_new_tokens=8)
+            shard = tp.load(src)
+            # tight pool: preemption and recompute also run under TP
+            eng = LLMEngine(shard, num_pages=16, page_size=4, max_batch=8, max_num_batched_tokens=16, tp=tp)
+            assert eng.runner.row_dim == shard.model.layers[0].self_attn.local.row_dim
+            out = eng.generate(prompts, SamplingParams(max_tokens=8), arrival_steps=ARRIVALS)
+            assert out == ref, preset
+            assert eng.allocator.num_free == eng.allocator.num_usable
