@@ -1,0 +1,121 @@
+"""EngineLoop: drives an ``LLMEngine`` from one background thread for concurrent clients.
+
+Clients (HTTP handler threads) never touch the engine: they post ``add``/``abort``
+commands on a queue and read their request's events from its own queue:
+``("token", id)``, ``("done", finish_reason)`` or ``("error", message)``. The loop
+thread drains commands between steps, so aborts (e.g. a client that disconnected)
+take effect at the next step and free the request's pages. An exception inside a
+step fails the requests in flight (their pages are freed) but never kills the loop.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+from kvslim.engine.engine import LLMEngine
+from kvslim.engine.scheduler import SamplingParams
+
+log = logging.getLogger("kvslim.engine")
+
+
+class Overloaded(RuntimeError):
+    """The waiting queue is full: retry later (HTTP 503)."""
+
+
+@dataclass
+class Handle:
+    request_id: str
+    events: queue.Queue = field(default_factory=queue.Queue)
+    arrival: float = field(default_factory=time.monotonic)
+
+
+class EngineLoop:
+    """Args: engine; max_waiting: queued (not yet running) requests before new ones are refused."""
+
+    def __init__(self, engine: LLMEngine, *, max_waiting: int = 1024):
+        self.engine = engine
+        self.max_waiting = max_waiting
+        self.commands: queue.Queue = queue.Queue()
+        self.handles: dict[str, Handle] = {}
+        self._ids = itertools.count()
+        self._stop = threading.Event()
+        self.errors = 0
+        self.thread = threading.Thread(target=self._run, name="kvslim-engine", daemon=True)
+        self.thread.start()
+
+    # ---- client side (any thread) -------------------------------------------------------
+    def submit(self, prompt: list[int], params: SamplingParams) -> Handle:
+        """Queue a request (validated here, so bad ones fail fast with ValueError)."""
+        if not self.alive:
+            raise RuntimeError("engine loop is not running")
+        self.engine.validate(prompt, params)
+        if len(self.engine.scheduler.waiting) + self.commands.qsize() >= self.max_waiting:
+            raise Overloaded(f"{self.max_waiting} requests are already waiting")
+        h = Handle(f"cmpl-{next(self._ids)}-{int(time.time() * 1000) % 10**8}")
+        self.commands.put(("add", h, list(prompt), params))
+        return h
+
+    def abort(self, request_id: str) -> None:
+        self.commands.put(("abort", request_id))
+
+    @property
+    def alive(self) -> bool:
+        return self.thread.is_alive() and not self._stop.is_set()
+
+    def close(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self.commands.put(("wake",))
+        self.thread.join(timeout)
+
+    # ---- loop thread ----------------------------------------------------------------------
+    def _listener(self, h: Handle):
+        def on_event(seq, tok):
+            if tok is not None:
+                h.events.put(("token", tok))
+            else:
+                self.handles.pop(h.request_id, None)
+                h.events.put(("done", seq.finish_reason))
+        return on_event
+
+    def _handle(self, cmd) -> None:
+        if cmd[0] == "add":
+            _, h, prompt, params = cmd
+            try:
+                self.engine.add_request(prompt, params, request_id=h.request_id, listener=self._listener(h))
+                self.handles[h.request_id] = h
+            except (ValueError, TypeError) as e:
+                h.events.put(("error", str(e)))
+        elif cmd[0] == "abort":
+            self.engine.abort(cmd[1])
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            busy = self.engine.has_unfinished()
+            try:
+                cmd = self.commands.get(block=not busy, timeout=None if busy else 0.1)
+                self._handle(cmd)
+                while True:
+                    self._handle(self.commands.get_nowait())
+            except queue.Empty:
+                pass
+            if self._stop.is_set() or not self.engine.has_unfinished():
+                continue
+            try:
+                self.engine.step()
+            except Exception as e:  # noqa: BLE001 - a failed step must not kill the server
+                self.errors += 1
+                log.exception("engine step failed")
+                self._fail_all(f"engine error: {type(e).__name__}: {e}")
+        self._fail_all("server shutting down")
+
+    def _fail_all(self, message: str) -> None:
+        for rid, h in list(self.handles.items()):
+            self.engine.listeners.pop(rid, None)
+            self.engine.abort(rid)
+            self.handles.pop(rid, None)
+            h.events.put(("error", message))

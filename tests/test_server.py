@@ -1,0 +1,254 @@
+"""HTTP server: OpenAI endpoints, SSE streaming, errors, cancelled streams and page leaks (loopback only)."""
+
+import http.client
+import json
+import socket
+import threading
+import time
+
+import pytest
+import torch
+
+from kvslim.engine.engine import LLMEngine
+from kvslim.engine.server import start_server
+from kvslim.engine.source import load_tokenizer
+from kvslim.testing import tiny_model, tiny_spec
+
+VOCAB = 97
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    tokenizers = pytest.importorskip("tokenizers")
+    transformers = pytest.importorskip("transformers")
+    vocab = {f"w{i}": i for i in range(VOCAB - 1)} | {"[UNK]": VOCAB - 1}
+    raw = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    raw.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="[UNK]", eos_token="w0")
+    d = tmp_path_factory.mktemp("tok")
+    tok.save_pretrained(d)
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model(tiny_spec("gqa-2"), vocab=VOCAB)
+
+
+@pytest.fixture(scope="module")
+def server(model, tokenizer_dir):
+    torch.set_num_threads(1)
+    tok = load_tokenizer(tokenizer_dir)
+    # 255 pages x 4 tokens: long enough that a stream is still running when the client leaves
+    eng = LLMEngine(model, num_pages=256, page_size=4, max_batch=16, max_num_batched_tokens=64)
+    srv = start_server(eng, tok, host="127.0.0.1", port=0, model_name="tiny")
+    yield srv
+    srv.shutdown()
+
+
+def _post(srv, path, body, raw: bytes | None = None, timeout=30):
+    c = http.client.HTTPConnection(srv.host, srv.port, timeout=timeout)
+    data = raw if raw is not None else json.dumps(body).encode()
+    c.request("POST", path, body=data, headers={"Content-Type": "application/json"})
+    r = c.getresponse()
+    out = r.status, r.read()
+    c.close()
+    return out[0], json.loads(out[1]) if out[1] else None
+
+
+def _get(srv, path):
+    c = http.client.HTTPConnection(srv.host, srv.port, timeout=10)
+    c.request("GET", path)
+    r = c.getresponse()
+    out = r.status, r.read().decode()
+    c.close()
+    return out
+
+
+def _sse(srv, path, body):
+    """(list of decoded events, saw [DONE])."""
+    c = http.client.HTTPConnection(srv.host, srv.port, timeout=30)
+    c.request("POST", path, body=json.dumps(dict(body, stream=True)).encode())
+    r = c.getresponse()
+    assert r.status == 200 and r.getheader("Content-Type") == "text/event-stream"
+    events, done = [], False
+    for line in r:
+        line = line.strip()
+        if not line:
+            continue
+        assert line.startswith(b"data: ")
+        payload = line[6:]
+        if payload == b"[DONE]":
+            done = True
+            break
+        events.append(json.loads(payload))
+    c.close()
+    return events, done
+
+
+def _wait_idle(srv, timeout=15.0):
+    eng = srv.loop.engine
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        s = eng.stats()
+        if s["running"] == 0 and s["waiting"] == 0 and s["free_pages"] == s["num_pages"]:
+            return s
+        time.sleep(0.05)
+    raise AssertionError(f"engine not idle / pages leaked: {eng.stats()}")
+
+
+def test_completion_token_ids_match_generate(server, model):
+    prompt = [5, 17, 33, 2, 9, 61, 4]
+    status, out = _post(server, "/v1/completions", {"prompt": prompt, "max_tokens": 12, "temperature": 0,
+                                                    "ignore_eos": True})
+    assert status == 200, out
+    assert out["choices"][0]["token_ids"] == model.generate([prompt], max_new_tokens=12)[0]
+    assert out["usage"] == {"prompt_tokens": 7, "completion_tokens": 12, "total_tokens": 19}
+    assert out["choices"][0]["finish_reason"] == "length"
+    assert out["object"] == "text_completion" and out["model"] == "tiny"
+
+
+def test_text_prompt_stream_equals_non_stream(server):
+    body = {"prompt": "w3 w14 w15 w92 w65", "max_tokens": 10, "temperature": 0, "ignore_eos": True}
+    status, full = _post(server, "/v1/completions", body)
+    assert status == 200
+    text = full["choices"][0]["text"]
+    assert text and all(w.startswith("w") for w in text.split())
+    events, done = _sse(server, "/v1/completions", body)
+    assert done
+    assert "".join(e["choices"][0]["text"] for e in events) == text
+    assert [t for e in events for t in e["choices"][0]["token_ids"]] == full["choices"][0]["token_ids"]
+    assert events[-1]["choices"][0]["finish_reason"] == "length"
+    assert all(e["choices"][0]["finish_reason"] is None for e in events[:-1])
+
+
+def test_stop_string_truncates(server):
+    body = {"prompt": "w3 w14 w15", "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+    _, full = _post(server, "/v1/completions", body)
+    words = full["choices"][0]["text"].split()
+    stop = " " + words[3]
+    _, cut = _post(server, "/v1/completions", dict(body, stop=[stop]))
+    text = cut["choices"][0]["text"]
+    assert cut["choices"][0]["finish_reason"] == "stop"
+    assert stop not in text and full["choices"][0]["text"].startswith(text)
+    _wait_idle(server)
+
+
+def test_chat_completion_and_stream(server):
+    body = {"messages": [{"role": "user", "content": "w1 w2 w3"}], "max_tokens": 6, "temperature": 0,
+            "ignore_eos": True}
+    status, out = _post(server, "/v1/chat/completions", body)
+    assert status == 200, out
+    msg = out["choices"][0]["message"]
+    assert msg["role"] == "assistant" and msg["content"]
+    events, done = _sse(server, "/v1/chat/completions", body)
+    assert done and events[0]["choices"][0]["delta"] == {"role": "assistant"}
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events) == msg["content"]
+    assert all(e["object"] == "chat.completion.chunk" for e in events)
+
+
+def test_seeded_sampling_over_http_is_reproducible(server):
+    body = {"prompt": [1, 2, 3], "max_tokens": 8, "temperature": 0.8, "top_p": 0.95, "seed": 11,
+            "ignore_eos": True}
+    a = _post(server, "/v1/completions", body)[1]["choices"][0]["token_ids"]
+    b = _post(server, "/v1/completions", body)[1]["choices"][0]["token_ids"]
+    assert a == b
+
+
+@pytest.mark.parametrize("body,needle", [
+    ({"prompt": [1, 2], "temperature": -1}, "temperature"),
+    ({"prompt": [1, 2], "max_tokens": 0}, "max_tokens"),
+    ({"prompt": [1, 2], "top_p": 2.0}, "top_p"),
+    ({"prompt": [1, 2], "max_tokens": "many"}, "max_tokens"),
+    ({"prompt": [1, 2], "n": 3}, "n = 1"),
+    ({"prompt": []}, "prompt"),
+    ({"prompt": [1, 500]}, "[0, 97)"),
+    ({"prompt": list(range(90)) * 12, "max_tokens": 100}, "max_model_len"),
+    ({"max_tokens": 3}, "prompt"),
+])
+def test_bad_requests_get_400(server, body, needle):
+    status, out = _post(server, "/v1/completions", body)
+    assert status == 400
+    assert needle in out["error"]["message"] and out["error"]["type"] == "invalid_request_error"
+
+
+def test_malformed_json_routes_and_methods(server):
+    assert _post(server, "/v1/completions", None, raw=b"{not json")[0] == 400
+    assert _post(server, "/v1/completions", None, raw=b"[1, 2]")[0] == 400
+    assert _post(server, "/v1/chat/completions", {"messages": "hi"})[0] == 400
+    assert _post(server, "/v1/nope", {})[0] == 404
+    assert _get(server, "/v1/completions")[0] == 405
+    # no Content-Length: 411, from a raw socket
+    with socket.create_connection((server.host, server.port), timeout=10) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.0\r\nHost: x\r\n\r\n")
+        assert s.recv(100).startswith(b"HTTP/1.0 411")
+    status, body = _get(server, "/health")
+    assert status == 200 and json.loads(body)["status"] == "ok"
+
+
+def test_metrics(server):
+    status, text = _get(server, "/metrics")
+    assert status == 200
+    vals = dict(line.split() for line in text.splitlines() if not line.startswith("#"))
+    assert int(vals["kvslim_kv_pages_total"]) == 255
+    assert float(vals["kvslim_generation_tokens_total"]) >= 0
+    assert "kvslim_time_to_first_token_seconds_count" in vals
+
+
+def _cancel_stream(srv, after_events: int, max_tokens: int, errors: list) -> None:
+    try:
+        s = socket.create_connection((srv.host, srv.port), timeout=30)
+        body = json.dumps({"prompt": [7, 8, 9], "max_tokens": max_tokens, "stream": True, "temperature": 0.5,
+                           "ignore_eos": True}).encode()
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        seen = b""
+        while seen.count(b"data: ") < after_events:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            seen += chunk
+        s.close()  # mid-stream disconnect
+    except Exception as e:  # noqa: BLE001
+        errors.append(e)
+
+
+def test_cancelled_stream_frees_pages(server):
+    eng = server.loop.engine
+    aborted = eng.counters["requests_aborted"]
+    errors: list = []
+    _cancel_stream(server, 3, 900, errors)
+    assert not errors
+    _wait_idle(server)
+    assert eng.counters["requests_aborted"] == aborted + 1
+
+
+def test_storm_of_cancelled_requests_leaks_no_pages(server, model):
+    errors: list = []
+    aborted = server.loop.engine.counters["requests_aborted"]
+    threads = [threading.Thread(target=_cancel_stream, args=(server, 1 + i % 5, 300 + 20 * i, errors))
+               for i in range(24)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    stats = _wait_idle(server)
+    assert stats["requests_aborted"] == aborted + 24
+    # still serving, still exact
+    status, out = _post(server, "/v1/completions", {"prompt": [4, 5, 6], "max_tokens": 5, "temperature": 0,
+                                                    "ignore_eos": True})
+    assert status == 200 and out["choices"][0]["token_ids"] == model.generate([[4, 5, 6]], max_new_tokens=5)[0]
+    assert _get(server, "/health")[0] == 200
+
+
+def test_overloaded_queue_gets_503(model):
+    eng = LLMEngine(model, num_pages=16, page_size=4)
+    srv = start_server(eng, None, max_waiting=0)
+    try:
+        status, out = _post(srv, "/v1/completions", {"prompt": [1, 2], "max_tokens": 2})
+        assert status == 503 and "overloaded" in out["error"]["message"]
+        status, out = _post(srv, "/v1/completions", {"prompt": "text", "max_tokens": 2})
+        assert status == 400 and "tokenizer" in out["error"]["message"]
+    finally:
+        srv.shutdown()
