@@ -1,0 +1,235 @@
+"""Token streams for training and evaluation: tokenizers, text sources and token files.
+
+A *source* is one of
+
+* a named corpus of `kvslim.eval.data` with an optional split: ``sotu``, ``sotu:calib``,
+  ``sotu-train``, ``sotu-eval``, ``moby-dick``, ``shakespeare:eval``, ... (``-train`` is an
+  alias of ``:calib``, the part of a corpus that is not held out);
+* a UTF-8 text file (``.txt`` or any other suffix), tokenized with the given tokenizer;
+* a file of token ids: ``.npy`` (a 1-D integer array) or ``.bin`` (raw little-endian
+  ``uint16`` ids, nanoGPT's format; ``bin_dtype`` picks another width).
+
+A *tokenizer* is one of
+
+* ``bpe-N``: a byte-level BPE of N tokens trained on the training text (deterministic,
+  seconds on CPU; the default for small models: SmolLM2's 49152-token vocabulary would
+  spend most of a 25M-parameter budget on embeddings);
+* ``smollm2``: the SmolLM2-135M tokenizer built offline by `kvslim.eval.smollm2`;
+* a directory with tokenizer files (a Hugging Face model dir, or one of our checkpoints,
+  which carry their tokenizer) or a ``tokenizer.json`` file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kvslim.eval.data import CORPORA, load_text
+
+__all__ = [
+    "TOKEN_SUFFIXES",
+    "has_tokenizer",
+    "load_tokens",
+    "parse_source",
+    "resolve_tokenizer",
+    "save_tokenizer",
+    "save_tokens",
+    "train_bpe",
+    "vocab_size",
+]
+
+TOKEN_SUFFIXES = (".npy", ".bin")
+BIN_DTYPES = {"uint16": np.uint16, "int32": np.int32, "uint32": np.uint32, "int64": np.int64}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+SPLIT_ALIASES = {"train": "calib", "calib": "calib", "eval": "eval", "val": "eval", "test": "eval"}
+
+
+def parse_source(
+    source: str | os.PathLike, default_split: str | None = None
+) -> tuple[str, str | None] | None:
+    """``(corpus, split)`` if `source` names a corpus (``sotu``, ``sotu:eval``, ``sotu-eval``), else None.
+
+    An existing file of that name wins over a corpus name. ``default_split`` applies when
+    the name carries no split.
+    """
+    s = os.fspath(source)
+    if os.path.exists(s):
+        return None
+    name, sep, split = s.partition(":")
+    if not sep:
+        for alias in SPLIT_ALIASES:
+            if s.endswith(f"-{alias}") and s[: -len(alias) - 1] in CORPORA:
+                name, split = s[: -len(alias) - 1], alias
+                break
+    if name not in CORPORA:
+        return None
+    if split:
+        if split not in SPLIT_ALIASES:
+            raise ValueError(f"split of {s!r} must be one of {sorted(SPLIT_ALIASES)}, got {split!r}")
+        return name, SPLIT_ALIASES[split]
+    return name, default_split
+
+
+def source_text(source: str | os.PathLike, *, default_split: str | None = None) -> str:
+    """Text of a corpus name (with split) or of a text file; ValueError naming the source otherwise."""
+    named = parse_source(source, default_split)
+    if named is not None:
+        return load_text(named[0], split=named[1])
+    p = Path(source)
+    if not p.is_file():
+        raise ValueError(
+            f"text source {os.fspath(source)!r} is neither an existing file nor a corpus name "
+            f"({', '.join(sorted(CORPORA))}, optionally with :calib/:eval or -train/-eval)"
+        )
+    if p.suffix in TOKEN_SUFFIXES:
+        raise ValueError(f"{p} holds token ids, not text")
+    return load_text(p)
+
+
+# ------------------------------------------------------------------ tokenizers
+def train_bpe(text: str, vocab: int, *, min_frequency: int = 2):
+    """A byte-level BPE tokenizer of at most `vocab` tokens trained on `text` (GPT-2 style).
+
+    Returns a `transformers.PreTrainedTokenizerFast` (``<|endoftext|>`` is id 0).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if not isinstance(vocab, int) or vocab < 257 + 1:
+        raise ValueError(f"BPE vocab size must be an int >= 258 (256 bytes + specials), got {vocab!r}")
+    if not text:
+        raise ValueError("cannot train a BPE tokenizer on empty text")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab,
+        min_frequency=min_frequency,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    # Paragraphs as the training iterator: same text -> same merges.
+    tok.train_from_iterator((p for p in text.split("\n\n") if p), trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+
+
+def has_tokenizer(path: str | os.PathLike) -> bool:
+    p = Path(path)
+    return p.is_dir() and any((p / f).is_file() for f in TOKENIZER_FILES)
+
+
+def resolve_tokenizer(spec: str | os.PathLike | object, *, train_text: str | None = None):
+    """A tokenizer from a name (``bpe-N``, ``smollm2``), a directory or a ``tokenizer.json``.
+
+    Objects that already are tokenizers are returned unchanged. ``bpe-N`` needs `train_text`.
+    """
+    if not isinstance(spec, (str, os.PathLike)):
+        return spec
+    s = os.fspath(spec)
+    if s.startswith("bpe-") and not os.path.exists(s):
+        n = s[4:]
+        if not n.isdigit():
+            raise ValueError(f"tokenizer {s!r}: expected bpe-N with N the vocabulary size, e.g. bpe-8192")
+        if train_text is None:
+            raise ValueError(f"tokenizer {s!r} is trained on the training text, which was not given")
+        return train_bpe(train_text, int(n))
+    if s == "smollm2" and not os.path.exists(s):
+        from kvslim.eval.smollm2 import smollm2_dir
+
+        s = os.fspath(smollm2_dir())
+    p = Path(s)
+    if p.is_file() and p.name.endswith(".json"):
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast(tokenizer_file=str(p))
+    if p.is_dir():
+        if not has_tokenizer(p):
+            raise ValueError(f"directory {p} has no tokenizer files ({', '.join(TOKENIZER_FILES)})")
+        from kvslim.eval.perplexity import load_tokenizer
+
+        return load_tokenizer(p)
+    raise ValueError(
+        f"tokenizer must be bpe-N, smollm2, a directory with tokenizer files or a tokenizer.json, got {s!r}"
+    )
+
+
+def save_tokenizer(tokenizer, path: str | os.PathLike) -> None:
+    """Write the tokenizer's files into directory `path` (loadable with AutoTokenizer)."""
+    tokenizer.save_pretrained(os.fspath(path))
+
+
+def vocab_size(tokenizer) -> int:
+    """Number of token ids the tokenizer can emit (its full vocabulary, specials included)."""
+    return len(tokenizer)
+
+
+# ---------------------------------------------------------------- token streams
+def load_tokens(
+    source: str | os.PathLike | torch.Tensor | np.ndarray,
+    *,
+    tokenizer=None,
+    default_split: str | None = None,
+    bin_dtype: str = "uint16",
+) -> torch.Tensor:
+    """A 1-D int64 token stream from a corpus name, a text file, a ``.npy``/``.bin`` file or ids.
+
+    Args:
+        source: see the module docstring; a tensor / array of ids is validated and returned.
+        tokenizer: needed for text sources (anything `resolve_tokenizer` accepts, but
+            ``bpe-N`` must already be resolved, since it needs the training text).
+        default_split: split used for a corpus name without one (``"calib"`` or ``"eval"``).
+        bin_dtype: element type of ``.bin`` files.
+    """
+    if isinstance(source, (torch.Tensor, np.ndarray)):
+        return _check_ids(torch.as_tensor(source), "token ids")
+    s = os.fspath(source)
+    p = Path(s)
+    if p.suffix in TOKEN_SUFFIXES:
+        if not p.is_file():
+            raise ValueError(f"token file {s!r} does not exist")
+        if p.suffix == ".npy":
+            arr = np.load(p, allow_pickle=False)
+        else:
+            if bin_dtype not in BIN_DTYPES:
+                raise ValueError(f"bin_dtype must be one of {sorted(BIN_DTYPES)}, got {bin_dtype!r}")
+            arr = np.fromfile(p, dtype=BIN_DTYPES[bin_dtype])
+        arr = np.asarray(arr)
+        if not np.issubdtype(arr.dtype, np.integer):
+            raise ValueError(f"{s}: token ids must be integers, got dtype {arr.dtype}")
+        return _check_ids(torch.from_numpy(arr.astype(np.int64)), s)
+    text = source_text(s, default_split=default_split)
+    if tokenizer is None:
+        raise ValueError(f"text source {s!r} needs a tokenizer")
+    from kvslim.eval.perplexity import tokenize
+
+    return tokenize(text, resolve_tokenizer(tokenizer))
+
+
+def _check_ids(t: torch.Tensor, what: str) -> torch.Tensor:
+    if t.dtype.is_floating_point or t.dtype == torch.bool:
+        raise ValueError(f"{what}: token ids must be integers, got {t.dtype}")
+    if t.dim() != 1:
+        raise ValueError(f"{what}: token ids must be 1-D, got shape {tuple(t.shape)}")
+    if t.numel() < 2:
+        raise ValueError(f"{what}: need at least 2 tokens, got {t.numel()}")
+    if int(t.min()) < 0:
+        raise ValueError(f"{what}: token ids must be >= 0, got min {int(t.min())}")
+    return t.to(torch.int64)
+
+
+def save_tokens(ids: torch.Tensor, path: str | os.PathLike) -> Path:
+    """Save a 1-D token stream as ``.npy`` (uint16 when every id fits, else int32)."""
+    ids = _check_ids(torch.as_tensor(ids), "token ids")
+    p = Path(path)
+    if p.suffix != ".npy":
+        raise ValueError(f"save_tokens writes .npy files, got {p}")
+    dtype = np.uint16 if int(ids.max()) < 2**16 else np.int32
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.tmp.npy")
+    np.save(tmp, ids.numpy().astype(dtype))
+    os.replace(tmp, p)
+    return p
