@@ -428,8 +428,38 @@ def _run_convert(args) -> int:
     return 0
 
 
+# ------------------------------------------------------- generate / serve / bench
+def _add_generate(subparsers) -> None:
+    from kvslim.engine.commands import add_generate_args, run_generate
+
+    p = subparsers.add_parser("generate", help="generate from a prompt, streaming text to stdout",
+                              description="Generate with the paged-KV engine (--tp N for tensor parallel).")
+    add_generate_args(p)
+    p.set_defaults(func=run_generate)
+
+
+def _add_serve(subparsers) -> None:
+    from kvslim.engine.commands import add_serve_args, run_serve
+
+    p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, SSE, metrics)",
+                              description="Serve a model over HTTP with continuous batching; --tp N, --dp M.")
+    add_serve_args(p)
+    p.set_defaults(func=run_serve)
+
+
+def _add_bench(subparsers) -> None:
+    from kvslim.engine.commands import add_bench_serve_args, run_bench_serve
+
+    p = subparsers.add_parser("bench", help="benchmarks: 'bench serve' loads a server (TTFT, ITL, E2E, tok/s)")
+    sub = p.add_subparsers(dest="bench_command", metavar="BENCH", required=True)
+    s = sub.add_parser("serve", help="load generator against a server (or one started in-process)")
+    add_bench_serve_args(s)
+    s.set_defaults(func=run_bench_serve)
+
+
 # ------------------------------------------------------------------------ main
-_COMMANDS = [_add_plan, _add_train, _add_finetune, _add_eval, _add_convert]
+_COMMANDS = [_add_plan, _add_train, _add_finetune, _add_eval, _add_convert, _add_generate, _add_serve,
+             _add_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -252,3 +252,68 @@ def test_overloaded_queue_gets_503(model):
         assert status == 400 and "tokenizer" in out["error"]["message"]
     finally:
         srv.shutdown()
+
+
+def test_bench_serve_cli_reports_table_and_png(server, tmp_path, capsys):
+    from kvslim.cli import main
+
+    png, js = tmp_path / "bench.png", tmp_path / "bench.json"
+    rc = main(["bench", "serve", "--url", server.url, "--num-requests", "6", "--concurrency", "3",
+               "--input-len", "8", "--input-range", "0.5", "--output-len", "6", "--plot", str(png),
+               "--json", str(js)])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "TTFT ms" in out and "ITL ms" in out and "E2E ms" in out
+    summary = json.loads(js.read_text())
+    assert summary["completed"] == 6 and summary["output_tokens"] == 36
+    assert png.stat().st_size > 0
+    _wait_idle(server)
+
+
+def test_generate_cli_streams_the_greedy_tokens(capsys):
+    from kvslim.cli import main
+    from kvslim.engine.source import random_model
+
+    rc = main(["generate", "--random-model", "gla-2", "--model-shape", "tiny", "--tokens", "5,6,7",
+               "--num-pages", "32", "--page-size", "4", "--max-tokens", "6"])
+    assert rc == 0
+    ref = random_model("gla-2", "tiny").generate([[5, 6, 7]], max_new_tokens=6)[0]
+    assert [int(t) for t in capsys.readouterr().out.split()] == ref
+    assert main(["generate", "--random-model", "gla-2", "--model-shape", "tiny", "--prompt", "hi",
+                 "--num-pages", "32"]) == 2  # no tokenizer: a clear error, exit code 2
+
+
+def test_dp_router_balances_streams_and_cancels(model):
+    from kvslim.engine.router import Router
+
+    servers = [start_server(LLMEngine(model, num_pages=128, page_size=4), None) for _ in range(2)]
+    router = Router([(s.host, s.port) for s in servers])
+    threading.Thread(target=router.httpd.serve_forever, daemon=True).start()
+    try:
+        class R:  # what the helpers need
+            host, port = router.host, router.port
+        status, out = _post(R, "/v1/completions", {"prompt": [4, 5, 6], "max_tokens": 5, "temperature": 0,
+                                                   "ignore_eos": True})
+        assert status == 200 and out["choices"][0]["token_ids"] == model.generate([[4, 5, 6]], max_new_tokens=5)[0]
+        events, done = _sse(R, "/v1/completions", {"prompt": [4, 5, 6], "max_tokens": 5, "temperature": 0,
+                                                   "ignore_eos": True})
+        assert done and [e["choices"][0]["token_ids"][0] for e in events if e["choices"][0]["token_ids"]] == \
+            out["choices"][0]["token_ids"]
+        errors: list = []
+        threads = [threading.Thread(target=_cancel_stream, args=(R, 2, 400, errors)) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not errors
+        for s in servers:
+            _wait_idle(s)
+        assert all(s.loop.engine.counters["requests_aborted"] >= 1 for s in servers)  # both replicas used
+        assert _get(R, "/health")[0] == 200
+        assert 'kvslim_kv_pages_free{replica="1"} 127' in _get(R, "/metrics")[1]
+        assert _post(R, "/v1/completions", {"prompt": [1], "temperature": -1})[0] == 400
+    finally:
+        router.httpd.shutdown()
+        router.httpd.server_close()
+        for s in servers:
+            s.shutdown()

@@ -250,7 +250,8 @@ class _Handler(BaseHTTPRequestHandler):
         elif self.path == "/v1/models":
             self._send_json(200, {"object": "list", "data": [
                 {"id": self.app.model_name, "object": "model", "owned_by": "kvslim",
-                 "max_model_len": self.app.loop.engine.max_model_len}]})
+                 "max_model_len": self.app.loop.engine.max_model_len,
+                 "vocab_size": self.app.loop.engine.config.vocab_size}]})
         elif self.path in ("/v1/completions", "/v1/chat/completions"):
             self._error(405, f"use POST for {self.path}")
         else:
