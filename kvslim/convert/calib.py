@@ -1,0 +1,77 @@
+"""Calibration statistics for the converters: second moments of every attention input.
+
+Every quantity the PCA-based converters need (keys per RoPE frequency for RoRoPE, balanced
+``[K_nope; V]`` for BKV-PCA, per-group states for GLA/GTA, query norms for the MHA2MLA
+baseline) is a *linear* function of the attention input ``x`` (+ a constant 1 for biases).
+So one pass collects, per layer, ``Σ = E[x̃ x̃ᵀ]`` with ``x̃ = [x; 1]`` (``[D+1, D+1]``,
+float64), and the second moment of any projection ``W̃ x̃`` is ``W̃ Σ W̃ᵀ``. One calibration
+pass then serves every target (MLA at any rank, GLA, GTA, the baseline).
+
+The one place this departs from TransMLA's recipe: BKV's balancing factor is the ratio of
+the RMS norms of ``K_nope`` and ``V`` (computable from Σ), not of their mean L2 norms.
+"""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+__all__ = ["attention_input_moments", "calibration_tokens"]
+
+
+@torch.no_grad()
+def attention_input_moments(model, batches: torch.Tensor, *, batch_size: int = 4,
+                            progress: bool = True) -> list[torch.Tensor]:
+    """Per layer ``E[x̃ x̃ᵀ]`` of the attention input (after ``input_layernorm``), ``x̃ = [x; 1]``.
+
+    Args:
+        model: a kvslim ``Transformer``.
+        batches: ``[N, T]`` int64 token windows.
+        batch_size: windows per forward pass.
+        progress: show a tqdm bar.
+    Returns:
+        ``num_layers`` float64 tensors ``[D+1, D+1]`` (means over all N·T tokens).
+    """
+    if not isinstance(batches, torch.Tensor) or batches.dim() != 2 or batches.dtype != torch.long:
+        raise ValueError("calibration batches must be an int64 tensor [num_samples, seq_len]")
+    if batches.numel() == 0:
+        raise ValueError("calibration batches are empty")
+    D = model.config.hidden_size
+    sums = [torch.zeros(D + 1, D + 1, dtype=torch.float64) for _ in model.model.layers]
+    count = [0]
+
+    def hook(i):
+        def fn(module, args):
+            x = args[0].detach().reshape(-1, D).double().cpu()
+            x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=torch.float64)], 1)
+            sums[i].addmm_(x.T, x)
+            if i == 0:
+                count[0] += x.shape[0]
+        return fn
+
+    handles = [layer.self_attn.register_forward_pre_hook(hook(i)) for i, layer in enumerate(model.model.layers)]
+    device = next(model.parameters()).device
+    try:
+        for s in tqdm(range(0, batches.shape[0], batch_size), desc="calibration", unit="batch",
+                      disable=not progress, leave=False):
+            model(batches[s : s + batch_size].to(device))
+    finally:
+        for h in handles:
+            h.remove()
+    return [s / count[0] for s in sums]
+
+
+def calibration_tokens(tokenizer_dir, *, num_samples: int, seq_len: int, text: str = "sotu",
+                       seed: int = 0) -> torch.Tensor:
+    """``[num_samples, seq_len]`` windows of real calibration text (default: sotu calib split).
+
+    ``text`` is a corpus name of ``kvslim.eval.data`` (its calib split is used, never the eval
+    split) or a path to a UTF-8 text file.
+    """
+    from kvslim.eval.calib import calibration_batches
+    from kvslim.eval.data import CORPORA, load_text
+
+    name = str(text)
+    source = load_text(name, "calib") if name.split(":")[0] in CORPORA and ":" not in name else load_text(name)
+    return calibration_batches(source, num_samples=num_samples, seq_len=seq_len, seed=seed,
+                               tokenizer=str(tokenizer_dir))

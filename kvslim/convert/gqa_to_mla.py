@@ -1,0 +1,183 @@
+"""GQA -> MLA / GLA (TransMLA §4: merged keys, RoRoPE + FreqFold, BKV-PCA; seed 000 GLA).
+
+Per layer, with source ``q_h = W_q[h] x``, ``k_j = W_k[j] x``, ``v_j = W_v[j] x`` (head h in
+group j = g(h)) and the calibrated input moment ``Σ = E[x̃x̃ᵀ]`` (calib.py):
+
+1. **RoRoPE** (rorope.py): orthogonal ``R`` on the merged key ``k = [k_0 … k_{h_kv-1}]``;
+   ``R[:d_R] k`` is the shared RoPE key, ``R[d_R:] k = K_nope`` the rest.
+2. The NoPE score of head h is ``q_hᵀ R_{nope,j}ᵀ K_nope = q_hᵀ E_j x`` with
+   ``E_j = R_{nope,j}ᵀ R_nope W_k`` (``R_{nope,j}`` = the columns of group j): group j's key
+   minus what RoPE keeps. So the query keeps its original NoPE part (``qk_nope_head_dim =
+   d_h``) and gets a RoPE part ``R_{rope,j} q_h``: everything on the key side is absorbed
+   into ``kv_b_proj``, the RoPE rotation into ``q_proj``.
+3. **BKV-PCA** per latent head c (MLA: one; GLA: ``h_c``, latent c serving groups
+   ``G_c``): ``Z_c = [E_j/α_c (j ∈ G_c); W_v[j] (j ∈ G_c)]``, ``α_c`` = RMS ratio of the
+   keys to the values (balance), ``A_c`` = top ``d_c`` eigenvectors of ``Z_c Σ Z_cᵀ``;
+   latent ``c = A_cᵀ Z_c x̃``, ``W_UK[h] = α_c A_c[E_j rows]``, ``W_UV[h] = A_c[V_j rows]``.
+   (For MLA the stacked ``E_j`` are an isometric image of ``K_nope``, so this is exactly the
+   joint PCA of ``[K_nope; V]``.)
+4. Softmax scale: MLA uses ``1/sqrt(d_nope + d_R)``; ``q_proj`` is multiplied by
+   ``sqrt((d_h + d_R)/d_h)`` so scores keep the source's ``1/sqrt(d_h)``.
+
+``method="mha2mla"`` is the baseline of MHA2MLA (Ji et al., 2025) on the same skeleton:
+partial RoPE keeping the highest-norm (head, frequency) pair per slot (no rotation), and a
+plain SVD of the weights ``[W_K_nope; W_V]`` (no calibration, no balancing).
+
+Exact (to float error) at full rank ``d_c = max_latent_dim``: the latents then span
+``[K_nope; V]``, so the model equals the partial-RoPE model; that equals the source when
+RoPE drops nothing (MQA, or keys whose heads are rank 1 per frequency; tested).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from tqdm.auto import tqdm
+
+from kvslim.convert.common import aug, check_grouped_source, new_model, set_linear, top_eigvecs
+from kvslim.convert.rorope import norm_selection, rorope_rotation
+from kvslim.spec import AttentionSpec
+
+__all__ = ["gqa_to_latent", "gqa_to_mla", "max_latent_dim"]
+
+METHODS = ("transmla", "mha2mla")
+
+
+def max_latent_dim(spec: AttentionSpec, latent_heads: int, rope_dim: int) -> int:
+    """Largest useful ``d_c`` per latent head: rank of ``[E_j (j ∈ G_c); V_j (j ∈ G_c)]``."""
+    G = spec.num_kv_heads // latent_heads
+    n_k = spec.num_kv_heads * spec.head_dim - rope_dim
+    return min(G * spec.head_dim, n_k) + G * spec.head_dim
+
+
+def _validate(spec: AttentionSpec, latent_heads, latent_dim, rope_dim, method):
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    for name, v in (("latent_heads", latent_heads), ("latent_dim (kv_lora_rank)", latent_dim)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    if spec.num_kv_heads % latent_heads:
+        raise ValueError(
+            f"latent_heads={latent_heads} must divide the source's num_kv_heads={spec.num_kv_heads} "
+            "(each latent head compresses whole KV groups)"
+        )
+    cap = max_latent_dim(spec, latent_heads, rope_dim)
+    if latent_dim > cap:
+        raise ValueError(
+            f"latent_dim (kv_lora_rank) = {latent_dim} is larger than possible: per latent head the "
+            f"keys and values span at most {cap} dims (h_kv={spec.num_kv_heads}, d_h={spec.head_dim}, "
+            f"d_R={rope_dim}, latent_heads={latent_heads})"
+        )
+
+
+def layer_rotation(attn, S, spec: AttentionSpec, rope_dim: int, freqfold: int, method: str):
+    Wk = aug(attn.k_proj)
+    Sk = Wk @ S @ Wk.T
+    kw = dict(num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim, rope_dim=spec.rope_dim,
+              target_rope_dim=rope_dim)
+    if method == "mha2mla":
+        Wq = aug(attn.q_proj)
+        return norm_selection(Sk, Wq @ S @ Wq.T, num_heads=spec.num_heads, **kw)
+    return rorope_rotation(Sk, freqfold=freqfold, **kw)
+
+
+def effective_keys(R: torch.Tensor, Wk: torch.Tensor, rope_dim: int, num_kv_heads: int, head_dim: int):
+    """``E_j = R_{nope,j}ᵀ R_nope W_k`` for every group j: ``[h_kv, d_h, D+1]``."""
+    Rn = R[rope_dim:]
+    K_nope = Rn @ Wk
+    return torch.stack([Rn[:, j * head_dim : (j + 1) * head_dim].T @ K_nope for j in range(num_kv_heads)])
+
+
+@torch.no_grad()
+def gqa_to_latent(model, moments: list[torch.Tensor] | None, *, latent_heads: int, latent_dim: int,
+                  rope_dim: int, freqfold: int = 1, method: str = "transmla", balance: bool = True,
+                  progress: bool = True, stats: dict | None = None):
+    """Convert an MHA/MQA/GQA kvslim Transformer to MLA (``latent_heads=1``) or GLA.
+
+    Args:
+        model: source kvslim ``Transformer`` (kind mha/mqa/gqa).
+        moments: per-layer ``E[x̃x̃ᵀ]`` from ``attention_input_moments`` (required for
+            ``method="transmla"``; the baseline uses them only to pick RoPE frequencies).
+        latent_heads: ``h_c`` (1 = MLA).
+        latent_dim: ``d_c`` per latent head (DeepSeek's ``kv_lora_rank`` for MLA).
+        rope_dim: ``d_R`` of the shared RoPE key (must divide the source's rotary dims).
+        freqfold: FreqFold group size (transmla only).
+        method: ``transmla`` (RoRoPE + BKV-PCA) or ``mha2mla`` (norm-selected partial RoPE +
+            weight SVD).
+        balance: BKV balancing (transmla only).
+        stats: optional dict that receives per-layer diagnostics.
+    Returns:
+        a new ``Transformer`` with kind mla/gla, ``latent_norm=False``.
+    """
+    spec = check_grouped_source(model)
+    _validate(spec, latent_heads, latent_dim, rope_dim, method)
+    L = model.config.num_layers
+    if moments is None or len(moments) != L:
+        raise ValueError(f"moments: need one E[x x^T] per layer ({L}), got {None if moments is None else len(moments)}")
+    h_q, h_kv, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
+    g_q, G = h_q // h_kv, h_kv // latent_heads
+    new_spec = AttentionSpec(
+        kind="mla" if latent_heads == 1 else "gla", hidden_size=spec.hidden_size, num_heads=h_q, head_dim=d,
+        num_latent_heads=latent_heads, latent_dim=latent_dim, rope_dim=rope_dim, v_head_dim=d,
+        rope_theta=spec.rope_theta, rope_scaling=spec.rope_scaling, latent_norm=False, qkv_bias=spec.qkv_bias,
+    )
+    out = new_model(model, new_spec)
+    gamma = math.sqrt((d + rope_dim) / d)  # keep the source's 1/sqrt(d_h) softmax scale
+    if stats is not None:
+        stats.update(kept_rope_energy=[], alpha=[], latent_energy=[])
+    for li, (src, dst) in enumerate(tqdm(list(zip(model.model.layers, out.model.layers)), desc=f"convert {new_spec.name}",
+                                         unit="layer", disable=not progress, leave=False)):
+        a, b, S = src.self_attn, dst.self_attn, moments[li].double()
+        Wq, Wk, Wv = aug(a.q_proj), aug(a.k_proj), aug(a.v_proj)
+        rot = layer_rotation(a, S, spec, rope_dim, freqfold, method)
+        R = rot.R
+        E = effective_keys(R, Wk, rope_dim, h_kv, d)  # [h_kv, d, D+1]
+        lat_rows, w_kv_b = [], [None] * h_q
+        alphas, energies = [], []
+        for c in range(latent_heads):
+            groups = range(c * G, (c + 1) * G)
+            Ek = torch.cat([E[j] for j in groups])
+            Vc = torch.cat([Wv[j * d : (j + 1) * d] for j in groups])
+            if method == "transmla":
+                alpha = 1.0
+                if balance:
+                    ek, ev = torch.trace(Ek @ S @ Ek.T), torch.trace(Vc @ S @ Vc.T)
+                    alpha = float((ek / ev).sqrt()) if ek > 0 and ev > 0 else 1.0
+                Z = torch.cat([Ek / alpha, Vc])
+                A, evals = top_eigvecs(Z @ S @ Z.T, latent_dim)
+            else:
+                alpha = 1.0
+                Z = torch.cat([Ek, Vc])
+                U, sv, _ = torch.linalg.svd(Z[:, :-1], full_matrices=False)
+                A, evals = U[:, :latent_dim], sv.pow(2)
+            alphas.append(alpha)
+            energies.append(float(evals[:latent_dim].sum() / evals.sum().clamp_min(1e-300)))
+            lat_rows.append(A.T @ Z)
+            for gi, j in enumerate(groups):
+                A_k = A[gi * d : (gi + 1) * d] * alpha
+                A_v = A[G * d + gi * d : G * d + (gi + 1) * d]
+                for h in range(j * g_q, (j + 1) * g_q):
+                    w_kv_b[h] = torch.cat([A_k, A_v])  # [2d, d_c]: rows [W_UK ; W_UV]
+        q_rows = []
+        for h in range(h_q):
+            j = h // g_q
+            Wq_h = Wq[h * d : (h + 1) * d]
+            q_rope = R[:rope_dim, j * d : (j + 1) * d] @ Wq_h
+            q_rows += [gamma * Wq_h, gamma * q_rope]
+        set_linear(b.q_proj, torch.cat(q_rows))
+        set_linear(b.kv_a_proj_with_mqa, torch.cat(lat_rows + [R[:rope_dim] @ Wk]))
+        b.kv_b_proj.weight.copy_(torch.cat(w_kv_b).to(b.kv_b_proj.weight.dtype))
+        b.o_proj.weight.copy_(a.o_proj.weight)
+        if stats is not None:
+            stats["kept_rope_energy"].append(rot.kept_energy)
+            stats["alpha"].append(alphas)
+            stats["latent_energy"].append(energies)
+    return out
+
+
+def gqa_to_mla(model, moments, *, kv_lora_rank: int, rope_dim: int = 64, freqfold: int = 1,
+               method: str = "transmla", balance: bool = True, progress: bool = True, stats: dict | None = None):
+    """GQA -> MLA (TransMLA): one latent of ``kv_lora_rank`` + one shared RoPE key of ``rope_dim``."""
+    return gqa_to_latent(model, moments, latent_heads=1, latent_dim=kv_lora_rank, rope_dim=rope_dim,
+                         freqfold=freqfold, method=method, balance=balance, progress=progress, stats=stats)

@@ -1,0 +1,157 @@
+"""One call from a checkpoint directory to a converted one: load, calibrate, convert, write.
+
+``convert_checkpoint`` is what ``kvslim convert`` runs. It validates everything it can
+(paths, target shapes, ranks, formats) *before* the slow calibration pass, and writes the
+output atomically (export.py).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from kvslim.convert.calib import attention_input_moments, calibration_tokens
+from kvslim.convert.export import DTYPES, write_checkpoint
+from kvslim.convert.gqa_to_gta import gqa_to_gta
+from kvslim.convert.gqa_to_mla import _validate, gqa_to_latent
+from kvslim.convert.mha_to_gqa import mha_to_gqa
+from kvslim.convert.rorope import collapse_factor
+from kvslim.model import Transformer
+from kvslim.spec import AttentionSpec
+
+__all__ = ["ConvertResult", "convert_checkpoint", "convert_model", "kv_table"]
+
+TARGETS = ("gqa", "mla", "gla", "gta")
+DEFAULT_FORMAT = {"gqa": "kvslim", "mla": "deepseek", "gla": "kvslim", "gta": "kvslim"}
+
+
+@dataclass
+class ConvertResult:
+    source: AttentionSpec
+    target: AttentionSpec
+    num_layers: int
+    out: Path | None = None
+    seconds: float = 0.0
+    stats: dict = field(default_factory=dict)
+
+
+def kv_table(source: AttentionSpec, target: AttentionSpec, num_layers: int, dtype_bytes: int = 2) -> str:
+    """Before/after KV cache size as a small text table."""
+    rows = [("", "kind", "elements/token/layer", f"bytes/token ({num_layers} layers, {dtype_bytes} B)", "ratio")]
+    for label, s in (("before", source), ("after", target)):
+        rows.append((label, s.name, str(s.row_dim), str(s.row_dim * num_layers * dtype_bytes),
+                     f"{s.row_dim / source.row_dim:.3f}"))
+    w = [max(len(r[i]) for r in rows) for i in range(5)]
+    return "\n".join("  ".join(c.ljust(w[i]) for i, c in enumerate(r)) for r in rows)
+
+
+def _check_target(spec: AttentionSpec, to: str, *, kv_heads, latent_heads, kv_lora_rank, rope_dim, freqfold,
+                  method) -> None:
+    if to not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}, got {to!r}")
+    if spec.kind not in ("mha", "mqa", "gqa"):
+        raise ValueError(f"unsupported source attention kind {spec.kind!r}: converters read MHA/MQA/GQA checkpoints")
+    if to == "gqa":
+        if kv_heads is None:
+            raise ValueError("--to gqa needs --kv-heads")
+        if not isinstance(kv_heads, int) or kv_heads < 1 or spec.num_kv_heads % kv_heads:
+            raise ValueError(f"kv_heads={kv_heads} must divide the source's {spec.num_kv_heads} KV heads")
+    elif to in ("mla", "gla"):
+        if kv_lora_rank is None:
+            raise ValueError(f"--to {to} needs --kv-lora-rank (latent dim per latent head)")
+        h_c = 1 if to == "mla" else latent_heads
+        if h_c is None:
+            raise ValueError("--to gla needs --latent-heads")
+        collapse_factor(spec.rope_dim, rope_dim)
+        _validate(spec, h_c, kv_lora_rank, rope_dim, method)
+        if method == "transmla":
+            c = spec.rope_dim // rope_dim
+            if freqfold % c or (spec.rope_dim // 2) % freqfold:
+                raise ValueError(f"freqfold={freqfold} must be a multiple of {c} dividing {spec.rope_dim // 2}")
+
+
+def convert_model(model: Transformer, to: str, *, calib: torch.Tensor | None = None, moments=None,
+                  kv_heads: int | None = None, latent_heads: int | None = None, kv_lora_rank: int | None = None,
+                  rope_dim: int = 64, freqfold: int = 1, method: str = "transmla", gta_state: str = "key",
+                  progress: bool = True) -> tuple[Transformer, dict]:
+    """Convert an in-memory kvslim Transformer; returns (new model, diagnostics)."""
+    spec = model.spec
+    _check_target(spec, to, kv_heads=kv_heads, latent_heads=latent_heads, kv_lora_rank=kv_lora_rank,
+                  rope_dim=rope_dim, freqfold=freqfold, method=method)
+    if to == "gqa":
+        return mha_to_gqa(model, num_kv_heads=kv_heads), {}
+    if moments is None:
+        if calib is None:
+            raise ValueError(f"--to {to} needs calibration tokens")
+        moments = attention_input_moments(model, calib, progress=progress)
+    stats: dict = {}
+    if to == "gta":
+        return gqa_to_gta(model, moments, state=gta_state, progress=progress, stats=stats), stats
+    h_c = 1 if to == "mla" else latent_heads
+    out = gqa_to_latent(model, moments, latent_heads=h_c, latent_dim=kv_lora_rank, rope_dim=rope_dim,
+                        freqfold=freqfold, method=method, progress=progress, stats=stats)
+    return out, stats
+
+
+def convert_checkpoint(*, model_dir: str | os.PathLike, out: str | os.PathLike, to: str, fmt: str | None = None,
+                       force: bool = False, kv_heads: int | None = None, latent_heads: int | None = None,
+                       kv_lora_rank: int | None = None, rope_dim: int = 64, freqfold: int = 1,
+                       method: str = "transmla", calib_samples: int = 32, calib_seq_len: int = 256,
+                       calib_text: str = "sotu", calib_tokens: torch.Tensor | None = None, seed: int = 0,
+                       dtype: str = "float32", gta_state: str = "key", progress: bool = True) -> ConvertResult:
+    """Convert the checkpoint in ``model_dir`` and write it to ``out`` (atomically).
+
+    Args:
+        model_dir: Hugging Face Llama/Mistral/Qwen2 directory or a kvslim checkpoint.
+        out: output directory; must not exist unless ``force``.
+        to: ``gqa`` (mean-pool to ``kv_heads``), ``mla``, ``gla`` (``latent_heads``), ``gta``.
+        fmt: ``deepseek`` (MLA only; default for mla), ``hf`` (Llama; gqa only), ``kvslim``.
+        kv_lora_rank: latent dim per latent head (mla/gla).
+        rope_dim: ``d_R`` of the shared RoPE key (mla/gla; gta uses d_h/2).
+        freqfold, method: see ``gqa_to_latent``.
+        calib_samples, calib_seq_len, calib_text, seed: calibration windows (real text, calib split).
+        calib_tokens: ``[N, T]`` token windows to use instead of ``calib_text`` (tests, custom data).
+        dtype: output weight dtype: float32, bfloat16 or float16.
+    """
+    t0 = time.time()
+    model_dir, out = Path(model_dir), Path(out)
+    if not (model_dir / "config.json").is_file():
+        raise ValueError(f"model_dir {model_dir} has no config.json")
+    if not any(model_dir.glob("*.safetensors")):
+        raise ValueError(f"model_dir {model_dir} has no .safetensors files")
+    if out.exists() and not force:
+        raise ValueError(f"output {out} exists; pass --force to replace it")
+    if out.resolve() == model_dir.resolve():
+        raise ValueError("output must differ from model_dir")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    fmt = fmt or DEFAULT_FORMAT.get(to, "kvslim")
+    if fmt == "deepseek" and to != "mla":
+        raise ValueError(f"format 'deepseek' holds MLA models only; --to {to} needs --format kvslim")
+    if fmt == "hf" and to != "gqa":
+        raise ValueError(f"format 'hf' (Llama) holds GQA models only; --to {to} needs --format kvslim")
+    if fmt == "deepseek" and dtype == "float16":
+        raise ValueError("format 'deepseek' with float16 would underflow the scaled latent; use bfloat16 or float32")
+    model = Transformer.from_pretrained(model_dir, dtype=torch.float32)
+    spec = model.spec
+    _check_target(spec, to, kv_heads=kv_heads, latent_heads=latent_heads, kv_lora_rank=kv_lora_rank,
+                  rope_dim=rope_dim, freqfold=freqfold, method=method)
+    if fmt == "deepseek" and spec.qkv_bias:
+        raise ValueError("transformers' DeepSeek-V3 has no q_proj bias: a model with qkv biases needs --format kvslim")
+    calib = calib_tokens
+    if to != "gqa" and calib is None:
+        for name, v in (("calib_samples", calib_samples), ("calib_seq_len", calib_seq_len)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        calib = calibration_tokens(model_dir, num_samples=calib_samples, seq_len=calib_seq_len,
+                                   text=calib_text, seed=seed)
+    new, stats = convert_model(model, to, calib=calib, kv_heads=kv_heads, latent_heads=latent_heads,
+                               kv_lora_rank=kv_lora_rank, rope_dim=rope_dim, freqfold=freqfold, method=method,
+                               gta_state=gta_state, progress=progress)
+    write_checkpoint(new, out, fmt=fmt, dtype=DTYPES[dtype], tokenizer_from=model_dir)
+    return ConvertResult(source=spec, target=new.spec, num_layers=model.config.num_layers, out=out,
+                         seconds=time.time() - t0, stats=stats)
