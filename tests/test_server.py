@@ -317,3 +317,39 @@ def test_dp_router_balances_streams_and_cancels(model):
         router.httpd.server_close()
         for s in servers:
             s.shutdown()
+
+
+def test_serve_cli_with_dp2_replica_processes(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from kvslim.engine.source import random_model
+
+    pf = tmp_path / "port"
+    log = open(tmp_path / "serve.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "kvslim", "serve", "--random-model", "gqa-2", "--model-shape",
+                             "tiny", "--num-pages", "64", "--page-size", "4", "--dp", "2", "--port", "0",
+                             "--port-file", str(pf)], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        end = time.monotonic() + 90
+        while not pf.exists():
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+            assert time.monotonic() < end, "server did not start"
+            time.sleep(0.2)
+
+        class R:
+            host, port = "127.0.0.1", int(pf.read_text())
+
+        assert _get(R, "/health")[0] == 200
+        status, out = _post(R, "/v1/completions", {"prompt": [3, 1, 4], "max_tokens": 6, "temperature": 0})
+        assert status == 200, out
+        assert out["choices"][0]["token_ids"] == random_model("gqa-2", "tiny").generate([[3, 1, 4]], 6)[0]
+        assert 'replica="1"' in _get(R, "/metrics")[1]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()

@@ -184,7 +184,8 @@ def run_serve(args) -> int:
     if args.dp > 1:
         from kvslim.engine.router import run_router
 
-        return run_router(_child_argv(args), dp=args.dp, tp=args.tp, host=args.host, port=args.port)
+        return run_router(_child_argv(args), dp=args.dp, tp=args.tp, host=args.host, port=args.port,
+                          port_file=args.port_file)
     from kvslim.engine.server import start_server
 
     engine, tok, session, name = build_engine(args)

@@ -121,7 +121,8 @@ class _RouterHandler(BaseHTTPRequestHandler):
             self.app.done(i)
 
 
-def run_router(child_argv: list[str], *, dp: int, tp: int, host: str, port: int, startup_timeout: float = 900.0) -> int:
+def run_router(child_argv: list[str], *, dp: int, tp: int, host: str, port: int, port_file: str | None = None,
+               startup_timeout: float = 900.0) -> int:
     """Start ``dp`` replicas (``python -m kvslim serve``) and route to them until interrupted."""
     tmp = tempfile.mkdtemp(prefix="kvslim-dp-")
     procs, ports = [], []
@@ -146,6 +147,10 @@ def run_router(child_argv: list[str], *, dp: int, tp: int, host: str, port: int,
         router = Router([("127.0.0.1", p) for p in ports], host=host, port=port)
         print(f"kvslim serve: router http://{router.host}:{router.port} -> {dp} replicas x tp {tp} "
               f"(ports {ports})", flush=True)
+        if port_file:
+            with open(port_file + ".tmp", "w") as f:
+                f.write(str(router.port))
+            os.replace(port_file + ".tmp", port_file)
         try:
             router.httpd.serve_forever()
         except KeyboardInterrupt:

@@ -34,8 +34,13 @@ def parse_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def random_model(preset: str, shape: str = "tiny", *, seed: int = 0, max_len: int = 4096):
-    """A Transformer with random weights: attention ``preset`` (e.g. gla-2) at a named ``shape``."""
+def random_model(preset: str, shape: str = "tiny", *, seed: int = 0, max_len: int = 4096,
+                 device: str | torch.device = "cpu"):
+    """A Transformer with random weights: attention ``preset`` (e.g. gla-2) at a named ``shape``.
+
+    Weights are drawn on ``device`` (fast for large shapes); the same seed and device type
+    give the same weights in every process (tensor-parallel ranks rely on it).
+    """
     from kvslim.model import ModelConfig, Transformer
     from kvslim.spec import AttentionSpec
 
@@ -46,7 +51,7 @@ def random_model(preset: str, shape: str = "tiny", *, seed: int = 0, max_len: in
     cfg = ModelConfig(vocab_size=s["vocab"], hidden_size=s["hidden"], intermediate_size=s["inter"],
                       num_layers=s["layers"], attention=spec, max_position_embeddings=max_len)
     torch.manual_seed(seed)
-    with torch.device("cpu"):
+    with torch.device(device):
         model = Transformer(cfg).eval()
     with torch.no_grad():  # non-trivial norm weights (as in kvslim.testing)
         for name, p in model.named_parameters():
@@ -80,7 +85,7 @@ class ModelSource:
                 raise ValueError(f"--model {self.path!r} is not a directory")
             model = Transformer.from_pretrained(self.path)
         else:
-            model = random_model(self.preset, self.shape, seed=self.seed, max_len=self.max_len)
+            model = random_model(self.preset, self.shape, seed=self.seed, max_len=self.max_len, device=device)
         return model.to(device=device, dtype=parse_dtype(self.dtype)).eval()
 
 
