@@ -327,7 +327,7 @@ def test_serve_cli_with_dp2_replica_processes(tmp_path):
     from kvslim.engine.source import random_model
 
     pf = tmp_path / "port"
-    log = open(tmp_path / "serve.log", "w")
+    log = open(tmp_path / "serve.log", "w")  # noqa: SIM115 - closed in finally, outlives the Popen call
     proc = subprocess.Popen([sys.executable, "-m", "kvslim", "serve", "--random-model", "gqa-2", "--model-shape",
                              "tiny", "--num-pages", "64", "--page-size", "4", "--dp", "2", "--port", "0",
                              "--port-file", str(pf)], stdout=log, stderr=subprocess.STDOUT)
