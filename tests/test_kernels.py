@@ -138,6 +138,8 @@ TIED_CPU = [
     (2, 4, 6, 2, 32, 32, 16, 32, 16, [4, 37], 4, torch.float16, None),  # GLA-2
     (2, 2, 4, 1, 64, 64, 0, 48, 16, [17, 50], 2, torch.float32, None),  # no rope, v_dim < state
     (2, 2, 6, 1, 32, 32, 16, 32, 16, [9, 63], 1, torch.bfloat16, {"BLOCK_H": 4}),  # 2 head blocks
+    (2, 2, 6, 3, 32, 16, 16, 32, 16, [30, 11], 2, torch.bfloat16, None),  # GTA-3: one state head a program
+    (2, 1, 8, 4, 32, 16, 16, 32, 16, [30, 11], 2, torch.bfloat16, {"SPG": 4, "BLOCK_H": 2}),  # 4 heads/program
 ]
 TIED_GPU = [
     (4, 1, 32, 8, 128, 64, 64, 128, 16, [1, 3000, 777, 4096], None, torch.bfloat16, None),  # GTA-8

@@ -17,6 +17,7 @@ import torch
 DEFAULT_SMS = 132  # H100 SXM; used when no CUDA device is present (interpreter)
 MAX_SPLITS = 64
 MIN_TOKENS_PER_SPLIT = 256
+SPG_MAX = 2  # state heads per tied-kernel program (GTA); see tied_config
 
 
 @functools.lru_cache(maxsize=None)
@@ -35,16 +36,22 @@ def next_pow2(x: int) -> int:
 
 
 def pick_num_splits(programs: int, max_seq_len: int, sms: int) -> int:
-    """Flash-decoding splits: enough programs for ~2 waves, each split >= 256 tokens.
+    """Flash-decoding splits, from shapes only.
+
+    No split once the grid fills the SMs (a split costs a combine pass and a partial-output
+    round trip; GQA-4 B=64 with 256 programs ran 370 us unsplit, 371 us with 2 splits).
+    Below that, aim at ~2 programs per SM, rounded down to a power of 2, each split >= 256
+    tokens (H100, B=64 L=8K: MLA h_q=16 best at 4 splits, MLA h_q=128 at 2).
 
     Args:
         programs: programs per split (batch x head blocks).
         max_seq_len: upper bound of any seq_len (block-table capacity), host-side.
         sms: streaming multiprocessors on the device.
     """
-    if programs >= 2 * sms:
+    if programs >= sms:
         return 1
     want = -(-2 * sms // programs)
+    want = 1 << (want.bit_length() - 1)  # a power of 2: equal chunks when L is one
     cap = max(1, max_seq_len // MIN_TOKENS_PER_SPLIT)
     return max(1, min(want, cap, MAX_SPLITS))
 
@@ -58,28 +65,42 @@ def separate_config(*, group: int, q_len: int, head_dim: int, dtype: torch.dtype
     block_h = max(1, min(group, 64 // q_len))
     block_m = max(16, next_pow2(block_h * q_len))
     block_d = max(16, next_pow2(head_dim))
+    # H100, GQA-8 h_q=32 B=64 L=8K: 64/4 warps/3 stages and 32/4/4 both reach 3.0 TB/s.
     block_n = 64 if block_d <= 128 else 32
     if dtype == torch.float32:
         block_n = min(block_n, 32)
     return dict(BLOCK_H=block_h, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=3)
 
 
-def tied_config(*, group: int, q_len: int, state_block: int, dtype: torch.dtype) -> dict:
+def tied_config(*, group: int, q_len: int, state_block: int, num_state_heads: int, dtype: torch.dtype) -> dict:
     """Blocks for the tied-state kernel (GTA / MLA / GLA).
 
-    ``state_block`` is the padded state width read per tile (``next_pow2(max(d_nope, d_v))``).
+    ``state_block`` is the padded state width of one head (``next_pow2(max(d_nope, d_v))``).
     Wide states (MLA/GLA latents, 256-512) keep M <= 64 so the ``[M, d_v]`` fp32
-    accumulator fits in registers with 8 warps; narrow ones (GTA, 128) allow M up to 128.
+    accumulator fits in registers with 8 warps; narrow ones (GTA, 128) allow M up to 128
+    and may put ``SPG`` state heads in one program (block-diagonal trick in tied.py).
     """
     max_m = 64 if state_block >= 256 else 128
     block_h = max(1, min(group, max_m // q_len))
-    block_m = max(16, next_pow2(block_h * q_len))
-    if state_block >= 512:
-        block_n, warps, stages = 32, (8 if block_m >= 64 else 4), 2
-    elif state_block >= 256:
-        block_n, warps, stages = 32, (8 if block_m >= 64 else 4), 3
+    spg = 1
+    if state_block <= 128 and block_h == group:
+        while (spg * 2 <= SPG_MAX and num_state_heads % (spg * 2) == 0
+               and spg * 2 * group * q_len <= 32 and spg * 2 * state_block <= 256):
+            spg *= 2
+    block_m = max(16, next_pow2(spg * block_h * q_len))
+    # H100 sweep (benchmarks/NOTES.md): 64-token tiles win; 8 warps and 3 stages once M = 64
+    # rows of a wide state (the [64, 512] fp32 accumulator), 2 stages for M = 32, 3 for
+    # M = 16 (MLA h_q=16 230 us vs 294 us with 2; GLA-8 h_q=128 795 us vs 1085 us).
+    if state_block >= 256:
+        if block_m >= 64:
+            block_n, warps, stages = 64, 8, 3
+        elif block_m >= 32:
+            block_n, warps, stages = 64, 4, 2
+        else:
+            block_n, warps, stages = 64, 4, 3
     else:
-        block_n, warps, stages = 64, (8 if block_m >= 128 else 4), 3
+        block_n, stages = 64, 2
+        warps = 2 if block_m <= 16 else (4 if block_m <= 64 else 8)
     if dtype == torch.float32:
-        block_n = min(block_n, 16)
-    return dict(BLOCK_H=block_h, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+        block_n, stages = 16, 2
+    return dict(BLOCK_H=block_h, BLOCK_M=block_m, BLOCK_N=block_n, SPG=spg, num_warps=warps, num_stages=stages)

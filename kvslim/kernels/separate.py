@@ -54,8 +54,10 @@ def _separate_kernel(
     DOT_PREC: tl.constexpr,
     UPCAST: tl.constexpr,  # interpreter: its bf16/fp16 tl.dot is wrong, so dot in fp32
 ):
-    b = tl.program_id(0).to(tl.int64)
-    pid_h = tl.program_id(1)
+    # Head blocks of one sequence are neighbours in launch order, so the programs sharing
+    # a sequence's tiles (rope key, latent of several head blocks) hit them in L2.
+    pid_h = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
     kvh = pid_h // HB_PER_KV
     hb = pid_h % HB_PER_KV
@@ -181,7 +183,7 @@ def decode_separate_triton(
     else:
         o_part, lse_part = o, lse
 
-    grid = (B, num_kv_heads * hb_per_kv, num_splits)
+    grid = (num_kv_heads * hb_per_kv, B, num_splits)
     _separate_kernel[grid](
         q, cache, block_table, seq_lens, o, lse, o_part, lse_part,
         q.stride(0), q.stride(1), q.stride(2),

@@ -47,7 +47,7 @@ def _tied_kernel(
     NOPE: tl.constexpr,
     ROPE: tl.constexpr,
     DV: tl.constexpr,
-    BLOCK_DS: tl.constexpr,  # pow2 >= max(NOPE, DV): state columns read per tile
+    BLOCK_DS: tl.constexpr,  # pow2 >= (SPG-1)*STATE_DIM + max(NOPE, DV): state columns per tile
     BLOCK_R: tl.constexpr,  # pow2 >= ROPE
     PAGE: tl.constexpr,
     ROW: tl.constexpr,
@@ -55,29 +55,41 @@ def _tied_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     HB_PER_S: tl.constexpr,
+    SPG: tl.constexpr,  # state heads per program (block-diagonal trick, see below)
     NUM_SPLITS: tl.constexpr,
     DOT_PREC: tl.constexpr,
     UPCAST: tl.constexpr,  # interpreter: its bf16/fp16 tl.dot is wrong, so dot in fp32
 ):
-    b = tl.program_id(0).to(tl.int64)
-    pid_h = tl.program_id(1)
+    # Head blocks of one sequence are neighbours in launch order, so the programs sharing
+    # a sequence's tiles (rope key, latent of several head blocks) hit them in L2.
+    pid_h = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
-    sh = pid_h // HB_PER_S  # state head
+    sh0 = (pid_h // HB_PER_S) * SPG  # first state head of this program
     hb = pid_h % HB_PER_S
 
+    # Row m = (new token t, state head sh0 + u, head j of its group). With SPG > 1 a
+    # program covers SPG adjacent state heads (narrow GTA states): the tile holds all their
+    # columns, each row's query sits at its own head's offset (zeros elsewhere), so one
+    # dot computes every row's score, the rope tile is loaded once for SPG heads, and each
+    # row keeps only its own head's value columns. Costs SPG x the FLOPs, which GTA's
+    # low arithmetic intensity leaves idle anyway.
     offs_m = tl.arange(0, BLOCK_M)
-    t_q = offs_m // BLOCK_H  # [BLOCK_M] new token
+    t_q = offs_m // (SPG * BLOCK_H)  # [BLOCK_M] new token
+    u = (offs_m // BLOCK_H) % SPG  # [BLOCK_M] state head within the program
     j = hb * BLOCK_H + offs_m % BLOCK_H  # head within the state head's group
     row_ok = (t_q < Q_LEN) & (j < G)
-    head = sh * G + j
+    head = (sh0 + u) * G + j
     offs_s = tl.arange(0, BLOCK_DS)
     offs_r = tl.arange(0, BLOCK_R)
-    USED: tl.constexpr = NOPE if NOPE > DV else DV
+    USED: tl.constexpr = (SPG - 1) * STATE_DIM + (NOPE if NOPE > DV else DV)
     s_ok = offs_s < USED
+    col = offs_s[None, :] - u[:, None] * STATE_DIM  # [BLOCK_M, BLOCK_DS] column within the row's head
 
-    # The no-RoPE query is zero past NOPE, so one dot over the state tile gives q_nope.k_nope.
+    # The no-RoPE query is zero outside its head's first NOPE columns, so one dot over the
+    # state tile gives q_nope.k_nope.
     q_base = Q + b * stride_qb + t_q[:, None] * stride_qt + head[:, None] * stride_qh
-    q_n = tl.load(q_base + offs_s[None, :], mask=row_ok[:, None] & (offs_s < NOPE)[None, :], other=0.0)
+    q_n = tl.load(q_base + col, mask=row_ok[:, None] & (col >= 0) & (col < NOPE), other=0.0)
     q_r = tl.load(q_base + NOPE + offs_r[None, :], mask=row_ok[:, None] & (offs_r < ROPE)[None, :], other=0.0)
     # q_n [BLOCK_M, BLOCK_DS], q_r [BLOCK_M, BLOCK_R]
     if UPCAST:
@@ -93,7 +105,7 @@ def _tied_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DS], dtype=tl.float32)
-    s_col = sh * STATE_DIM + offs_s  # [BLOCK_DS]
+    s_col = sh0 * STATE_DIM + offs_s  # [BLOCK_DS]
     r_col = S * STATE_DIM + offs_r  # [BLOCK_R]
     bt_row = BlockTable + b * stride_bt
     for n0 in range(start, end, BLOCK_N):
@@ -126,15 +138,15 @@ def _tied_kernel(
     l_safe = tl.where(has, l_i, 1.0)
     out = acc / l_safe[:, None]  # [BLOCK_M, BLOCK_DS]
     lse = tl.where(has, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
-    out_mask = row_ok[:, None] & (offs_s < DV)[None, :]
+    out_mask = row_ok[:, None] & (col >= 0) & (col < DV)
     flat = (b * Q_LEN + t_q) * H_Q + head
     if NUM_SPLITS == 1:
-        o_ptrs = O + b * stride_ob + t_q[:, None] * stride_ot + head[:, None] * stride_oh + offs_s[None, :]
+        o_ptrs = O + b * stride_ob + t_q[:, None] * stride_ot + head[:, None] * stride_oh + col
         tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=out_mask)
         tl.store(Lse + flat, lse, mask=row_ok)
     else:
         prow = flat * NUM_SPLITS + split
-        tl.store(OPart + prow[:, None] * DV + offs_s[None, :], out, mask=out_mask)
+        tl.store(OPart + prow[:, None] * DV + col, out, mask=out_mask)
         tl.store(LsePart + prow, lse, mask=row_ok)
 
 
@@ -174,15 +186,21 @@ def decode_tied_triton(
         block_table = block_table.contiguous()
     seq_lens = seq_lens.contiguous()
     g = h_q // num_state_heads
-    block_ds = max(16, triton.next_power_of_2(max(nope_dim, v_dim)))
-    cfg = tied_config(group=g, q_len=q_len, state_block=block_ds, dtype=q.dtype)
+    used = max(nope_dim, v_dim)
+    cfg = tied_config(group=g, q_len=q_len, state_block=max(16, triton.next_power_of_2(used)),
+                      num_state_heads=num_state_heads, dtype=q.dtype)
     if config:
-        cfg.update(config)
-        cfg["BLOCK_M"] = max(16, triton.next_power_of_2(cfg["BLOCK_H"] * q_len))
+        cfg = {"SPG": 1, **cfg, **config}
+        cfg["BLOCK_M"] = max(16, triton.next_power_of_2(cfg["SPG"] * cfg["BLOCK_H"] * q_len))
+    spg = cfg["SPG"]
+    if num_state_heads % spg or (spg > 1 and cfg["BLOCK_H"] < g):
+        raise ValueError(f"SPG={spg} must divide num_state_heads={num_state_heads} and cover whole groups")
+    block_ds = max(16, triton.next_power_of_2((spg - 1) * state_dim + used))
     hb_per_s = triton.cdiv(g, cfg["BLOCK_H"])
     page_size, max_pages = cache.shape[1], block_table.shape[1]
     if num_splits is None:
-        num_splits = pick_num_splits(B * num_state_heads * hb_per_s, max_pages * page_size, num_sms(q.device))
+        num_splits = pick_num_splits(B * num_state_heads // spg * hb_per_s, max_pages * page_size,
+                                     num_sms(q.device))
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
 
@@ -197,7 +215,7 @@ def decode_tied_triton(
     else:
         o_part, lse_part = o, lse
 
-    grid = (B, num_state_heads * hb_per_s, num_splits)
+    grid = (num_state_heads // spg * hb_per_s, B, num_splits)
     _tied_kernel[grid](
         q, cache, block_table, seq_lens, o, lse, o_part, lse_part,
         q.stride(0), q.stride(1), q.stride(2),
@@ -210,7 +228,7 @@ def decode_tied_triton(
         BLOCK_DS=block_ds, BLOCK_R=max(16, triton.next_power_of_2(max(rope_dim, 1))),
         PAGE=page_size, ROW=cache.shape[2],
         BLOCK_H=cfg["BLOCK_H"], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-        HB_PER_S=hb_per_s, NUM_SPLITS=num_splits,
+        HB_PER_S=hb_per_s, SPG=spg, NUM_SPLITS=num_splits,
         DOT_PREC="ieee" if q.dtype == torch.float32 or INTERPRET else "tf32",
         UPCAST=INTERPRET and q.dtype != torch.float32,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],

@@ -1,0 +1,555 @@
+"""Decode-attention benchmark: kvslim's two Triton kernels vs peers, on one GPU.
+
+For each (variant, B, L, q_len): correctness vs a torch peer first, then the median
+time (``triton.testing.do_bench``, L2 flushed between runs), achieved TB/s and TFLOP/s,
+and their fraction of the copy bandwidth / bf16 GEMM peak measured in the same run.
+
+Bytes and FLOPs (DESIGN.md §6): bytes = KV bytes read (B·L·row_dim·2) + q + o;
+FLOPs = 2·B·q_len·h_q·L·(d_qk + d_v). Every TB/s column uses these *compressed-cache*
+bytes, also for peers that read a bigger, expanded K/V: it is then a speed, comparable
+across rows, not that peer's own memory traffic.
+
+Peers: torch SDPA (cuDNN / flash / efficient backends; GQA-native where the backend
+takes ``enable_gqa``, else on contiguous expanded K/V), the naive absorbed torch path
+for MLA/GLA/GTA (matmuls over the latent), SGLang's Triton decode kernel (loaded from
+its source file with stand-in modules; q_len = 1, page size 1, best of 4-32 splits).
+
+Usage (on the GPU):  python benchmarks/bench_decode.py --mode key|sweep|tune --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import importlib.util
+import math
+import os
+import sys
+import types
+
+import torch
+import triton
+import triton.testing
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from kvslim.kernels.separate import decode_separate_triton  # noqa: E402
+from kvslim.kernels.tied import decode_tied_triton  # noqa: E402
+from kvslim.spec import AttentionSpec  # noqa: E402
+
+DT = torch.bfloat16
+SGLANG_SRC = os.environ.get("KVSLIM_SGLANG_DECODE", ".whl/peers/sgl_decode_attention.py")
+
+
+# ---------------------------------------------------------------------------- ceilings
+def bench(fn, rep=60):
+    return triton.testing.do_bench(fn, warmup=10, rep=rep, return_mode="median") * 1e-3  # seconds
+
+
+def measure_ceilings():
+    n = 1 << 29  # 1 GiB of bf16
+    a = torch.randn(n, device="cuda", dtype=DT)
+    b = torch.empty_like(a)
+    t = bench(lambda: b.copy_(a))
+    copy_bw = 2 * a.numel() * 2 / t
+    del a, b
+    x = torch.randn(8192, 8192, device="cuda", dtype=DT)
+    y = torch.randn(8192, 8192, device="cuda", dtype=DT)
+    t = bench(lambda: x @ y)
+    return copy_bw, 2 * 8192**3 / t
+
+
+# ---------------------------------------------------------------------------- problem
+class Problem:
+    """One decode shape: a spec, batch, length, q_len, page size; paged + contiguous views."""
+
+    def __init__(self, spec: AttentionSpec, B: int, L: int, q_len: int, page: int, seed: int = 0):
+        self.spec, self.B, self.L, self.q_len, self.page = spec, B, L, q_len, page
+        torch.manual_seed(seed)
+        self.tied = spec.is_tied
+        if self.tied:
+            self.S, self.sd, self.nope, self.rope = spec.num_state_heads, spec.state_dim, spec.nope_dim, spec.rope_dim
+            self.dv = spec.state_dim
+            self.dqk = self.nope + self.rope
+            self.scale = spec.softmax_scale
+        else:
+            self.h_kv, self.d = spec.num_kv_heads, spec.head_dim
+            self.dqk = self.dv = self.d
+            self.scale = self.d**-0.5
+        self.h_q = spec.num_heads
+        self.row = spec.row_dim
+        pages_per_seq = -(-L // page)
+        n_pages = B * pages_per_seq
+        # Contiguous per-sequence storage, paged view with a shuffled block table: the pages
+        # of a sequence are scattered, as after a real allocator has run for a while.
+        self.cache = torch.randn(n_pages, page, self.row, device="cuda", dtype=DT).mul_(0.5)
+        perm = torch.randperm(n_pages, device="cuda").to(torch.int32)
+        self.block_table = perm.view(B, pages_per_seq).contiguous()
+        self.seq_lens = torch.full((B,), L, dtype=torch.int32, device="cuda")
+        self.q = torch.randn(B, q_len, self.h_q, self.dqk, device="cuda", dtype=DT)
+
+    def contiguous_rows(self):
+        """[B, L, row] rows in sequence order (what contiguous-cache peers read)."""
+        rows = self.cache[self.block_table.long()].reshape(self.B, -1, self.row)
+        return rows[:, : self.L].contiguous()
+
+    @property
+    def bytes(self):
+        return self.B * self.L * self.row * 2 + self.q.numel() * 2 + self.B * self.q_len * self.h_q * self.dv * 2
+
+    @property
+    def flops(self):
+        return 2 * self.B * self.q_len * self.h_q * self.L * (self.dqk + self.dv)
+
+    def ours(self, num_splits=None, config=None):
+        if self.tied:
+            return lambda: decode_tied_triton(
+                self.q, self.cache, self.block_table, self.seq_lens, num_state_heads=self.S, state_dim=self.sd,
+                nope_dim=self.nope, rope_dim=self.rope, v_dim=self.dv, softmax_scale=self.scale,
+                num_splits=num_splits, config=config)
+        return lambda: decode_separate_triton(
+            self.q, self.cache, self.block_table, self.seq_lens, num_kv_heads=self.h_kv, head_dim=self.d,
+            softmax_scale=self.scale, num_splits=num_splits, config=config)
+
+
+# ---------------------------------------------------------------------------- peers
+def sdpa_peers(p: Problem):
+    """{name: fn} for torch SDPA backends on contiguous K/V (tied kinds: K materialised)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    rows = p.contiguous_rows()
+    if p.tied:
+        st = rows[..., : p.S * p.sd].view(p.B, p.L, p.S, p.sd)
+        kr = rows[..., p.S * p.sd :][:, :, None, :].expand(p.B, p.L, p.S, p.rope)
+        k = torch.cat([st[..., : p.nope], kr], -1).transpose(1, 2).contiguous()  # [B, S, L, dqk]
+        v = st[..., : p.dv].transpose(1, 2).contiguous()
+        n_kv = p.S
+    else:
+        kd = p.h_kv * p.d
+        k = rows[..., :kd].view(p.B, p.L, p.h_kv, p.d).transpose(1, 2).contiguous()
+        v = rows[..., kd:].view(p.B, p.L, p.h_kv, p.d).transpose(1, 2).contiguous()
+        n_kv = p.h_kv
+    del rows
+    q = p.q.transpose(1, 2).contiguous()  # [B, h_q, q_len, d]
+    g = p.h_q // n_kv
+    out = {}
+    if max(p.dqk, p.dv) > 256:
+        return out, "head dim > 256: no fused SDPA backend"
+    expanded = {}
+
+    def get_expanded():
+        if not expanded:
+            expanded["k"] = k.repeat_interleave(g, 1)
+            expanded["v"] = v.repeat_interleave(g, 1)
+        return expanded["k"], expanded["v"]
+
+    F = torch.nn.functional.scaled_dot_product_attention
+    for name, be in (("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa-flash", SDPBackend.FLASH_ATTENTION),
+                     ("sdpa-efficient", SDPBackend.EFFICIENT_ATTENTION)):
+        for mode in ("gqa", "expanded"):
+            try:
+                if mode == "gqa":
+                    kk, vv, kw = k, v, dict(enable_gqa=g > 1)
+                else:
+                    if g == 1:
+                        continue
+                    kk, vv = get_expanded()
+                    kw = {}
+
+                def fn(kk=kk, vv=vv, kw=kw, be=be):
+                    with sdpa_kernel(be):
+                        return F(q, kk, vv, scale=p.scale, **kw)
+
+                fn()
+                torch.cuda.synchronize()
+                out[f"{name}({mode})"] = fn
+                break
+            except Exception as e:  # backend refuses this shape / dtype / GQA
+                err = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
+                out.setdefault("_errors", []).append(f"{name}({mode}) {err}")
+    return out, None
+
+
+def naive_absorbed(p: Problem):
+    """Naive absorbed torch path: bf16 matmuls over the (latent) state, fp32 softmax."""
+    rows = p.contiguous_rows()
+    st = rows[..., : p.S * p.sd].view(p.B, p.L, p.S, p.sd).transpose(1, 2)  # [B, S, L, sd]
+    kr = rows[..., p.S * p.sd :]  # [B, L, rope]
+    g = p.h_q // p.S
+    # q [B, q_len, h_q, dqk] -> [B, S, g*q_len, dqk]
+    q = p.q.view(p.B, p.q_len, p.S, g, p.dqk).permute(0, 2, 1, 3, 4).reshape(p.B, p.S, p.q_len * g, p.dqk)
+    qn, qr = q[..., : p.nope].contiguous(), q[..., p.nope :].contiguous()
+    kn = st[..., : p.nope]
+    vv = st[..., : p.dv]
+
+    def fn():
+        s = torch.matmul(qn, kn.transpose(-1, -2))
+        s = s + torch.matmul(qr, kr[:, None].transpose(-1, -2))
+        pr = torch.softmax(s.float() * p.scale, -1).to(DT)
+        return torch.matmul(pr, vv)  # [B, S, q_len*g, dv]
+
+    return fn
+
+
+_SGL = None
+
+
+def load_sglang():
+    """SGLang's decode_attention.py from its source file, with stand-ins for its imports."""
+    global _SGL
+    if _SGL is not None:
+        return _SGL
+    if not os.path.exists(SGLANG_SRC):
+        raise FileNotFoundError(f"{SGLANG_SRC} not found (unzip sglang's wheel there)")
+    for name in ("sglang", "sglang.srt"):
+        sys.modules.setdefault(name, types.ModuleType(name))
+    utils = types.ModuleType("sglang.srt.utils")
+    utils.is_hip = lambda: False
+    utils.get_device_core_count = lambda *a: torch.cuda.get_device_properties(0).multi_processor_count
+    sys.modules["sglang.srt.utils"] = utils
+    envs = types.ModuleType("sglang.srt.environ")
+    envs.envs = types.SimpleNamespace()
+    sys.modules["sglang.srt.environ"] = envs
+    spec = importlib.util.spec_from_file_location("sgl_decode_attention", SGLANG_SRC)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    _SGL = mod
+    return mod
+
+
+def sglang_peer(p: Problem):
+    """SGLang Triton decode (page size 1 token pool). Returns (fn best of splits, splits) or error."""
+    if p.q_len != 1:
+        return None, "q_len > 1 not supported by its decode kernel"
+    if p.tied and p.S != 1:
+        return None, "GTA/GLA rows (shared rope key after S state heads) not expressible"
+    mod = load_sglang()
+    n_tok = p.B * p.L
+    if p.tied:
+        buf = torch.randn(n_tok, 1, p.row, device="cuda", dtype=DT).mul_(0.5)
+        kbuf, vbuf = buf, buf[..., : p.dv]
+    else:
+        buf = torch.randn(n_tok, 2 * p.h_kv, p.d, device="cuda", dtype=DT).mul_(0.5)
+        kbuf, vbuf = buf[:, : p.h_kv], buf[:, p.h_kv :]
+    kv_indices = torch.randperm(n_tok, device="cuda").to(torch.int32)
+    kv_indptr = torch.arange(0, n_tok + 1, p.L, device="cuda", dtype=torch.int32)
+    q = p.q[:, 0].contiguous()
+    o = torch.empty(p.B, p.h_q, p.dv, device="cuda", dtype=DT)
+    best = None
+    for splits in (4, 8, 16, 32):
+        logits = torch.empty(p.B, p.h_q, splits, p.dv, device="cuda", dtype=torch.float32)
+        lse = torch.empty(p.B, p.h_q, splits, device="cuda", dtype=torch.float32)
+        nsp = torch.full((p.B,), splits, device="cuda", dtype=torch.int32)
+
+        def fn(logits=logits, lse=lse, nsp=nsp, splits=splits):
+            mod.decode_attention_fwd(q, kbuf, vbuf, o, kv_indptr, kv_indices, logits, lse, nsp, splits,
+                                     p.scale, 1.0, 1.0)
+            return o
+
+        t = bench(fn, rep=40)
+        if best is None or t < best[0]:
+            best = (t, fn, splits)
+    return best, None
+
+
+# ---------------------------------------------------------------------------- runs
+def spec_for(name: str, h_q: int) -> AttentionSpec:
+    return AttentionSpec.preset(name, num_heads=h_q, head_dim=128)
+
+
+def check(p: Problem, o) -> str:
+    """Our output vs the fp32 torch oracle on the first two sequences (cheap, independent)."""
+    from kvslim.kernels.reference import decode_separate_ref, decode_tied_ref
+
+    n = min(2, p.B)
+    args = (p.q[:n].float(), p.cache, p.block_table[:n], p.seq_lens[:n])
+    if p.tied:
+        ref, _ = decode_tied_ref(*args, num_state_heads=p.S, state_dim=p.sd, nope_dim=p.nope, rope_dim=p.rope,
+                                 v_dim=p.dv, softmax_scale=p.scale)
+    else:
+        ref, _ = decode_separate_ref(*args, num_kv_heads=p.h_kv, head_dim=p.d, softmax_scale=p.scale)
+    err = ((o[:n].float() - ref.float()).norm() / ref.float().norm()).item()
+    return f"{err:.1e}" + ("" if err < 2e-2 else " FAIL")
+
+
+def row(kernel, p, t, copy_bw, gemm, note=""):
+    tbs = p.bytes / t / 1e12
+    tfl = p.flops / t / 1e12
+    return dict(variant=p.spec.name, h_q=p.h_q, B=p.B, L=p.L, q_len=p.q_len, page=p.page, kernel=kernel,
+                us=round(t * 1e6, 1), TBps=round(tbs, 3), TFLOPs=round(tfl, 1),
+                pct_copy=round(100 * tbs * 1e12 / copy_bw, 1), pct_gemm=round(100 * tfl * 1e12 / gemm, 1),
+                note=note)
+
+
+def run_shape(name, h_q, B, L, q_len, page, copy_bw, gemm, peers=True, results=None, log=print):
+    spec = spec_for(name, h_q)
+    p = Problem(spec, B, L, q_len, page)
+    fn = p.ours()
+    o, _ = fn()
+    ok = check(p, o)
+    t = bench(fn)
+    out = [row("kvslim", p, t, copy_bw, gemm, f"err {ok}")]
+    if peers:
+        if p.tied:
+            try:
+                out.append(row("torch-absorbed", p, bench(naive_absorbed(p)), copy_bw, gemm))
+            except torch.cuda.OutOfMemoryError:
+                out.append(row("torch-absorbed", p, float("nan"), copy_bw, gemm, "OOM"))
+        sd, why = sdpa_peers(p)
+        for k, f in sd.items():
+            if k != "_errors":
+                out.append(row(k, p, bench(f), copy_bw, gemm))
+        if why:
+            log(f"  sdpa: {why}")
+        for e in sd.get("_errors", []):
+            log(f"  sdpa refused: {e}")
+        del sd
+        try:
+            best, why = sglang_peer(p)
+            if best is not None:
+                out.append(row("sglang-triton", p, best[0], copy_bw, gemm, f"page 1, {best[2]} splits"))
+            else:
+                log(f"  sglang: {why}")
+        except Exception as e:
+            log(f"  sglang failed: {type(e).__name__}: {e}")
+    for r in out:
+        log("  " + " ".join(f"{k}={v}" for k, v in r.items()))
+    if results is not None:
+        results.extend(out)
+    del p
+    torch.cuda.empty_cache()
+    return out
+
+
+KEY_SHAPES = [
+    # (variant, h_q, B, L, q_len, page)
+    ("gqa-8", 32, 64, 8192, 1, 64), ("gqa-8", 32, 64, 8192, 1, 16), ("gqa-8", 32, 64, 8192, 1, 1),
+    ("gqa-4", 32, 64, 8192, 1, 64),
+    ("gta-8", 32, 64, 8192, 1, 64), ("gta-4", 32, 64, 8192, 1, 64),
+    ("mla", 16, 64, 8192, 1, 64), ("mla", 16, 64, 8192, 1, 1), ("mla", 16, 64, 8192, 2, 64),
+    ("mla", 16, 64, 8192, 4, 64),
+    ("mla", 128, 64, 8192, 1, 64), ("mla", 128, 64, 8192, 2, 64), ("mla", 128, 64, 8192, 4, 64),
+    ("gla-2", 128, 64, 8192, 1, 64), ("gla-2", 128, 64, 8192, 2, 64),
+    ("gla-4", 128, 64, 8192, 1, 64), ("gla-8", 128, 64, 8192, 1, 64),
+    ("gla-2", 32, 64, 8192, 1, 64),
+]
+
+
+def sweep_shapes():
+    out = []
+    for name, h_q in (("gqa-8", 32), ("gta-8", 32), ("mla", 16), ("gla-2", 32)):
+        for B in (1, 8, 64, 128):
+            for L in (1024, 8192, 32768):
+                for q_len in (1, 2, 4):
+                    if q_len > 1 and (L != 8192 or B not in (8, 64)):
+                        continue
+                    out.append((name, h_q, B, L, q_len, 64))
+    return out
+
+
+def tune(copy_bw, gemm, log=print):
+    """Config sweep for our kernels at the key shapes (used to pick heuristics.py's numbers)."""
+    def cfgs(hs, ns, ws, ss):
+        return [dict(BLOCK_H=h, BLOCK_N=n, num_warps=w, num_stages=s) for h in hs for n in ns for w in ws for s in ss]
+
+    grid = [
+        # (variant, h_q, q_len, page, configs, splits)
+        ("gta-8", 32, 1, 64, [dict(c, SPG=g) for g in (1, 2, 4) for c in cfgs([4], [64], [2, 4], [2, 3])],
+         [None, 1, 2]),
+        ("gta-4", 32, 1, 64, [dict(c, SPG=g) for g in (1, 2) for c in cfgs([8], [64], [2, 4], [2])], [None, 1, 2]),
+        ("gqa-4", 32, 1, 64, cfgs([8], [32, 64], [4], [3, 4]), [None, 1, 2]),
+        ("mla", 16, 1, 64, cfgs([16], [32, 64], [4], [2, 3]), [None, 4, 8]),
+    ]
+    for name, h_q, q_len, page, cfg_list, split_list in grid:
+        p = Problem(spec_for(name, h_q), 64, 8192, q_len, page)
+        res = []
+        for cfg in cfg_list:
+            for splits in split_list:
+                try:
+                    t = bench(p.ours(num_splits=splits, config=cfg), rep=25)
+                except Exception as e:  # out of resources
+                    log(f"  {name} {cfg} failed: {type(e).__name__}")
+                    break
+                res.append((t, cfg, splits))
+        res.sort(key=lambda x: x[0])
+        for t, cfg, splits in res[:4] + res[-1:]:
+            log(f"TUNE {name} h_q={h_q} q_len={q_len} page={page} {t * 1e6:.1f}us {p.bytes / t / 1e12:.2f}TB/s "
+                f"{p.flops / t / 1e12:.0f}TF splits={splits} {cfg}")
+        del p
+        torch.cuda.empty_cache()
+
+
+def write_results(results, out_dir, meta):
+    os.makedirs(out_dir, exist_ok=True)
+    stamp = meta["date"]
+    with open(os.path.join(out_dir, "decode.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(results[0].keys()))
+        w.writeheader()
+        w.writerows(results)
+    cols = ["variant", "h_q", "B", "L", "q_len", "page", "kernel", "us", "TBps", "TFLOPs", "pct_copy", "pct_gemm",
+            "note"]
+    lines = [f"# Decode attention benchmark ({stamp})", "",
+             f"GPU: {meta['gpu']}; torch {meta['torch']}; triton {meta['triton']}; bf16.",
+             f"Measured in this run: copy bandwidth {meta['copy_bw'] / 1e12:.2f} TB/s (read + write), "
+             f"bf16 GEMM {meta['gemm'] / 1e12:.0f} TFLOP/s (8192^3).", "",
+             "TB/s counts the compressed cache's bytes (B*L*row*2 + q + o) for every kernel, so it is a speed "
+             "comparable across rows; FLOPs = 2*B*q_len*h_q*L*(d_qk + d_v).", "",
+             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in results:
+        lines.append("| " + " | ".join(str(r[c]) for c in cols) + " |")
+    lines += ["", *targets(results), "", *meta.get("notes", [])]
+    with open(os.path.join(out_dir, "decode.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    plot(results, out_dir, meta)
+
+
+def targets(results):
+    """Issue-4 targets, as ratios taken from this run's rows (B=64, L=8192, page 64)."""
+    def t(variant, h_q, q_len=1, kernel="kvslim", page=64):
+        rs = [r for r in results if (r["variant"], r["h_q"], r["q_len"], r["kernel"], r["page"], r["B"], r["L"])
+              == (variant, h_q, q_len, kernel, page, 64, 8192)]
+        return rs[0] if rs else None
+
+    out = ["## Targets (B=64, L=8192, page 64 unless said)", ""]
+    g8 = t("gqa-8", 32)
+    sdpa = [r for r in results if r["variant"] == "gqa-8" and r["h_q"] == 32 and r["q_len"] == 1 and r["page"] == 64
+            and r["B"] == 64 and r["L"] == 8192 and r["kernel"].startswith("sdpa")]
+    if g8 and sdpa:
+        best = min(sdpa, key=lambda r: r["us"])
+        out.append(f"- separate-KV GQA-8 h_q=32: {g8['us']} us = {g8['pct_copy']}% of copy bw; best SDPA "
+                   f"{best['kernel']} {best['us']} us -> ours/SDPA time = {g8['us'] / best['us']:.3f} "
+                   f"(target <= 1, >= 90% copy)")
+    gt8 = t("gta-8", 32)
+    if g8 and gt8:
+        out.append(f"- GTA-8 / GQA-8 time = {gt8['us']} / {g8['us']} = {gt8['us'] / g8['us']:.3f} (target <= 0.55; "
+                   f"bytes ratio 1088/2048 = 0.531)")
+    for v, h in (("mla", 16), ("gla-2", 32), ("gla-4", 128), ("gla-8", 128), ("mla", 128), ("gla-2", 128)):
+        r = t(v, h)
+        if r:
+            out.append(f"- {v} h_q={h} q_len=1: {r['pct_copy']}% of copy bw, {r['pct_gemm']}% of GEMM "
+                       f"(target >= 85% copy)")
+    for v, h, q in (("mla", 128, 2), ("mla", 128, 4), ("gla-2", 128, 2), ("mla", 16, 2), ("mla", 16, 4)):
+        r = t(v, h, q)
+        if r:
+            out.append(f"- {v} h_q={h} q_len={q}: {r['TFLOPs']} TFLOP/s = {r['pct_gemm']}% of GEMM (target >= 50%)")
+    for r in [r for r in results if r["kernel"] == "kvslim" and r["variant"][:3] in ("mla", "gla", "gta")]:
+        n = [x for x in results if x["kernel"] == "torch-absorbed" and all(x[k] == r[k] for k in
+             ("variant", "h_q", "B", "L", "q_len", "page"))]
+        if n:
+            out.append(f"- {r['variant']} h_q={r['h_q']} q_len={r['q_len']}: {n[0]['us'] / r['us']:.1f}x the naive "
+                       "torch absorbed path (target >= 3x)")
+    for r in [r for r in results if r["kernel"] == "sglang-triton"]:
+        o = [x for x in results if x["kernel"] == "kvslim" and all(x[k] == r[k] for k in
+             ("variant", "h_q", "B", "L", "q_len", "page"))]
+        if o:
+            out.append(f"- vs SGLang Triton, {r['variant']} h_q={r['h_q']} page={r['page']}: SGLang/ours time = "
+                       f"{r['us'] / o[0]['us']:.2f} (target > 1)")
+    m, g = t("mla", 128), t("gla-2", 128)
+    if m and g:
+        out.append(f"- GLA-2 vs MLA at h_q=128, q_len=1: {g['us']} us vs {m['us']} us (target GLA-2 <= MLA)")
+    return out
+
+
+def plot(results, out_dir, meta):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key = [r for r in results if r["B"] == 64 and r["L"] == 8192 and r["page"] in (64, 1)]
+    shapes = []
+    for r in key:
+        s = (r["variant"], r["h_q"], r["q_len"])
+        if s not in shapes:
+            shapes.append(s)
+    kernels = sorted({r["kernel"] for r in key}, key=lambda k: (k != "kvslim", k))
+    fig, ax = plt.subplots(figsize=(max(8, len(shapes) * 0.9), 4.5))
+    w = 0.8 / max(1, len(kernels))
+    for i, k in enumerate(kernels):
+        xs, ys = [], []
+        for j, s in enumerate(shapes):
+            rs = [r for r in key if (r["variant"], r["h_q"], r["q_len"]) == s and r["kernel"] == k]
+            if rs:
+                xs.append(j + i * w)
+                ys.append(min(r["us"] for r in rs))
+        ax.bar(xs, ys, w, label=k)
+    ax.set_xticks([j + 0.4 - w / 2 for j in range(len(shapes))])
+    ax.set_xticklabels([f"{v}\nh_q={h}\nq={q}" for v, h, q in shapes], fontsize=7)
+    ax.set_ylabel("time (µs), lower is better")
+    ax.set_yscale("log")
+    ax.set_title(f"decode B=64 L=8192 bf16 — {meta['gpu']} ({meta['date']})")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "decode_key.png"), dpi=120)
+    plt.close(fig)
+
+    ours = [r for r in results if r["kernel"] == "kvslim" and r["q_len"] == 1 and r["page"] == 64]
+    if ours:
+        fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+        for v in sorted({(r["variant"], r["h_q"]) for r in ours}):
+            for B in (1, 8, 64, 128):
+                rs = sorted([r for r in ours if (r["variant"], r["h_q"]) == v and r["B"] == B], key=lambda r: r["L"])
+                if len(rs) > 1:
+                    ax[0].plot([r["L"] for r in rs], [r["pct_copy"] for r in rs], marker="o",
+                               label=f"{v[0]} h_q={v[1]} B={B}")
+        ax[0].set_xscale("log", base=2)
+        ax[0].set_xlabel("L")
+        ax[0].set_ylabel("% of measured copy bandwidth")
+        ax[0].legend(fontsize=5, ncol=2)
+        mla = [r for r in results if r["kernel"] == "kvslim" and r["h_q"] == 128 and r["L"] == 8192 and r["B"] == 64]
+        for v in sorted({r["variant"] for r in mla}):
+            rs = sorted([r for r in mla if r["variant"] == v], key=lambda r: r["q_len"])
+            ax[1].plot([r["q_len"] for r in rs], [r["pct_gemm"] for r in rs], marker="o", label=v)
+        ax[1].set_xlabel("q_len (h_q = 128, B = 64, L = 8192)")
+        ax[1].set_ylabel("% of measured bf16 GEMM peak")
+        ax[1].legend(fontsize=7)
+        fig.suptitle(f"kvslim decode kernels — {meta['gpu']} ({meta['date']})")
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, "decode_sweep.png"), dpi=120)
+        plt.close(fig)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mode", choices=("key", "sweep", "tune", "all"), default="key")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    ap.add_argument("--no-peers", action="store_true")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_decode.py needs a CUDA GPU")
+    copy_bw, gemm = measure_ceilings()
+    meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                copy_bw=copy_bw, gemm=gemm)
+    print(f"# {meta['gpu']} torch {meta['torch']} triton {meta['triton']}: copy {copy_bw / 1e12:.2f} TB/s, "
+          f"GEMM {gemm / 1e12:.0f} TFLOP/s", flush=True)
+    logs = []
+
+    def log(s):
+        print(s, flush=True)
+        logs.append(s)
+
+    if args.mode in ("tune",):
+        tune(copy_bw, gemm, log)
+        return
+    results = []
+    shapes = []
+    if args.mode in ("key", "all"):
+        shapes += [(s, True) for s in KEY_SHAPES]
+    if args.mode in ("sweep", "all"):
+        shapes += [(s, False) for s in sweep_shapes() if s not in KEY_SHAPES]
+    for (name, h_q, B, L, q_len, page), with_peers in shapes:
+        log(f"{name} h_q={h_q} B={B} L={L} q_len={q_len} page={page}")
+        try:
+            run_shape(name, h_q, B, L, q_len, page, copy_bw, gemm, peers=with_peers and not args.no_peers,
+                      results=results, log=log)
+        except torch.cuda.OutOfMemoryError:
+            log("  OOM")
+            torch.cuda.empty_cache()
+    meta["notes"] = ["Notes from the run:", "", *[f"    {s}" for s in logs if "refused" in s or "sglang" in s]]
+    write_results(results, args.out, meta)
+
+
+if __name__ == "__main__":
+    main()
