@@ -3,7 +3,7 @@
 For each attention variant: a random-weight model of one shape (default ``1b``), an
 engine whose KV pool fills the same memory (so smaller bytes/token => more pages), a
 live server on 127.0.0.1, and the load generator of ``kvslim bench serve`` at each
-concurrency. First a correctness gate: on the same device, the engine (CUDA graphs on)
+concurrency (the server in its own process, the load from this one). First a correctness gate: on the same device, the engine (CUDA graphs on)
 must produce the greedy tokens of ``model.generate`` (fp32 ``tiny`` models).
 
     python benchmarks/bench_serve.py --variants gqa-4,gta-4,mla,gla-2 --concurrency 16,64 \
@@ -15,9 +15,13 @@ Prints a markdown table and writes it with a PNG under ``benchmarks/results/``.
 from __future__ import annotations
 
 import argparse
-import gc
+import http.client
 import json
 import os
+import signal
+import subprocess
+import sys
+import tempfile
 import time
 
 import torch
@@ -25,8 +29,17 @@ import torch
 from kvslim.engine.allocator import page_bytes
 from kvslim.engine.bench import run_bench
 from kvslim.engine.engine import LLMEngine, SamplingParams
-from kvslim.engine.server import start_server
-from kvslim.engine.source import ModelSource, random_model
+from kvslim.engine.source import SHAPES, random_model
+from kvslim.spec import AttentionSpec
+
+
+def _metrics(url: str) -> dict:
+    host, port = url.rsplit("/", 1)[-1].split(":")
+    c = http.client.HTTPConnection(host, int(port), timeout=30)
+    c.request("GET", "/metrics")
+    text = c.getresponse().read().decode()
+    c.close()
+    return dict(line.split() for line in text.splitlines() if line and not line.startswith("#"))
 
 
 def check_exact(device: str, variants: list[str]) -> list[str]:
@@ -69,32 +82,44 @@ def main() -> None:
         print(line, flush=True)
     rows = []
     for v in variants:
-        src = ModelSource(preset=v, shape=args.shape, dtype=args.dtype, max_len=args.input_len + args.output_len + 64)
+        sh = SHAPES[args.shape]
+        spec = AttentionSpec.preset(v, num_heads=sh["heads"], head_dim=sh["head_dim"], hidden_size=sh["hidden"])
+        bpt = page_bytes(spec, 1, 1, getattr(torch, args.dtype))
         t0 = time.perf_counter()
-        model = src.build(device)
-        eng = LLMEngine(model, kv_memory=int(args.kv_memory * 2**30), page_size=args.page_size,
-                        max_batch=args.max_batch, max_num_batched_tokens=max(512, args.input_len),
-                        cuda_graphs=False if args.no_cuda_graphs else None)
-        setup = time.perf_counter() - t0
-        spec = model.config.attention
-        bpt = page_bytes(spec, 1, 1, model.model.embed_tokens.weight.dtype)
-        srv = start_server(eng, None, model_name=v)
-        try:
-            for c in concs:
-                s = run_bench(srv.url, num_requests=args.num_requests, concurrency=c, input_len=args.input_len,
-                              output_len=args.output_len, progress=False)
-                rows.append(dict(variant=v, bytes_per_token_layer=bpt, pages=eng.allocator.num_usable,
-                                 concurrency=c, completed=s["completed"], tok_s=s["output_throughput"],
-                                 ttft_p50=s["ttft_s"]["p50"], ttft_p99=s["ttft_s"]["p99"],
-                                 itl_p50=s["itl_s"]["p50"], itl_p99=s["itl_s"]["p99"], e2e_p50=s["e2e_s"]["p50"],
-                                 preemptions=eng.stats()["preemptions"], setup_s=setup))
-                print(json.dumps(rows[-1]), flush=True)
-        finally:
-            srv.shutdown()
-            del model, eng, srv
-            gc.collect()
-            if device == "cuda":
-                torch.cuda.empty_cache()
+        # the server runs in its own process so the load generator does not share its GIL
+        with tempfile.TemporaryDirectory() as tmp:
+            pf = os.path.join(tmp, "port")
+            cmd = [sys.executable, "-m", "kvslim", "serve", "--random-model", v, "--model-shape", args.shape,
+                   "--dtype", args.dtype, "--kv-memory", str(args.kv_memory), "--page-size", str(args.page_size),
+                   "--max-batch", str(args.max_batch), "--max-num-batched-tokens", str(max(512, args.input_len)),
+                   "--max-model-len", str(args.input_len + args.output_len + 64), "--port", "0",
+                   "--port-file", pf] + (["--no-cuda-graphs"] if args.no_cuda_graphs else [])
+            proc = subprocess.Popen(cmd, env=dict(os.environ, NCCL_NVLS_ENABLE="0"))
+            try:
+                while not os.path.exists(pf):
+                    if proc.poll() is not None or time.perf_counter() - t0 > 600:
+                        raise RuntimeError(f"server for {v} did not start")
+                    time.sleep(0.2)
+                with open(pf) as f:
+                    url = f"http://127.0.0.1:{int(f.read())}"
+                setup = time.perf_counter() - t0
+                for c in concs:
+                    s = run_bench(url, num_requests=args.num_requests, concurrency=c, input_len=args.input_len,
+                                  output_len=args.output_len, progress=False)
+                    m = _metrics(url)
+                    rows.append(dict(variant=v, bytes_per_token_layer=bpt, pages=int(m["kvslim_kv_pages_total"]),
+                                     concurrency=c, completed=s["completed"], tok_s=s["output_throughput"],
+                                     ttft_p50=s["ttft_s"]["p50"], ttft_p99=s["ttft_s"]["p99"],
+                                     itl_p50=s["itl_s"]["p50"], itl_p99=s["itl_s"]["p99"],
+                                     e2e_p50=s["e2e_s"]["p50"], preemptions=int(m["kvslim_preemptions_total"]),
+                                     setup_s=setup, errors=s["errors"][:2]))
+                    print(json.dumps(rows[-1]), flush=True)
+            finally:
+                proc.send_signal(signal.SIGINT)
+                try:
+                    proc.wait(60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
     head = (f"# serving benchmark — {name}, shape {args.shape} {args.dtype}, KV pool {args.kv_memory} GiB, "
             f"{args.num_requests} requests, input {args.input_len}, output {args.output_len}\n\n"
             + "\n".join(f"- {n}" for n in notes) + "\n\n")

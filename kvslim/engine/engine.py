@@ -132,7 +132,7 @@ class LLMEngine:
         touched: list[Sequence] = []
         if plan.decode:
             seqs = plan.decode
-            toks = [s.tokens[-1] for s in seqs]
+            toks = [s.output[-1] if s.output else s.prompt[-1] for s in seqs]
             starts = [s.num_computed for s in seqs]
             pages = [s.pages for s in seqs]
             if self.tp is not None:

@@ -19,7 +19,9 @@ import sys
 import tempfile
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
+
+from kvslim.engine.server import HTTPServer
 
 
 class Router:
@@ -29,8 +31,7 @@ class Router:
         self.lock = threading.Lock()
         self._rr = itertools.count()
         handler = type("Handler", (_RouterHandler,), {"app": self})
-        self.httpd = ThreadingHTTPServer((host, port), handler)
-        self.httpd.daemon_threads = True
+        self.httpd = HTTPServer((host, port), handler)
         self.host, self.port = self.httpd.server_address[:2]
 
     def pick(self) -> int:

@@ -37,6 +37,17 @@ class BadRequest(ValueError):
     pass
 
 
+class HTTPServer(ThreadingHTTPServer):
+    """ThreadingHTTPServer with a listen backlog for many simultaneous clients.
+
+    The default backlog of 5 makes bursts of connections wait for SYN retransmits
+    (seconds of extra TTFT) or get reset.
+    """
+
+    request_queue_size = 1024
+    daemon_threads = True
+
+
 def _field(body: dict, name: str, types, default=None):
     v = body.get(name, default)
     if v is None:
@@ -141,8 +152,7 @@ class Server:
         self.request_timeout = request_timeout
         self.metrics = Metrics()
         handler = type("Handler", (_Handler,), {"app": self})
-        self.httpd = ThreadingHTTPServer((host, port), handler)
-        self.httpd.daemon_threads = True
+        self.httpd = HTTPServer((host, port), handler)
         self.host, self.port = self.httpd.server_address[:2]
         self.thread: threading.Thread | None = None
 
