@@ -23,7 +23,6 @@ import argparse
 import csv
 import datetime
 import importlib.util
-import math
 import os
 import sys
 import types
@@ -49,11 +48,11 @@ def bench(fn, rep=60):
 
 def measure_ceilings():
     n = 1 << 29  # 1 GiB of bf16
-    a = torch.randn(n, device="cuda", dtype=DT)
-    b = torch.empty_like(a)
-    t = bench(lambda: b.copy_(a))
-    copy_bw = 2 * a.numel() * 2 / t
-    del a, b
+    src = torch.randn(n, device="cuda", dtype=DT)
+    dst = torch.empty_like(src)
+    t = bench(lambda: dst.copy_(src))
+    copy_bw = 2 * src.numel() * 2 / t
+    src = dst = None
     x = torch.randn(8192, 8192, device="cuda", dtype=DT)
     y = torch.randn(8192, 8192, device="cuda", dtype=DT)
     t = bench(lambda: x @ y)
@@ -69,7 +68,12 @@ class Problem:
         torch.manual_seed(seed)
         self.tied = spec.is_tied
         if self.tied:
-            self.S, self.sd, self.nope, self.rope = spec.num_state_heads, spec.state_dim, spec.nope_dim, spec.rope_dim
+            self.S, self.sd, self.nope, self.rope = (
+                spec.num_state_heads,
+                spec.state_dim,
+                spec.nope_dim,
+                spec.rope_dim,
+            )
             self.dv = spec.state_dim
             self.dqk = self.nope + self.rope
             self.scale = spec.softmax_scale
@@ -96,7 +100,9 @@ class Problem:
 
     @property
     def bytes(self):
-        return self.B * self.L * self.row * 2 + self.q.numel() * 2 + self.B * self.q_len * self.h_q * self.dv * 2
+        return (
+            self.B * self.L * self.row * 2 + self.q.numel() * 2 + self.B * self.q_len * self.h_q * self.dv * 2
+        )
 
     @property
     def flops(self):
@@ -105,12 +111,30 @@ class Problem:
     def ours(self, num_splits=None, config=None):
         if self.tied:
             return lambda: decode_tied_triton(
-                self.q, self.cache, self.block_table, self.seq_lens, num_state_heads=self.S, state_dim=self.sd,
-                nope_dim=self.nope, rope_dim=self.rope, v_dim=self.dv, softmax_scale=self.scale,
-                num_splits=num_splits, config=config)
+                self.q,
+                self.cache,
+                self.block_table,
+                self.seq_lens,
+                num_state_heads=self.S,
+                state_dim=self.sd,
+                nope_dim=self.nope,
+                rope_dim=self.rope,
+                v_dim=self.dv,
+                softmax_scale=self.scale,
+                num_splits=num_splits,
+                config=config,
+            )
         return lambda: decode_separate_triton(
-            self.q, self.cache, self.block_table, self.seq_lens, num_kv_heads=self.h_kv, head_dim=self.d,
-            softmax_scale=self.scale, num_splits=num_splits, config=config)
+            self.q,
+            self.cache,
+            self.block_table,
+            self.seq_lens,
+            num_kv_heads=self.h_kv,
+            head_dim=self.d,
+            softmax_scale=self.scale,
+            num_splits=num_splits,
+            config=config,
+        )
 
 
 # ---------------------------------------------------------------------------- peers
@@ -145,8 +169,11 @@ def sdpa_peers(p: Problem):
         return expanded["k"], expanded["v"]
 
     F = torch.nn.functional.scaled_dot_product_attention
-    for name, be in (("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa-flash", SDPBackend.FLASH_ATTENTION),
-                     ("sdpa-efficient", SDPBackend.EFFICIENT_ATTENTION)):
+    for name, be in (
+        ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION),
+        ("sdpa-flash", SDPBackend.FLASH_ATTENTION),
+        ("sdpa-efficient", SDPBackend.EFFICIENT_ATTENTION),
+    ):
         for mode in ("gqa", "expanded"):
             try:
                 if mode == "gqa":
@@ -243,8 +270,9 @@ def sglang_peer(p: Problem):
         nsp = torch.full((p.B,), splits, device="cuda", dtype=torch.int32)
 
         def fn(logits=logits, lse=lse, nsp=nsp, splits=splits):
-            mod.decode_attention_fwd(q, kbuf, vbuf, o, kv_indptr, kv_indices, logits, lse, nsp, splits,
-                                     p.scale, 1.0, 1.0)
+            mod.decode_attention_fwd(
+                q, kbuf, vbuf, o, kv_indptr, kv_indices, logits, lse, nsp, splits, p.scale, 1.0, 1.0
+            )
             return o
 
         t = bench(fn, rep=40)
@@ -265,8 +293,15 @@ def check(p: Problem, o) -> str:
     n = min(2, p.B)
     args = (p.q[:n].float(), p.cache, p.block_table[:n], p.seq_lens[:n])
     if p.tied:
-        ref, _ = decode_tied_ref(*args, num_state_heads=p.S, state_dim=p.sd, nope_dim=p.nope, rope_dim=p.rope,
-                                 v_dim=p.dv, softmax_scale=p.scale)
+        ref, _ = decode_tied_ref(
+            *args,
+            num_state_heads=p.S,
+            state_dim=p.sd,
+            nope_dim=p.nope,
+            rope_dim=p.rope,
+            v_dim=p.dv,
+            softmax_scale=p.scale,
+        )
     else:
         ref, _ = decode_separate_ref(*args, num_kv_heads=p.h_kv, head_dim=p.d, softmax_scale=p.scale)
     err = ((o[:n].float() - ref.float()).norm() / ref.float().norm()).item()
@@ -276,10 +311,21 @@ def check(p: Problem, o) -> str:
 def row(kernel, p, t, copy_bw, gemm, note=""):
     tbs = p.bytes / t / 1e12
     tfl = p.flops / t / 1e12
-    return dict(variant=p.spec.name, h_q=p.h_q, B=p.B, L=p.L, q_len=p.q_len, page=p.page, kernel=kernel,
-                us=round(t * 1e6, 1), TBps=round(tbs, 3), TFLOPs=round(tfl, 1),
-                pct_copy=round(100 * tbs * 1e12 / copy_bw, 1), pct_gemm=round(100 * tfl * 1e12 / gemm, 1),
-                note=note)
+    return dict(
+        variant=p.spec.name,
+        h_q=p.h_q,
+        B=p.B,
+        L=p.L,
+        q_len=p.q_len,
+        page=p.page,
+        kernel=kernel,
+        us=round(t * 1e6, 1),
+        TBps=round(tbs, 3),
+        TFLOPs=round(tfl, 1),
+        pct_copy=round(100 * tbs * 1e12 / copy_bw, 1),
+        pct_gemm=round(100 * tfl * 1e12 / gemm, 1),
+        note=note,
+    )
 
 
 def run_shape(name, h_q, B, L, q_len, page, copy_bw, gemm, peers=True, results=None, log=print):
@@ -324,14 +370,23 @@ def run_shape(name, h_q, B, L, q_len, page, copy_bw, gemm, peers=True, results=N
 
 KEY_SHAPES = [
     # (variant, h_q, B, L, q_len, page)
-    ("gqa-8", 32, 64, 8192, 1, 64), ("gqa-8", 32, 64, 8192, 1, 16), ("gqa-8", 32, 64, 8192, 1, 1),
+    ("gqa-8", 32, 64, 8192, 1, 64),
+    ("gqa-8", 32, 64, 8192, 1, 16),
+    ("gqa-8", 32, 64, 8192, 1, 1),
     ("gqa-4", 32, 64, 8192, 1, 64),
-    ("gta-8", 32, 64, 8192, 1, 64), ("gta-4", 32, 64, 8192, 1, 64),
-    ("mla", 16, 64, 8192, 1, 64), ("mla", 16, 64, 8192, 1, 1), ("mla", 16, 64, 8192, 2, 64),
+    ("gta-8", 32, 64, 8192, 1, 64),
+    ("gta-4", 32, 64, 8192, 1, 64),
+    ("mla", 16, 64, 8192, 1, 64),
+    ("mla", 16, 64, 8192, 1, 1),
+    ("mla", 16, 64, 8192, 2, 64),
     ("mla", 16, 64, 8192, 4, 64),
-    ("mla", 128, 64, 8192, 1, 64), ("mla", 128, 64, 8192, 2, 64), ("mla", 128, 64, 8192, 4, 64),
-    ("gla-2", 128, 64, 8192, 1, 64), ("gla-2", 128, 64, 8192, 2, 64),
-    ("gla-4", 128, 64, 8192, 1, 64), ("gla-8", 128, 64, 8192, 1, 64),
+    ("mla", 128, 64, 8192, 1, 64),
+    ("mla", 128, 64, 8192, 2, 64),
+    ("mla", 128, 64, 8192, 4, 64),
+    ("gla-2", 128, 64, 8192, 1, 64),
+    ("gla-2", 128, 64, 8192, 2, 64),
+    ("gla-4", 128, 64, 8192, 1, 64),
+    ("gla-8", 128, 64, 8192, 1, 64),
     ("gla-2", 32, 64, 8192, 1, 64),
 ]
 
@@ -350,16 +405,38 @@ def sweep_shapes():
 
 def tune(copy_bw, gemm, log=print):
     """Config sweep for our kernels at the key shapes (used to pick heuristics.py's numbers)."""
+
     def cfgs(hs, ns, ws, ss):
-        return [dict(BLOCK_H=h, BLOCK_N=n, num_warps=w, num_stages=s) for h in hs for n in ns for w in ws for s in ss]
+        return [
+            dict(BLOCK_H=h, BLOCK_N=n, num_warps=w, num_stages=s)
+            for h in hs
+            for n in ns
+            for w in ws
+            for s in ss
+        ]
 
     grid = [
         # (variant, h_q, q_len, page, configs, splits)
-        ("gta-8", 32, 1, 64, [dict(c, SPG=g) for g in (1, 2, 4) for c in cfgs([4], [64], [2, 4], [2, 3])],
-         [None, 1, 2]),
-        ("gta-4", 32, 1, 64, [dict(c, SPG=g) for g in (1, 2) for c in cfgs([8], [64], [2, 4], [2])], [None, 1, 2]),
-        ("gqa-4", 32, 1, 64, cfgs([8], [32, 64], [4], [3, 4]), [None, 1, 2]),
-        ("mla", 16, 1, 64, cfgs([16], [32, 64], [4], [2, 3]), [None, 4, 8]),
+        (
+            "gqa-8",
+            32,
+            1,
+            64,
+            cfgs([4], [64], [4], [3, 4]) + cfgs([4], [32], [4], [4]) + cfgs([4], [128], [4], [3]),
+            [None],
+        ),
+        (
+            "gta-8",
+            32,
+            1,
+            64,
+            [dict(c, SPG=g) for g in (1, 2) for c in cfgs([4], [64], [2, 4], [2, 3])],
+            [None, 2],
+        ),
+        ("mla", 16, 1, 64, cfgs([16], [32, 64], [4], [2, 3, 4]), [None, 8]),
+        ("mla", 16, 1, 1, cfgs([16], [32, 64], [4], [2, 3]), [None]),
+        ("mla", 128, 1, 64, cfgs([64], [32, 64], [8], [2, 3]), [None, 4]),
+        ("mla", 128, 2, 64, cfgs([32], [64], [8], [2, 3]) + cfgs([32], [32], [8], [3]), [None]),
     ]
     for name, h_q, q_len, page, cfg_list, split_list in grid:
         p = Problem(spec_for(name, h_q), 64, 8192, q_len, page)
@@ -374,8 +451,10 @@ def tune(copy_bw, gemm, log=print):
                 res.append((t, cfg, splits))
         res.sort(key=lambda x: x[0])
         for t, cfg, splits in res[:4] + res[-1:]:
-            log(f"TUNE {name} h_q={h_q} q_len={q_len} page={page} {t * 1e6:.1f}us {p.bytes / t / 1e12:.2f}TB/s "
-                f"{p.flops / t / 1e12:.0f}TF splits={splits} {cfg}")
+            log(
+                f"TUNE {name} h_q={h_q} q_len={q_len} page={page} {t * 1e6:.1f}us {p.bytes / t / 1e12:.2f}TB/s "
+                f"{p.flops / t / 1e12:.0f}TF splits={splits} {cfg}"
+            )
         del p
         torch.cuda.empty_cache()
 
@@ -387,15 +466,34 @@ def write_results(results, out_dir, meta):
         w = csv.DictWriter(f, fieldnames=list(results[0].keys()))
         w.writeheader()
         w.writerows(results)
-    cols = ["variant", "h_q", "B", "L", "q_len", "page", "kernel", "us", "TBps", "TFLOPs", "pct_copy", "pct_gemm",
-            "note"]
-    lines = [f"# Decode attention benchmark ({stamp})", "",
-             f"GPU: {meta['gpu']}; torch {meta['torch']}; triton {meta['triton']}; bf16.",
-             f"Measured in this run: copy bandwidth {meta['copy_bw'] / 1e12:.2f} TB/s (read + write), "
-             f"bf16 GEMM {meta['gemm'] / 1e12:.0f} TFLOP/s (8192^3).", "",
-             "TB/s counts the compressed cache's bytes (B*L*row*2 + q + o) for every kernel, so it is a speed "
-             "comparable across rows; FLOPs = 2*B*q_len*h_q*L*(d_qk + d_v).", "",
-             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    cols = [
+        "variant",
+        "h_q",
+        "B",
+        "L",
+        "q_len",
+        "page",
+        "kernel",
+        "us",
+        "TBps",
+        "TFLOPs",
+        "pct_copy",
+        "pct_gemm",
+        "note",
+    ]
+    lines = [
+        f"# Decode attention benchmark ({stamp})",
+        "",
+        f"GPU: {meta['gpu']}; torch {meta['torch']}; triton {meta['triton']}; bf16.",
+        f"Measured in this run: copy bandwidth {meta['copy_bw'] / 1e12:.2f} TB/s (read + write), "
+        f"bf16 GEMM {meta['gemm'] / 1e12:.0f} TFLOP/s (8192^3).",
+        "",
+        "TB/s counts the compressed cache's bytes (B*L*row*2 + q + o) for every kernel, so it is a speed "
+        "comparable across rows; FLOPs = 2*B*q_len*h_q*L*(d_qk + d_v).",
+        "",
+        "| " + " | ".join(cols) + " |",
+        "|" + "---|" * len(cols),
+    ]
     for r in results:
         lines.append("| " + " | ".join(str(r[c]) for c in cols) + " |")
     lines += ["", *targets(results), "", *meta.get("notes", [])]
@@ -406,45 +504,79 @@ def write_results(results, out_dir, meta):
 
 def targets(results):
     """Issue-4 targets, as ratios taken from this run's rows (B=64, L=8192, page 64)."""
+
     def t(variant, h_q, q_len=1, kernel="kvslim", page=64):
-        rs = [r for r in results if (r["variant"], r["h_q"], r["q_len"], r["kernel"], r["page"], r["B"], r["L"])
-              == (variant, h_q, q_len, kernel, page, 64, 8192)]
+        rs = [
+            r
+            for r in results
+            if (r["variant"], r["h_q"], r["q_len"], r["kernel"], r["page"], r["B"], r["L"])
+            == (variant, h_q, q_len, kernel, page, 64, 8192)
+        ]
         return rs[0] if rs else None
 
     out = ["## Targets (B=64, L=8192, page 64 unless said)", ""]
     g8 = t("gqa-8", 32)
-    sdpa = [r for r in results if r["variant"] == "gqa-8" and r["h_q"] == 32 and r["q_len"] == 1 and r["page"] == 64
-            and r["B"] == 64 and r["L"] == 8192 and r["kernel"].startswith("sdpa")]
+    sdpa = [
+        r
+        for r in results
+        if r["variant"] == "gqa-8"
+        and r["h_q"] == 32
+        and r["q_len"] == 1
+        and r["page"] == 64
+        and r["B"] == 64
+        and r["L"] == 8192
+        and r["kernel"].startswith("sdpa")
+    ]
     if g8 and sdpa:
         best = min(sdpa, key=lambda r: r["us"])
-        out.append(f"- separate-KV GQA-8 h_q=32: {g8['us']} us = {g8['pct_copy']}% of copy bw; best SDPA "
-                   f"{best['kernel']} {best['us']} us -> ours/SDPA time = {g8['us'] / best['us']:.3f} "
-                   f"(target <= 1, >= 90% copy)")
+        out.append(
+            f"- separate-KV GQA-8 h_q=32: {g8['us']} us = {g8['pct_copy']}% of copy bw; best SDPA "
+            f"{best['kernel']} {best['us']} us -> ours/SDPA time = {g8['us'] / best['us']:.3f} "
+            f"(target <= 1, >= 90% copy)"
+        )
     gt8 = t("gta-8", 32)
     if g8 and gt8:
-        out.append(f"- GTA-8 / GQA-8 time = {gt8['us']} / {g8['us']} = {gt8['us'] / g8['us']:.3f} (target <= 0.55; "
-                   f"bytes ratio 1088/2048 = 0.531)")
+        out.append(
+            f"- GTA-8 / GQA-8 time = {gt8['us']} / {g8['us']} = {gt8['us'] / g8['us']:.3f} (target <= 0.55; "
+            f"bytes ratio 1088/2048 = 0.531)"
+        )
     for v, h in (("mla", 16), ("gla-2", 32), ("gla-4", 128), ("gla-8", 128), ("mla", 128), ("gla-2", 128)):
         r = t(v, h)
         if r:
-            out.append(f"- {v} h_q={h} q_len=1: {r['pct_copy']}% of copy bw, {r['pct_gemm']}% of GEMM "
-                       f"(target >= 85% copy)")
+            out.append(
+                f"- {v} h_q={h} q_len=1: {r['pct_copy']}% of copy bw, {r['pct_gemm']}% of GEMM "
+                f"(target >= 85% copy)"
+            )
     for v, h, q in (("mla", 128, 2), ("mla", 128, 4), ("gla-2", 128, 2), ("mla", 16, 2), ("mla", 16, 4)):
         r = t(v, h, q)
         if r:
-            out.append(f"- {v} h_q={h} q_len={q}: {r['TFLOPs']} TFLOP/s = {r['pct_gemm']}% of GEMM (target >= 50%)")
+            out.append(
+                f"- {v} h_q={h} q_len={q}: {r['TFLOPs']} TFLOP/s = {r['pct_gemm']}% of GEMM (target >= 50%)"
+            )
     for r in [r for r in results if r["kernel"] == "kvslim" and r["variant"][:3] in ("mla", "gla", "gta")]:
-        n = [x for x in results if x["kernel"] == "torch-absorbed" and all(x[k] == r[k] for k in
-             ("variant", "h_q", "B", "L", "q_len", "page"))]
+        n = [
+            x
+            for x in results
+            if x["kernel"] == "torch-absorbed"
+            and all(x[k] == r[k] for k in ("variant", "h_q", "B", "L", "q_len", "page"))
+        ]
         if n:
-            out.append(f"- {r['variant']} h_q={r['h_q']} q_len={r['q_len']}: {n[0]['us'] / r['us']:.1f}x the naive "
-                       "torch absorbed path (target >= 3x)")
+            out.append(
+                f"- {r['variant']} h_q={r['h_q']} q_len={r['q_len']}: {n[0]['us'] / r['us']:.1f}x the naive "
+                "torch absorbed path (target >= 3x)"
+            )
     for r in [r for r in results if r["kernel"] == "sglang-triton"]:
-        o = [x for x in results if x["kernel"] == "kvslim" and all(x[k] == r[k] for k in
-             ("variant", "h_q", "B", "L", "q_len", "page"))]
+        o = [
+            x
+            for x in results
+            if x["kernel"] == "kvslim"
+            and all(x[k] == r[k] for k in ("variant", "h_q", "B", "L", "q_len", "page"))
+        ]
         if o:
-            out.append(f"- vs SGLang Triton, {r['variant']} h_q={r['h_q']} page={r['page']}: SGLang/ours time = "
-                       f"{r['us'] / o[0]['us']:.2f} (target > 1)")
+            out.append(
+                f"- vs SGLang Triton, {r['variant']} h_q={r['h_q']} page={r['page']}: SGLang/ours time = "
+                f"{r['us'] / o[0]['us']:.2f} (target > 1)"
+            )
     m, g = t("mla", 128), t("gla-2", 128)
     if m and g:
         out.append(f"- GLA-2 vs MLA at h_q=128, q_len=1: {g['us']} us vs {m['us']} us (target GLA-2 <= MLA)")
@@ -489,15 +621,25 @@ def plot(results, out_dir, meta):
         fig, ax = plt.subplots(1, 2, figsize=(11, 4))
         for v in sorted({(r["variant"], r["h_q"]) for r in ours}):
             for B in (1, 8, 64, 128):
-                rs = sorted([r for r in ours if (r["variant"], r["h_q"]) == v and r["B"] == B], key=lambda r: r["L"])
+                rs = sorted(
+                    [r for r in ours if (r["variant"], r["h_q"]) == v and r["B"] == B], key=lambda r: r["L"]
+                )
                 if len(rs) > 1:
-                    ax[0].plot([r["L"] for r in rs], [r["pct_copy"] for r in rs], marker="o",
-                               label=f"{v[0]} h_q={v[1]} B={B}")
+                    ax[0].plot(
+                        [r["L"] for r in rs],
+                        [r["pct_copy"] for r in rs],
+                        marker="o",
+                        label=f"{v[0]} h_q={v[1]} B={B}",
+                    )
         ax[0].set_xscale("log", base=2)
         ax[0].set_xlabel("L")
         ax[0].set_ylabel("% of measured copy bandwidth")
         ax[0].legend(fontsize=5, ncol=2)
-        mla = [r for r in results if r["kernel"] == "kvslim" and r["h_q"] == 128 and r["L"] == 8192 and r["B"] == 64]
+        mla = [
+            r
+            for r in results
+            if r["kernel"] == "kvslim" and r["h_q"] == 128 and r["L"] == 8192 and r["B"] == 64
+        ]
         for v in sorted({r["variant"] for r in mla}):
             rs = sorted([r for r in mla if r["variant"] == v], key=lambda r: r["q_len"])
             ax[1].plot([r["q_len"] for r in rs], [r["pct_gemm"] for r in rs], marker="o", label=v)
@@ -519,11 +661,19 @@ def main():
     if not torch.cuda.is_available():
         raise SystemExit("bench_decode.py needs a CUDA GPU")
     copy_bw, gemm = measure_ceilings()
-    meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                copy_bw=copy_bw, gemm=gemm)
-    print(f"# {meta['gpu']} torch {meta['torch']} triton {meta['triton']}: copy {copy_bw / 1e12:.2f} TB/s, "
-          f"GEMM {gemm / 1e12:.0f} TFLOP/s", flush=True)
+    meta = dict(
+        gpu=torch.cuda.get_device_name(),
+        torch=torch.__version__,
+        triton=triton.__version__,
+        date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        copy_bw=copy_bw,
+        gemm=gemm,
+    )
+    print(
+        f"# {meta['gpu']} torch {meta['torch']} triton {meta['triton']}: copy {copy_bw / 1e12:.2f} TB/s, "
+        f"GEMM {gemm / 1e12:.0f} TFLOP/s",
+        flush=True,
+    )
     logs = []
 
     def log(s):
@@ -542,12 +692,27 @@ def main():
     for (name, h_q, B, L, q_len, page), with_peers in shapes:
         log(f"{name} h_q={h_q} B={B} L={L} q_len={q_len} page={page}")
         try:
-            run_shape(name, h_q, B, L, q_len, page, copy_bw, gemm, peers=with_peers and not args.no_peers,
-                      results=results, log=log)
+            run_shape(
+                name,
+                h_q,
+                B,
+                L,
+                q_len,
+                page,
+                copy_bw,
+                gemm,
+                peers=with_peers and not args.no_peers,
+                results=results,
+                log=log,
+            )
         except torch.cuda.OutOfMemoryError:
             log("  OOM")
             torch.cuda.empty_cache()
-    meta["notes"] = ["Notes from the run:", "", *[f"    {s}" for s in logs if "refused" in s or "sglang" in s]]
+    meta["notes"] = [
+        "Notes from the run:",
+        "",
+        *[f"    {s}" for s in logs if "refused" in s or "sglang" in s],
+    ]
     write_results(results, args.out, meta)
 
 

@@ -92,8 +92,10 @@ def assert_close(name, out, ref, base, atol):
 
 
 def nan_out(B, q_len, h_q, dv, dtype):
-    return (torch.full((B, q_len, h_q, dv), float("nan"), dtype=dtype, device=DEVICE),
-            torch.full((B, q_len, h_q), float("nan"), dtype=torch.float32, device=DEVICE))
+    return (
+        torch.full((B, q_len, h_q, dv), float("nan"), dtype=dtype, device=DEVICE),
+        torch.full((B, q_len, h_q), float("nan"), dtype=torch.float32, device=DEVICE),
+    )
 
 
 # (B, q_len, h_q, h_kv, d_h, page, lens, splits, dtype, config)
@@ -117,13 +119,26 @@ SEPARATE_GPU = [
 @pytest.mark.parametrize("case", SEPARATE_GPU if GPU else SEPARATE_CPU)
 def test_separate_matches_reference(case):
     B, q_len, h_q, h_kv, d, page, lens, splits, dtype, config = case
-    q, cache, bt, sl = make_inputs(B, q_len, h_q, d, 2 * h_kv * d, page, lens, dtype, seed=hash(str(case)) % 1000)
+    q, cache, bt, sl = make_inputs(
+        B, q_len, h_q, d, 2 * h_kv * d, page, lens, dtype, seed=hash(str(case)) % 1000
+    )
     scale = d**-0.5
     out = nan_out(B, q_len, h_q, d, dtype)
-    o, lse = decode_separate_triton(q, cache, bt, sl, num_kv_heads=h_kv, head_dim=d, softmax_scale=scale,
-                                    num_splits=splits, out=out, config=config)
-    ro, rl = decode_separate_ref(q.float(), cache.float(), bt, sl, num_kv_heads=h_kv, head_dim=d,
-                                 softmax_scale=scale)
+    o, lse = decode_separate_triton(
+        q,
+        cache,
+        bt,
+        sl,
+        num_kv_heads=h_kv,
+        head_dim=d,
+        softmax_scale=scale,
+        num_splits=splits,
+        out=out,
+        config=config,
+    )
+    ro, rl = decode_separate_ref(
+        q.float(), cache.float(), bt, sl, num_kv_heads=h_kv, head_dim=d, softmax_scale=scale
+    )
     bo, bl = lowp_separate(q, cache, bt, sl, h_kv, d, scale)
     assert o.dtype == dtype and lse.dtype == torch.float32
     assert_close("o", o, ro, bo, ATOL[dtype])
@@ -139,7 +154,21 @@ TIED_CPU = [
     (2, 2, 4, 1, 64, 64, 0, 48, 16, [17, 50], 2, torch.float32, None),  # no rope, v_dim < state
     (2, 2, 6, 1, 32, 32, 16, 32, 16, [9, 63], 1, torch.bfloat16, {"BLOCK_H": 4}),  # 2 head blocks
     (2, 2, 6, 3, 32, 16, 16, 32, 16, [30, 11], 2, torch.bfloat16, None),  # GTA-3: one state head a program
-    (2, 1, 8, 4, 32, 16, 16, 32, 16, [30, 11], 2, torch.bfloat16, {"SPG": 4, "BLOCK_H": 2}),  # 4 heads/program
+    (
+        2,
+        1,
+        8,
+        4,
+        32,
+        16,
+        16,
+        32,
+        16,
+        [30, 11],
+        2,
+        torch.bfloat16,
+        {"SPG": 4, "BLOCK_H": 2},
+    ),  # 4 heads/program
 ]
 TIED_GPU = [
     (4, 1, 32, 8, 128, 64, 64, 128, 16, [1, 3000, 777, 4096], None, torch.bfloat16, None),  # GTA-8
@@ -154,8 +183,9 @@ TIED_GPU = [
 @pytest.mark.parametrize("case", TIED_GPU if GPU else TIED_CPU)
 def test_tied_matches_reference(case):
     B, q_len, h_q, S, sd, nope, rope, dv, page, lens, splits, dtype, config = case
-    q, cache, bt, sl = make_inputs(B, q_len, h_q, nope + rope, S * sd + rope, page, lens, dtype,
-                                   seed=hash(str(case)) % 1000)
+    q, cache, bt, sl = make_inputs(
+        B, q_len, h_q, nope + rope, S * sd + rope, page, lens, dtype, seed=hash(str(case)) % 1000
+    )
     scale = (nope + rope) ** -0.5
     kw = dict(num_state_heads=S, state_dim=sd, nope_dim=nope, rope_dim=rope, v_dim=dv, softmax_scale=scale)
     out = nan_out(B, q_len, h_q, dv, dtype)
@@ -218,8 +248,19 @@ def test_seq_len_past_block_table_raises():
         decode_separate(q, cache, bt, short, num_kv_heads=2, head_dim=16, impl="triton")
     qt = torch.randn(2, 1, 4, 48).bfloat16()
     with pytest.raises(ValueError, match="nope_dim"):
-        decode_tied(qt, cache, bt, sl, num_state_heads=1, state_dim=16, nope_dim=32, rope_dim=16, v_dim=16,
-                    softmax_scale=0.1, impl="triton")
+        decode_tied(
+            qt,
+            cache,
+            bt,
+            sl,
+            num_state_heads=1,
+            state_dim=16,
+            nope_dim=32,
+            rope_dim=16,
+            v_dim=16,
+            softmax_scale=0.1,
+            impl="triton",
+        )
 
 
 def test_seq_len_past_block_table_never_reads_out_of_bounds():

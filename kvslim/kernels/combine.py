@@ -29,6 +29,25 @@ def round_p(p, dtype: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def tile_rows(Cache, bt_row, n0, offs_n, n_ok, PAGE: tl.constexpr, ROW: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Base pointer and per-row element offsets ``[BLOCK_N]`` of the cache rows of tokens offs_n.
+
+    Tiles start at multiples of BLOCK_N, so when BLOCK_N divides the page size a tile lies in
+    one page: one scalar page id, a 64-bit base and small affine offsets (cheap addresses,
+    few registers). Otherwise each row gathers its own page id (int64 offsets).
+    """
+    if PAGE % BLOCK_N == 0:
+        page = tl.load(bt_row + n0 // PAGE).to(tl.int64)
+        tile = Cache + (page * PAGE + n0 % PAGE) * ROW
+        rows = tl.arange(0, BLOCK_N) * ROW
+    else:
+        page = tl.load(bt_row + offs_n // PAGE, mask=n_ok, other=0)
+        tile = Cache
+        rows = (page.to(tl.int64) * PAGE + offs_n % PAGE) * ROW
+    return tile, rows
+
+
+@triton.jit
 def _combine_kernel(
     OPart,  # [B, q_len, h_q, NUM_SPLITS, DV] fp32
     LsePart,  # [B, q_len, h_q, NUM_SPLITS] fp32
@@ -71,9 +90,18 @@ def combine_splits(o_part: torch.Tensor, lse_part: torch.Tensor, o: torch.Tensor
     B, q_len, h_q, splits, dv = o_part.shape
     grid = (B * q_len * h_q,)
     _combine_kernel[grid](
-        o_part, lse_part, o, lse,
-        o.stride(0), o.stride(1), o.stride(2),
-        H_Q=h_q, Q_LEN=q_len, DV=dv, BLOCK_DV=triton.next_power_of_2(dv),
-        NUM_SPLITS=splits, BLOCK_S=max(2, triton.next_power_of_2(splits)),
+        o_part,
+        lse_part,
+        o,
+        lse,
+        o.stride(0),
+        o.stride(1),
+        o.stride(2),
+        H_Q=h_q,
+        Q_LEN=q_len,
+        DV=dv,
+        BLOCK_DV=triton.next_power_of_2(dv),
+        NUM_SPLITS=splits,
+        BLOCK_S=max(2, triton.next_power_of_2(splits)),
         num_warps=4 if dv >= 256 else 2,
     )

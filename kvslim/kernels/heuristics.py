@@ -20,7 +20,7 @@ MIN_TOKENS_PER_SPLIT = 256
 SPG_MAX = 2  # state heads per tied-kernel program (GTA); see tied_config
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
@@ -72,7 +72,9 @@ def separate_config(*, group: int, q_len: int, head_dim: int, dtype: torch.dtype
     return dict(BLOCK_H=block_h, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=3)
 
 
-def tied_config(*, group: int, q_len: int, state_block: int, num_state_heads: int, dtype: torch.dtype) -> dict:
+def tied_config(
+    *, group: int, q_len: int, state_block: int, num_state_heads: int, dtype: torch.dtype
+) -> dict:
     """Blocks for the tied-state kernel (GTA / MLA / GLA).
 
     ``state_block`` is the padded state width of one head (``next_pow2(max(d_nope, d_v))``).
@@ -84,8 +86,12 @@ def tied_config(*, group: int, q_len: int, state_block: int, num_state_heads: in
     block_h = max(1, min(group, max_m // q_len))
     spg = 1
     if state_block <= 128 and block_h == group:
-        while (spg * 2 <= SPG_MAX and num_state_heads % (spg * 2) == 0
-               and spg * 2 * group * q_len <= 32 and spg * 2 * state_block <= 256):
+        while (
+            spg * 2 <= SPG_MAX
+            and num_state_heads % (spg * 2) == 0
+            and spg * 2 * group * q_len <= 32
+            and spg * 2 * state_block <= 256
+        ):
             spg *= 2
     block_m = max(16, next_pow2(spg * block_h * q_len))
     # H100 sweep (benchmarks/NOTES.md): 64-token tiles win; 8 warps and 3 stages once M = 64
@@ -103,4 +109,6 @@ def tied_config(*, group: int, q_len: int, state_block: int, num_state_heads: in
         warps = 2 if block_m <= 16 else (4 if block_m <= 64 else 8)
     if dtype == torch.float32:
         block_n, stages = 16, 2
-    return dict(BLOCK_H=block_h, BLOCK_M=block_m, BLOCK_N=block_n, SPG=spg, num_warps=warps, num_stages=stages)
+    return dict(
+        BLOCK_H=block_h, BLOCK_M=block_m, BLOCK_N=block_n, SPG=spg, num_warps=warps, num_stages=stages
+    )

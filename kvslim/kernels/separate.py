@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kvslim.kernels.combine import INTERPRET, combine_splits, round_p
+from kvslim.kernels.combine import INTERPRET, combine_splits, round_p, tile_rows
 from kvslim.kernels.heuristics import num_sms, pick_num_splits, separate_config
 
 LN2 = 0.6931471805599453
@@ -51,6 +51,7 @@ def _separate_kernel(
     BLOCK_N: tl.constexpr,
     HB_PER_KV: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
+    STAGES: tl.constexpr,
     DOT_PREC: tl.constexpr,
     UPCAST: tl.constexpr,  # interpreter: its bf16/fp16 tl.dot is wrong, so dot in fp32
 ):
@@ -89,14 +90,13 @@ def _separate_kernel(
     k_col = kvh * HEAD_DIM + offs_d  # [BLOCK_D]
     v_col = (H_KV + kvh) * HEAD_DIM + offs_d
     bt_row = BlockTable + b * stride_bt
-    for n0 in range(start, end, BLOCK_N):
+    for n0 in tl.range(start, end, BLOCK_N, num_stages=STAGES):  # cp.async pipeline
         offs_n = n0 + tl.arange(0, BLOCK_N)  # [BLOCK_N] token positions
         n_ok = offs_n < end
-        page = tl.load(bt_row + offs_n // PAGE, mask=n_ok, other=0)
-        rows = (page.to(tl.int64) * PAGE + offs_n % PAGE) * ROW  # [BLOCK_N] int64 element offsets
+        tile, rows = tile_rows(Cache, bt_row, n0, offs_n, n_ok, PAGE, ROW, BLOCK_N)
         kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(Cache + rows[:, None] + k_col[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
-        v = tl.load(Cache + rows[:, None] + v_col[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+        k = tl.load(tile + rows[:, None] + k_col[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+        v = tl.load(tile + rows[:, None] + v_col[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
@@ -185,20 +185,41 @@ def decode_separate_triton(
 
     grid = (num_kv_heads * hb_per_kv, B, num_splits)
     _separate_kernel[grid](
-        q, cache, block_table, seq_lens, o, lse, o_part, lse_part,
-        q.stride(0), q.stride(1), q.stride(2),
-        o.stride(0), o.stride(1), o.stride(2),
+        q,
+        cache,
+        block_table,
+        seq_lens,
+        o,
+        lse,
+        o_part,
+        lse_part,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        o.stride(0),
+        o.stride(1),
+        o.stride(2),
         block_table.stride(0),
         max_pages,
         softmax_scale * LOG2E,
-        H_Q=h_q, H_KV=num_kv_heads, G=g, Q_LEN=q_len,
-        HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-        PAGE=page_size, ROW=cache.shape[2],
-        BLOCK_H=cfg["BLOCK_H"], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-        HB_PER_KV=hb_per_kv, NUM_SPLITS=num_splits,
+        H_Q=h_q,
+        H_KV=num_kv_heads,
+        G=g,
+        Q_LEN=q_len,
+        HEAD_DIM=head_dim,
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        PAGE=page_size,
+        ROW=cache.shape[2],
+        BLOCK_H=cfg["BLOCK_H"],
+        BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_N=cfg["BLOCK_N"],
+        HB_PER_KV=hb_per_kv,
+        NUM_SPLITS=num_splits,
+        STAGES=cfg["num_stages"],
         DOT_PREC="ieee" if q.dtype == torch.float32 or INTERPRET else "tf32",
         UPCAST=INTERPRET and q.dtype != torch.float32,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
     )
     if num_splits > 1:
         combine_splits(o_part, lse_part, o, lse)

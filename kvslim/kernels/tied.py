@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kvslim.kernels.combine import INTERPRET, combine_splits, round_p
+from kvslim.kernels.combine import INTERPRET, combine_splits, round_p, tile_rows
 from kvslim.kernels.heuristics import num_sms, pick_num_splits, tied_config
 
 LOG2E = 1.4426950408889634
@@ -57,6 +57,7 @@ def _tied_kernel(
     HB_PER_S: tl.constexpr,
     SPG: tl.constexpr,  # state heads per program (block-diagonal trick, see below)
     NUM_SPLITS: tl.constexpr,
+    STAGES: tl.constexpr,
     DOT_PREC: tl.constexpr,
     UPCAST: tl.constexpr,  # interpreter: its bf16/fp16 tl.dot is wrong, so dot in fp32
 ):
@@ -108,14 +109,14 @@ def _tied_kernel(
     s_col = sh0 * STATE_DIM + offs_s  # [BLOCK_DS]
     r_col = S * STATE_DIM + offs_r  # [BLOCK_R]
     bt_row = BlockTable + b * stride_bt
-    for n0 in range(start, end, BLOCK_N):
+    for n0 in tl.range(start, end, BLOCK_N, num_stages=STAGES):  # cp.async pipeline
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < end
-        page = tl.load(bt_row + offs_n // PAGE, mask=n_ok, other=0)
-        rows = (page.to(tl.int64) * PAGE + offs_n % PAGE) * ROW  # [BLOCK_N] int64
-        st = tl.load(Cache + rows[:, None] + s_col[None, :], mask=n_ok[:, None] & s_ok[None, :], other=0.0)
-        kr = tl.load(Cache + rows[:, None] + r_col[None, :], mask=n_ok[:, None] & (offs_r < ROPE)[None, :],
-                     other=0.0)
+        tile, rows = tile_rows(Cache, bt_row, n0, offs_n, n_ok, PAGE, ROW, BLOCK_N)
+        st = tl.load(tile + rows[:, None] + s_col[None, :], mask=n_ok[:, None] & s_ok[None, :], other=0.0)
+        kr = tl.load(
+            tile + rows[:, None] + r_col[None, :], mask=n_ok[:, None] & (offs_r < ROPE)[None, :], other=0.0
+        )
         if UPCAST:
             st = st.to(tl.float32)
             kr = kr.to(tl.float32)
@@ -187,8 +188,13 @@ def decode_tied_triton(
     seq_lens = seq_lens.contiguous()
     g = h_q // num_state_heads
     used = max(nope_dim, v_dim)
-    cfg = tied_config(group=g, q_len=q_len, state_block=max(16, triton.next_power_of_2(used)),
-                      num_state_heads=num_state_heads, dtype=q.dtype)
+    cfg = tied_config(
+        group=g,
+        q_len=q_len,
+        state_block=max(16, triton.next_power_of_2(used)),
+        num_state_heads=num_state_heads,
+        dtype=q.dtype,
+    )
     if config:
         cfg = {"SPG": 1, **cfg, **config}
         cfg["BLOCK_M"] = max(16, triton.next_power_of_2(cfg["SPG"] * cfg["BLOCK_H"] * q_len))
@@ -199,8 +205,9 @@ def decode_tied_triton(
     hb_per_s = triton.cdiv(g, cfg["BLOCK_H"])
     page_size, max_pages = cache.shape[1], block_table.shape[1]
     if num_splits is None:
-        num_splits = pick_num_splits(B * num_state_heads // spg * hb_per_s, max_pages * page_size,
-                                     num_sms(q.device))
+        num_splits = pick_num_splits(
+            B * num_state_heads // spg * hb_per_s, max_pages * page_size, num_sms(q.device)
+        )
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
 
@@ -217,21 +224,46 @@ def decode_tied_triton(
 
     grid = (num_state_heads // spg * hb_per_s, B, num_splits)
     _tied_kernel[grid](
-        q, cache, block_table, seq_lens, o, lse, o_part, lse_part,
-        q.stride(0), q.stride(1), q.stride(2),
-        o.stride(0), o.stride(1), o.stride(2),
+        q,
+        cache,
+        block_table,
+        seq_lens,
+        o,
+        lse,
+        o_part,
+        lse_part,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        o.stride(0),
+        o.stride(1),
+        o.stride(2),
         block_table.stride(0),
         max_pages,
         softmax_scale * LOG2E,
-        H_Q=h_q, S=num_state_heads, G=g, Q_LEN=q_len,
-        STATE_DIM=state_dim, NOPE=nope_dim, ROPE=rope_dim, DV=v_dim,
-        BLOCK_DS=block_ds, BLOCK_R=max(16, triton.next_power_of_2(max(rope_dim, 1))),
-        PAGE=page_size, ROW=cache.shape[2],
-        BLOCK_H=cfg["BLOCK_H"], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-        HB_PER_S=hb_per_s, SPG=spg, NUM_SPLITS=num_splits,
+        H_Q=h_q,
+        S=num_state_heads,
+        G=g,
+        Q_LEN=q_len,
+        STATE_DIM=state_dim,
+        NOPE=nope_dim,
+        ROPE=rope_dim,
+        DV=v_dim,
+        BLOCK_DS=block_ds,
+        BLOCK_R=max(16, triton.next_power_of_2(max(rope_dim, 1))),
+        PAGE=page_size,
+        ROW=cache.shape[2],
+        BLOCK_H=cfg["BLOCK_H"],
+        BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_N=cfg["BLOCK_N"],
+        HB_PER_S=hb_per_s,
+        SPG=spg,
+        NUM_SPLITS=num_splits,
+        STAGES=cfg["num_stages"],
         DOT_PREC="ieee" if q.dtype == torch.float32 or INTERPRET else "tf32",
         UPCAST=INTERPRET and q.dtype != torch.float32,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
     )
     if num_splits > 1:
         combine_splits(o_part, lse_part, o, lse)
