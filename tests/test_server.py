@@ -353,3 +353,25 @@ def test_serve_cli_with_dp2_replica_processes(tmp_path):
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+def test_text_stream_is_incremental_and_utf8_safe():
+    tokenizers = pytest.importorskip("tokenizers")
+    from kvslim.engine.server import TextStream
+
+    corpus = ["héllo wörld 😀 naïve café", "the quick brown fox — jumps", "日本語のテキスト 😀😀"] * 20
+    bpe = tokenizers.ByteLevelBPETokenizer()
+    bpe.train_from_iterator(corpus, vocab_size=270, min_frequency=1, show_progress=False)
+    text = "café 😀 日本 — héllo naïve fox 😀"
+    ids = bpe.encode(text).ids
+
+    class Tok:
+        decode = staticmethod(lambda ids, skip_special_tokens=True: bpe.decode(ids))
+
+    ts = TextStream(Tok(), [])
+    pieces = [ts.feed(t) for t in ids] + [ts.feed(None)]
+    assert "".join(pieces) == bpe.decode(ids) == text
+    assert all("\ufffd" not in p for p in pieces)
+    ts = TextStream(Tok(), ["日本"])  # a stop string cuts the text before it
+    out = "".join(ts.feed(t) for t in ids if not ts.stopped)
+    assert ts.stopped and out == "café 😀 "

@@ -45,6 +45,7 @@ class EngineLoop:
         self._ids = itertools.count()
         self._stop = threading.Event()
         self.errors = 0
+        self._outbox: list = []
         self.thread = threading.Thread(target=self._run, name="kvslim-engine", daemon=True)
         self.thread.start()
 
@@ -74,13 +75,21 @@ class EngineLoop:
 
     # ---- loop thread ----------------------------------------------------------------------
     def _listener(self, h: Handle):
+        # Events are delivered after the step, not inside it: waking a client thread per token
+        # in the middle of a step makes the step fight those threads for the GIL, while after
+        # it they run as the next step's forward executes on the device.
         def on_event(seq, tok):
             if tok is not None:
-                h.events.put(("token", tok))
+                self._outbox.append((h, ("token", tok)))
             else:
                 self.handles.pop(h.request_id, None)
-                h.events.put(("done", seq.finish_reason))
+                self._outbox.append((h, ("done", seq.finish_reason)))
         return on_event
+
+    def _flush(self) -> None:
+        out, self._outbox = self._outbox, []
+        for h, ev in out:
+            h.events.put(ev)
 
     def _handle(self, cmd) -> None:
         if cmd[0] == "add":
@@ -103,6 +112,7 @@ class EngineLoop:
                     self._handle(self.commands.get_nowait())
             except queue.Empty:
                 pass
+            self._flush()  # aborts and add errors produce events too
             if self._stop.is_set() or not self.engine.has_unfinished():
                 continue
             try:
@@ -110,7 +120,10 @@ class EngineLoop:
             except Exception as e:  # noqa: BLE001 - a failed step must not kill the server
                 self.errors += 1
                 log.exception("engine step failed")
+                self._flush()
                 self._fail_all(f"engine error: {type(e).__name__}: {e}")
+            self._flush()
+        self._flush()
         self._fail_all("server shutting down")
 
     def _fail_all(self, message: str) -> None:

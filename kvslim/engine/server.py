@@ -90,29 +90,40 @@ def sampling_from_body(body: dict) -> tuple[SamplingParams, list[str]]:
 
 
 class TextStream:
-    """Incremental detokenisation with stop strings: ``feed(token)`` -> text safe to emit."""
+    """Incremental detokenisation with stop strings: ``feed(token)`` -> text safe to emit.
+
+    Decodes a sliding window (vLLM's prefix/read offsets): the text of the new tokens is
+    ``decode(ids[prefix:]) - decode(ids[prefix:read])``, so each token costs O(window), not
+    O(length) — streaming a long output is linear, not quadratic. A window ending in an
+    incomplete UTF-8 sequence waits for more tokens.
+    """
 
     def __init__(self, tokenizer, stops: list[str]):
         self.tok, self.stops = tokenizer, stops
         self.ids: list[int] = []
+        self.prefix = self.read = 0
         self.text = ""
         self.sent = 0
         self.hold = max((len(s) for s in stops), default=1) - 1
         self.stopped = False
 
-    def _decode(self) -> str:
+    def _new_text(self) -> str:
         if self.tok is None:
-            return "".join(f" {t}" for t in self.ids)
-        return self.tok.decode(self.ids)
+            new = "".join(f" {t}" for t in self.ids[self.read :])
+            self.read = len(self.ids)
+            return new
+        before = self.tok.decode(self.ids[self.prefix : self.read])
+        full = self.tok.decode(self.ids[self.prefix :])
+        if full.endswith("\ufffd") or len(full) <= len(before):
+            return ""
+        self.prefix, self.read = self.read, len(self.ids)
+        return full[len(before) :]
 
     def feed(self, token: int | None) -> str:
         """Add a token (None = finished) and return the new text to send."""
         if token is not None:
             self.ids.append(token)
-            text = self._decode()
-            if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for more tokens
-                return ""
-            self.text = text
+            self.text += self._new_text()
         for s in self.stops:
             i = self.text.find(s, max(0, self.sent - len(s)))
             if i >= 0:
