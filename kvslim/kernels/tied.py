@@ -193,6 +193,7 @@ def decode_tied_triton(
         q_len=q_len,
         state_block=max(16, triton.next_power_of_2(used)),
         num_state_heads=num_state_heads,
+        page_size=cache.shape[1],
         dtype=q.dtype,
     )
     if config:
