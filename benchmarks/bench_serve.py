@@ -91,7 +91,7 @@ def main() -> None:
             pf = os.path.join(tmp, "port")
             cmd = [sys.executable, "-m", "kvslim", "serve", "--random-model", v, "--model-shape", args.shape,
                    "--dtype", args.dtype, "--kv-memory", str(args.kv_memory), "--page-size", str(args.page_size),
-                   "--max-batch", str(args.max_batch), "--max-num-batched-tokens", str(max(512, args.input_len)),
+                   "--max-batch", str(args.max_batch), "--max-num-batched-tokens", str(max(2048, args.input_len)),
                    "--max-model-len", str(args.input_len + args.output_len + 64), "--port", "0",
                    "--port-file", pf] + (["--no-cuda-graphs"] if args.no_cuda_graphs else [])
             proc = subprocess.Popen(cmd, env=dict(os.environ, NCCL_NVLS_ENABLE="0"))

@@ -173,3 +173,20 @@ def test_tp2_gloo_matches_tp1():
             out = eng.generate(prompts, SamplingParams(max_tokens=8), arrival_steps=ARRIVALS)
             assert out == ref, preset
             assert eng.allocator.num_free == eng.allocator.num_usable
+
+
+@pytest.mark.parametrize("kind", ("gqa-2", "mla"))
+def test_equal_length_prefill_chunks_share_one_forward(kind):
+    model = tiny_model(tiny_spec(kind))
+    g = torch.Generator().manual_seed(6)
+    prompts = [torch.randint(0, 97, (n,), generator=g).tolist() for n in (60, 20, 20, 20, 6, 6)]
+    ref = model.generate(prompts, max_new_tokens=6)
+    eng = LLMEngine(model, num_pages=64, page_size=4, max_batch=8, max_num_batched_tokens=40)
+    calls = []
+    orig = eng.runner.prefill
+    eng.runner.prefill = lambda chunks, starts, pages: calls.append((len(chunks[0]), list(starts))) or orig(
+        chunks, starts, pages)
+    out = eng.generate(prompts, SamplingParams(max_tokens=6), arrival_steps=[0, 1, 1, 1, 3, 3])
+    assert out == ref
+    assert (20, [40, 0]) in calls  # a continued chunk and a fresh prompt in one forward (masked SDPA path)
+    assert any(len(s) >= 2 and not any(s) for _, s in calls)  # fresh prompts batched (causal SDPA path)

@@ -39,7 +39,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mem-util", type=float, default=0.9, help="GPU memory fraction to fill (default 0.9)")
     g.add_argument("--page-size", type=int, default=16, help="tokens per page (default 16)")
     g.add_argument("--max-batch", type=int, default=64, help="running sequences at most (default 64)")
-    g.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per step (default 512)")
+    g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens per step (default 2048)")
     g.add_argument("--max-model-len", type=int, help="prompt + output limit (default: the model's)")
     g.add_argument("--no-cuda-graphs", action="store_true", help="run decode eagerly on CUDA")
     g.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (default 1)")

@@ -42,7 +42,7 @@ class LLMEngine:
     """
 
     def __init__(self, model, *, num_pages: int | None = None, kv_memory: int | None = None, page_size: int = 16,
-                 max_batch: int = 64, max_num_batched_tokens: int = 512, max_model_len: int | None = None,
+                 max_batch: int = 64, max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
                  cache_dtype: torch.dtype | None = None, cuda_graphs: bool | None = None, mem_util: float = 0.9,
                  eos_token_id: int | None = None, tp=None, seed: int | None = None,
                  graph_batches=DEFAULT_GRAPH_BATCHES):
@@ -142,16 +142,24 @@ class LLMEngine:
                 s.num_computed += 1
             self._sample(seqs, logits)
             touched += seqs
-        for seq, n in plan.prefill:
-            start = seq.num_computed
-            chunk = seq.tokens[start : start + n]
+        groups: dict[int, list[Sequence]] = {}
+        for seq, n in plan.prefill:  # chunks of one length run as one forward
+            groups.setdefault(n, []).append(seq)
+        for n, seqs in groups.items():
+            starts = [s.num_computed for s in seqs]
+            chunks = [s.tokens[st : st + n] for s, st in zip(seqs, starts)]
+            pages = [s.pages for s in seqs]
             if self.tp is not None:
-                self.tp.send("prefill", chunk, start, seq.pages)
-            logits = self.runner.prefill(chunk, start, seq.pages)
-            seq.num_computed += n
-            if seq.pending == 0:
-                self._sample([seq], logits[None])
-                touched.append(seq)
+                self.tp.send("prefill", chunks, starts, pages)
+            logits = self.runner.prefill(chunks, starts, pages)
+            done = []
+            for i, s in enumerate(seqs):
+                s.num_computed += n
+                if s.pending == 0:
+                    done.append(i)
+            if done:
+                self._sample([seqs[i] for i in done], logits[done])
+                touched += [seqs[i] for i in done]
         return touched
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:

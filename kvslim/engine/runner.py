@@ -4,8 +4,9 @@ The runner loops the model's own layers (embedding -> decoder layers -> norm -> 
 with an :class:`EngineLayerCache` built from the allocator's block table, so the model
 code is untouched. Two kinds of forward:
 
-* ``prefill(tokens [1, T], start, pages)``: one sequence's chunk (T may exceed the
-  kernels' q_len limit; the attention modules then take their SDPA path);
+* ``prefill(chunks, starts, pages)``: chunks of one length T of several sequences, each
+  at its own start (T may exceed the kernels' q_len limit; the attention modules then
+  take their SDPA path);
 * ``decode(tokens [B], starts [B], block_table [B, P])``: one new token per running
   sequence, each at its own length, through ``kvslim.kernels`` (Triton on CUDA, torch
   reference on CPU).
@@ -95,27 +96,30 @@ class ModelRunner:
         x = m.model.norm(x[:, -1:])
         return m.lm_head(x)[:, 0].float()
 
-    def prefill(self, tokens: list[int], start: int, pages: list[int]) -> torch.Tensor:
-        """One sequence's chunk: ``tokens`` continue it at position ``start`` -> logits ``[V]``."""
+    def prefill(self, chunks: list[list[int]], starts: list[int], page_lists: list[list[int]]) -> torch.Tensor:
+        """Chunks of equal length T, each continuing its sequence at ``starts[i]`` -> logits ``[B, V]``."""
         dev = self.device
-        t = torch.tensor([tokens], dtype=torch.long, device=dev)
-        s = torch.tensor([start], dtype=torch.int32, device=dev)
-        bt = torch.tensor([pages], dtype=torch.int32, device=dev)
-        return self._forward(t, s, bt)[0]
+        t = torch.tensor(chunks, dtype=torch.long, device=dev)
+        s = torch.tensor(starts, dtype=torch.int32, device=dev)
+        return self._forward(t, s, self._table(page_lists).to(dev))
+
+    @staticmethod
+    def _table(page_lists: list[list[int]]) -> torch.Tensor:
+        """Block table ``[B, max pages]`` int32, padded with the scratch page."""
+        width = max(len(p) for p in page_lists)
+        bt = torch.full((len(page_lists), width), SCRATCH_PAGES - 1, dtype=torch.int32)
+        for i, p in enumerate(page_lists):
+            bt[i, : len(p)] = torch.tensor(p, dtype=torch.int32)
+        return bt
 
     def decode(self, tokens: list[int], starts: list[int], page_lists: list[list[int]]) -> torch.Tensor:
         """One token per sequence -> logits ``[B, V]``."""
-        B = len(tokens)
         if self.use_graphs:
             return self._replay(tokens, starts, page_lists)
-        width = max(len(p) for p in page_lists)
-        bt = torch.full((B, width), SCRATCH_PAGES - 1, dtype=torch.int32)
-        for i, p in enumerate(page_lists):
-            bt[i, : len(p)] = torch.tensor(p, dtype=torch.int32)
         dev = self.device
         t = torch.tensor(tokens, dtype=torch.long, device=dev)[:, None]
         s = torch.tensor(starts, dtype=torch.int32, device=dev)
-        return self._forward(t, s, bt.to(dev))
+        return self._forward(t, s, self._table(page_lists).to(dev))
 
     # ---- CUDA graphs -----------------------------------------------------------------
     def _capture(self) -> None:
