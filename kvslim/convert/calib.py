@@ -42,9 +42,9 @@ def attention_input_moments(model, batches: torch.Tensor, *, batch_size: int = 4
 
     def hook(i):
         def fn(module, args):
-            x = args[0].detach().reshape(-1, D).double().cpu()
-            x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=torch.float64)], 1)
-            sums[i].addmm_(x.T, x)
+            x = args[0].detach().reshape(-1, D).float().cpu()
+            x = torch.cat([x, torch.ones(x.shape[0], 1)], 1)
+            sums[i] += (x.T @ x).double()  # fp32 per batch (fast), fp64 across batches
             if i == 0:
                 count[0] += x.shape[0]
         return fn
