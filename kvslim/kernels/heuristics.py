@@ -35,23 +35,28 @@ def next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
-def pick_num_splits(programs: int, max_seq_len: int, sms: int) -> int:
-    """Flash-decoding splits, from shapes only.
+def pick_num_splits(programs: int, max_seq_len: int, sms: int, num_warps: int = 4) -> int:
+    """Flash-decoding splits, from shapes only: fill one wave of resident programs.
 
-    No split once the grid fills the SMs (a split costs a combine pass and a partial-output
-    round trip; GQA-4 B=64 with 256 programs ran 370 us unsplit, 371 us with 2 splits).
-    Below that, aim at ~2 programs per SM, rounded down to a power of 2, each split >= 256
-    tokens (H100, B=64 L=8K: MLA h_q=16 best at 4 splits, MLA h_q=128 at 2).
+    A program of 8 warps holds a whole SM (255 registers/thread, or ~220 KB of pipelined
+    MLA tiles), 4 warps about half, 2 warps a quarter, so ``sms * 8 // num_warps`` programs
+    run at once. Splits = that / programs, rounded down to a power of 2 (equal chunks when
+    L is one), each >= 256 tokens. H100, B=64, L=8K: MLA h_q=16 (64 programs of 4 warps)
+    best at 4 splits (230 us; 2: 347, 8: 238), GTA-4 (128 of 2 warps) at 4 (225 vs 263
+    with 2), MLA h_q=128 (128 of 8 warps) at 1-2 (603 / 590 us; 5: 640), GQA-4 (256 of 4
+    warps) unsplit (370 us).
 
     Args:
         programs: programs per split (batch x head blocks).
         max_seq_len: upper bound of any seq_len (block-table capacity), host-side.
         sms: streaming multiprocessors on the device.
+        num_warps: warps per program of the kernel's config.
     """
-    if programs >= sms:
+    resident = sms * max(1, 8 // num_warps)
+    if programs * 2 > resident:
         return 1
-    want = -(-2 * sms // programs)
-    want = 1 << (want.bit_length() - 1)  # a power of 2: equal chunks when L is one
+    want = resident // programs
+    want = 1 << (want.bit_length() - 1)
     cap = max(1, max_seq_len // MIN_TOKENS_PER_SPLIT)
     return max(1, min(want, cap, MAX_SPLITS))
 

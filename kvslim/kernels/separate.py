@@ -168,7 +168,9 @@ def decode_separate_triton(
     hb_per_kv = triton.cdiv(g, cfg["BLOCK_H"])
     page_size, max_pages = cache.shape[1], block_table.shape[1]
     if num_splits is None:
-        num_splits = pick_num_splits(B * num_kv_heads * hb_per_kv, max_pages * page_size, num_sms(q.device))
+        num_splits = pick_num_splits(
+            B * num_kv_heads * hb_per_kv, max_pages * page_size, num_sms(q.device), cfg["num_warps"]
+        )
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
 

@@ -207,7 +207,7 @@ def decode_tied_triton(
     page_size, max_pages = cache.shape[1], block_table.shape[1]
     if num_splits is None:
         num_splits = pick_num_splits(
-            B * num_state_heads // spg * hb_per_s, max_pages * page_size, num_sms(q.device)
+            B * num_state_heads // spg * hb_per_s, max_pages * page_size, num_sms(q.device), cfg["num_warps"]
         )
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
