@@ -401,7 +401,8 @@ def _add_convert(subparsers) -> None:
                    help="mla/gla: latent dim d_c (per latent head for gla)")
     p.add_argument("--latent-heads", type=int, help="gla: latent heads h_c (divides the source's KV heads)")
     p.add_argument("--rope-dim", type=int, default=64, help="mla/gla: shared RoPE key dim d_R (default 64)")
-    p.add_argument("--freqfold", type=int, default=1, help="mla/gla: adjacent RoPE frequencies per PCA (default 1)")
+    p.add_argument("--freqfold", type=int,
+                   help="mla/gla: adjacent RoPE frequencies per PCA (default: source rotary dims / d_R, e.g. 1)")
     p.add_argument("--method", choices=["transmla", "mha2mla"], default="transmla",
                    help="transmla: RoRoPE + BKV-PCA (default); mha2mla: norm-selected partial RoPE + weight SVD")
     p.add_argument("--calib-samples", type=int, default=32, help="calibration windows (default 32)")

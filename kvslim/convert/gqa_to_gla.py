@@ -13,7 +13,7 @@ from kvslim.convert.gqa_to_mla import gqa_to_latent
 __all__ = ["gqa_to_gla"]
 
 
-def gqa_to_gla(model, moments, *, latent_heads: int, latent_dim: int, rope_dim: int = 64, freqfold: int = 1,
+def gqa_to_gla(model, moments, *, latent_heads: int, latent_dim: int, rope_dim: int = 64, freqfold: int | None = None,
                method: str = "transmla", balance: bool = True, progress: bool = True, stats: dict | None = None):
     """GQA -> GLA with ``latent_heads`` latents of ``latent_dim`` each (must divide h_kv)."""
     return gqa_to_latent(model, moments, latent_heads=latent_heads, latent_dim=latent_dim, rope_dim=rope_dim,

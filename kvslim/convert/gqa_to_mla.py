@@ -36,7 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kvslim.convert.common import aug, check_grouped_source, new_model, set_linear, top_eigvecs
-from kvslim.convert.rorope import norm_selection, rorope_rotation
+from kvslim.convert.rorope import collapse_factor, norm_selection, rorope_rotation
 from kvslim.spec import AttentionSpec
 
 __all__ = ["gqa_to_latent", "gqa_to_mla", "max_latent_dim"]
@@ -91,7 +91,7 @@ def effective_keys(R: torch.Tensor, Wk: torch.Tensor, rope_dim: int, num_kv_head
 
 @torch.no_grad()
 def gqa_to_latent(model, moments: list[torch.Tensor] | None, *, latent_heads: int, latent_dim: int,
-                  rope_dim: int, freqfold: int = 1, method: str = "transmla", balance: bool = True,
+                  rope_dim: int, freqfold: int | None = None, method: str = "transmla", balance: bool = True,
                   progress: bool = True, stats: dict | None = None):
     """Convert an MHA/MQA/GQA kvslim Transformer to MLA (``latent_heads=1``) or GLA.
 
@@ -102,7 +102,8 @@ def gqa_to_latent(model, moments: list[torch.Tensor] | None, *, latent_heads: in
         latent_heads: ``h_c`` (1 = MLA).
         latent_dim: ``d_c`` per latent head (DeepSeek's ``kv_lora_rank`` for MLA).
         rope_dim: ``d_R`` of the shared RoPE key (must divide the source's rotary dims).
-        freqfold: FreqFold group size (transmla only).
+        freqfold: FreqFold group size (transmla only); default the smallest valid one,
+            ``r/d_R`` (1 when d_R equals the source's rotary dims).
         method: ``transmla`` (RoRoPE + BKV-PCA) or ``mha2mla`` (norm-selected partial RoPE +
             weight SVD).
         balance: BKV balancing (transmla only).
@@ -112,6 +113,8 @@ def gqa_to_latent(model, moments: list[torch.Tensor] | None, *, latent_heads: in
     """
     spec = check_grouped_source(model)
     _validate(spec, latent_heads, latent_dim, rope_dim, method)
+    if freqfold is None:
+        freqfold = collapse_factor(spec.rope_dim, rope_dim)
     L = model.config.num_layers
     if moments is None or len(moments) != L:
         raise ValueError(f"moments: need one E[x x^T] per layer ({L}), got {None if moments is None else len(moments)}")
@@ -176,7 +179,7 @@ def gqa_to_latent(model, moments: list[torch.Tensor] | None, *, latent_heads: in
     return out
 
 
-def gqa_to_mla(model, moments, *, kv_lora_rank: int, rope_dim: int = 64, freqfold: int = 1,
+def gqa_to_mla(model, moments, *, kv_lora_rank: int, rope_dim: int = 64, freqfold: int | None = None,
                method: str = "transmla", balance: bool = True, progress: bool = True, stats: dict | None = None):
     """GQA -> MLA (TransMLA): one latent of ``kv_lora_rank`` + one shared RoPE key of ``rope_dim``."""
     return gqa_to_latent(model, moments, latent_heads=1, latent_dim=kv_lora_rank, rope_dim=rope_dim,

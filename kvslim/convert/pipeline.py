@@ -68,7 +68,7 @@ def _check_target(spec: AttentionSpec, to: str, *, kv_heads, latent_heads, kv_lo
             raise ValueError("--to gla needs --latent-heads")
         collapse_factor(spec.rope_dim, rope_dim)
         _validate(spec, h_c, kv_lora_rank, rope_dim, method)
-        if method == "transmla":
+        if method == "transmla" and freqfold is not None:
             c = spec.rope_dim // rope_dim
             if freqfold % c or (spec.rope_dim // 2) % freqfold:
                 raise ValueError(f"freqfold={freqfold} must be a multiple of {c} dividing {spec.rope_dim // 2}")
@@ -76,8 +76,8 @@ def _check_target(spec: AttentionSpec, to: str, *, kv_heads, latent_heads, kv_lo
 
 def convert_model(model: Transformer, to: str, *, calib: torch.Tensor | None = None, moments=None,
                   kv_heads: int | None = None, latent_heads: int | None = None, kv_lora_rank: int | None = None,
-                  rope_dim: int = 64, freqfold: int = 1, method: str = "transmla", gta_state: str = "key",
-                  progress: bool = True) -> tuple[Transformer, dict]:
+                  rope_dim: int = 64, freqfold: int | None = None, method: str = "transmla",
+                  gta_state: str = "key", progress: bool = True) -> tuple[Transformer, dict]:
     """Convert an in-memory kvslim Transformer; returns (new model, diagnostics)."""
     spec = model.spec
     _check_target(spec, to, kv_heads=kv_heads, latent_heads=latent_heads, kv_lora_rank=kv_lora_rank,
@@ -99,7 +99,7 @@ def convert_model(model: Transformer, to: str, *, calib: torch.Tensor | None = N
 
 def convert_checkpoint(*, model_dir: str | os.PathLike, out: str | os.PathLike, to: str, fmt: str | None = None,
                        force: bool = False, kv_heads: int | None = None, latent_heads: int | None = None,
-                       kv_lora_rank: int | None = None, rope_dim: int = 64, freqfold: int = 1,
+                       kv_lora_rank: int | None = None, rope_dim: int = 64, freqfold: int | None = None,
                        method: str = "transmla", calib_samples: int = 32, calib_seq_len: int = 256,
                        calib_text: str = "sotu", calib_tokens: torch.Tensor | None = None, seed: int = 0,
                        dtype: str = "float32", gta_state: str = "key", progress: bool = True) -> ConvertResult:
@@ -112,7 +112,7 @@ def convert_checkpoint(*, model_dir: str | os.PathLike, out: str | os.PathLike, 
         fmt: ``deepseek`` (MLA only; default for mla), ``hf`` (Llama; gqa only), ``kvslim``.
         kv_lora_rank: latent dim per latent head (mla/gla).
         rope_dim: ``d_R`` of the shared RoPE key (mla/gla; gta uses d_h/2).
-        freqfold, method: see ``gqa_to_latent``.
+        freqfold, method: see ``gqa_to_latent`` (freqfold None = smallest valid, r/d_R).
         calib_samples, calib_seq_len, calib_text, seed: calibration windows (real text, calib split).
         calib_tokens: ``[N, T]`` token windows to use instead of ``calib_text`` (tests, custom data).
         dtype: output weight dtype: float32, bfloat16 or float16.
