@@ -375,3 +375,28 @@ def test_text_stream_is_incremental_and_utf8_safe():
     ts = TextStream(Tok(), ["日本"])  # a stop string cuts the text before it
     out = "".join(ts.feed(t) for t in ids if not ts.stopped)
     assert ts.stopped and out == "café 😀 "
+
+
+@pytest.mark.slow
+def test_smollm2_engine_and_chat_server():
+    """The real SmolLM2-135M-Instruct: engine == model.generate, chat via its own template."""
+    from kvslim.eval.smollm2 import smollm2_dir
+    from kvslim.model import Transformer
+
+    d = str(smollm2_dir())
+    model, tok = Transformer.from_pretrained(d), load_tokenizer(d)
+    assert tok.has_chat_template and tok.eos_token_id is not None
+    ids = tok.encode("The capital of France is")
+    ref = model.generate([ids], max_new_tokens=6)[0]
+    srv = start_server(LLMEngine(model, num_pages=64, page_size=16, eos_token_id=tok.eos_token_id), tok)
+    try:
+        status, out = _post(srv, "/v1/completions", {"prompt": "The capital of France is", "max_tokens": 6,
+                                                     "temperature": 0})
+        assert status == 200 and out["choices"][0]["token_ids"] == ref
+        assert "Paris" in out["choices"][0]["text"]
+        status, out = _post(srv, "/v1/chat/completions", {
+            "messages": [{"role": "user", "content": "What is the capital of France?"}],
+            "max_tokens": 12, "temperature": 0})
+        assert status == 200 and out["choices"][0]["message"]["content"].strip()
+    finally:
+        srv.shutdown()

@@ -105,7 +105,10 @@ class Tokenizer:
 
     def chat(self, messages: list[dict]) -> list[int]:
         if self.has_chat_template:
-            return list(self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+            out = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            if hasattr(out, "keys"):  # transformers >= 5 returns a BatchEncoding
+                out = out["input_ids"]
+            return [int(t) for t in out]
         return self.encode(render_simple_chat(messages))
 
 
