@@ -38,29 +38,22 @@ def _generate(model: Transformer, tok, prompt: str, n: int) -> str:
     return tok.decode(out)
 
 
-def _conversions(args) -> list[tuple[str, callable]]:
-    """(label, fn(model, calib) -> converted Transformer) for each target the converters offer."""
-    try:
-        from kvslim import convert as cv
-    except ImportError:
-        return []
-    out = []
-    if hasattr(cv, "gqa_to_mla"):
-        out.append((f"MLA r={args.rank}", lambda m, c: cv.gqa_to_mla(m, c, kv_lora_rank=args.rank)))
-    if hasattr(cv, "gqa_to_gla"):
-        out.append((f"GLA-3 r={args.rank // 3}/head",
-                    lambda m, c: cv.gqa_to_gla(m, c, num_latent_heads=3, kv_lora_rank=args.rank // 3)))
-    if hasattr(cv, "gqa_to_gta"):
-        out.append(("GTA", lambda m, c: cv.gqa_to_gta(m, c)))
-    return out
+def _targets(args) -> list[tuple[str, dict]]:
+    """(label, convert_model kwargs) for each conversion the demo runs at a similar cache budget."""
+    return [
+        (f"MLA r={args.rank}", dict(to="mla", kv_lora_rank=args.rank, rope_dim=64)),
+        (f"GLA-3 r={args.rank // 3}x3", dict(to="gla", latent_heads=3, kv_lora_rank=args.rank // 3, rope_dim=64)),
+        ("GTA-3", dict(to="gta")),
+    ]
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="kvslim-demo", description=__doc__.splitlines()[0])
     ap.add_argument("--rank", type=int, default=192, help="kv_lora_rank of the converted MLA (GLA: split over 3 heads)")
-    ap.add_argument("--eval-tokens", type=int, default=8192, help="held-out SOTU tokens for perplexity")
+    ap.add_argument("--eval-tokens", type=int, default=4096, help="held-out SOTU tokens for perplexity")
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--calib-samples", type=int, default=16)
+    ap.add_argument("--calib-seq-len", type=int, default=256)
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--out", default="runs/demo", help="where converted checkpoints are written")
     args = ap.parse_args(argv)
@@ -84,21 +77,21 @@ def main(argv=None) -> None:
     print(f"   {mdir}  spec={model.spec.name}  eval tokens={len(eval_ids)}")
 
     rows = [("original GQA-3", model.spec.bytes_per_token(2), _ppl(model, eval_ids, args.seq_len), model)]
-    convs = _conversions(args)
-    if convs:
-        print("\n== 3. convert (calibration on older SOTU addresses, disjoint from the eval text)")
-        from kvslim.eval.calib import calibration_batches
+    print("\n== 3. convert (calibration on older SOTU addresses, disjoint from the eval text)")
+    from kvslim.convert import attention_input_moments, convert_model
+    from kvslim.eval.calib import calibration_batches
 
-        calib = calibration_batches(tokenize(calib_text, tok), num_samples=args.calib_samples, seq_len=256, seed=0)
-        for label, fn in convs:
-            t = time.time()
-            conv = fn(model, calib).eval()
-            out = Path(args.out) / label.split()[0].lower()
-            conv.save_pretrained(out)
-            rows.append((label, conv.spec.bytes_per_token(2), _ppl(conv, eval_ids, args.seq_len), conv))
-            print(f"   {label}: converted in {time.time() - t:.0f} s -> {out}")
-    else:
-        print("\n== 3. convert: kvslim.convert is not available in this build; skipping")
+    calib = calibration_batches(tokenize(calib_text, tok), num_samples=args.calib_samples,
+                                seq_len=args.calib_seq_len, seed=0)
+    moments = attention_input_moments(model, calib, progress=False)  # shared by all targets
+    for label, kw in _targets(args):
+        t = time.time()
+        conv, _ = convert_model(model, moments=moments, progress=False, **kw)
+        conv.eval()
+        out = Path(args.out) / kw["to"]
+        conv.save_pretrained(out)
+        rows.append((label, conv.spec.bytes_per_token(2), _ppl(conv, eval_ids, args.seq_len), conv))
+        print(f"   {label}: converted in {time.time() - t:.0f} s -> {out}")
 
     print("\n== 4. perplexity on held-out SOTU text (bf16 KV bytes per token per layer)")
     base = rows[0][2]
