@@ -10,6 +10,7 @@ tokens). Tolerance (STYLE.md §5): kernel error vs the fp32 reference must be at
 from __future__ import annotations
 
 import os
+import zlib
 
 import torch
 
@@ -120,7 +121,7 @@ SEPARATE_GPU = [
 def test_separate_matches_reference(case):
     B, q_len, h_q, h_kv, d, page, lens, splits, dtype, config = case
     q, cache, bt, sl = make_inputs(
-        B, q_len, h_q, d, 2 * h_kv * d, page, lens, dtype, seed=hash(str(case)) % 1000
+        B, q_len, h_q, d, 2 * h_kv * d, page, lens, dtype, seed=zlib.crc32(str(case).encode())
     )
     scale = d**-0.5
     out = nan_out(B, q_len, h_q, d, dtype)
@@ -184,7 +185,7 @@ TIED_GPU = [
 def test_tied_matches_reference(case):
     B, q_len, h_q, S, sd, nope, rope, dv, page, lens, splits, dtype, config = case
     q, cache, bt, sl = make_inputs(
-        B, q_len, h_q, nope + rope, S * sd + rope, page, lens, dtype, seed=hash(str(case)) % 1000
+        B, q_len, h_q, nope + rope, S * sd + rope, page, lens, dtype, seed=zlib.crc32(str(case).encode())
     )
     scale = (nope + rope) ** -0.5
     kw = dict(num_state_heads=S, state_dim=sd, nope_dim=nope, rope_dim=rope, v_dim=dv, softmax_scale=scale)
