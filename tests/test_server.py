@@ -330,7 +330,7 @@ def test_serve_cli_with_dp2_replica_processes(tmp_path):
     log = open(tmp_path / "serve.log", "w")  # noqa: SIM115 - closed in finally, outlives the Popen call
     proc = subprocess.Popen([sys.executable, "-m", "kvslim", "serve", "--random-model", "gqa-2", "--model-shape",
                              "tiny", "--num-pages", "64", "--page-size", "4", "--dp", "2", "--port", "0",
-                             "--port-file", str(pf)], stdout=log, stderr=subprocess.STDOUT)
+                             "--port-file", str(pf), "--engine-in-process"], stdout=log, stderr=subprocess.STDOUT)
     try:
         end = time.monotonic() + 90
         while not pf.exists():
@@ -400,3 +400,42 @@ def test_smollm2_engine_and_chat_server():
         assert status == 200 and out["choices"][0]["message"]["content"].strip()
     finally:
         srv.shutdown()
+
+
+def test_engine_in_its_own_process_serves_cancels_and_frees_pages():
+    from kvslim.cli import build_parser
+    from kvslim.engine.commands import start_from_args
+    from kvslim.engine.source import random_model
+
+    args = build_parser().parse_args(["serve", "--random-model", "gla-2", "--model-shape", "tiny", "--num-pages",
+                                      "256", "--page-size", "4", "--max-batch", "16"])
+    srv, session = start_from_args(args)
+    assert session is None and srv.loop.proc.is_alive()
+    try:
+        prompt = [9, 8, 7, 6]
+        status, out = _post(srv, "/v1/completions", {"prompt": prompt, "max_tokens": 8, "temperature": 0})
+        assert status == 200, out
+        assert out["choices"][0]["token_ids"] == random_model("gla-2", "tiny").generate([prompt], 8)[0]
+        events, done = _sse(srv, "/v1/completions", {"prompt": prompt, "max_tokens": 8, "temperature": 0})
+        assert done and [t for e in events for t in e["choices"][0]["token_ids"]] == out["choices"][0]["token_ids"]
+        assert _post(srv, "/v1/completions", {"prompt": prompt, "max_tokens": 2000})[0] == 400
+        errors: list = []
+        threads = [threading.Thread(target=_cancel_stream, args=(srv, 1 + i % 3, 500, errors)) for i in range(12)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not errors
+        end = time.monotonic() + 15
+        while True:
+            s = srv.loop.stats()
+            if s["running"] == 0 and s["waiting"] == 0 and s["free_pages"] == s["num_pages"]:
+                break
+            assert time.monotonic() < end, s
+            time.sleep(0.1)
+        assert s["requests_aborted"] == 12 and not srv.loop.handles
+        vals = dict(line.split() for line in _get(srv, "/metrics")[1].splitlines() if not line.startswith("#"))
+        assert int(vals["kvslim_kv_pages_free"]) == 255
+    finally:
+        srv.shutdown()
+    assert not srv.loop.proc.is_alive()

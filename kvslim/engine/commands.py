@@ -43,6 +43,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-model-len", type=int, help="prompt + output limit (default: the model's)")
     g.add_argument("--no-cuda-graphs", action="store_true", help="run decode eagerly on CUDA")
     g.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (default 1)")
+    g.add_argument("--engine-in-process", action="store_true",
+                   help="run the engine in a thread of the server process (default: its own process)")
     g.add_argument("--device-offset", type=int, default=0, help=argparse.SUPPRESS)
 
 
@@ -175,7 +177,28 @@ def _child_argv(args) -> list[str]:
             out += [flag, str(val)]
     if args.no_cuda_graphs:
         out.append("--no-cuda-graphs")
+    if args.engine_in_process:
+        out.append("--engine-in-process")
     return out
+
+
+def start_from_args(args, *, host: str = "127.0.0.1", port: int = 0):
+    """(started Server, TP session or None): the engine in its own process unless --engine-in-process."""
+    from kvslim.engine.loop import EngineLoop
+    from kvslim.engine.process import EngineProcess
+    from kvslim.engine.server import Server
+
+    max_waiting = getattr(args, "max_waiting", 1024)
+    if args.engine_in_process:
+        engine, tok, session, name = build_engine(args)
+        loop = EngineLoop(engine, max_waiting=max_waiting)
+    else:
+        tok_dir = args.tokenizer or args.model
+        tok = load_tokenizer(tok_dir) if tok_dir else None
+        loop, session = EngineProcess(args, max_waiting=max_waiting), None
+        name = loop.name
+    model_name = getattr(args, "model_name", None) or name
+    return Server(loop, tok, host=host, port=port, model_name=model_name).start(), session
 
 
 def run_serve(args) -> int:
@@ -186,15 +209,12 @@ def run_serve(args) -> int:
 
         return run_router(_child_argv(args), dp=args.dp, tp=args.tp, host=args.host, port=args.port,
                           port_file=args.port_file)
-    from kvslim.engine.server import start_server
-
-    engine, tok, session, name = build_engine(args)
-    srv = start_server(engine, tok, host=args.host, port=args.port, model_name=args.model_name or name,
-                       max_waiting=args.max_waiting)
-    s = engine.stats()
-    print(f"kvslim serve: {srv.url} | model {args.model_name or name} | {s['num_pages']} pages x "
+    srv, session = start_from_args(args, host=args.host, port=args.port)
+    s = srv.loop.stats()
+    print(f"kvslim serve: {srv.url} | model {srv.model_name} | {s['num_pages']} pages x "
           f"{s['page_size']} tokens | max_model_len {s['max_model_len']} | tp {args.tp} | "
-          f"cuda graphs {s['cuda_graphs']}", flush=True)
+          f"cuda graphs {s['cuda_graphs']} | engine {'thread' if args.engine_in_process else 'process'}",
+          flush=True)
     if args.port_file:
         with open(args.port_file + ".tmp", "w") as f:
             f.write(str(srv.port))
@@ -239,10 +259,7 @@ def run_bench_serve(args) -> int:
     if url is None:
         if args.model is None and args.random_model is None:
             raise ValueError("give --url of a running server, or --model/--random-model to start one")
-        from kvslim.engine.server import start_server
-
-        engine, tok, session, name = build_engine(args)
-        srv = start_server(engine, tok, model_name=name)
+        srv, session = start_from_args(args)
         url = srv.url
     try:
         summary = run_bench(url, num_requests=args.num_requests, concurrency=args.concurrency,

@@ -22,6 +22,22 @@ from kvslim.engine.scheduler import FINISHED, SamplingParams, Scheduler, Sequenc
 Listener = Callable[[Sequence, "int | None"], None]
 
 
+def validate_request(prompt, params: SamplingParams, *, vocab_size: int, max_model_len: int) -> None:
+    """Raise ValueError if the request can never run: bad ids, or prompt + max_tokens > max_model_len."""
+    if not isinstance(prompt, (list, tuple)) or not prompt:
+        raise ValueError("prompt must be a non-empty list of token ids")
+    if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size for t in prompt):
+        raise ValueError(f"prompt token ids must be ints in [0, {vocab_size})")
+    if not isinstance(params, SamplingParams):
+        raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
+    total = len(prompt) + params.max_tokens
+    if total > max_model_len:
+        raise ValueError(
+            f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds "
+            f"max_model_len {max_model_len}"
+        )
+
+
 class LLMEngine:
     """Serve many sequences from one preallocated paged KV pool per layer.
 
@@ -83,19 +99,7 @@ class LLMEngine:
     # ---- requests ----------------------------------------------------------------------
     def validate(self, prompt, params: SamplingParams) -> None:
         """Raise ValueError if the request can never run (bad ids, too long)."""
-        if not isinstance(prompt, (list, tuple)) or not prompt:
-            raise ValueError("prompt must be a non-empty list of token ids")
-        V = self.config.vocab_size
-        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < V for t in prompt):
-            raise ValueError(f"prompt token ids must be ints in [0, {V})")
-        if not isinstance(params, SamplingParams):
-            raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
-        total = len(prompt) + params.max_tokens
-        if total > self.max_model_len:
-            raise ValueError(
-                f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds "
-                f"max_model_len {self.max_model_len}"
-            )
+        validate_request(prompt, params, vocab_size=self.config.vocab_size, max_model_len=self.max_model_len)
 
     def add_request(self, prompt: list[int], params: SamplingParams | None = None, *, request_id: str | None = None,
                     listener: Listener | None = None) -> Sequence:
@@ -233,4 +237,4 @@ class LLMEngine:
                     max_model_len=self.max_model_len, cuda_graphs=self.runner.use_graphs, **self.counters)
 
 
-__all__ = ["LLMEngine", "SamplingParams", "Sequence", "FINISHED"]
+__all__ = ["LLMEngine", "SamplingParams", "Sequence", "FINISHED", "validate_request"]

@@ -68,6 +68,17 @@ class EngineLoop:
     def alive(self) -> bool:
         return self.thread.is_alive() and not self._stop.is_set()
 
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def vocab_size(self) -> int:
+        return self.engine.config.vocab_size
+
+    def stats(self) -> dict:
+        return dict(self.engine.stats(), errors=self.errors)
+
     def close(self, timeout: float = 10.0) -> None:
         self._stop.set()
         self.commands.put(("wake",))

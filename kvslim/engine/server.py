@@ -150,7 +150,8 @@ class Server:
     """The HTTP front of one engine loop.
 
     Args:
-        loop: the :class:`EngineLoop`.
+        loop: an :class:`EngineLoop` (engine thread in this process) or an
+            :class:`~kvslim.engine.process.EngineProcess` (engine in its own process).
         tokenizer: a ``source.Tokenizer`` or None (token-id prompts only).
         host, port: bind address (127.0.0.1 by default; port 0 = ephemeral).
         model_name: the name reported in responses and ``/v1/models``.
@@ -185,7 +186,7 @@ class Server:
         self.loop.close()
 
     def metrics_text(self) -> str:
-        s = self.loop.engine.stats()
+        s = self.loop.stats()
         c = dict(self.metrics.c)
         used = s["num_pages"] - s["free_pages"]
         rows = [
@@ -200,7 +201,7 @@ class Server:
             ("kvslim_requests_finished_total", "counter", s["requests_finished"]),
             ("kvslim_requests_aborted_total", "counter", s["requests_aborted"]),
             ("kvslim_engine_steps_total", "counter", s["steps"]),
-            ("kvslim_engine_errors_total", "counter", self.loop.errors),
+            ("kvslim_engine_errors_total", "counter", s["errors"]),
             ("kvslim_http_requests_total", "counter", c["http_requests"]),
             ("kvslim_http_errors_total", "counter", c["http_errors"]),
             ("kvslim_client_disconnects_total", "counter", c["client_disconnects"]),
@@ -271,8 +272,7 @@ class _Handler(BaseHTTPRequestHandler):
         elif self.path == "/v1/models":
             self._send_json(200, {"object": "list", "data": [
                 {"id": self.app.model_name, "object": "model", "owned_by": "kvslim",
-                 "max_model_len": self.app.loop.engine.max_model_len,
-                 "vocab_size": self.app.loop.engine.config.vocab_size}]})
+                 "max_model_len": self.app.loop.max_model_len, "vocab_size": self.app.loop.vocab_size}]})
         elif self.path in ("/v1/completions", "/v1/chat/completions"):
             self._error(405, f"use POST for {self.path}")
         else:
