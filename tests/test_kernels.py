@@ -275,3 +275,20 @@ def test_seq_len_past_block_table_never_reads_out_of_bounds():
     o2, _ = decode_separate_triton(q, cache, bt, clamped, **kw)
     assert not torch.isnan(o1.float()).any()
     torch.testing.assert_close(o1, o2)
+
+
+def test_heuristics_pick_splits_from_shapes_only():
+    """Splits fill one wave of resident programs; capped by length; never below 1."""
+    from kvslim.kernels.heuristics import pick_num_splits, separate_config, tied_config
+
+    assert pick_num_splits(512, 8192, 132, 4) == 1  # GQA-8 B=64: grid already full
+    assert pick_num_splits(64, 8192, 132, 4) == 4  # MLA h_q=16 B=64
+    assert pick_num_splits(8, 8192, 132, 4) == 32  # B=1 GQA-8: 32 splits of 256 tokens
+    assert pick_num_splits(8, 1024, 132, 4) == 4  # capped at >= 256 tokens per split
+    assert pick_num_splits(1, 100, 132, 8) == 1
+    cfg = separate_config(group=4, q_len=2, head_dim=128, dtype=torch.bfloat16)
+    assert cfg["BLOCK_M"] >= 16 and cfg["BLOCK_H"] == 4
+    mla = tied_config(group=128, q_len=1, state_block=512, num_state_heads=1, dtype=torch.bfloat16)
+    assert mla["BLOCK_H"] == 64 and mla["BLOCK_M"] == 64  # [64, 512] fp32 accumulator cap
+    gta = tied_config(group=4, q_len=1, state_block=128, num_state_heads=8, dtype=torch.bfloat16)
+    assert gta["SPG"] == 2 and gta["BLOCK_M"] == 16
