@@ -35,8 +35,11 @@ class _Stop(Exception):
 def _engine_main(conn, args, build=None) -> None:
     """Child process: build the engine (``build(args)``, default ``commands.build_engine``), then
     loop over commands and steps."""
+    import signal
+
     from kvslim.engine.commands import build_engine
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the server, which stops us
     try:
         engine, _, session, name = (build or build_engine)(args)
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises it

@@ -117,8 +117,11 @@ def _init(rank: int, size: int, port: int, backend: str):
 
 def _follower_main(rank: int, size: int, port: int, backend: str, device: str, device_offset: int) -> None:
     """Entry of a follower process: build shards on request and replay the leader's forwards."""
+    import signal
+
     from kvslim.engine.runner import ModelRunner
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the leader; it stops us
     if device != "cuda":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
     dev = _device_for(device, device_offset + rank)
@@ -190,6 +193,8 @@ class TPSession:
         self.closed = True
         try:
             self.send("stop")
+        except RuntimeError:  # a follower is already gone
+            pass
         finally:
             for p in self.procs:
                 p.join(timeout=30)
