@@ -259,7 +259,7 @@ def test_bench_serve_cli_reports_table_and_png(server, tmp_path, capsys):
 
     png, js = tmp_path / "bench.png", tmp_path / "bench.json"
     rc = main(["bench", "serve", "--url", server.url, "--num-requests", "6", "--concurrency", "3",
-               "--input-len", "8", "--input-range", "0.5", "--output-len", "6", "--plot", str(png),
+               "--input-len", "8", "--input-range", "0.5", "--output-len", "6", "--request-rate", "100", "--plot", str(png),
                "--json", str(js)])
     out = capsys.readouterr().out
     assert rc == 0, out
