@@ -309,6 +309,118 @@ def decode_bench(
     return out
 
 
+def graph_decode(a) -> None:
+    """Decode-step time of each variant (random init, the study's shapes): eager vs one CUDA graph.
+
+    A 30M-parameter model's eager decode step is bound by Python and kernel launches, not
+    by KV bytes; replaying the whole step as a CUDA graph removes the host side, so the
+    time left is the GPU's (KV reads, weights, launches back to back).
+    """
+    import torch
+
+    from kvslim.train import build_model
+
+    dev = torch.device("cuda")
+    out = Path(os.environ.get("OUT") or a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfgs = {c["variant"]: c for c in matched_configs()}
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    # measured copy bandwidth (read + write bytes), as DESIGN.md asks
+    buf = torch.empty(2 * 1024**3 // 2, dtype=torch.bfloat16, device=dev).normal_()
+    dst = torch.empty_like(buf)
+    for _ in range(3):
+        dst.copy_(buf)
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    e0.record()
+    for _ in range(10):
+        dst.copy_(buf)
+    e1.record()
+    e1.synchronize()
+    info["copy_tb_s"] = 2 * buf.numel() * 2 * 10 / (e0.elapsed_time(e1) * 1e-3) / 1e12
+    del buf, dst
+    rows = []
+    g = torch.Generator(device=dev).manual_seed(0)
+    for v in a.variants.split(","):
+        model = build_model(
+            spec_for(v),
+            vocab_size=SHAPE["vocab"],
+            num_layers=SHAPE["layers"],
+            intermediate_size=cfgs[v]["ff"],
+            max_position_embeddings=SHAPE["max_pos"],
+        )
+        model = model.to(dev, torch.bfloat16).eval()
+        spec = model.spec
+        for ctx in a.contexts:
+            row = {
+                "variant": spec.name,
+                "batch": a.batch,
+                "context": ctx,
+                "kernel": "triton (impl=auto)",
+                "kv_gb": spec.bytes_per_token(2) * SHAPE["layers"] * a.batch * ctx / 1e9,
+            }
+            try:
+                n = a.steps
+                cache = model.new_cache(a.batch, ctx + n + 16, page_size=64)
+                for p in cache.pools:
+                    p.normal_(0, 1, generator=g)
+                tok = torch.randint(0, SHAPE["vocab"], (a.batch, 1), device=dev, generator=g)
+                with torch.no_grad():
+                    cache.seq_lens.fill_(ctx)
+                    for _ in range(3):
+                        model(tok, cache)
+                    torch.cuda.synchronize()
+                    cache.seq_lens.fill_(ctx)
+                    e0.record()
+                    for _ in range(n):
+                        model(tok, cache)
+                    e1.record()
+                    e1.synchronize()
+                    row["eager_us"] = e0.elapsed_time(e1) * 1e3 / n
+                    side = torch.cuda.Stream()
+                    side.wait_stream(torch.cuda.current_stream())
+                    with torch.cuda.stream(side):
+                        cache.seq_lens.fill_(ctx)
+                        for _ in range(3):
+                            model(tok, cache)
+                    torch.cuda.current_stream().wait_stream(side)
+                    cache.seq_lens.fill_(ctx)
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph):
+                        model(tok, cache)
+                    times = []
+                    for _ in range(5):
+                        cache.seq_lens.fill_(ctx)
+                        graph.replay()
+                        e0.record()
+                        for _ in range(n):
+                            graph.replay()
+                        e1.record()
+                        e1.synchronize()
+                        times.append(e0.elapsed_time(e1) * 1e3 / n)
+                    row["graph_us"] = statistics.median(times)
+                    row["graph_spread_us"] = max(times) - min(times)
+                    row["kv_tb_s"] = row["kv_gb"] * 1e9 / (row["graph_us"] * 1e-6) / 1e12
+                del cache, graph
+            except Exception as e:
+                row["error"] = repr(e)
+            torch.cuda.empty_cache()
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        del model
+    (out / "decode_results.json").write_text(json.dumps({"info": info, "rows": rows}))
+    print(json.dumps(info))
+
+
 # ------------------------------------------------------------------ driver
 def _launch(jobs, args_of, logdir: Path, env) -> list:
     procs = []
@@ -694,6 +806,13 @@ def main(argv=None) -> None:
     r.add_argument("--work", default="/tmp/kvslim_quality")
     r.add_argument("--out", default="quality_out")
     r.set_defaults(func=run)
+    d = sub.add_parser("decode", help="decode-step timing, eager vs CUDA graph (GPU)")
+    d.add_argument("--variants", default=",".join(VARIANTS))
+    d.add_argument("--batch", type=int, default=64)
+    d.add_argument("--contexts", type=lambda s: [int(x) for x in s.split(",")], default=[2048, 8192])
+    d.add_argument("--steps", type=int, default=20)
+    d.add_argument("--out", default="quality_out")
+    d.set_defaults(func=graph_decode)
     q = sub.add_parser("report")
     q.add_argument("results")
     q.add_argument("--outdir", default=str(ROOT / "benchmarks" / "results"))
