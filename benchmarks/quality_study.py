@@ -639,6 +639,9 @@ def _seed_ppls(res, variant) -> str:
 
 
 def report(a) -> None:
+    """quality.csv + quality.png from the run's JSON (and the CUDA-graph decode JSON); prints the table."""
+    import csv
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -646,124 +649,165 @@ def report(a) -> None:
 
     res = json.loads(Path(a.results).read_text())
     info, cfgs = res["info"], res["configs"]
-    dec = {d["variant"]: d for d in res["decode"] if "error" not in d}
+    eager = {d["variant"]: d for d in res["decode"] if "error" not in d}
+    graph = json.loads(Path(a.decode).read_text()) if a.decode else {"rows": [], "info": {}}
+    gctx = sorted({r["context"] for r in graph["rows"]})
     variants = [v for v in VARIANTS if any(r["variant"] == v for r in res["runs"])]
     rows = []
     for v in variants:
         rs = [r for r in res["runs"] if r["variant"] == v]
+        name = spec_for(v).name
         row = {
             "variant": v,
             "seeds": len(rs),
             "params": cfgs[v]["params"],
+            "params_rel_mha": cfgs[v]["rel_diff"],
             "ff": cfgs[v]["ff"],
             "kv_elems_layer": cfgs[v]["kv_elems_layer"],
             "kv_bytes_token": cfgs[v]["kv_bytes_token"],
             "tokens": rs[0]["tokens"],
+            "steps": rs[0]["steps"],
             "train_tok_s": statistics.mean(r["tok_per_s"] for r in rs),
         }
-        for name in EVAL_SETS:
-            m, sd, lo, hi = _stats([r["final"][name]["ppl"] for r in rs])
-            row[f"{name}_ppl"], row[f"{name}_sd"], row[f"{name}_min"], row[f"{name}_max"] = m, sd, lo, hi
-        d = dec.get(spec_for(v).name)
+        for ev in EVAL_SETS:
+            m, sd, lo, hi = _stats([r["final"][ev]["ppl"] for r in rs])
+            row[f"{ev}_ppl"], row[f"{ev}_sd"], row[f"{ev}_min"], row[f"{ev}_max"] = m, sd, lo, hi
+            row[f"{ev}_seeds"] = " ".join(
+                f"{r['final'][ev]['ppl']:.2f}" for r in sorted(rs, key=lambda r: r["seed"])
+            )
+        d = eager.get(name)
         if d:
             for ctx, us in d["step_us"].items():
-                row[f"step_us_{ctx}"] = us
+                row[f"eager_us_{ctx}"] = us
             row["generate_tok_s_b1"] = d["generate_tok_s_b1"]
+        for g in graph["rows"]:
+            if g["variant"] == name and "graph_us" in g:
+                row[f"graph_us_{g['context']}"] = g["graph_us"]
+        if len(gctx) >= 2 and all(f"graph_us_{c}" in row for c in gctx[:1] + gctx[-1:]):
+            lo_c, hi_c = gctx[0], gctx[-1]
+            extra = spec_for(v).bytes_per_token(2) * SHAPE["layers"] * 64 * (hi_c - lo_c)
+            row["marginal_kv_tb_s"] = (
+                extra / ((row[f"graph_us_{hi_c}"] - row[f"graph_us_{lo_c}"]) * 1e-6) / 1e12
+            )
         rows.append(row)
-    base = next((r for r in rows if r["variant"] == "mha"), rows[0])
-    ctxs = sorted({c for d in dec.values() for c in d["step_us"]}, key=int)
 
     out = Path(a.outdir)
     out.mkdir(parents=True, exist_ok=True)
-    import csv
-
     cols = list(dict.fromkeys(k for r in rows for k in r))
     with open(out / "quality.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols)
         w.writeheader()
         w.writerows(rows)
 
-    fig, axes = plt.subplots(1, 3, figsize=(17, 4.6))
+    colors = dict(zip(VARIANTS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
     ax = axes[0]
     for r in rows:
+        c = colors[r["variant"]]
         ax.errorbar(
             r["kv_bytes_token"],
             r["sotu_ppl"],
             yerr=[[r["sotu_ppl"] - r["sotu_min"]], [r["sotu_max"] - r["sotu_ppl"]]],
             fmt="o",
             capsize=4,
+            color=c,
         )
+        for p in r["sotu_seeds"].split():
+            ax.plot(r["kv_bytes_token"], float(p), "x", color=c, ms=5)
         ax.annotate(
             r["variant"].upper(),
             (r["kv_bytes_token"], r["sotu_ppl"]),
             textcoords="offset points",
-            xytext=(6, 4),
+            xytext=(7, 3),
+            color=c,
         )
     ax.set(
         xscale="log",
         xlabel=f"KV cache bytes / token (bf16, {SHAPE['layers']} layers)",
         ylabel="SOTU held-out perplexity",
-        title="quality vs KV size (mean, bars = min..max over seeds)",
+        title="quality vs KV size (o mean, x seeds, bars min..max)",
     )
     ax.grid(alpha=0.3)
     ax = axes[1]
     for v in variants:
         rs = [r for r in res["runs"] if r["variant"] == v]
-        steps = [p["step"] for p in rs[0]["val"]]
-        mean = [statistics.mean(r["val"][i]["ppl"] for r in rs) for i in range(len(steps))]
-        ax.plot([p["tokens"] / 1e6 for p in rs[0]["val"]], mean, "o-", ms=2.5, label=v.upper())
+        mean = [statistics.mean(r["val"][i]["ppl"] for r in rs) for i in range(len(rs[0]["val"]))]
+        ax.plot(
+            [p["tokens"] / 1e6 for p in rs[0]["val"]][1:],
+            mean[1:],
+            "o-",
+            ms=2.5,
+            label=v.upper(),
+            color=colors[v],
+        )
     ax.set(
         yscale="log",
         xlabel="training tokens (M)",
-        ylabel="validation ppl (32K-token subset)",
+        ylabel="validation ppl (first 32K SOTU-eval tokens)",
         title="validation curves (mean over seeds)",
     )
     ax.legend()
     ax.grid(alpha=0.3)
     ax = axes[2]
-    if ctxs:
-        width = 0.8 / len(ctxs)
-        for i, c in enumerate(ctxs):
+    if gctx:
+        width = 0.8 / len(gctx)
+        for i, c in enumerate(gctx):
             ax.bar(
                 [j + i * width for j in range(len(rows))],
-                [r.get(f"step_us_{c}", float("nan")) for r in rows],
+                [r.get(f"graph_us_{c}", float("nan")) for r in rows],
                 width,
                 label=f"context {c}",
+                alpha=0.55 + 0.45 * i / max(1, len(gctx) - 1),
+                color=[colors[r["variant"]] for r in rows],
+                edgecolor="k",
             )
+            for j, r in enumerate(rows):
+                ax.annotate(
+                    f"{c // 1024}K",
+                    (j + i * width, r.get(f"graph_us_{c}", 0)),
+                    ha="center",
+                    va="bottom",
+                    fontsize=7,
+                )
         ax.set_xticks(
-            [j + width * (len(ctxs) - 1) / 2 for j in range(len(rows))], [r["variant"].upper() for r in rows]
+            [j + width * (len(gctx) - 1) / 2 for j in range(len(rows))], [r["variant"].upper() for r in rows]
         )
         ax.set(
-            ylabel="µs per decode step (whole model)",
-            title=f"decode step, batch {res['decode'][0].get('batch', '?')}, bf16, kvslim.kernels (Triton)",
+            ylabel="µs per decode step (whole model, CUDA graph)",
+            title="decode step, B=64, bf16, Triton (kvslim.kernels)",
         )
-        ax.legend()
         ax.grid(alpha=0.3, axis="y")
     fig.suptitle(
         f"kvslim quality study: {info['gpu']}, torch {info['torch']}, triton {info['triton']}, "
-        f"{info['date'][:10]}, {rows[0]['tokens'] / 1e6:.1f}M tokens/run, ~{base['params'] / 1e6:.1f}M params",
+        f"{info['date'][:10]}; {rows[0]['tokens'] / 1e6:.1f}M tokens/run, "
+        f"{rows[0]['params'] / 1e6:.1f}M params (±0.3 %), {max(r['seeds'] for r in rows)} seeds",
         fontsize=10,
     )
     fig.tight_layout()
     fig.savefig(out / "quality.png", dpi=120)
     plt.close(fig)
 
-    lines = [
-        "| variant | params | MLP width | KV elems/token/layer | KV bytes/token (8 layers, bf16) | SOTU ppl (mean ± sd) | seeds | moby-dick ppl | shakespeare ppl | "
-        + " | ".join(f"decode step µs (B={res['decode'][0].get('batch')}, ctx {c})" for c in ctxs)
-        + " | generate tok/s (B=1) | train tok/s/run |",
-        "|" + "---|" * (10 + len(ctxs) + 1),
-    ]
+    hdr = (
+        "| variant | params | MLP width | KV elems/token/layer | KV bytes/token (all layers) | SOTU ppl mean ± sd "
+        "(seeds) | moby-dick ppl | shakespeare ppl | "
+        + " | ".join(f"decode µs, graph, ctx {c}" for c in gctx)
+        + " | marginal KV TB/s | decode µs eager, ctx 8192 | generate tok/s (B=1, eager) |"
+    )
+    lines = [hdr, "|" + "---|" * (hdr.count("|") - 1)]
     for r in rows:
         lines.append(
-            f"| {r['variant'].upper()} | {r['params'] / 1e6:.3f}M | {r['ff']} | {r['kv_elems_layer']} | {r['kv_bytes_token']:,} "
-            f"| {r['sotu_ppl']:.2f} ± {r['sotu_sd']:.2f} | {_seed_ppls(res, r['variant'])} "
-            f"| {r['moby-dick_ppl']:.1f} ± {r['moby-dick_sd']:.1f} | {r['shakespeare_ppl']:.1f} ± {r['shakespeare_sd']:.1f} | "
-            + " | ".join(f"{r.get(f'step_us_{c}', float('nan')):.0f}" for c in ctxs)
-            + f" | {r.get('generate_tok_s_b1', float('nan')):.0f} | {r['train_tok_s']:,.0f} |"
+            f"| {r['variant'].upper()} | {r['params'] / 1e6:.2f}M ({r['params_rel_mha']:+.2%}) | {r['ff']} "
+            f"| {r['kv_elems_layer']} | {r['kv_bytes_token']:,} "
+            f"| **{r['sotu_ppl']:.1f}** ± {r['sotu_sd']:.1f} ({r['sotu_seeds'].replace(' ', ', ')}) "
+            f"| {r['moby-dick_ppl']:.0f} ± {r['moby-dick_sd']:.0f} | {r['shakespeare_ppl']:.0f} ± {r['shakespeare_sd']:.0f} | "
+            + " | ".join(f"{r.get(f'graph_us_{c}', float('nan')):,.0f}" for c in gctx)
+            + f" | {r.get('marginal_kv_tb_s', float('nan')):.2f} | {r.get('eager_us_8192', float('nan')):,.0f} "
+            f"| {r.get('generate_tok_s_b1', float('nan')):.0f} |"
         )
-    (out / "quality_table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    print(
+        f"\ncopy bandwidth measured with the graph decode run: {graph['info'].get('copy_tb_s', float('nan')):.2f} TB/s"
+    )
 
 
 # ------------------------------------------------------------------ main
@@ -815,6 +859,7 @@ def main(argv=None) -> None:
     d.set_defaults(func=graph_decode)
     q = sub.add_parser("report")
     q.add_argument("results")
+    q.add_argument("--decode", help="decode_results.json of the `decode` subcommand (CUDA-graph timings)")
     q.add_argument("--outdir", default=str(ROOT / "benchmarks" / "results"))
     q.set_defaults(func=report)
     a = p.parse_args(argv)
