@@ -157,3 +157,16 @@ def test_cache_overflow_and_bad_inputs_raise():
         model.generate([[1]], temperature=-1)
     with pytest.raises(ValueError, match="tp_rank"):
         build_attention(tiny_spec("gqa-2"), tp_rank=2, tp_size=2)
+
+
+@pytest.mark.parametrize("name", TINY_PRESETS + ("gla-4",))
+def test_prefill_is_causal(name):
+    """Changing later tokens never changes earlier logits (no leak from the future)."""
+    model = tiny_model(tiny_spec(name))
+    toks = torch.randint(0, 97, (2, 12))
+    other = toks.clone()
+    other[:, 7:] = torch.randint(0, 97, (2, 5))
+    with torch.no_grad():
+        a, b = model(toks), model(other)
+    assert_close(a[:, :7], b[:, :7], atol=1e-6, msg=name)
+    assert (a[:, 7:] - b[:, 7:]).abs().max() > 1e-3
