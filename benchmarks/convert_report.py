@@ -27,6 +27,9 @@ GEN_FOR = {"original GQA-3", "MQA (mean-pooled)", "MLA r=256", "MLA r=128", "MLA
            "MHA2MLA-style r=128", "GLA-3 d_c=64", "GTA-3"}
 
 
+BEST_FREQFOLD = int(os.environ.get("KVSLIM_REPORT_FREQFOLD", "4"))
+
+
 def variants():
     """(name, method label, target, kwargs) in the order they are run."""
     mla = [(f"MLA r={r}", "TransMLA (RoRoPE+BKV-PCA)", "mla", dict(kv_lora_rank=r, rope_dim=64))
@@ -47,7 +50,26 @@ def variants():
         ("GLA-3 d_c=32", "RoRoPE + per-head BKV-PCA", "gla", dict(latent_heads=3, kv_lora_rank=32, rope_dim=64)),
         ("MLA r=128 FreqFold 8", "TransMLA, freqfold=8", "mla", dict(kv_lora_rank=128, rope_dim=64, freqfold=8)),
     ]
+    f = BEST_FREQFOLD
+    v += [(f"MLA r={r} FreqFold {f}", f"TransMLA, freqfold={f}", "mla", dict(kv_lora_rank=r, rope_dim=64, freqfold=f))
+          for r in (256, 192, 160, 64)]
     return v
+
+
+TABLE_ORDER = None  # set below: variants() in table order
+
+
+def _table_order():
+    v = variants()
+    names = ["original GQA-3"] + [f"MLA r={r}" for r in (320, 256, 192, 160, 128, 64)]
+    names[1] = "MLA r=320 (full rank)"
+    names += [f"MLA r={r} FreqFold {BEST_FREQFOLD}" for r in (256, 192, 160, 128, 64)]
+    names += [f"MHA2MLA-style r={r}" for r in (256, 192, 160, 128, 64)]
+    names += ["GLA-3 d_c=64", "GLA-3 d_c=32", "GTA-3", "GTA-3 (joint state)", "MQA (mean-pooled)",
+              "MLA r=128 no BKV", "MLA r=128 FreqFold 2", "MLA r=128 FreqFold 4", "MLA r=128 FreqFold 8"]
+    names = list(dict.fromkeys(names))
+    by = {x[0]: x for x in v}
+    return [by[n] for n in names if n in by]
 
 
 def _mean(x):
@@ -135,7 +157,9 @@ def export_check(conv, ids) -> dict:
 
 def render(args) -> None:
     data = json.loads((RESULTS / "convert.json").read_text())
-    rows, meta = data["rows"], data["meta"]
+    meta = data["meta"]
+    order = [v[0] for v in TABLE_ORDER]
+    rows = sorted(data["rows"], key=lambda r: order.index(r["name"]) if r["name"] in order else len(order))
     base = next(r for r in rows if r["name"] == "original GQA-3")
     lines = [
         "# Converters on SmolLM2-135M: KV cache vs perplexity (no fine-tuning)",
@@ -166,6 +190,18 @@ def render(args) -> None:
         if name in by and ref in by:
             lines.append(f"- {by[name]['elements']} elements: {name} ppl {by[name]['ppl']:.2f} vs {ref} "
                          f"ppl {by[ref]['ppl']:.2f}")
+    lines += ["", "## Against TransMLA's published ratios (512+64, before fine-tuning)", "",
+              "| model | KV elements/token/layer | kept | ppl before -> after | ratio |", "|---|---|---:|---|---:|"]
+    for name, before, b_ppl, a_ppl in (("Qwen2.5-7B (TransMLA paper)", 1024, 6.85, 8.41),
+                                       ("Llama-3-8B (TransMLA paper)", 2048, 6.14, 25.80),
+                                       ("Llama-2-7B (TransMLA paper)", 8192, 5.47, 41.61)):
+        lines.append(f"| {name} | {before} -> 576 | {576 / before:.0%} | {b_ppl} -> {a_ppl} | x{a_ppl / b_ppl:.2f} |")
+    for r_ in (256, 192, 160, 128, 64):
+        a = by.get(f"MLA r={r_}")
+        if a:
+            lines.append(f"| SmolLM2-135M, MLA r={r_} (this report) | {base['elements']} -> {a['elements']} | "
+                         f"{a['elements'] / base['elements']:.0%} | {base['ppl']:.2f} -> {a['ppl']:.2f} | "
+                         f"x{a['ppl'] / base['ppl']:.2f} |")
     ex = by.get("MLA r=128", {}).get("export_check")
     if ex:
         lines += ["", f"Export check (MLA r=128 -> DeepSeek-V3 dir -> `transformers` {ex['hf_class']}): max |logit "
@@ -197,6 +233,9 @@ def plot(rows, base) -> None:
                      if r["name"].startswith(prefix) and r["name"][len(prefix):].isdigit())
         if pts:
             ax.plot(*zip(*pts), style, label=label)
+    pts = sorted((r["bytes_per_token"], r["ppl"]) for r in rows if r["name"].endswith(f"FreqFold {BEST_FREQFOLD}"))
+    if len(pts) > 1:
+        ax.plot(*zip(*pts), "o:", label=f"MLA (TransMLA, FreqFold {BEST_FREQFOLD})")
     for name, marker in (("GLA-3 d_c=64", "^"), ("GLA-3 d_c=32", "^"), ("GTA-3", "D"), ("MQA (mean-pooled)", "v"),
                          ("MLA r=320 (full rank)", "x"), ("original GQA-3", "*")):
         r = next((r for r in rows if r["name"] == name), None)
@@ -210,6 +249,9 @@ def plot(rows, base) -> None:
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(RESULTS / "convert.png", dpi=130)
+
+
+TABLE_ORDER = _table_order()
 
 
 def main(argv=None) -> int:
