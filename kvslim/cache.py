@@ -23,6 +23,7 @@ class LayerCache:
     pool: torch.Tensor  # [num_pages, page_size, row]
     block_table: torch.Tensor  # [B, max_pages] int32
     start: torch.Tensor  # [B] int32: tokens cached before this forward
+    check_bounds: bool = True  # False when the caller already checked capacity (saves a host sync)
 
     def write(self, rows: torch.Tensor) -> None:
         """Store ``rows [B, T, row]`` at positions ``start[b] + t``."""
@@ -33,7 +34,7 @@ class LayerCache:
         pos = self.start.long()[:, None] + torch.arange(T, device=rows.device)[None, :]  # [B, T]
         page_idx = pos // page_size
         capturing = rows.is_cuda and torch.cuda.is_current_stream_capturing()
-        if not capturing and int(page_idx.max()) >= self.block_table.shape[1]:  # host sync: skip in graphs
+        if self.check_bounds and not capturing and int(page_idx.max()) >= self.block_table.shape[1]:
             raise ValueError(
                 f"cache overflow: position {int(pos.max())} needs more than "
                 f"{self.block_table.shape[1]} pages of {page_size}"
@@ -98,8 +99,15 @@ class KVCache:
         view.seq_lens = self.seq_lens[b : b + 1]
         return view
 
-    def layer(self, i: int) -> LayerCache:
-        return LayerCache(self.pools[i], self.block_table, self.seq_lens)
+    def layer(self, i: int, *, check_bounds: bool = True) -> LayerCache:
+        return LayerCache(self.pools[i], self.block_table, self.seq_lens, check_bounds)
+
+    def check_capacity(self, new_tokens: int) -> None:
+        """Raise if any sequence cannot take ``new_tokens`` more (one host sync for all layers)."""
+        need = int(self.seq_lens.max()) + new_tokens
+        cap = self.block_table.shape[1] * self.page_size
+        if need > cap:
+            raise ValueError(f"cache overflow: a sequence needs {need} tokens but holds at most {cap}")
 
     def advance(self, n: int) -> None:
         self.seq_lens += n

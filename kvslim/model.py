@@ -146,9 +146,11 @@ class Transformer(nn.Module):
         if cache is not None and cache.block_table.shape[0] != B:
             raise ValueError(f"cache holds {cache.block_table.shape[0]} sequences, tokens have B={B}")
         positions = start.long()[:, None] + torch.arange(T, device=tokens.device)[None, :]
+        if cache is not None:
+            cache.check_capacity(T)
         x = self.model.embed_tokens(tokens)
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, positions, cache.layer(i) if cache is not None else None)
+            x = layer(x, positions, cache.layer(i, check_bounds=False) if cache is not None else None)
         x = self.model.norm(x)
         if cache is not None:
             cache.advance(T)
