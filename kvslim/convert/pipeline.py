@@ -77,7 +77,7 @@ def _check_target(spec: AttentionSpec, to: str, *, kv_heads, latent_heads, kv_lo
 def convert_model(model: Transformer, to: str, *, calib: torch.Tensor | None = None, moments=None,
                   kv_heads: int | None = None, latent_heads: int | None = None, kv_lora_rank: int | None = None,
                   rope_dim: int = 64, freqfold: int | None = None, method: str = "transmla",
-                  gta_state: str = "key", progress: bool = True) -> tuple[Transformer, dict]:
+                  gta_state: str = "joint", progress: bool = True) -> tuple[Transformer, dict]:
     """Convert an in-memory kvslim Transformer; returns (new model, diagnostics)."""
     spec = model.spec
     _check_target(spec, to, kv_heads=kv_heads, latent_heads=latent_heads, kv_lora_rank=kv_lora_rank,
@@ -102,7 +102,7 @@ def convert_checkpoint(*, model_dir: str | os.PathLike, out: str | os.PathLike, 
                        kv_lora_rank: int | None = None, rope_dim: int = 64, freqfold: int | None = None,
                        method: str = "transmla", calib_samples: int = 32, calib_seq_len: int = 256,
                        calib_text: str = "sotu", calib_tokens: torch.Tensor | None = None, seed: int = 0,
-                       dtype: str = "float32", gta_state: str = "key", progress: bool = True) -> ConvertResult:
+                       dtype: str = "float32", gta_state: str = "joint", progress: bool = True) -> ConvertResult:
     """Convert the checkpoint in ``model_dir`` and write it to ``out`` (atomically).
 
     Args:
