@@ -53,6 +53,10 @@ def variants():
     f = BEST_FREQFOLD
     v += [(f"MLA r={r} FreqFold {f}", f"TransMLA, freqfold={f}", "mla", dict(kv_lora_rank=r, rope_dim=64, freqfold=f))
           for r in (256, 192, 160, 64)]
+    v += [(f"GLA-3 d_c=64 FreqFold {f}", f"RoRoPE + per-head BKV-PCA, freqfold={f}", "gla",
+           dict(latent_heads=3, kv_lora_rank=64, rope_dim=64, freqfold=f)),
+          ("GTA-3 FreqFold 4 (joint state)", "RoRoPE (d_R=32, freqfold=4) + BKV-PCA state", "gta",
+           dict(gta_state="joint", freqfold=4))]
     return v
 
 
@@ -65,7 +69,8 @@ def _table_order():
     names[1] = "MLA r=320 (full rank)"
     names += [f"MLA r={r} FreqFold {BEST_FREQFOLD}" for r in (256, 192, 160, 128, 64)]
     names += [f"MHA2MLA-style r={r}" for r in (256, 192, 160, 128, 64)]
-    names += ["GLA-3 d_c=64", "GLA-3 d_c=32", "GTA-3", "GTA-3 (joint state)", "MQA (mean-pooled)",
+    names += ["GLA-3 d_c=64", f"GLA-3 d_c=64 FreqFold {BEST_FREQFOLD}", "GLA-3 d_c=32", "GTA-3",
+              "GTA-3 (joint state)", "GTA-3 FreqFold 4 (joint state)", "MQA (mean-pooled)",
               "MLA r=128 no BKV", "MLA r=128 FreqFold 2", "MLA r=128 FreqFold 4", "MLA r=128 FreqFold 8"]
     names = list(dict.fromkeys(names))
     by = {x[0]: x for x in v}

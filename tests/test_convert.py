@@ -330,6 +330,7 @@ def test_convert_bad_inputs_raise_and_write_nothing(src_dir, tmp_path, monkeypat
         (dict(to="gla", kv_lora_rank=8, latent_heads=3), "must divide"),
         (dict(to="gla", kv_lora_rank=8, latent_heads=2, fmt="deepseek"), "MLA models only"),
         (dict(to="gqa", kv_heads=3), "must divide"),
+        (dict(to="gta", freqfold=3), "freqfold"),
         (dict(to="mla", kv_lora_rank=8, dtype="float16"), "float16"),
         (dict(to="xyz"), "target"),
         (dict(to="mla", kv_lora_rank=8, model_dir=tmp_path / "nowhere"), "config.json"),

@@ -60,6 +60,10 @@ def _check_target(spec: AttentionSpec, to: str, *, kv_heads, latent_heads, kv_lo
             raise ValueError("--to gqa needs --kv-heads")
         if not isinstance(kv_heads, int) or kv_heads < 1 or spec.num_kv_heads % kv_heads:
             raise ValueError(f"kv_heads={kv_heads} must divide the source's {spec.num_kv_heads} KV heads")
+    elif to == "gta" and freqfold is not None:
+        c = spec.rope_dim // max(spec.head_dim // 2, 1)
+        if c < 1 or freqfold % c or (spec.rope_dim // 2) % freqfold:
+            raise ValueError(f"freqfold={freqfold} must be a multiple of {c} dividing {spec.rope_dim // 2} for gta")
     elif to in ("mla", "gla"):
         if kv_lora_rank is None:
             raise ValueError(f"--to {to} needs --kv-lora-rank (latent dim per latent head)")
@@ -90,7 +94,8 @@ def convert_model(model: Transformer, to: str, *, calib: torch.Tensor | None = N
         moments = attention_input_moments(model, calib, progress=progress)
     stats: dict = {}
     if to == "gta":
-        return gqa_to_gta(model, moments, state=gta_state, progress=progress, stats=stats), stats
+        out = gqa_to_gta(model, moments, state=gta_state, freqfold=freqfold, progress=progress, stats=stats)
+        return out, stats
     h_c = 1 if to == "mla" else latent_heads
     out = gqa_to_latent(model, moments, latent_heads=h_c, latent_dim=kv_lora_rank, rope_dim=rope_dim,
                         freqfold=freqfold, method=method, progress=progress, stats=stats)
