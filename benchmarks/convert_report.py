@@ -255,10 +255,13 @@ def plot(rows, base) -> None:
                      if r["name"].startswith(prefix) and r["name"][len(prefix):].isdigit())
         if pts:
             ax.plot(*zip(*pts), style, label=label)
-    pts = sorted((r["bytes_per_token"], r["ppl"]) for r in rows if r["name"].endswith(f"FreqFold {BEST_FREQFOLD}"))
+    pts = sorted((r["bytes_per_token"], r["ppl"]) for r in rows
+                 if r["name"].startswith("MLA r=") and r["name"].endswith(f"FreqFold {BEST_FREQFOLD}"))
     if len(pts) > 1:
         ax.plot(*zip(*pts), "o:", label=f"MLA (TransMLA, FreqFold {BEST_FREQFOLD})")
-    for name, marker in (("GLA-3 d_c=64", "^"), ("GLA-3 d_c=32", "^"), ("GTA-3", "D"), ("MQA (mean-pooled)", "v"),
+    for name, marker in (("GLA-3 d_c=64", "^"), (f"GLA-3 d_c=64 FreqFold {BEST_FREQFOLD}", "^"),
+                         ("GLA-3 d_c=32", "^"), ("GTA-3", "D"), ("GTA-3 FreqFold 4 (joint state)", "D"),
+                         ("MQA (mean-pooled)", "v"),
                          ("MLA r=320 (full rank)", "x"), ("original GQA-3", "*")):
         r = next((r for r in rows if r["name"] == name), None)
         if r:
