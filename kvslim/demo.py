@@ -39,11 +39,15 @@ def _generate(model: Transformer, tok, prompt: str, n: int) -> str:
 
 
 def _targets(args) -> list[tuple[str, dict]]:
-    """(label, convert_model kwargs) for each conversion the demo runs at a similar cache budget."""
+    """(label, convert_model kwargs) for each conversion the demo runs at a similar cache budget.
+
+    FreqFold 2 (MLA/GLA) and 4 (GTA) are the settings benchmarks/results/convert.md found best.
+    """
+    r = args.rank
     return [
-        (f"MLA r={args.rank}", dict(to="mla", kv_lora_rank=args.rank, rope_dim=64)),
-        (f"GLA-3 r={args.rank // 3}x3", dict(to="gla", latent_heads=3, kv_lora_rank=args.rank // 3, rope_dim=64)),
-        ("GTA-3", dict(to="gta")),
+        (f"MLA r={r}", dict(to="mla", kv_lora_rank=r, rope_dim=64, freqfold=2)),
+        (f"GLA-3 r={r // 3}x3", dict(to="gla", latent_heads=3, kv_lora_rank=r // 3, rope_dim=64, freqfold=2)),
+        ("GTA-3", dict(to="gta", freqfold=4)),
     ]
 
 
