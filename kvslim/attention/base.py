@@ -114,3 +114,19 @@ def shard_rows(w: torch.Tensor, blocks: int, rank: int, size: int) -> torch.Tens
         return w[rank * n * per : (rank + 1) * n * per]
     j = rank * blocks // size
     return w[j * per : (j + 1) * per]
+
+
+def shard_state(sd: dict, rank: int, size: int, *, rows: dict[str, int], cols: dict[str, int]) -> dict:
+    """Slice a full state dict to one rank: ``rows`` maps a module name to the number of
+    head blocks of its output (column-parallel), ``cols`` to those of its input
+    (row-parallel, e.g. ``o_proj``); every other tensor is replicated."""
+    out = {}
+    for name, w in sd.items():
+        module = name.rsplit(".", 1)[0]
+        if module in rows:
+            out[name] = shard_rows(w, rows[module], rank, size)
+        elif module in cols and name.endswith(".weight"):
+            out[name] = shard_rows(w.t(), cols[module], rank, size).t().contiguous()
+        else:
+            out[name] = w
+    return out

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kvslim.attention.base import AttentionBase, shard_rows
+from kvslim.attention.base import AttentionBase, shard_state
 from kvslim.kernels import decode_separate
 from kvslim.rope import apply_rope
 
@@ -60,14 +60,5 @@ class GroupedQueryAttention(AttentionBase):
     def shard_state_dict(sd: dict, spec, rank: int, size: int) -> dict:
         """Slice a full (unsharded) state dict to the weights of one rank."""
         h_q, h_kv = spec.num_heads, spec.num_kv_heads
-        out = {}
-        for name, w in sd.items():
-            if name.startswith("q_proj."):
-                out[name] = shard_rows(w, h_q, rank, size)
-            elif name.startswith(("k_proj.", "v_proj.")):
-                out[name] = shard_rows(w, h_kv, rank, size)
-            elif name == "o_proj.weight":
-                out[name] = shard_rows(w.t(), h_q, rank, size).t().contiguous()
-            else:
-                out[name] = w
-        return out
+        return shard_state(sd, rank, size, rows={"q_proj": h_q, "k_proj": h_kv, "v_proj": h_kv},
+                           cols={"o_proj": h_q})

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kvslim.attention.base import AttentionBase, shard_rows
+from kvslim.attention.base import AttentionBase, shard_state
 from kvslim.kernels import decode_tied
 from kvslim.rope import apply_rope
 
@@ -63,15 +63,6 @@ class GroupedTiedAttention(AttentionBase):
 
     @staticmethod
     def shard_state_dict(sd: dict, spec, rank: int, size: int) -> dict:
+        """Slice a full state dict to one rank (the single RoPE key projection is replicated)."""
         h_q, h_kv = spec.num_heads, spec.num_kv_heads
-        out = {}
-        for name, w in sd.items():
-            if name.startswith("q_proj."):
-                out[name] = shard_rows(w, h_q, rank, size)
-            elif name.startswith("kv_proj."):
-                out[name] = shard_rows(w, h_kv, rank, size)
-            elif name == "o_proj.weight":
-                out[name] = shard_rows(w.t(), h_q, rank, size).t().contiguous()
-            else:  # k_rope_proj: replicated
-                out[name] = w
-        return out
+        return shard_state(sd, rank, size, rows={"q_proj": h_q, "kv_proj": h_kv}, cols={"o_proj": h_q})
