@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kvslim.attention.base import AttentionBase, shard_rows
+from kvslim.attention.base import AttentionBase, shard_rows, shard_state
 from kvslim.kernels import decode_tied
 from kvslim.rope import apply_rope
 
@@ -129,18 +129,15 @@ class LatentAttention(AttentionBase):
 
     @staticmethod
     def shard_state_dict(sd: dict, spec, rank: int, size: int) -> dict:
+        """Slice a full state dict to one rank: query heads and their up-projections split,
+        latent heads split (GLA) or replicated (MLA), the RoPE key and q-LoRA replicated."""
         h_q, h_c, d_c = spec.num_heads, spec.num_latent_heads, spec.latent_dim
-        out = {}
+        out = shard_state(sd, rank, size, rows={"q_proj": h_q, "q_b_proj": h_q, "kv_b_proj": h_q},
+                          cols={"o_proj": h_q})
         for name, w in sd.items():
-            if name.startswith(("q_proj.", "q_b_proj.", "kv_b_proj.")):
-                out[name] = shard_rows(w, h_q, rank, size)
-            elif name == "o_proj.weight":
-                out[name] = shard_rows(w.t(), h_q, rank, size).t().contiguous()
-            elif name.startswith("kv_a_proj_with_mqa."):
+            if name.startswith("kv_a_proj_with_mqa."):  # [latents | rope key]: split the latents only
                 lat = shard_rows(w[: h_c * d_c], h_c, rank, size)
                 out[name] = torch.cat([lat, w[h_c * d_c :]], dim=0)
-            elif name == "kv_a_layernorm.weight" and w.shape[0] == h_c * d_c and h_c > 1:
+            elif name == "kv_a_layernorm.weight" and h_c > 1:  # one weight per latent head
                 out[name] = shard_rows(w, h_c, rank, size)
-            else:  # q_a_proj, q_a_layernorm, shared norm weight: replicated
-                out[name] = w
         return out
