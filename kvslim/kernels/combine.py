@@ -85,6 +85,29 @@ def _combine_kernel(
     tl.store(Lse + row, tl.where(total > 0, m_safe + tl.log(total), float("-inf")))
 
 
+def alloc_outputs(q: torch.Tensor, d_v: int, num_splits: int, out=None):
+    """``(o, lse, o_part, lse_part)`` for a decode launch over ``num_splits`` KV splits.
+
+    ``o [B, q_len, h_q, d_v]`` (q.dtype) and ``lse [B, q_len, h_q]`` (fp32) come from ``out``
+    when given; with one split the kernel writes them directly (the partials alias them),
+    otherwise it writes fp32 partials ``[B, q_len, h_q, num_splits, (d_v)]`` for
+    :func:`combine_splits`.
+    """
+    if num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    B, q_len, h_q, _ = q.shape
+    if out is None:
+        o = torch.empty(B, q_len, h_q, d_v, dtype=q.dtype, device=q.device)
+        lse = torch.empty(B, q_len, h_q, dtype=torch.float32, device=q.device)
+    else:
+        o, lse = out
+    if num_splits == 1:
+        return o, lse, o, lse
+    o_part = torch.empty(B, q_len, h_q, num_splits, d_v, dtype=torch.float32, device=q.device)
+    lse_part = torch.empty(B, q_len, h_q, num_splits, dtype=torch.float32, device=q.device)
+    return o, lse, o_part, lse_part
+
+
 def combine_splits(o_part: torch.Tensor, lse_part: torch.Tensor, o: torch.Tensor, lse: torch.Tensor) -> None:
     """Merge ``o_part [B, q_len, h_q, S, DV]`` / ``lse_part [B, q_len, h_q, S]`` into o, lse (in place)."""
     B, q_len, h_q, splits, dv = o_part.shape

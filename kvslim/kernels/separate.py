@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kvslim.kernels.combine import INTERPRET, combine_splits, round_p, tile_rows
+from kvslim.kernels.combine import INTERPRET, alloc_outputs, combine_splits, round_p, tile_rows
 from kvslim.kernels.heuristics import num_sms, pick_num_splits, separate_config
 
 LN2 = 0.6931471805599453
@@ -171,19 +171,7 @@ def decode_separate_triton(
         num_splits = pick_num_splits(
             B * num_kv_heads * hb_per_kv, max_pages * page_size, num_sms(q.device), cfg["num_warps"]
         )
-    if num_splits < 1:
-        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
-
-    if out is None:
-        o = torch.empty(B, q_len, h_q, head_dim, dtype=q.dtype, device=q.device)
-        lse = torch.empty(B, q_len, h_q, dtype=torch.float32, device=q.device)
-    else:
-        o, lse = out
-    if num_splits > 1:
-        o_part = torch.empty(B, q_len, h_q, num_splits, head_dim, dtype=torch.float32, device=q.device)
-        lse_part = torch.empty(B, q_len, h_q, num_splits, dtype=torch.float32, device=q.device)
-    else:
-        o_part, lse_part = o, lse
+    o, lse, o_part, lse_part = alloc_outputs(q, head_dim, num_splits, out)
 
     grid = (num_kv_heads * hb_per_kv, B, num_splits)
     _separate_kernel[grid](
