@@ -149,7 +149,7 @@ def decode_separate_triton(
         num_splits: KV splits; None picks one from shapes (host-side, graph-safe).
         out: optional preallocated ``(o [B, q_len, h_q, d_h] q.dtype, lse [B, q_len, h_q] fp32)``;
             lse must be contiguous.
-        config: overrides of the heuristic blocks (BLOCK_H, BLOCK_N, num_warps, num_stages).
+        config: overrides of the heuristic blocks (BLOCK_H, BLOCK_N, num_warps, num_stages, maxnreg).
 
     Returns:
         ``(o, lse)``.
@@ -210,6 +210,7 @@ def decode_separate_triton(
         UPCAST=INTERPRET and q.dtype != torch.float32,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
+        **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}),
     )
     if num_splits > 1:
         combine_splits(o_part, lse_part, o, lse)

@@ -175,7 +175,7 @@ def decode_tied_triton(
             ``[B, max_pages]`` int32; seq_lens ``[B]`` int32.
         num_splits: KV splits; None picks one from shapes (host-side, graph-safe).
         out: optional preallocated ``(o [B, q_len, h_q, v_dim], lse [B, q_len, h_q] fp32)``.
-        config: overrides of the heuristic blocks (BLOCK_H, BLOCK_N, num_warps, num_stages).
+        config: overrides of the heuristic blocks (BLOCK_H, BLOCK_N, num_warps, num_stages, maxnreg).
 
     Returns:
         ``(o, lse)``.
@@ -253,6 +253,7 @@ def decode_tied_triton(
         UPCAST=INTERPRET and q.dtype != torch.float32,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
+        **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}),
     )
     if num_splits > 1:
         combine_splits(o_part, lse_part, o, lse)
