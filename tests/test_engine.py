@@ -190,3 +190,26 @@ def test_equal_length_prefill_chunks_share_one_forward(kind):
     assert out == ref
     assert (20, [40, 0]) in calls  # a continued chunk and a fresh prompt in one forward (masked SDPA path)
     assert any(len(s) >= 2 and not any(s) for _, s in calls)  # fresh prompts batched (causal SDPA path)
+
+
+def test_engine_bench_driver_counts_every_token():
+    from kvslim.engine.bench import run_engine_bench
+
+    model = tiny_model(tiny_spec("gla-2"))
+    eng = LLMEngine(model, num_pages=64, page_size=4, max_batch=4, max_num_batched_tokens=32)
+    s = run_engine_bench(eng, num_requests=6, concurrency=3, input_len=9, output_len=5, seed=1)
+    assert s["completed"] == 6 and s["num_errors"] == 0 and not s["timed_out"]
+    assert s["output_tokens"] == 6 * 5 and s["prompt_tokens"] == 6 * 9
+    assert s["output_throughput"] == pytest.approx(s["output_tokens"] / s["wall_s"])
+    assert len(s["_raw"]["ttft"]) == 6 and len(s["_raw"]["itl"]) == 6 * 4  # one gap per token after the first
+    for key in ("ttft_s", "itl_s", "tpot_s", "e2e_s"):
+        assert all(0 < s[key][q] < 60 for q in ("mean", "p50", "p99")), key
+    assert s["ttft_s"]["p50"] <= s["e2e_s"]["p50"]
+    # closed loop: at most 3 in flight, so every decode batch has <= 3 rows and some have 3
+    assert 0 < s["mean_decode_batch"] <= 3 and s["decode_steps"] >= 5
+    assert s["decode_step_ms"] > 0 and s["prefill_s"] > 0 and s["steps"] == eng.counters["steps"]
+    assert eng.allocator.num_free == eng.allocator.num_usable and not eng.has_unfinished()
+    # a deadline already past: the requests in flight are aborted, nothing leaks
+    s = run_engine_bench(eng, num_requests=4, concurrency=2, input_len=9, output_len=5, deadline=0.0)
+    assert s["timed_out"] and s["completed"] < 4
+    assert eng.allocator.num_free == eng.allocator.num_usable and not eng.has_unfinished()

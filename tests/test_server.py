@@ -439,3 +439,60 @@ def test_engine_in_its_own_process_serves_cancels_and_frees_pages():
     finally:
         srv.shutdown()
     assert not srv.loop.proc.is_alive()
+
+
+class _BurstLoop:
+    """A fake engine loop: the first token at once, the rest (and done) 0.3 s later in one burst."""
+
+    max_model_len, vocab_size, alive = 64, VOCAB, True
+
+    def __init__(self, burst=(11, 12, 13, 14)):
+        self.burst = burst
+
+    def submit(self, prompt, params):
+        from kvslim.engine.loop import Handle
+
+        h = Handle("cmpl-burst")
+        h.events.put(("token", 10))
+
+        def later():
+            time.sleep(0.3)
+            for t in self.burst:
+                h.events.put(("token", t))
+            h.events.put(("done", "length"))
+
+        threading.Thread(target=later, daemon=True).start()
+        return h
+
+    def abort(self, request_id):
+        pass
+
+    def stats(self):
+        return {}
+
+    def close(self):
+        pass
+
+
+def test_sse_coalesces_queued_tokens_and_bench_counts_them():
+    from kvslim.engine.bench import run_bench
+    from kvslim.engine.server import Server
+
+    srv = Server(_BurstLoop(), None, host="127.0.0.1", port=0).start()
+    try:
+        events, done = _sse(srv, "/v1/completions", {"prompt": [1, 2], "max_tokens": 5})
+        assert done
+        # the tokens queued while the handler waited go out as one event, which also ends the stream
+        assert [e["choices"][0]["token_ids"] for e in events] == [[10], [11, 12, 13, 14]]
+        assert [e["choices"][0]["finish_reason"] for e in events] == [None, "length"]
+        assert "".join(e["choices"][0]["text"] for e in events) == " 10 11 12 13 14"
+        s = run_bench(srv.url, num_requests=2, concurrency=2, input_len=3, output_len=5, vocab_size=VOCAB,
+                      progress=False)
+        assert s["completed"] == 2 and s["output_tokens"] == 10
+        assert s["tokens_per_event"] == 2.5
+        assert len(s["_raw"]["itl"]) == 2  # one gap per token-carrying event after the first, not per token
+        assert min(s["_raw"]["itl"]) >= 0.25
+        assert s["tpot_s"]["p50"] == pytest.approx(s["itl_s"]["p50"] / 4, rel=0.2)
+    finally:
+        srv.httpd.shutdown()
+        srv.httpd.server_close()

@@ -10,6 +10,7 @@ leader rank and mirrors every forward to the followers (``kvslim/engine/tp.py``)
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Callable
 
 import torch
@@ -93,6 +94,7 @@ class LLMEngine:
             seed if seed is not None else random.randrange(2**31))
         self.requests: dict[str, Sequence] = {}
         self.listeners: dict[str, Listener] = {}
+        self.last_step = (0, 0)
         self.counters = dict(prompt_tokens=0, generation_tokens=0, requests_finished=0, requests_aborted=0,
                              steps=0)
 
@@ -133,15 +135,22 @@ class LLMEngine:
         """Run one scheduler step; returns the sequences that got a token or finished."""
         plan = self.scheduler.schedule()
         self.counters["steps"] += 1
+        self.last_step = (len(plan.decode), sum(n for _, n in plan.prefill))  # (decode batch, prefill tokens)
         touched: list[Sequence] = []
         if plan.decode:
             seqs = plan.decode
             toks = [s.output[-1] if s.output else s.prompt[-1] for s in seqs]
             starts = [s.num_computed for s in seqs]
-            pages = [s.pages for s in seqs]
+            slots = [s.slot for s in seqs]
+            updates = []  # only the pages added since a sequence's last decode step
+            for s in seqs:
+                n = len(s.pages)
+                if n != s.table_len:
+                    updates.append((s.slot, s.table_len, s.pages[s.table_len :]))
+                    s.table_len = n
             if self.tp is not None:
-                self.tp.send("decode", toks, starts, pages)
-            logits = self.runner.decode(toks, starts, pages)
+                self.tp.send("decode", toks, starts, slots, updates)
+            logits = self.runner.decode(toks, starts, slots, updates)
             for s in seqs:
                 s.num_computed += 1
             self._sample(seqs, logits)
@@ -167,7 +176,15 @@ class LLMEngine:
         return touched
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        """Pick each sequence's next token, append it, notify its listener, finish it if done.
+
+        One ``argmax`` and one ``tolist`` (the step's only host sync) for the whole batch; the
+        per-sequence loop is the engine's hottest Python at large batches, hence its locals.
+        """
         greedy = logits.argmax(-1).tolist()
+        now = time.monotonic()
+        eos, max_len, listeners = self.eos_token_id, self.max_model_len, self.listeners
+        self.counters["generation_tokens"] += len(seqs)
         for i, seq in enumerate(seqs):
             p = seq.params
             if p.temperature == 0:
@@ -175,27 +192,21 @@ class LLMEngine:
             else:
                 tok = int(sample(logits[i : i + 1], temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
                                  generator=seq.generator or self.rng)[0])
-            self._append(seq, tok)
-
-    def _append(self, seq: Sequence, tok: int) -> None:
-        import time
-
-        if seq.first_token_time is None:
-            seq.first_token_time = time.monotonic()
-        seq.output.append(tok)
-        self.counters["generation_tokens"] += 1
-        p = seq.params
-        reason = None
-        if tok in p.stop_token_ids or (tok == self.eos_token_id and not p.ignore_eos):
-            reason = "stop"
-        elif len(seq.output) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
-            reason = "length"
-        listener = self.listeners.get(seq.request_id)
-        if listener is not None:
-            listener(seq, tok)
-        if reason is not None:
-            self._finish(seq, reason)
-            self.counters["requests_finished"] += 1
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            out = seq.output
+            out.append(tok)
+            reason = None
+            if tok in p.stop_token_ids or (tok == eos and not p.ignore_eos):
+                reason = "stop"
+            elif len(out) >= p.max_tokens or len(seq.prompt) + len(out) >= max_len:
+                reason = "length"
+            listener = listeners.get(seq.request_id)
+            if listener is not None:
+                listener(seq, tok)
+            if reason is not None:
+                self._finish(seq, reason)
+                self.counters["requests_finished"] += 1
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         self.scheduler.finish(seq, reason)

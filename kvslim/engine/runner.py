@@ -7,14 +7,22 @@ code is untouched. Two kinds of forward:
 * ``prefill(chunks, starts, pages)``: chunks of one length T of several sequences, each
   at its own start (T may exceed the kernels' q_len limit; the attention modules then
   take their SDPA path);
-* ``decode(tokens [B], starts [B], block_table [B, P])``: one new token per running
+* ``decode(tokens [B], starts [B], slots [B], updates)``: one new token per running
   sequence, each at its own length, through ``kvslim.kernels`` (Triton on CUDA, torch
-  reference on CPU).
+  reference on CPU). Sequence ``i``'s pages are row ``slots[i]`` of a persistent host
+  block table ``[max_batch + 1, max_pages]`` (pinned on CUDA); ``updates`` carries only
+  the pages added since the last step (``(slot, first column, pages)``, a first column of
+  0 clears the row), so building the inputs costs O(new pages), not O(batch x pages).
+  Tokens, starts and slots go to the device in one copy; the rows of the batch are
+  gathered from the device copy of the table on the device. The last row of the table
+  is all zeros: the scratch page.
 
 On CUDA, decode is captured in CUDA graphs for a set of batch sizes; a batch is padded
-to the next captured size with rows that point at the scratch page (page 0). Capture is
-skipped on CPU and can be turned off. The kernels and :class:`EngineLayerCache` are free
-of host synchronisation, which is what makes the capture legal.
+to the next captured size with rows whose slot is the scratch row (token 0, start 0), so
+they only ever write the scratch page. The gather of tokens, starts and block-table rows
+is part of the graph. Capture is skipped on CPU and can be turned off. The kernels and
+:class:`EngineLayerCache` are free of host synchronisation, which is what makes the
+capture legal.
 
 Tensor parallelism: the runner of every rank holds its own shard of the model and of
 the pools; ``tp.Follower`` replays the leader's forwards (see ``kvslim/engine/tp.py``).
@@ -22,6 +30,7 @@ the pools; ``tp.Follower`` replays the leader's forwards (see ``kvslim/engine/tp
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from kvslim.cache import LayerCache
@@ -80,6 +89,19 @@ class ModelRunner:
         self.use_graphs = cuda_graphs
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.graph_batches = sorted({b for b in graph_batches if b <= max_batch} | {max_batch})
+        # decode inputs: persistent block table (row max_batch = scratch) and one staging buffer
+        # [tokens; starts; slots]; host copies are pinned on CUDA so their copies are asynchronous
+        cuda = self.device.type == "cuda"
+        self.scratch_slot = max_batch
+        self.table = torch.zeros(max_batch + 1, max_pages_per_seq, dtype=torch.int32, pin_memory=cuda)
+        self._table_np = self.table.numpy()
+        self._stage_host = torch.zeros(3, max_batch, dtype=torch.long, pin_memory=cuda)
+        self._stage_np = self._stage_host.numpy()
+        self._dirty: list[int] = []  # [lo, hi) of table rows changed since the last device copy
+        self._copied = None  # CUDA event after the last host-to-device copies
+        if cuda:
+            self._table_dev = torch.zeros_like(self.table, device=self.device)
+            self._stage = torch.zeros_like(self._stage_host, device=self.device)
         if self.use_graphs:
             self._capture()
 
@@ -107,57 +129,78 @@ class ModelRunner:
     def _table(page_lists: list[list[int]]) -> torch.Tensor:
         """Block table ``[B, max pages]`` int32, padded with the scratch page."""
         width = max(len(p) for p in page_lists)
-        bt = torch.full((len(page_lists), width), SCRATCH_PAGES - 1, dtype=torch.int32)
+        bt = np.full((len(page_lists), width), SCRATCH_PAGES - 1, dtype=np.int32)
         for i, p in enumerate(page_lists):
-            bt[i, : len(p)] = torch.tensor(p, dtype=torch.int32)
-        return bt
+            bt[i, : len(p)] = p
+        return torch.from_numpy(bt)
 
-    def decode(self, tokens: list[int], starts: list[int], page_lists: list[list[int]]) -> torch.Tensor:
-        """One token per sequence -> logits ``[B, V]``."""
+    def update_table(self, updates) -> None:
+        """Write ``(slot, first column, pages)`` entries into the host block table (column 0 clears the row)."""
+        if not updates:
+            return
+        t = self._table_np
+        lo, hi = self._dirty or (self.max_batch, 0)
+        for slot, col, pages in updates:
+            if col == 0:
+                t[slot] = SCRATCH_PAGES - 1
+            t[slot, col : col + len(pages)] = pages
+            lo, hi = min(lo, slot), max(hi, slot + 1)
+        self._dirty = [lo, hi]
+
+    def decode(self, tokens: list[int], starts: list[int], slots: list[int], updates=()) -> torch.Tensor:
+        """One token per sequence (block-table row ``slots[i]``, after applying ``updates``) -> logits ``[B, V]``."""
+        B = len(tokens)
+        b = next(x for x in self.graph_batches if x >= B) if self.use_graphs else B
+        if self._copied is not None:
+            self._copied.synchronize()  # the previous step's copies have read the pinned buffers
+        self.update_table(updates)
+        st = self._stage_np
+        st[0, :B] = tokens
+        st[1, :B] = starts
+        st[2, :B] = slots
+        if b > B:  # padding rows: token 0 at position 0 of the scratch row
+            st[:2, B:b] = 0
+            st[2, B:b] = self.scratch_slot
+        if self.device.type != "cuda":
+            stage = self._stage_host
+            bt = self.table.index_select(0, stage[2, :B])
+            return self._forward(stage[0, :B, None], stage[1, :B].to(torch.int32), bt)
+        if self._dirty:
+            lo, hi = self._dirty
+            self._table_dev[lo:hi].copy_(self.table[lo:hi], non_blocking=True)
+            self._dirty = []
+        self._stage[:, :b].copy_(self._stage_host[:, :b], non_blocking=True)
+        if self._copied is None:
+            self._copied = torch.cuda.Event()
+        self._copied.record()
         if self.use_graphs:
-            return self._replay(tokens, starts, page_lists)
-        dev = self.device
-        t = torch.tensor(tokens, dtype=torch.long, device=dev)[:, None]
-        s = torch.tensor(starts, dtype=torch.int32, device=dev)
-        return self._forward(t, s, self._table(page_lists).to(dev))
+            self.graphs[b].replay()
+            return self._outs[b][:B]
+        return self._graph_forward(B)
+
+    def _graph_forward(self, b: int) -> torch.Tensor:
+        """The decode forward over the first ``b`` rows of the device staging buffer and table."""
+        stage = self._stage
+        bt = self._table_dev.index_select(0, stage[2, :b])
+        return self._forward(stage[0, :b, None], stage[1, :b].to(torch.int32), bt)
 
     # ---- CUDA graphs -----------------------------------------------------------------
     def _capture(self) -> None:
-        dev, n = self.device, self.max_batch
-        self._tokens = torch.zeros(n, 1, dtype=torch.long, device=dev)
-        self._starts = torch.zeros(n, dtype=torch.int32, device=dev)
-        self._bt = torch.zeros(n, self.max_pages_per_seq, dtype=torch.int32, device=dev)
-        self._bt_host = torch.zeros(n, self.max_pages_per_seq, dtype=torch.int32)
+        dev = self.device
+        self._stage[2].fill_(self.scratch_slot)
         self._outs: dict[int, torch.Tensor] = {}
         pool = None
         stream = torch.cuda.Stream(device=dev)
         stream.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(stream):  # warm up (allocator, Triton autotune/compile)
             for b in self.graph_batches:
-                self._forward(self._tokens[:b], self._starts[:b], self._bt[:b])
+                self._graph_forward(b)
         torch.cuda.current_stream(dev).wait_stream(stream)
         torch.cuda.synchronize(dev)
         for b in reversed(self.graph_batches):  # largest first so smaller graphs share its pool
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g, pool=pool):
-                self._outs[b] = self._forward(self._tokens[:b], self._starts[:b], self._bt[:b])
+                self._outs[b] = self._graph_forward(b)
             pool = g.pool() if pool is None else pool
             self.graphs[b] = g
         torch.cuda.synchronize(dev)
-
-    def _replay(self, tokens, starts, page_lists) -> torch.Tensor:
-        B = len(tokens)
-        b = next(x for x in self.graph_batches if x >= B)
-        host = self._bt_host
-        host[:b].zero_()  # padded rows and columns point at the scratch page
-        for i, p in enumerate(page_lists):
-            host[i, : len(p)] = torch.tensor(p, dtype=torch.int32)
-        self._bt[:b].copy_(host[:b])
-        tok = torch.zeros(b, dtype=torch.long)
-        tok[:B] = torch.tensor(tokens)
-        st = torch.zeros(b, dtype=torch.int32)
-        st[:B] = torch.tensor(starts, dtype=torch.int32)
-        self._tokens[:b, 0].copy_(tok)
-        self._starts[:b].copy_(st)
-        self.graphs[b].replay()
-        return self._outs[b][:B]

@@ -13,6 +13,10 @@ and reserves the pages of the whole pending prefix. A decode that needs a new pa
 none are free preempts the most recently admitted running sequence: its pages are freed
 and it goes back to the *front* of the queue; on readmission its prompt and the tokens it
 already generated are prefilled again (recompute), which reproduces its cache exactly.
+
+Every running sequence holds a *slot* in ``[0, max_batch)``: the row of the runner's
+persistent decode block table that holds its pages (``table_len`` of them are written
+there; the engine sends the runner only the pages added since).
 """
 
 from __future__ import annotations
@@ -89,6 +93,8 @@ class Sequence:
     first_token_time: float | None = None
     finish_time: float | None = None
     num_preemptions: int = 0
+    slot: int = -1  # row of the runner's decode block table while running, else -1
+    table_len: int = 0  # pages of ``pages`` already written to that row
 
     def __post_init__(self):
         if not self.request_id:
@@ -141,6 +147,14 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self._free_slots = list(range(max_batch - 1, -1, -1))
+
+    def _release(self, seq: Sequence) -> None:
+        self.alloc.free(seq.pages)
+        seq.pages = []
+        if seq.slot >= 0:
+            self._free_slots.append(seq.slot)
+        seq.slot, seq.table_len = -1, 0
 
     def add(self, seq: Sequence) -> None:
         seq.status = WAITING
@@ -155,16 +169,14 @@ class Scheduler:
         else:
             with contextlib.suppress(ValueError):
                 self.waiting.remove(seq)
-        self.alloc.free(seq.pages)
-        seq.pages = []
+        self._release(seq)
         seq.status = FINISHED
         seq.finish_reason = reason
         seq.finish_time = time.monotonic()
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self.alloc.free(seq.pages)
-        seq.pages = []
+        self._release(seq)
         seq.num_computed = 0
         seq.status = WAITING
         seq.num_preemptions += 1
@@ -183,23 +195,32 @@ class Scheduler:
     def schedule(self) -> StepPlan:
         preempted: list[Sequence] = []
         decode: list[Sequence] = []
-        for seq in list(self.running):
-            if seq.status != RUNNING or seq.pending != 1:
+        partial: list[Sequence] = []  # running, still being prefilled
+        page_size = self.alloc.page_size
+        for seq in list(self.running):  # hot loop at large batches: the properties are inlined
+            if seq.status != RUNNING:
                 continue
-            while not self._grow(seq, seq.num_tokens):
-                victim = self.running[-1]
-                self._preempt(victim)
-                preempted.append(victim)
-                if victim is seq:
-                    break
+            n = len(seq.prompt) + len(seq.output)
+            pending = n - seq.num_computed
+            if pending != 1:
+                if pending > 1:
+                    partial.append(seq)
+                continue
+            if len(seq.pages) * page_size < n:
+                while not self._grow(seq, n):
+                    victim = self.running[-1]
+                    self._preempt(victim)
+                    preempted.append(victim)
+                    if victim is seq:
+                        break
             if seq.status == RUNNING:
                 decode.append(seq)
         budget = self.max_tokens_per_step - len(decode)
         prefill: list[tuple[Sequence, int]] = []
-        for seq in self.running:
+        for seq in partial:
             if budget <= 0:
                 break
-            if seq.pending > 1:
+            if seq.status == RUNNING:  # not preempted by a later decode
                 n = min(seq.pending, budget)
                 prefill.append((seq, n))
                 budget -= n
@@ -209,6 +230,7 @@ class Scheduler:
                 break  # FIFO: the head waits for pages, nobody overtakes it
             self.waiting.popleft()
             seq.status = RUNNING
+            seq.slot, seq.table_len = self._free_slots.pop(), 0
             self.running.append(seq)
             n = min(seq.pending, budget)
             prefill.append((seq, n))

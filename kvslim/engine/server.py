@@ -373,34 +373,48 @@ class _Handler(BaseHTTPRequestHandler):
                                                                       "finish_reason": None}]}).encode() + b"\n\n")
                 self.wfile.flush()
         while finish is None:
+            # wake on one event, then take every event already queued: under load the tokens that
+            # arrived while this thread waited for the GIL go out as one SSE event, not one each
             try:
-                kind, val = h.events.get(timeout=max(0.01, deadline - time.monotonic()))
+                events = [h.events.get(timeout=max(0.01, deadline - time.monotonic()))]
             except queue.Empty:
                 app.loop.abort(h.request_id)
-                kind, val = "error", f"request timed out after {app.request_timeout:.0f} s"
-            if kind == "token":
-                if first is None:
-                    first = time.monotonic()
-                    app.metrics.add(ttft_sum=first - t0, ttft_count=1)
-                ids.append(val)
-                delta = text.feed(val)
-                if text.stopped:
-                    app.loop.abort(h.request_id)
-                    finish = "stop"
+                events = [("error", f"request timed out after {app.request_timeout:.0f} s")]
+            while True:
+                try:
+                    events.append(h.events.get_nowait())
+                except queue.Empty:
+                    break
+            new_ids: list[int] = []
+            delta, error = "", None
+            for kind, val in events:
+                if kind == "token":
+                    if first is None:
+                        first = time.monotonic()
+                        app.metrics.add(ttft_sum=first - t0, ttft_count=1)
+                    ids.append(val)
+                    new_ids.append(val)
+                    delta += text.feed(val)
+                    if text.stopped:
+                        app.loop.abort(h.request_id)
+                        finish = "stop"
+                        break
+                elif kind == "done":
+                    finish = "stop" if val == "stop" else ("length" if val == "length" else val)
+                    delta += text.feed(None)
+                    break
+                else:
+                    error = val
+                    break
+            if stream and (new_ids or finish is not None):
+                chunk(delta, finish, new_ids)
+            if error is not None:
                 if stream:
-                    chunk(delta, finish, [val])
-            elif kind == "done":
-                finish = "stop" if val == "stop" else ("length" if val == "length" else val)
-                delta = text.feed(None)
-                if stream:
-                    chunk(delta, finish, [])
-            else:  # error
-                if stream:
-                    self.wfile.write(b"data: " + json.dumps({"error": {"message": val, "type": "server_error"}})
+                    self.wfile.write(b"data: " + json.dumps({"error": {"message": error, "type": "server_error"}})
                                      .encode() + b"\n\n")
                     self.wfile.write(b"data: [DONE]\n\n")
                     return
-                self._error(500 if "timed out" not in val else 504, val)
+                self._error(500 if "timed out" not in error else 504, error)
                 return
         app.metrics.add(e2e_sum=time.monotonic() - t0, e2e_count=1)
         if stream:
