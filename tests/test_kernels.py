@@ -286,9 +286,30 @@ def test_heuristics_pick_splits_from_shapes_only():
     assert pick_num_splits(8, 8192, 132, 4) == 32  # B=1 GQA-8: 32 splits of 256 tokens
     assert pick_num_splits(8, 1024, 132, 4) == 4  # capped at >= 256 tokens per split
     assert pick_num_splits(1, 100, 132, 8) == 1
+    # more programs than one wave of the compiled kernel: split to cut the partial last wave
+    assert pick_num_splits(512, 8192, 132, 4, per_sm=3) == 3  # GLA-8 h_q=128: 1.29 waves unsplit
+    assert pick_num_splits(512, 8192, 132, 4, per_sm=5) == 1  # GQA-8: 0.78 waves, one split
+    assert pick_num_splits(264, 8192, 132, 4, per_sm=2) == 1  # exactly one full wave
+    assert pick_num_splits(512, 512, 132, 4, per_sm=3) == 2  # capped by tokens per split
     cfg = separate_config(group=4, q_len=2, head_dim=128, dtype=torch.bfloat16)
     assert cfg["BLOCK_M"] >= 16 and cfg["BLOCK_H"] == 4
     mla = tied_config(group=128, q_len=1, state_block=512, num_state_heads=1, dtype=torch.bfloat16)
     assert mla["BLOCK_H"] == 64 and mla["BLOCK_M"] == 64  # [64, 512] fp32 accumulator cap
     gta = tied_config(group=4, q_len=1, state_block=128, num_state_heads=8, dtype=torch.bfloat16)
     assert gta["SPG"] == 2 and gta["BLOCK_M"] == 16
+
+
+@pytest.mark.skipif(not GPU, reason="occupancy is read from a kernel compiled for a GPU")
+def test_programs_per_sm_from_compiled_kernel():
+    from kvslim.kernels.heuristics import _PER_SM
+
+    q = torch.randn(64, 1, 128, 256 + 64, device="cuda", dtype=torch.bfloat16)
+    cache = torch.randn(64 * 4, 64, 8 * 256 + 64, device="cuda", dtype=torch.bfloat16)
+    bt = torch.arange(64 * 4, device="cuda", dtype=torch.int32).view(64, 4)
+    sl = torch.full((64,), 256, device="cuda", dtype=torch.int32)
+    kw = dict(num_state_heads=8, state_dim=256, nope_dim=256, rope_dim=64, v_dim=256, softmax_scale=0.05)
+    _PER_SM.clear()
+    o, lse = decode_tied(q, cache, bt, sl, impl="triton", **kw)  # GLA-8 h_q=128: more programs than SMs
+    assert len(_PER_SM) == 1 and 1 <= next(iter(_PER_SM.values())) <= 32
+    o_ref, lse_ref = decode_tied(q, cache, bt, sl, impl="torch", **kw)
+    torch.testing.assert_close(o.float(), o_ref.float(), atol=2e-2, rtol=2e-2)

@@ -99,12 +99,21 @@ def decode_separate(
     which = _check_common(q, cache, block_table, seq_lens, 2 * num_kv_heads * head_dim, head_dim, impl)
     scale = head_dim**-0.5 if softmax_scale is None else softmax_scale
     if which == "torch":
-        return decode_separate_ref(q, cache, block_table, seq_lens, num_kv_heads=num_kv_heads,
-                                   head_dim=head_dim, softmax_scale=scale)
+        return decode_separate_ref(
+            q, cache, block_table, seq_lens, num_kv_heads=num_kv_heads, head_dim=head_dim, softmax_scale=scale
+        )
     from kvslim.kernels.separate import decode_separate_triton
 
-    return decode_separate_triton(q, cache, block_table, seq_lens, num_kv_heads=num_kv_heads,
-                                  head_dim=head_dim, softmax_scale=scale, num_splits=num_splits)
+    return decode_separate_triton(
+        q,
+        cache,
+        block_table,
+        seq_lens,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        softmax_scale=scale,
+        num_splits=num_splits,
+    )
 
 
 def decode_tied(
@@ -144,8 +153,14 @@ def decode_tied(
         raise ValueError(f"nope_dim={nope_dim} and v_dim={v_dim} must be <= state_dim={state_dim}")
     row = num_state_heads * state_dim + rope_dim
     which = _check_common(q, cache, block_table, seq_lens, row, nope_dim + rope_dim, impl)
-    kw = dict(num_state_heads=num_state_heads, state_dim=state_dim, nope_dim=nope_dim,
-              rope_dim=rope_dim, v_dim=v_dim, softmax_scale=softmax_scale)
+    kw = dict(
+        num_state_heads=num_state_heads,
+        state_dim=state_dim,
+        nope_dim=nope_dim,
+        rope_dim=rope_dim,
+        v_dim=v_dim,
+        softmax_scale=softmax_scale,
+    )
     if which == "torch":
         return decode_tied_ref(q, cache, block_table, seq_lens, **kw)
     from kvslim.kernels.tied import decode_tied_triton

@@ -11,6 +11,7 @@ Configs were picked on an H100 SXM (132 SMs) with ``benchmarks/bench_decode.py``
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
@@ -35,30 +36,82 @@ def next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
-def pick_num_splits(programs: int, max_seq_len: int, sms: int, num_warps: int = 4) -> int:
-    """Flash-decoding splits, from shapes only: fill one wave of resident programs.
+def pick_num_splits(
+    programs: int, max_seq_len: int, sms: int, num_warps: int = 4, per_sm: int | None = None
+) -> int:
+    """Flash-decoding splits, from shapes only: fill the resident programs, avoid a partial last wave.
 
-    A program of 8 warps holds a whole SM (255 registers/thread, or ~220 KB of pipelined
-    MLA tiles), 4 warps about half, 2 warps a quarter, so ``sms * 8 // num_warps`` programs
-    run at once. Splits = that / programs, rounded down to a power of 2 (equal chunks when
-    L is one), each >= 256 tokens. H100, B=64, L=8K: MLA h_q=16 (64 programs of 4 warps)
-    best at 4 splits (230 us; 2: 347, 8: 238), GTA-4 (128 of 2 warps) at 4 (225 vs 263
-    with 2), MLA h_q=128 (128 of 8 warps) at 1-2 (603 / 590 us; 5: 640), GQA-4 (256 of 4
-    warps) unsplit (370 us).
+    * ``programs`` exceed one wave of the compiled kernel (``per_sm`` known, see
+      :func:`programs_per_sm`; ``R = sms * per_sm``): the last wave would run part-full, so
+      pick the split count ``s <= 4`` with the fewest waves per unit of work
+      ``ceil(programs*s/R)/s`` (+3 % per extra split for the combine pass). H100, GLA-8
+      h_q=128 B=64 L=8K (512 programs, 3 per SM by registers = 1.29 waves): 940 us unsplit,
+      801 with 2, 782 with 3.
+    * otherwise, with a program of 8 warps taken to hold a whole SM, 4 warps half and 2 warps
+      a quarter (``R = sms * 8 // num_warps``): one split when ``2*programs > R`` (a split
+      costs a combine pass and a partial-output round trip; GQA-4 B=64, 256 programs:
+      370 us unsplit, 371 with 2), else ``R / programs`` rounded down to a power of 2 (equal
+      chunks when L is one). H100, B=64, L=8K: MLA h_q=16 (64 programs of 4 warps) best at 4
+      (230 us; 2: 347, 8: 238), GTA-4 (128 of 2 warps) at 4 (225 vs 263 with 2), MLA
+      h_q=128 (128 of 8 warps) at 1-2 (603 / 590 us; 5: 640).
+
+    Every split keeps >= ``MIN_TOKENS_PER_SPLIT`` tokens of the block table's capacity.
 
     Args:
         programs: programs per split (batch x head blocks).
         max_seq_len: upper bound of any seq_len (block-table capacity), host-side.
         sms: streaming multiprocessors on the device.
         num_warps: warps per program of the kernel's config.
+        per_sm: resident programs per SM of the compiled kernel (None: unknown).
     """
+    cap = max(1, min(max_seq_len // MIN_TOKENS_PER_SPLIT, MAX_SPLITS))
+    if per_sm and programs > sms * per_sm:
+        waves = sms * per_sm
+
+        def cost(s: int) -> float:
+            return math.ceil(programs * s / waves) / s * (1 + 0.03 * (s - 1))
+
+        return min(range(1, min(cap, 4) + 1), key=lambda s: (cost(s), s))
     resident = sms * max(1, 8 // num_warps)
     if programs * 2 > resident:
         return 1
     want = resident // programs
     want = 1 << (want.bit_length() - 1)
-    cap = max(1, max_seq_len // MIN_TOKENS_PER_SPLIT)
-    return max(1, min(want, cap, MAX_SPLITS))
+    return max(1, min(want, cap))
+
+
+_PER_SM: dict = {}
+
+
+def programs_per_sm(kernel, args: list, meta: dict, device: torch.device) -> int | None:
+    """Programs of ``kernel[meta]`` resident per SM, from its compiled registers and shared memory.
+
+    Compiles (once per config; Triton caches it) the ``NUM_SPLITS=1`` variant with
+    ``kernel.warmup`` and applies the occupancy arithmetic of Triton's fused-softmax tutorial:
+    registers are allocated per warp in units of 256, each program also takes 1 KB of
+    driver-reserved shared memory. Returns None where this cannot be read (interpreter, CPU).
+    """
+    if device.type != "cuda" or not hasattr(kernel, "warmup"):
+        return None
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    key = (
+        kernel.fn.__name__ if hasattr(kernel, "fn") else id(kernel),
+        idx,
+        tuple(a.dtype if isinstance(a, torch.Tensor) else None for a in args),
+        tuple(sorted(meta.items())),
+    )
+    if key not in _PER_SM:
+        import triton
+
+        compiled = kernel.warmup(*args, grid=(1,), NUM_SPLITS=1, **meta)
+        compiled._init_handles()
+        props = triton.runtime.driver.active.utils.get_device_properties(idx)
+        warps = meta["num_warps"]
+        regs_per_warp = math.ceil(compiled.n_regs * 32 / 256) * 256
+        by_regs = props["max_num_regs"] // max(1, regs_per_warp * warps)
+        by_smem = props["max_shared_mem"] // (compiled.metadata.shared + 1024)
+        _PER_SM[key] = max(1, min(by_regs, by_smem, 64 // warps, 32))
+    return _PER_SM[key]
 
 
 def separate_config(*, group: int, q_len: int, head_dim: int, dtype: torch.dtype) -> dict:
@@ -108,8 +161,9 @@ def tied_config(
         elif block_m >= 32:
             block_n, warps, stages = 64, 4, 2
         else:
-            # Gathered rows (page < tile) ran faster 2 deep: MLA h_q=16 page 1, 239 vs 272 us.
-            block_n, warps, stages = 64, 4, (3 if page_size % 64 == 0 else 2)
+            # One row per page ran faster 2 deep: MLA h_q=16 page 1, 231 vs 265 us; from page 16
+            # on 3 deep wins (MLA h_q=16 page 16: 231 vs 285 us, GLA-8 h_q=128: 814 vs 927 us).
+            block_n, warps, stages = 64, 4, (3 if page_size >= 16 else 2)
     else:
         block_n, stages = 64, 2
         warps = 2 if block_m <= 16 else (4 if block_m <= 64 else 8)

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from kvslim.kernels.combine import INTERPRET, alloc_outputs, combine_splits, round_p, tile_rows
-from kvslim.kernels.heuristics import num_sms, pick_num_splits, separate_config
+from kvslim.kernels.heuristics import num_sms, pick_num_splits, programs_per_sm, separate_config
 
 LN2 = 0.6931471805599453
 LOG2E = 1.4426950408889634
@@ -167,22 +167,16 @@ def decode_separate_triton(
         cfg["BLOCK_M"] = max(16, triton.next_power_of_2(cfg["BLOCK_H"] * q_len))
     hb_per_kv = triton.cdiv(g, cfg["BLOCK_H"])
     page_size, max_pages = cache.shape[1], block_table.shape[1]
-    if num_splits is None:
-        num_splits = pick_num_splits(
-            B * num_kv_heads * hb_per_kv, max_pages * page_size, num_sms(q.device), cfg["num_warps"]
-        )
-    o, lse, o_part, lse_part = alloc_outputs(q, head_dim, num_splits, out)
-
-    grid = (num_kv_heads * hb_per_kv, B, num_splits)
-    _separate_kernel[grid](
+    o, lse, _, _ = alloc_outputs(q, head_dim, 1, out)
+    args = [
         q,
         cache,
         block_table,
         seq_lens,
         o,
         lse,
-        o_part,
-        lse_part,
+        o,  # o_part / lse_part: set once the split count is known
+        lse,
         q.stride(0),
         q.stride(1),
         q.stride(2),
@@ -192,6 +186,8 @@ def decode_separate_triton(
         block_table.stride(0),
         max_pages,
         softmax_scale * LOG2E,
+    ]
+    meta = dict(
         H_Q=h_q,
         H_KV=num_kv_heads,
         G=g,
@@ -204,14 +200,23 @@ def decode_separate_triton(
         BLOCK_M=cfg["BLOCK_M"],
         BLOCK_N=cfg["BLOCK_N"],
         HB_PER_KV=hb_per_kv,
-        NUM_SPLITS=num_splits,
         STAGES=cfg["num_stages"],
         DOT_PREC="ieee" if q.dtype == torch.float32 or INTERPRET else "tf32",
         UPCAST=INTERPRET and q.dtype != torch.float32,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
-        **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}),
     )
+    if cfg.get("maxnreg"):
+        meta["maxnreg"] = cfg["maxnreg"]
+    if num_splits is None:
+        per_sm = None if INTERPRET else programs_per_sm(_separate_kernel, args, meta, q.device)
+        num_splits = pick_num_splits(
+            B * num_kv_heads * hb_per_kv, max_pages * page_size, num_sms(q.device), cfg["num_warps"], per_sm
+        )
+    o, lse, o_part, lse_part = alloc_outputs(q, head_dim, num_splits, (o, lse))
+    args[6], args[7] = o_part, lse_part
+    grid = (num_kv_heads * hb_per_kv, B, num_splits)
+    _separate_kernel[grid](*args, NUM_SPLITS=num_splits, **meta)
     if num_splits > 1:
         combine_splits(o_part, lse_part, o, lse)
     return o, lse

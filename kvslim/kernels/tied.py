@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from kvslim.kernels.combine import INTERPRET, alloc_outputs, combine_splits, round_p, tile_rows
-from kvslim.kernels.heuristics import num_sms, pick_num_splits, tied_config
+from kvslim.kernels.heuristics import num_sms, pick_num_splits, programs_per_sm, tied_config
 
 LOG2E = 1.4426950408889634
 
@@ -205,22 +205,16 @@ def decode_tied_triton(
     block_ds = max(16, triton.next_power_of_2((spg - 1) * state_dim + used))
     hb_per_s = triton.cdiv(g, cfg["BLOCK_H"])
     page_size, max_pages = cache.shape[1], block_table.shape[1]
-    if num_splits is None:
-        num_splits = pick_num_splits(
-            B * num_state_heads // spg * hb_per_s, max_pages * page_size, num_sms(q.device), cfg["num_warps"]
-        )
-    o, lse, o_part, lse_part = alloc_outputs(q, v_dim, num_splits, out)
-
-    grid = (num_state_heads // spg * hb_per_s, B, num_splits)
-    _tied_kernel[grid](
+    o, lse, _, _ = alloc_outputs(q, v_dim, 1, out)
+    args = [
         q,
         cache,
         block_table,
         seq_lens,
         o,
         lse,
-        o_part,
-        lse_part,
+        o,  # o_part / lse_part: set once the split count is known
+        lse,
         q.stride(0),
         q.stride(1),
         q.stride(2),
@@ -230,6 +224,8 @@ def decode_tied_triton(
         block_table.stride(0),
         max_pages,
         softmax_scale * LOG2E,
+    ]
+    meta = dict(
         H_Q=h_q,
         S=num_state_heads,
         G=g,
@@ -247,14 +243,27 @@ def decode_tied_triton(
         BLOCK_N=cfg["BLOCK_N"],
         HB_PER_S=hb_per_s,
         SPG=spg,
-        NUM_SPLITS=num_splits,
         STAGES=cfg["num_stages"],
         DOT_PREC="ieee" if q.dtype == torch.float32 or INTERPRET else "tf32",
         UPCAST=INTERPRET and q.dtype != torch.float32,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
-        **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}),
     )
+    if cfg.get("maxnreg"):
+        meta["maxnreg"] = cfg["maxnreg"]
+    if num_splits is None:
+        per_sm = None if INTERPRET else programs_per_sm(_tied_kernel, args, meta, q.device)
+        num_splits = pick_num_splits(
+            B * num_state_heads // spg * hb_per_s,
+            max_pages * page_size,
+            num_sms(q.device),
+            cfg["num_warps"],
+            per_sm,
+        )
+    o, lse, o_part, lse_part = alloc_outputs(q, v_dim, num_splits, (o, lse))
+    args[6], args[7] = o_part, lse_part
+    grid = (num_state_heads // spg * hb_per_s, B, num_splits)
+    _tied_kernel[grid](*args, NUM_SPLITS=num_splits, **meta)
     if num_splits > 1:
         combine_splits(o_part, lse_part, o, lse)
     return o, lse
