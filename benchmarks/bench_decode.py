@@ -13,12 +13,15 @@ FLOPs = 2·B·q_len·h_q·L·(d_qk + d_v). Every TB/s column uses these *compres
 bytes, also for peers that read a bigger, expanded K/V: it is then a speed, comparable
 across rows, not that peer's own memory traffic.
 
-Peers: torch SDPA (cuDNN / flash / efficient backends; GQA-native where the backend
-takes ``enable_gqa``, else on contiguous expanded K/V), the naive absorbed torch path
-for MLA/GLA/GTA (matmuls over the latent), SGLang's Triton decode kernel (loaded from
-its source file with stand-in modules; q_len = 1, page size 1, best of 4-32 splits).
+Peers (in benchmarks/peers/): torch SDPA (cuDNN / flash / efficient backends; GQA-native
+where the backend takes ``enable_gqa``, else on contiguous expanded K/V), the naive
+absorbed torch path for MLA/GLA/GTA (matmuls over the latent), SGLang's Triton decode
+kernel (loaded from its source file with stand-in modules; q_len = 1, page size 1, best of
+4-32 splits), FlashInfer's paged GQA decode and paged MLA wrappers (opt-in, from the
+stripped carry in .whl/flashinfer/; JIT-built at first use).
 
 Usage (on the GPU):  python benchmarks/bench_decode.py --mode key|sweep|tune --out DIR
+    [--peers ours,torch,sdpa,sglang,flashinfer | all] [--only gqa-8:page=64 mla:q_len=1 ...]
 """
 
 from __future__ import annotations
@@ -26,24 +29,26 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
-import importlib.util
 import os
 import sys
 import time
-import types
 
 import torch
 import triton
 import triton.testing
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from benchmarks.peers import flashinfer_peer  # noqa: E402
+from benchmarks.peers.sglang_peer import sglang_peer  # noqa: E402
+from benchmarks.peers.torch_peers import naive_absorbed, sdpa_peers  # noqa: E402
 from kvslim.kernels.separate import decode_separate_triton  # noqa: E402
 from kvslim.kernels.tied import decode_tied_triton  # noqa: E402
 from kvslim.spec import AttentionSpec  # noqa: E402
 
 DT = torch.bfloat16
-SGLANG_SRC = os.environ.get("KVSLIM_SGLANG_DECODE", ".whl/peers/sgl_decode_attention.py")
+PEERS = ("ours", "torch", "sdpa", "sglang", "flashinfer")
+DEFAULT_PEERS = "ours,torch,sdpa,sglang"
 
 
 # ---------------------------------------------------------------------------- ceilings
@@ -197,150 +202,6 @@ class Problem:
         )
 
 
-# ---------------------------------------------------------------------------- peers
-def sdpa_peers(p: Problem):
-    """{name: fn} for torch SDPA backends on contiguous K/V (tied kinds: K materialised)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    rows = p.contiguous_rows()
-    if p.tied:
-        st = rows[..., : p.S * p.sd].view(p.B, p.L, p.S, p.sd)
-        kr = rows[..., p.S * p.sd :][:, :, None, :].expand(p.B, p.L, p.S, p.rope)
-        k = torch.cat([st[..., : p.nope], kr], -1).transpose(1, 2).contiguous()  # [B, S, L, dqk]
-        v = st[..., : p.dv].transpose(1, 2).contiguous()
-        n_kv = p.S
-    else:
-        kd = p.h_kv * p.d
-        k = rows[..., :kd].view(p.B, p.L, p.h_kv, p.d).transpose(1, 2).contiguous()
-        v = rows[..., kd:].view(p.B, p.L, p.h_kv, p.d).transpose(1, 2).contiguous()
-        n_kv = p.h_kv
-    del rows
-    q = p.q.transpose(1, 2).contiguous()  # [B, h_q, q_len, d]
-    g = p.h_q // n_kv
-    out = {}
-    if max(p.dqk, p.dv) > 256:
-        return out, "head dim > 256: no fused SDPA backend"
-    expanded = {}
-
-    def get_expanded():
-        if not expanded:
-            expanded["k"] = k.repeat_interleave(g, 1)
-            expanded["v"] = v.repeat_interleave(g, 1)
-        return expanded["k"], expanded["v"]
-
-    F = torch.nn.functional.scaled_dot_product_attention
-    for name, be in (
-        ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION),
-        ("sdpa-flash", SDPBackend.FLASH_ATTENTION),
-        ("sdpa-efficient", SDPBackend.EFFICIENT_ATTENTION),
-    ):
-        for mode in ("gqa", "expanded"):
-            try:
-                if mode == "gqa":
-                    kk, vv, kw = k, v, dict(enable_gqa=g > 1)
-                else:
-                    if g == 1:
-                        continue
-                    kk, vv = get_expanded()
-                    kw = {}
-
-                def fn(kk=kk, vv=vv, kw=kw, be=be):
-                    with sdpa_kernel(be):
-                        return F(q, kk, vv, scale=p.scale, **kw)
-
-                fn()
-                torch.cuda.synchronize()
-                out[f"{name}({mode})"] = fn
-                break
-            except Exception as e:  # backend refuses this shape / dtype / GQA
-                err = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
-                out.setdefault("_errors", []).append(f"{name}({mode}) {err}")
-    return out, None
-
-
-def naive_absorbed(p: Problem):
-    """Naive absorbed torch path: bf16 matmuls over the (latent) state, fp32 softmax."""
-    rows = p.contiguous_rows()
-    st = rows[..., : p.S * p.sd].view(p.B, p.L, p.S, p.sd).transpose(1, 2)  # [B, S, L, sd]
-    kr = rows[..., p.S * p.sd :]  # [B, L, rope]
-    g = p.h_q // p.S
-    # q [B, q_len, h_q, dqk] -> [B, S, g*q_len, dqk]
-    q = p.q.view(p.B, p.q_len, p.S, g, p.dqk).permute(0, 2, 1, 3, 4).reshape(p.B, p.S, p.q_len * g, p.dqk)
-    qn, qr = q[..., : p.nope].contiguous(), q[..., p.nope :].contiguous()
-    kn = st[..., : p.nope]
-    vv = st[..., : p.dv]
-
-    def fn():
-        s = torch.matmul(qn, kn.transpose(-1, -2))
-        s = s + torch.matmul(qr, kr[:, None].transpose(-1, -2))
-        pr = torch.softmax(s.float() * p.scale, -1).to(DT)
-        return torch.matmul(pr, vv)  # [B, S, q_len*g, dv]
-
-    return fn
-
-
-_SGL = None
-
-
-def load_sglang():
-    """SGLang's decode_attention.py from its source file, with stand-ins for its imports."""
-    global _SGL
-    if _SGL is not None:
-        return _SGL
-    if not os.path.exists(SGLANG_SRC):
-        raise FileNotFoundError(f"{SGLANG_SRC} not found (unzip sglang's wheel there)")
-    for name in ("sglang", "sglang.srt"):
-        sys.modules.setdefault(name, types.ModuleType(name))
-    utils = types.ModuleType("sglang.srt.utils")
-    utils.is_hip = lambda: False
-    utils.get_device_core_count = lambda *a: torch.cuda.get_device_properties(0).multi_processor_count
-    sys.modules["sglang.srt.utils"] = utils
-    envs = types.ModuleType("sglang.srt.environ")
-    envs.envs = types.SimpleNamespace()
-    sys.modules["sglang.srt.environ"] = envs
-    spec = importlib.util.spec_from_file_location("sgl_decode_attention", SGLANG_SRC)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    _SGL = mod
-    return mod
-
-
-def sglang_peer(p: Problem):
-    """SGLang Triton decode (page size 1 token pool). Returns (fn best of splits, splits) or error."""
-    if p.q_len != 1:
-        return None, "q_len > 1 not supported by its decode kernel"
-    if p.tied and p.S != 1:
-        return None, "GTA/GLA rows (shared rope key after S state heads) not expressible"
-    mod = load_sglang()
-    n_tok = p.B * p.L
-    if p.tied:
-        buf = torch.randn(n_tok, 1, p.row, device="cuda", dtype=DT).mul_(0.5)
-        kbuf, vbuf = buf, buf[..., : p.dv]
-    else:
-        buf = torch.randn(n_tok, 2 * p.h_kv, p.d, device="cuda", dtype=DT).mul_(0.5)
-        kbuf, vbuf = buf[:, : p.h_kv], buf[:, p.h_kv :]
-    kv_indices = torch.randperm(n_tok, device="cuda").to(torch.int32)
-    kv_indptr = torch.arange(0, n_tok + 1, p.L, device="cuda", dtype=torch.int32)
-    q = p.q[:, 0].contiguous()
-    o = torch.empty(p.B, p.h_q, p.dv, device="cuda", dtype=DT)
-    best = None
-    for splits in (4, 8, 16, 32):
-        logits = torch.empty(p.B, p.h_q, splits, p.dv, device="cuda", dtype=torch.float32)
-        lse = torch.empty(p.B, p.h_q, splits, device="cuda", dtype=torch.float32)
-        nsp = torch.full((p.B,), splits, device="cuda", dtype=torch.int32)
-
-        def fn(logits=logits, lse=lse, nsp=nsp, splits=splits):
-            mod.decode_attention_fwd(
-                q, kbuf, vbuf, o, kv_indptr, kv_indices, logits, lse, nsp, splits, p.scale, 1.0, 1.0
-            )
-            return o
-
-        t = bench_graph(fn)
-        if best is None or t < best[0]:
-            best = (t, fn, splits)
-    return best, None
-
-
 # ---------------------------------------------------------------------------- runs
 def spec_for(name: str, h_q: int) -> AttentionSpec:
     return AttentionSpec.preset(name, num_heads=h_q, head_dim=128)
@@ -388,20 +249,43 @@ def row(kernel, p, t, copy_bw, gemm, note=""):
     )
 
 
+def parse_peers(text: str) -> set[str]:
+    """``--peers`` value -> set of names (``all`` = every peer, FlashInfer included)."""
+    names = {x.strip() for x in text.split(",") if x.strip()}
+    if "all" in names:
+        names = (names - {"all"}) | set(PEERS)
+    bad = names - set(PEERS)
+    if bad:
+        raise argparse.ArgumentTypeError(
+            f"unknown peer(s) {sorted(bad)}; choose from {', '.join(PEERS)}, all"
+        )
+    return names
+
+
 def run_shape(name, h_q, B, L, q_len, page, copy_bw, gemm, peers=True, results=None, log=print):
+    """Time our kernel and the chosen peers at one shape; returns (and appends to results) the rows.
+
+    ``peers``: a set of names from PEERS; True = the default set, False = ours only.
+    """
+    if peers is True:
+        peers = parse_peers(DEFAULT_PEERS)
+    elif peers is False:
+        peers = {"ours"}
     spec = spec_for(name, h_q)
     p = Problem(spec, B, L, q_len, page)
-    fn = p.ours()
-    o, _ = fn()
-    ok = check(p, o)
-    t = bench_graph(fn)
-    out = [row("kvslim", p, t, copy_bw, gemm, f"err {ok}")]
-    if peers:
-        if p.tied:
-            try:
-                out.append(row("torch-absorbed", p, bench_graph(naive_absorbed(p)), copy_bw, gemm))
-            except torch.cuda.OutOfMemoryError:
-                out.append(row("torch-absorbed", p, float("nan"), copy_bw, gemm, "OOM"))
+    out = []
+    if "ours" in peers:
+        fn = p.ours()
+        o, _ = fn()
+        ok = check(p, o)
+        t = bench_graph(fn)
+        out.append(row("kvslim", p, t, copy_bw, gemm, f"err {ok}"))
+    if "torch" in peers and p.tied:
+        try:
+            out.append(row("torch-absorbed", p, bench_graph(naive_absorbed(p)), copy_bw, gemm))
+        except torch.cuda.OutOfMemoryError:
+            out.append(row("torch-absorbed", p, float("nan"), copy_bw, gemm, "OOM"))
+    if "sdpa" in peers:
         sd, why = sdpa_peers(p)
         for k, f in sd.items():
             if k != "_errors":
@@ -411,14 +295,26 @@ def run_shape(name, h_q, B, L, q_len, page, copy_bw, gemm, peers=True, results=N
         for e in sd.get("_errors", []):
             log(f"  sdpa refused: {e}")
         del sd
+    if "sglang" in peers:
         try:
-            best, why = sglang_peer(p)
+            best, why = sglang_peer(p, bench_graph)
             if best is not None:
                 out.append(row("sglang-triton", p, best[0], copy_bw, gemm, f"page 1, {best[2]} splits"))
             else:
                 log(f"  sglang: {why}")
         except Exception as e:
             log(f"  sglang failed: {type(e).__name__}: {e}")
+    if "flashinfer" in peers:
+        fis, notes = flashinfer_peer.flashinfer_peers(p, log=log)
+        for note in notes:
+            log(f"  {note}")
+        for k, (f, to_bqhd) in fis.items():
+            try:
+                ok = check(p, to_bqhd(f()))
+                out.append(row(k, p, bench_graph(f), copy_bw, gemm, f"err {ok}"))
+            except Exception as e:
+                log(f"  {k}: could not run: {flashinfer_peer.reason(e)}")
+        del fis
     for r in out:
         log("  " + " ".join(f"{k}={v}" for k, v in r.items()))
     if results is not None:
@@ -426,6 +322,33 @@ def run_shape(name, h_q, B, L, q_len, page, copy_bw, gemm, peers=True, results=N
     del p
     torch.cuda.empty_cache()
     return out
+
+
+def shape_filter(filters):
+    """``--only`` filters -> predicate on (variant, h_q, B, L, q_len, page).
+
+    Each filter is ``VARIANT[:key=value...]`` (VARIANT may be ``*``; keys h_q, B, L, q_len,
+    page), e.g. ``gqa-8:page=64`` or ``mla:h_q=128:q_len=1``; a shape runs if any filter matches.
+    """
+    keys = ("h_q", "B", "L", "q_len", "page")
+    parsed = []
+    for f in filters or []:
+        variant, *conds = f.split(":")
+        want = {}
+        for c in conds:
+            k, _, v = c.partition("=")
+            if k not in keys or not v.isdigit():
+                raise SystemExit(f"--only {f!r}: expected VARIANT[:key=value...] with keys {', '.join(keys)}")
+            want[k] = int(v)
+        parsed.append((variant.lower(), want))
+
+    def match(shape):
+        if not parsed:
+            return True
+        name, vals = shape[0], dict(zip(keys, shape[1:]))
+        return any(v in ("*", name) and all(vals[k] == x for k, x in w.items()) for v, w in parsed)
+
+    return match
 
 
 KEY_SHAPES = [
@@ -640,6 +563,18 @@ def targets(results):
                 f"- vs SGLang Triton, {r['variant']} h_q={r['h_q']} page={r['page']}: SGLang/ours time = "
                 f"{r['us'] / o[0]['us']:.2f} (target > 1)"
             )
+    for r in [r for r in results if r["kernel"].startswith("flashinfer")]:
+        o = [
+            x
+            for x in results
+            if x["kernel"] == "kvslim"
+            and all(x[k] == r[k] for k in ("variant", "h_q", "B", "L", "q_len", "page"))
+        ]
+        if o:
+            out.append(
+                f"- vs FlashInfer {r['kernel']}, {r['variant']} h_q={r['h_q']} q_len={r['q_len']} "
+                f"page={r['page']}: FlashInfer/ours time = {r['us'] / o[0]['us']:.2f} (> 1: ours faster)"
+            )
     m, g = t("mla", 128), t("gla-2", 128)
     if m and g:
         out.append(f"- GLA-2 vs MLA at h_q=128, q_len=1: {g['us']} us vs {m['us']} us (target GLA-2 <= MLA)")
@@ -719,11 +654,27 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mode", choices=("key", "sweep", "tune", "all"), default="key")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
-    ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("--no-peers", action="store_true", help="time our kernels only (= --peers ours)")
+    ap.add_argument(
+        "--peers",
+        type=parse_peers,
+        default=None,
+        help=f"comma list of {', '.join(PEERS)} or 'all' (default {DEFAULT_PEERS}; FlashInfer needs "
+        "the carry in .whl/flashinfer, see NOTES.md). Sweep-only shapes always run ours alone.",
+    )
+    ap.add_argument(
+        "--only",
+        nargs="+",
+        metavar="VARIANT[:key=value]",
+        help="run only the shapes matching any filter, e.g. gqa-8:page=64 mla:q_len=1:page=64 "
+        "(keys h_q, B, L, q_len, page; VARIANT may be *)",
+    )
     ap.add_argument(
         "--max-seconds", type=float, default=None, help="skip the remaining shapes after this long"
     )
     args = ap.parse_args()
+    peers = {"ours"} if args.no_peers else (args.peers or parse_peers(DEFAULT_PEERS))
+    wanted = shape_filter(args.only)
     if not torch.cuda.is_available():
         raise SystemExit("bench_decode.py needs a CUDA GPU")
     copy_bw, gemm = measure_ceilings()
@@ -737,7 +688,7 @@ def main():
     )
     print(
         f"# {meta['gpu']} torch {meta['torch']} triton {meta['triton']}: copy {copy_bw / 1e12:.2f} TB/s, "
-        f"GEMM {gemm / 1e12:.0f} TFLOP/s",
+        f"GEMM {gemm / 1e12:.0f} TFLOP/s; peers {','.join(p for p in PEERS if p in peers)}",
         flush=True,
     )
     logs = []
@@ -749,12 +700,23 @@ def main():
     if args.mode in ("tune",):
         tune(copy_bw, gemm, log)
         return
+    fi_desc = None
+    if "flashinfer" in peers:
+        try:
+            flashinfer_peer.load_flashinfer()
+            fi_desc = flashinfer_peer.describe()
+        except Exception as e:
+            fi_desc = f"flashinfer: could not run: {flashinfer_peer.reason(e)}"
+        log(f"# {fi_desc}")
     results = []
     shapes = []
     if args.mode in ("key", "all"):
         shapes += [(s, True) for s in KEY_SHAPES]
     if args.mode in ("sweep", "all"):
         shapes += [(s, False) for s in sweep_shapes() if s not in KEY_SHAPES]
+    shapes = [(s, w) for s, w in shapes if wanted(s)]
+    if not shapes:
+        raise SystemExit("no shape matches --only")
     t0 = time.time()
     for (name, h_q, B, L, q_len, page), with_peers in shapes:
         if args.max_seconds and time.time() - t0 > args.max_seconds:
@@ -771,17 +733,19 @@ def main():
                 page,
                 copy_bw,
                 gemm,
-                peers=with_peers and not args.no_peers,
+                peers=peers if with_peers else {"ours"} & peers,
                 results=results,
                 log=log,
             )
         except torch.cuda.OutOfMemoryError:
             log("  OOM")
             torch.cuda.empty_cache()
+    if not results:
+        raise SystemExit("no rows measured")
     why = [
         x.strip()
         for x in logs
-        if x.strip().startswith(("sdpa refused", "sglang:", "sglang failed", "time budget"))
+        if x.strip().startswith(("sdpa refused", "sglang:", "sglang failed", "time budget", "flashinfer"))
     ]
     meta["notes"] = [
         "Peers: `sdpa-*(gqa)` = torch SDPA with `enable_gqa=True` on contiguous [B, h_kv, L, d] K/V; "
@@ -794,11 +758,25 @@ def main():
         "GTA/GLA rows (a shared rope key after S state heads). Its rows carry the shape's page column but "
         "always run page size 1.",
         "",
-        "FlashInfer was not run: flashinfer-python 0.7.2.post1 is a 62 MB wheel that needs apache-tvm-ffi, "
-        "nvidia-cutlass-dsl, cuda-tile, nccl4py and nvidia-cudnn-frontend, and JIT-compiles its kernels with "
-        "nvcc at first use; with the device's 64 MiB carry limit and a ~15-minute device budget shared by "
-        "several engineers it did not fit.",
-        "",
+    ]
+    if "flashinfer" in peers:
+        meta["notes"] += [
+            f"FlashInfer ({fi_desc}): JIT-built from a stripped wheel carried to the device (benchmarks/NOTES.md, "
+            "Peers), reading views of the same paged cache (no copies): `flashinfer-decode` = "
+            "BatchDecodeWithPagedKVCacheWrapper, CUDA-core kernel (fa2, q_len 1); `flashinfer-tc-fa2` = the same "
+            "wrapper with use_tensor_cores=True (FA2 prefill kernel); K and V are strided views of our [K|V] "
+            "rows (NHD). `flashinfer-mla-fa2` / `-fa3` = BatchMLAPagedAttentionWrapper with our [latent|rope] "
+            "rows as its packed paged KV, causal for q_len > 1. Each is planned once outside the timed region; "
+            "`err` as for ours.",
+            "",
+        ]
+    else:
+        meta["notes"] += [
+            "FlashInfer was not run in this table (`--peers ...,flashinfer` with the stripped carry in "
+            ".whl/flashinfer; see benchmarks/NOTES.md, Peers).",
+            "",
+        ]
+    meta["notes"] += [
         "Peers that refused a shape (from the run log):",
         "",
         *[f"    {x}" for x in dict.fromkeys(why)],
