@@ -37,11 +37,14 @@ import torch
 import triton
 import triton.testing
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(_HERE, ".."))  # kvslim from this checkout
+sys.path.insert(0, _HERE)  # peers/ as a top-level package (no benchmarks/__init__.py to rely on)
 
-from benchmarks.peers import flashinfer_peer  # noqa: E402
-from benchmarks.peers.sglang_peer import sglang_peer  # noqa: E402
-from benchmarks.peers.torch_peers import naive_absorbed, sdpa_peers  # noqa: E402
+from peers import flashinfer_peer  # noqa: E402
+from peers.sglang_peer import sglang_peer  # noqa: E402
+from peers.torch_peers import naive_absorbed, sdpa_peers  # noqa: E402
+
 from kvslim.kernels.separate import decode_separate_triton  # noqa: E402
 from kvslim.kernels.tied import decode_tied_triton  # noqa: E402
 from kvslim.spec import AttentionSpec  # noqa: E402

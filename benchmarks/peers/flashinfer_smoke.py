@@ -16,12 +16,12 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # benchmarks/
 
 import torch  # noqa: E402
+from bench_decode import Problem, check, spec_for  # noqa: E402
 
-from benchmarks.bench_decode import Problem, check, spec_for  # noqa: E402
-from benchmarks.peers import flashinfer_peer as F  # noqa: E402
+from peers import flashinfer_peer as F  # noqa: E402
 
 SHAPES = [
     # (variant, h_q, B, L, q_len, page)
