@@ -266,7 +266,8 @@ def main(argv=None) -> None:
     ap.add_argument("--kv-memory", type=float, default=40.0, help="GiB of KV pool per variant (same for all)")
     ap.add_argument("--page-size", type=int, default=16)
     ap.add_argument("--max-batch", type=int, default=256)
-    ap.add_argument("--max-num-batched-tokens", type=int, default=None, help="default max(2048, input len)")
+    ap.add_argument("--max-num-batched-tokens", type=int, default=8192,
+                    help="tokens per engine step (prefill chunks + decodes)")
     ap.add_argument("--no-cuda-graphs", action="store_true")
     ap.add_argument("--time-budget", type=float, default=float("inf"),
                     help="seconds for the whole run; work that would not fit is skipped with a message")
@@ -276,7 +277,6 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
     deadline = t_start + args.time_budget
-    args.max_num_batched_tokens = args.max_num_batched_tokens or max(2048, args.input_len)
     args.max_model_len = args.input_len + args.output_len + args.page_size
     device = "cuda" if torch.cuda.is_available() else "cpu"
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]

@@ -213,3 +213,31 @@ def test_engine_bench_driver_counts_every_token():
     s = run_engine_bench(eng, num_requests=4, concurrency=2, input_len=9, output_len=5, deadline=0.0)
     assert s["timed_out"] and s["completed"] < 4
     assert eng.allocator.num_free == eng.allocator.num_usable and not eng.has_unfinished()
+
+
+def test_decode_block_table_rows_hold_each_sequences_pages():
+    # tight pool: preemptions free slots and pages, readmissions reuse them (rows must be cleared)
+    model = tiny_model(tiny_spec("gqa-2"))
+    prompts = _prompts(seed=2)
+    eng = LLMEngine(model, num_pages=12, page_size=4, max_batch=8, max_num_batched_tokens=16)
+    sent = full = 0
+    orig = eng.runner.decode
+
+    def decode(toks, starts, slots, updates=()):
+        nonlocal sent, full
+        logits = orig(toks, starts, slots, updates)
+        by_slot = {s.slot: s for s in eng.scheduler.running}
+        for slot in slots:
+            s = by_slot[slot]
+            row = eng.runner.table[slot].tolist()
+            assert row[: len(s.pages)] == s.pages and not any(row[len(s.pages):]), (slot, row, s.pages)
+        sent += sum(len(p) for _, _, p in updates)
+        full += sum(len(by_slot[slot].pages) for slot in slots)
+        return logits
+
+    eng.runner.decode = decode
+    out = eng.generate(prompts, SamplingParams(max_tokens=12), arrival_steps=ARRIVALS)
+    assert out == model.generate(prompts, max_new_tokens=12)
+    assert eng.stats()["preemptions"] > 0
+    assert 0 < sent < full / 2  # only new pages travel, not every row every step
+    assert not any(eng.runner.table[-1].tolist())  # the scratch row stays on page 0

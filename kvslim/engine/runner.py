@@ -32,9 +32,14 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kvslim.cache import LayerCache
 from kvslim.engine.allocator import SCRATCH_PAGES
+
+# Prefill attention backends: not cuDNN, which builds (~2 ms of host time) an execution plan for
+# every new (chunk length, cached length) shape, i.e. for almost every prefill forward.
+PREFILL_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 DEFAULT_GRAPH_BATCHES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)
 
@@ -123,7 +128,8 @@ class ModelRunner:
         dev = self.device
         t = torch.tensor(chunks, dtype=torch.long, device=dev)
         s = torch.tensor(starts, dtype=torch.int32, device=dev)
-        return self._forward(t, s, self._table(page_lists).to(dev))
+        with sdpa_kernel(PREFILL_SDPA):
+            return self._forward(t, s, self._table(page_lists).to(dev))
 
     @staticmethod
     def _table(page_lists: list[list[int]]) -> torch.Tensor:
