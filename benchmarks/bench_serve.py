@@ -102,11 +102,17 @@ def engine_rows(args, v: str, bpt: int, device: str, concs: list[int], deadline:
     engine = LLMEngine(model, kv_memory=int(args.kv_memory * 2**30), page_size=args.page_size,
                        max_batch=args.max_batch, max_num_batched_tokens=args.max_num_batched_tokens,
                        max_model_len=args.max_model_len, cuda_graphs=False if args.no_cuda_graphs else None)
-    # warm-up outside the measurement: first prefill/decode of this shape (cuBLAS, SDPA, allocator)
-    engine.generate([[1] * args.input_len], SamplingParams(max_tokens=2, ignore_eos=True))
+    # warm-up outside the measurement: a short closed loop of the same prompts, so the first row does
+    # not pay one-time costs (Triton specialisations of short prefill chunks, cuBLAS/SDPA shapes, allocator)
+    tw = time.perf_counter()
+    w = min(64, max(concs))
+    run_engine_bench(engine, num_requests=w, concurrency=w, input_len=args.input_len, output_len=8,
+                     seed=args.seed + 1)
+    t_warm = time.perf_counter() - tw
     setup = time.perf_counter() - t0
     pages = engine.allocator.num_usable
-    log(f"[{v}] engine setup {setup:.1f} s (model {t_model:.1f} s, pool + graphs + warm-up {setup - t_model:.1f} s), "
+    log(f"[{v}] engine setup {setup:.1f} s (model {t_model:.1f} s, pool + graphs {setup - t_model - t_warm:.1f} s, "
+        f"warm-up {w} requests {t_warm:.1f} s), "
         f"{pages} pages of {args.page_size} tokens, cuda graphs {engine.runner.use_graphs}")
     try:
         for c in concs:
@@ -131,6 +137,8 @@ def engine_rows(args, v: str, bpt: int, device: str, concs: list[int], deadline:
         gc.collect()
         if device == "cuda":
             torch.cuda.empty_cache()
+            log(f"[{v}] engine freed: {torch.cuda.memory_allocated() / 2**30:.2f} GiB still allocated, "
+                f"{torch.cuda.memory_reserved() / 2**30:.2f} GiB reserved")
 
 
 # ---------------------------------------------------------------------- http mode
