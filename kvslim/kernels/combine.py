@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kvslim.kernels.heuristics import next_pow2
+
 # Triton's CPU interpreter computes bf16/fp16 tl.dot wrongly (triton 3.9), so under
 # TRITON_INTERPRET=1 the kernels upcast dot operands to fp32 (after rounding p to the
 # cache dtype, so the numerics match the GPU path).
@@ -123,8 +125,8 @@ def combine_splits(o_part: torch.Tensor, lse_part: torch.Tensor, o: torch.Tensor
         H_Q=h_q,
         Q_LEN=q_len,
         DV=dv,
-        BLOCK_DV=triton.next_power_of_2(dv),
+        BLOCK_DV=next_pow2(dv),
         NUM_SPLITS=splits,
-        BLOCK_S=max(2, triton.next_power_of_2(splits)),
+        BLOCK_S=max(2, next_pow2(splits)),
         num_warps=4 if dv >= 256 else 2,
     )

@@ -36,6 +36,12 @@ def next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
+def cdiv(a: int, b: int) -> int:
+    # plain ints: triton.cdiv / next_power_of_2 are ConstexprFunction wrappers in Triton 3.9
+    # that cost ~10 us per host call, several per launch
+    return -(-a // b)
+
+
 def pick_num_splits(
     programs: int, max_seq_len: int, sms: int, num_warps: int = 4, per_sm: int | None = None
 ) -> int:

@@ -13,7 +13,14 @@ import triton
 import triton.language as tl
 
 from kvslim.kernels.combine import INTERPRET, alloc_outputs, combine_splits, round_p, tile_rows
-from kvslim.kernels.heuristics import num_sms, pick_num_splits, programs_per_sm, separate_config
+from kvslim.kernels.heuristics import (
+    cdiv,
+    next_pow2,
+    num_sms,
+    pick_num_splits,
+    programs_per_sm,
+    separate_config,
+)
 
 LN2 = 0.6931471805599453
 LOG2E = 1.4426950408889634
@@ -164,8 +171,8 @@ def decode_separate_triton(
     cfg = separate_config(group=g, q_len=q_len, head_dim=head_dim, dtype=q.dtype)
     if config:
         cfg.update(config)
-        cfg["BLOCK_M"] = max(16, triton.next_power_of_2(cfg["BLOCK_H"] * q_len))
-    hb_per_kv = triton.cdiv(g, cfg["BLOCK_H"])
+        cfg["BLOCK_M"] = max(16, next_pow2(cfg["BLOCK_H"] * q_len))
+    hb_per_kv = cdiv(g, cfg["BLOCK_H"])
     page_size, max_pages = cache.shape[1], block_table.shape[1]
     o, lse, _, _ = alloc_outputs(q, head_dim, 1, out)
     args = [
@@ -193,7 +200,7 @@ def decode_separate_triton(
         G=g,
         Q_LEN=q_len,
         HEAD_DIM=head_dim,
-        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        BLOCK_D=max(16, next_pow2(head_dim)),
         PAGE=page_size,
         ROW=cache.shape[2],
         BLOCK_H=cfg["BLOCK_H"],

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from kvslim.kernels.combine import INTERPRET, alloc_outputs, combine_splits, round_p, tile_rows
-from kvslim.kernels.heuristics import num_sms, pick_num_splits, programs_per_sm, tied_config
+from kvslim.kernels.heuristics import cdiv, next_pow2, num_sms, pick_num_splits, programs_per_sm, tied_config
 
 LOG2E = 1.4426950408889634
 
@@ -191,19 +191,19 @@ def decode_tied_triton(
     cfg = tied_config(
         group=g,
         q_len=q_len,
-        state_block=max(16, triton.next_power_of_2(used)),
+        state_block=max(16, next_pow2(used)),
         num_state_heads=num_state_heads,
         page_size=cache.shape[1],
         dtype=q.dtype,
     )
     if config:
         cfg = {"SPG": 1, **cfg, **config}
-        cfg["BLOCK_M"] = max(16, triton.next_power_of_2(cfg["SPG"] * cfg["BLOCK_H"] * q_len))
+        cfg["BLOCK_M"] = max(16, next_pow2(cfg["SPG"] * cfg["BLOCK_H"] * q_len))
     spg = cfg["SPG"]
     if num_state_heads % spg or (spg > 1 and cfg["BLOCK_H"] < g):
         raise ValueError(f"SPG={spg} must divide num_state_heads={num_state_heads} and cover whole groups")
-    block_ds = max(16, triton.next_power_of_2((spg - 1) * state_dim + used))
-    hb_per_s = triton.cdiv(g, cfg["BLOCK_H"])
+    block_ds = max(16, next_pow2((spg - 1) * state_dim + used))
+    hb_per_s = cdiv(g, cfg["BLOCK_H"])
     page_size, max_pages = cache.shape[1], block_table.shape[1]
     o, lse, _, _ = alloc_outputs(q, v_dim, 1, out)
     args = [
@@ -235,7 +235,7 @@ def decode_tied_triton(
         ROPE=rope_dim,
         DV=v_dim,
         BLOCK_DS=block_ds,
-        BLOCK_R=max(16, triton.next_power_of_2(max(rope_dim, 1))),
+        BLOCK_R=max(16, next_pow2(max(rope_dim, 1))),
         PAGE=page_size,
         ROW=cache.shape[2],
         BLOCK_H=cfg["BLOCK_H"],
