@@ -162,7 +162,12 @@ def tied_config(
     # rows of a wide state (the [64, 512] fp32 accumulator), 2 stages for M = 32, 3 for
     # M = 16 (MLA h_q=16 230 us vs 294 us with 2; GLA-8 h_q=128 795 us vs 1085 us).
     if state_block >= 256:
-        if block_m >= 64:
+        if block_m >= 64 and state_block == 256:
+            # GLA's 256-wide latent heads: 4 warps over 32-token tiles keep the [64, 256]
+            # accumulator at 128 registers and two programs per SM (H100, h_q=128 B=64 L=8K:
+            # GLA-2 q_len 1 375 -> 265 us, q_len 2 712 -> 423 us, GLA-4 q_len 2 741 -> 492 us).
+            block_n, warps, stages = 32, 4, 3
+        elif block_m >= 64:
             block_n, warps, stages = 64, 8, 3
         elif block_m >= 32:
             block_n, warps, stages = 64, 4, 2
