@@ -13,7 +13,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kvslim.kernels.heuristics import next_pow2
+from kvslim.kernels.heuristics import next_pow2, num_sms, pick_num_splits, programs_per_sm
+
+LOG2E = 1.4426950408889634
 
 # Triton's CPU interpreter computes bf16/fp16 tl.dot wrongly (triton 3.9), so under
 # TRITON_INTERPRET=1 the kernels upcast dot operands to fp32 (after rounding p to the
@@ -130,3 +132,70 @@ def combine_splits(o_part: torch.Tensor, lse_part: torch.Tensor, o: torch.Tensor
         BLOCK_S=max(2, next_pow2(splits)),
         num_warps=4 if dv >= 256 else 2,
     )
+
+
+def launch_decode(
+    kernel,
+    q,
+    cache,
+    block_table,
+    seq_lens,
+    *,
+    d_v: int,
+    softmax_scale: float,
+    meta: dict,
+    cfg: dict,
+    head_blocks: int,
+    num_splits: int | None,
+    out=None,
+):
+    """The launch both decode kernels share: outputs, a graph-safe split count, the launch, the merge.
+
+    Both kernels take ``(Q, Cache, BlockTable, SeqLens, O, Lse, OPart, LsePart, q strides x3,
+    o strides x3, block-table stride, max_pages, sm_scale_log2)`` then their constexprs
+    (``meta``) and ``NUM_SPLITS``. ``cfg`` holds ``num_warps``, ``num_stages`` and optionally
+    ``maxnreg``; ``head_blocks`` is the grid's first axis (programs per sequence and split).
+    """
+    B = q.shape[0]
+    page_size, max_pages = cache.shape[1], block_table.shape[1]
+    o, lse, _, _ = alloc_outputs(q, d_v, 1, out)
+    args = [
+        q,
+        cache,
+        block_table,
+        seq_lens,
+        o,
+        lse,
+        o,
+        lse,  # o_part / lse_part once the split count is known
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        o.stride(0),
+        o.stride(1),
+        o.stride(2),
+        block_table.stride(0),
+        max_pages,
+        softmax_scale * LOG2E,
+    ]
+    meta = dict(
+        meta,
+        STAGES=cfg["num_stages"],
+        DOT_PREC="ieee" if q.dtype == torch.float32 or INTERPRET else "tf32",
+        UPCAST=INTERPRET and q.dtype != torch.float32,
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
+    )
+    if cfg.get("maxnreg"):
+        meta["maxnreg"] = cfg["maxnreg"]
+    if num_splits is None:
+        per_sm = None if INTERPRET else programs_per_sm(kernel, args, meta, q.device)
+        num_splits = pick_num_splits(
+            B * head_blocks, max_pages * page_size, num_sms(q.device), cfg["num_warps"], per_sm
+        )
+    o, lse, o_part, lse_part = alloc_outputs(q, d_v, num_splits, (o, lse))
+    args[6], args[7] = o_part, lse_part
+    kernel[(head_blocks, B, num_splits)](*args, NUM_SPLITS=num_splits, **meta)
+    if num_splits > 1:
+        combine_splits(o_part, lse_part, o, lse)
+    return o, lse

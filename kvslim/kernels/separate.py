@@ -12,18 +12,10 @@ import torch
 import triton
 import triton.language as tl
 
-from kvslim.kernels.combine import INTERPRET, alloc_outputs, combine_splits, round_p, tile_rows
-from kvslim.kernels.heuristics import (
-    cdiv,
-    next_pow2,
-    num_sms,
-    pick_num_splits,
-    programs_per_sm,
-    separate_config,
-)
+from kvslim.kernels.combine import launch_decode, round_p, tile_rows
+from kvslim.kernels.heuristics import cdiv, next_pow2, separate_config
 
 LN2 = 0.6931471805599453
-LOG2E = 1.4426950408889634
 
 
 @triton.jit
@@ -173,27 +165,6 @@ def decode_separate_triton(
         cfg.update(config)
         cfg["BLOCK_M"] = max(16, next_pow2(cfg["BLOCK_H"] * q_len))
     hb_per_kv = cdiv(g, cfg["BLOCK_H"])
-    page_size, max_pages = cache.shape[1], block_table.shape[1]
-    o, lse, _, _ = alloc_outputs(q, head_dim, 1, out)
-    args = [
-        q,
-        cache,
-        block_table,
-        seq_lens,
-        o,
-        lse,
-        o,  # o_part / lse_part: set once the split count is known
-        lse,
-        q.stride(0),
-        q.stride(1),
-        q.stride(2),
-        o.stride(0),
-        o.stride(1),
-        o.stride(2),
-        block_table.stride(0),
-        max_pages,
-        softmax_scale * LOG2E,
-    ]
     meta = dict(
         H_Q=h_q,
         H_KV=num_kv_heads,
@@ -201,29 +172,24 @@ def decode_separate_triton(
         Q_LEN=q_len,
         HEAD_DIM=head_dim,
         BLOCK_D=max(16, next_pow2(head_dim)),
-        PAGE=page_size,
+        PAGE=cache.shape[1],
         ROW=cache.shape[2],
         BLOCK_H=cfg["BLOCK_H"],
         BLOCK_M=cfg["BLOCK_M"],
         BLOCK_N=cfg["BLOCK_N"],
         HB_PER_KV=hb_per_kv,
-        STAGES=cfg["num_stages"],
-        DOT_PREC="ieee" if q.dtype == torch.float32 or INTERPRET else "tf32",
-        UPCAST=INTERPRET and q.dtype != torch.float32,
-        num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"],
     )
-    if cfg.get("maxnreg"):
-        meta["maxnreg"] = cfg["maxnreg"]
-    if num_splits is None:
-        per_sm = None if INTERPRET else programs_per_sm(_separate_kernel, args, meta, q.device)
-        num_splits = pick_num_splits(
-            B * num_kv_heads * hb_per_kv, max_pages * page_size, num_sms(q.device), cfg["num_warps"], per_sm
-        )
-    o, lse, o_part, lse_part = alloc_outputs(q, head_dim, num_splits, (o, lse))
-    args[6], args[7] = o_part, lse_part
-    grid = (num_kv_heads * hb_per_kv, B, num_splits)
-    _separate_kernel[grid](*args, NUM_SPLITS=num_splits, **meta)
-    if num_splits > 1:
-        combine_splits(o_part, lse_part, o, lse)
-    return o, lse
+    return launch_decode(
+        _separate_kernel,
+        q,
+        cache,
+        block_table,
+        seq_lens,
+        d_v=head_dim,
+        softmax_scale=softmax_scale,
+        meta=meta,
+        cfg=cfg,
+        head_blocks=num_kv_heads * hb_per_kv,
+        num_splits=num_splits,
+        out=out,
+    )

@@ -14,10 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kvslim.kernels.combine import INTERPRET, alloc_outputs, combine_splits, round_p, tile_rows
-from kvslim.kernels.heuristics import cdiv, next_pow2, num_sms, pick_num_splits, programs_per_sm, tied_config
-
-LOG2E = 1.4426950408889634
+from kvslim.kernels.combine import launch_decode, round_p, tile_rows
+from kvslim.kernels.heuristics import cdiv, next_pow2, tied_config
 
 
 @triton.jit
@@ -204,27 +202,6 @@ def decode_tied_triton(
         raise ValueError(f"SPG={spg} must divide num_state_heads={num_state_heads} and cover whole groups")
     block_ds = max(16, next_pow2((spg - 1) * state_dim + used))
     hb_per_s = cdiv(g, cfg["BLOCK_H"])
-    page_size, max_pages = cache.shape[1], block_table.shape[1]
-    o, lse, _, _ = alloc_outputs(q, v_dim, 1, out)
-    args = [
-        q,
-        cache,
-        block_table,
-        seq_lens,
-        o,
-        lse,
-        o,  # o_part / lse_part: set once the split count is known
-        lse,
-        q.stride(0),
-        q.stride(1),
-        q.stride(2),
-        o.stride(0),
-        o.stride(1),
-        o.stride(2),
-        block_table.stride(0),
-        max_pages,
-        softmax_scale * LOG2E,
-    ]
     meta = dict(
         H_Q=h_q,
         S=num_state_heads,
@@ -236,34 +213,25 @@ def decode_tied_triton(
         DV=v_dim,
         BLOCK_DS=block_ds,
         BLOCK_R=max(16, next_pow2(max(rope_dim, 1))),
-        PAGE=page_size,
+        PAGE=cache.shape[1],
         ROW=cache.shape[2],
         BLOCK_H=cfg["BLOCK_H"],
         BLOCK_M=cfg["BLOCK_M"],
         BLOCK_N=cfg["BLOCK_N"],
         HB_PER_S=hb_per_s,
         SPG=spg,
-        STAGES=cfg["num_stages"],
-        DOT_PREC="ieee" if q.dtype == torch.float32 or INTERPRET else "tf32",
-        UPCAST=INTERPRET and q.dtype != torch.float32,
-        num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"],
     )
-    if cfg.get("maxnreg"):
-        meta["maxnreg"] = cfg["maxnreg"]
-    if num_splits is None:
-        per_sm = None if INTERPRET else programs_per_sm(_tied_kernel, args, meta, q.device)
-        num_splits = pick_num_splits(
-            B * num_state_heads // spg * hb_per_s,
-            max_pages * page_size,
-            num_sms(q.device),
-            cfg["num_warps"],
-            per_sm,
-        )
-    o, lse, o_part, lse_part = alloc_outputs(q, v_dim, num_splits, (o, lse))
-    args[6], args[7] = o_part, lse_part
-    grid = (num_state_heads // spg * hb_per_s, B, num_splits)
-    _tied_kernel[grid](*args, NUM_SPLITS=num_splits, **meta)
-    if num_splits > 1:
-        combine_splits(o_part, lse_part, o, lse)
-    return o, lse
+    return launch_decode(
+        _tied_kernel,
+        q,
+        cache,
+        block_table,
+        seq_lens,
+        d_v=v_dim,
+        softmax_scale=softmax_scale,
+        meta=meta,
+        cfg=cfg,
+        head_blocks=num_state_heads // spg * hb_per_s,
+        num_splits=num_splits,
+        out=out,
+    )
