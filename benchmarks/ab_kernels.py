@@ -40,6 +40,7 @@ def child(args) -> None:
     sys.path.insert(0, os.path.abspath(args.tree))
     import torch
     import triton
+    from timing import bench_graph  # benchmarks/timing.py (the script's folder is on sys.path)
 
     import kvslim
     from kvslim.spec import AttentionSpec
@@ -51,7 +52,6 @@ def child(args) -> None:
     from kvslim.kernels.tied import decode_tied_triton
 
     dt = torch.bfloat16
-    flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
 
     def measure_copy():
         src = torch.randn(1 << 29, device="cuda", dtype=dt)
@@ -64,36 +64,6 @@ def child(args) -> None:
         )
 
     copy_bw = 1.0 if args.warm_only else measure_copy()
-
-    def graph_time(fn, n=10, reps=5):
-        fn()
-        torch.cuda.synchronize()
-        gs = []
-        for with_fn in (True, False):
-            g = torch.cuda.CUDAGraph()
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                fn()
-                with torch.cuda.graph(g, stream=s):
-                    for _ in range(n):
-                        flush.zero_()
-                        if with_fn:
-                            fn()
-            torch.cuda.current_stream().wait_stream(s)
-            gs.append(g)
-        out = []
-        for g in gs:
-            ts = []
-            for _ in range(reps):
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                g.replay()
-                b.record()
-                b.synchronize()
-                ts.append(a.elapsed_time(b) * 1e-3)
-            out.append(sorted(ts)[len(ts) // 2])
-        return (out[0] - out[1]) / n
 
     for shape in args.shapes.split(","):
         parts = shape.split(":")
@@ -151,7 +121,7 @@ def child(args) -> None:
                 continue
             try:
                 t_db = triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median") * 1e-3
-                t_g = graph_time(fn) if args.graph else float("nan")
+                t_g = bench_graph(fn) if args.graph else float("nan")
                 err = None
             except Exception as e:  # noqa: BLE001 - one bad config must not end the sweep
                 t_db = t_g = float("nan")
