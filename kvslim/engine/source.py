@@ -20,6 +20,7 @@ import torch
 #: model shapes for random-weight models: hidden, layers, heads, head_dim, intermediate, vocab
 SHAPES = {
     "tiny": dict(hidden=64, layers=2, heads=4, head_dim=16, inter=128, vocab=97),
+    "tiny16": dict(hidden=256, layers=2, heads=16, head_dim=16, inter=256, vocab=97),  # TP 4/8 tests
     "small": dict(hidden=512, layers=8, heads=8, head_dim=64, inter=1536, vocab=32000),
     "1b": dict(hidden=2048, layers=24, heads=16, head_dim=128, inter=5632, vocab=32000),
 }
