@@ -175,6 +175,18 @@ def test_tp2_gloo_matches_tp1():
             assert eng.allocator.num_free == eng.allocator.num_usable
 
 
+def test_paper_shape_shards_like_the_paper():
+    from kvslim.engine.source import SHAPES
+
+    sh = SHAPES["paper"]
+    spec = lambda p: AttentionSpec.preset(p, num_heads=sh["heads"], head_dim=sh["head_dim"],  # noqa: E731
+                                          hidden_size=sh["hidden"])
+    # GLA-8 on 8 ranks: one 256+64 latent head per rank, no duplication; MLA replicates its 512+64
+    assert spec("gla-8").shard(8).row_dim == 320 and spec("gla-8").duplication(8) == 1
+    assert spec("mla").shard(8).row_dim == 576 and spec("mla").duplication(8) == 8
+    assert spec("gla-4").shard(4).row_dim == 320 and spec("mla").shard(4).row_dim == 576
+
+
 @pytest.mark.parametrize("tp,presets", [(4, ("gla-4", "mla", "gta-4")), (8, ("gla-8", "mla"))])
 def test_tp4_tp8_gloo_match_tp1(tp, presets):
     """The paper-scale layouts (GLA-8 on 8 ranks, MLA replicated on 4/8) checked for exactness on CPU."""

@@ -23,6 +23,9 @@ SHAPES = {
     "tiny16": dict(hidden=256, layers=2, heads=16, head_dim=16, inter=256, vocab=97),  # TP 4/8 tests
     "small": dict(hidden=512, layers=8, heads=8, head_dim=64, inter=1536, vocab=32000),
     "1b": dict(hidden=2048, layers=24, heads=16, head_dim=128, inter=5632, vocab=32000),
+    # DeepSeek-V3's attention width (128 query heads of 128, d 7168, dense MLP 18432) at 16
+    # layers: the shape of the paper's TP runs (issue #8); 11.9 B parameters (24 GB in bf16)
+    "paper": dict(hidden=7168, layers=16, heads=128, head_dim=128, inter=18432, vocab=32000),
 }
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
