@@ -56,7 +56,13 @@ def _metrics(url: str) -> dict:
     c.request("GET", "/metrics")
     text = c.getresponse().read().decode()
     c.close()
-    return dict(line.split() for line in text.splitlines() if line and not line.startswith("#"))
+    out: dict[str, float] = {}  # summed over replicas (a --dp router labels each replica's lines)
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, val = line.rsplit(" ", 1)
+            base = name.split("{", 1)[0]
+            out[base] = out.get(base, 0.0) + float(val)
+    return out
 
 
 def check_exact(device: str, variants: list[str]) -> list[str]:
@@ -151,6 +157,10 @@ def http_rows(args, v: str, bpt: int, concs: list[int], deadline: float, est: di
                "--max-batch", str(args.max_batch), "--max-num-batched-tokens", str(args.max_num_batched_tokens),
                "--max-model-len", str(args.max_model_len), "--port", "0",
                "--port-file", pf] + (["--no-cuda-graphs"] if args.no_cuda_graphs else [])
+        if args.tp > 1:
+            cmd += ["--tp", str(args.tp)]
+        if args.dp > 1:
+            cmd += ["--dp", str(args.dp)]
         proc = subprocess.Popen(cmd, env=dict(os.environ, NCCL_NVLS_ENABLE="0"))
         try:
             while not os.path.exists(pf):
@@ -211,7 +221,8 @@ def ratio_lines(rows: list[dict]) -> list[str]:
 def render(args, name: str, notes: list[str], rows: list[dict], messages: list[str]) -> str:
     head = (f"# serving benchmark — {name}, shape {args.shape} {args.dtype}, KV pool {args.kv_memory} GiB per variant, "
             f"input {args.input_len}, output {args.output_len}, max batch {args.max_batch}, "
-            f"prefill budget {args.max_num_batched_tokens} tokens/step\n\n"
+            f"prefill budget {args.max_num_batched_tokens} tokens/step"
+            + (f", TP {args.tp} x DP {args.dp} (KV pool per rank)" if args.tp > 1 or args.dp > 1 else "") + "\n\n"
             + "\n".join(f"- {n}" for n in notes) + "\n\n")
     table = ["| variant | mode | B/token/layer | pages | conc | done | out tok/s | TTFT p50 ms | TTFT p99 ms | "
              "ITL p50 ms | ITL p99 ms | TPOT p50 ms | E2E p50 s | decode steps | mean batch | ms/decode step | "
@@ -281,8 +292,12 @@ def main(argv=None) -> None:
                     help="seconds for the whole run; work that would not fit is skipped with a message")
     ap.add_argument("--progress-every", type=float, default=20.0, help="seconds between progress lines")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks of each server (http mode)")
+    ap.add_argument("--dp", type=int, default=1, help="data-parallel replicas behind a router (http mode)")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args(argv)
+    if (args.tp > 1 or args.dp > 1) and args.mode != "http":
+        ap.error("--tp / --dp run through `kvslim serve`: use --mode http")
     t_start = time.perf_counter()
     deadline = t_start + args.time_budget
     args.max_model_len = args.input_len + args.output_len + args.page_size
