@@ -76,6 +76,19 @@ def top_eigvecs(C: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return evecs[:, order[:k]], evals[order].clamp_min(0)
 
 
+def balanced_kv(K: torch.Tensor, V: torch.Tensor, S: torch.Tensor, balance: bool) -> tuple[torch.Tensor, float]:
+    """``(Z, alpha)``: keys and values stacked for a joint PCA, ``Z = [K / alpha; V]``.
+
+    With ``balance`` (TransMLA's BKV), ``alpha = sqrt(E‖K x̃‖² / E‖V x̃‖²)`` under ``E[x̃x̃ᵀ] = S``
+    puts both halves at equal energy; otherwise (or if either is zero) ``alpha = 1``.
+    """
+    alpha = 1.0
+    if balance:
+        ek, ev = torch.trace(K @ S @ K.T), torch.trace(V @ S @ V.T)
+        alpha = float((ek / ev).sqrt()) if ek > 0 and ev > 0 else 1.0
+    return torch.cat([K / alpha, V]), alpha
+
+
 def lstsq_map(S: torch.Tensor, target: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     """``L`` minimising ``E‖target x̃ - L basis x̃‖²`` under ``E[x̃x̃ᵀ] = S`` (rows are linear maps)."""
     G = basis @ S @ basis.T

@@ -26,7 +26,15 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from kvslim.convert.common import aug, check_grouped_source, lstsq_map, new_model, set_linear, top_eigvecs
+from kvslim.convert.common import (
+    aug,
+    balanced_kv,
+    check_grouped_source,
+    lstsq_map,
+    new_model,
+    set_linear,
+    top_eigvecs,
+)
 from kvslim.convert.gqa_to_mla import effective_keys
 from kvslim.convert.rorope import rorope_rotation
 from kvslim.spec import AttentionSpec
@@ -84,11 +92,7 @@ def gqa_to_gta(model, moments: list[torch.Tensor], *, freqfold: int | None = Non
                 A1, _ = top_eigvecs(Ej @ S @ Ej.T, half)
                 s1 = A1.T @ Ej
             else:
-                alpha = 1.0
-                if balance:
-                    ek, ev = torch.trace(Ej @ S @ Ej.T), torch.trace(Vj @ S @ Vj.T)
-                    alpha = float((ek / ev).sqrt()) if ek > 0 and ev > 0 else 1.0
-                Z = torch.cat([Ej / alpha, Vj])
+                Z, _ = balanced_kv(Ej, Vj, S, balance)
                 A1, _ = top_eigvecs(Z @ S @ Z.T, half)
                 s1 = A1.T @ Z
             res = Vj - lstsq_map(S, Vj, s1) @ s1

@@ -35,7 +35,7 @@ import math
 import torch
 from tqdm.auto import tqdm
 
-from kvslim.convert.common import aug, check_grouped_source, new_model, set_linear, top_eigvecs
+from kvslim.convert.common import aug, balanced_kv, check_grouped_source, new_model, set_linear, top_eigvecs
 from kvslim.convert.rorope import collapse_factor, norm_selection, rorope_rotation
 from kvslim.spec import AttentionSpec
 
@@ -143,11 +143,7 @@ def gqa_to_latent(model, moments: list[torch.Tensor] | None, *, latent_heads: in
             Ek = torch.cat([E[j] for j in groups])
             Vc = torch.cat([Wv[j * d : (j + 1) * d] for j in groups])
             if method == "transmla":
-                alpha = 1.0
-                if balance:
-                    ek, ev = torch.trace(Ek @ S @ Ek.T), torch.trace(Vc @ S @ Vc.T)
-                    alpha = float((ek / ev).sqrt()) if ek > 0 and ev > 0 else 1.0
-                Z = torch.cat([Ek / alpha, Vc])
+                Z, alpha = balanced_kv(Ek, Vc, S, balance)
                 A, evals = top_eigvecs(Z @ S @ Z.T, latent_dim)
             else:
                 alpha = 1.0
