@@ -433,6 +433,14 @@ def write_results(results, out_dir, meta):
     plot(results, out_dir, meta)
 
 
+SHAPE_KEYS = ("variant", "h_q", "B", "L", "q_len", "page")
+
+
+def same_shape(results, r, kernel: str) -> list:
+    """The rows of ``kernel`` measured at the shape of row ``r``."""
+    return [x for x in results if x["kernel"] == kernel and all(x[k] == r[k] for k in SHAPE_KEYS)]
+
+
 def targets(results):
     """Issue-4 targets, as ratios taken from this run's rows (B=64, L=8192, page 64)."""
 
@@ -485,36 +493,21 @@ def targets(results):
                 f"- {v} h_q={h} q_len={q}: {r['TFLOPs']} TFLOP/s = {r['pct_gemm']}% of GEMM (target >= 50%)"
             )
     for r in [r for r in results if r["kernel"] == "kvslim" and r["variant"][:3] in ("mla", "gla", "gta")]:
-        n = [
-            x
-            for x in results
-            if x["kernel"] == "torch-absorbed"
-            and all(x[k] == r[k] for k in ("variant", "h_q", "B", "L", "q_len", "page"))
-        ]
+        n = same_shape(results, r, "torch-absorbed")
         if n:
             out.append(
                 f"- {r['variant']} h_q={r['h_q']} q_len={r['q_len']}: {n[0]['us'] / r['us']:.1f}x the naive "
                 "torch absorbed path (target >= 3x)"
             )
     for r in [r for r in results if r["kernel"] == "sglang-triton"]:
-        o = [
-            x
-            for x in results
-            if x["kernel"] == "kvslim"
-            and all(x[k] == r[k] for k in ("variant", "h_q", "B", "L", "q_len", "page"))
-        ]
+        o = same_shape(results, r, "kvslim")
         if o:
             out.append(
                 f"- vs SGLang Triton, {r['variant']} h_q={r['h_q']} page={r['page']}: SGLang/ours time = "
                 f"{r['us'] / o[0]['us']:.2f} (target > 1)"
             )
     for r in [r for r in results if r["kernel"].startswith("flashinfer")]:
-        o = [
-            x
-            for x in results
-            if x["kernel"] == "kvslim"
-            and all(x[k] == r[k] for k in ("variant", "h_q", "B", "L", "q_len", "page"))
-        ]
+        o = same_shape(results, r, "kvslim")
         if o:
             out.append(
                 f"- vs FlashInfer {r['kernel']}, {r['variant']} h_q={r['h_q']} q_len={r['q_len']} "
