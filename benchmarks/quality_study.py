@@ -503,6 +503,11 @@ def run(a) -> None:
     if a.eval_max_tokens:
         common += ["--eval-max-tokens", str(a.eval_max_tokens)]
 
+    def job_args(j: dict, steps: int) -> list[str]:
+        """Worker flags of one run (variant, seed, MLP width, steps) plus the flags all runs share."""
+        return ["--variant", j["variant"], "--seed", str(j["seed"]), "--ff", str(j["ff"]), "--steps", str(steps),
+                *common]
+
     # 1) throughput probe: all runs at once, as in the real run
     steps = a.steps
     probe = None
@@ -510,20 +515,7 @@ def run(a) -> None:
         t = time.time()
         procs = _launch(
             jobs,
-            lambda j: [
-                "--variant",
-                j["variant"],
-                "--seed",
-                str(j["seed"]),
-                "--ff",
-                str(j["ff"]),
-                "--steps",
-                str(a.probe_steps),
-                "--probe",
-                "--out",
-                str(work / f"probe_{j['name']}.json"),
-                *common,
-            ],
+            lambda j: [*job_args(j, a.probe_steps), "--probe", "--out", str(work / f"probe_{j['name']}.json")],
             logdir,
             env,
         )
@@ -551,18 +543,10 @@ def run(a) -> None:
     procs = _launch(
         jobs,
         lambda j: [
-            "--variant",
-            j["variant"],
-            "--seed",
-            str(j["seed"]),
-            "--ff",
-            str(j["ff"]),
-            "--steps",
-            str(steps),
+            *job_args(j, steps),
             "--out",
             str(work / f"run_{j['name']}.json"),
             *(["--save", str(work / f"model_{j['variant']}")] if j["seed"] == 0 else []),
-            *common,
         ],
         logdir,
         env,
