@@ -313,3 +313,27 @@ def test_programs_per_sm_from_compiled_kernel():
     assert len(_PER_SM) == 1 and 1 <= next(iter(_PER_SM.values())) <= 32
     o_ref, lse_ref = decode_tied(q, cache, bt, sl, impl="torch", **kw)
     torch.testing.assert_close(o.float(), o_ref.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_offline_compile_reports_resources_and_names_missing_constexprs():
+    """benchmarks/offline_compile.py: sm_90a cubin on a CPU machine, resource usage read back."""
+    import json
+    import re
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "offline_compile.py")
+    cx = dict(H_Q=32, H_KV=8, G=4, Q_LEN=1, HEAD_DIM=64, BLOCK_D=64, PAGE=16, ROW=1024, BLOCK_H=4, BLOCK_M=16,
+              BLOCK_N=16, HB_PER_KV=1, NUM_SPLITS=1, STAGES=2, DOT_PREC="tf32", UPCAST=False, num_warps=4,
+              num_stages=2)
+
+    def run(c):  # its own process: the script compiles real (not interpreted) kernels
+        return subprocess.run([sys.executable, script, "separate", json.dumps(c)], capture_output=True, text=True,
+                              timeout=300)
+
+    r = run(cx)
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = re.search(r"shared (\d+) B \| REG:(\d+)", r.stdout)
+    assert m and int(m.group(1)) > 0 and 1 <= int(m.group(2)) <= 255, r.stdout
+    bad = run({k: v for k, v in cx.items() if k != "HEAD_DIM"})
+    assert bad.returncode != 0 and "constexprs missing: ['HEAD_DIM']" in bad.stderr
