@@ -56,7 +56,12 @@ def _metrics(url: str) -> dict:
     c.request("GET", "/metrics")
     text = c.getresponse().read().decode()
     c.close()
-    out: dict[str, float] = {}  # summed over replicas (a --dp router labels each replica's lines)
+    return parse_metrics(text)
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text -> ``{name: value}``, summed over labels (a ``--dp`` router labels each replica)."""
+    out: dict[str, float] = {}
     for line in text.splitlines():
         if line and not line.startswith("#"):
             name, val = line.rsplit(" ", 1)

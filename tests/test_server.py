@@ -496,3 +496,22 @@ def test_sse_coalesces_queued_tokens_and_bench_counts_them():
     finally:
         srv.httpd.shutdown()
         srv.httpd.server_close()
+
+
+def test_bench_serve_script_metrics_and_flags(server, capsys):
+    """benchmarks/bench_serve.py: pool metrics read from a live server, summed over --dp replicas."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_serve.py")
+    spec = importlib.util.spec_from_file_location("bench_serve_script", path)
+    bs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bs)
+    m = bs._metrics(server.url)
+    assert m["kvslim_kv_pages_total"] == server.loop.stats()["num_pages"]
+    two = bs.parse_metrics('# HELP x\nkvslim_kv_pages_total{replica="0"} 10\nkvslim_kv_pages_total{replica="1"} 12\n'
+                           'kvslim_preemptions_total{replica="0"} 1\n')
+    assert two == {"kvslim_kv_pages_total": 22.0, "kvslim_preemptions_total": 1.0}
+    with pytest.raises(SystemExit):
+        bs.main(["--mode", "engine", "--tp", "2"])
+    assert "--tp / --dp run through `kvslim serve`" in capsys.readouterr().err
