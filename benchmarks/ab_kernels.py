@@ -5,14 +5,16 @@ Each tree is a directory holding a ``kvslim`` package (e.g. made with
 in its own subprocess (so each imports its own ``kvslim``) over the same shapes and random
 data, and prints one JSON line per (shape, config); the driver prints a table of medians.
 
-    python benchmarks/ab_kernels.py --trees .,.ab/707486c --shapes gla-8:128,mla:16
-    python benchmarks/ab_kernels.py --trees . --shapes gta-8:32 \
+    python -m benchmarks.ab_kernels --trees .,.ab/707486c --shapes gla-8:128,mla:16
+    python -m benchmarks.ab_kernels --trees . --shapes gta-8:32 \
         --configs 'BLOCK_N=64,num_warps=2,num_stages=2;BLOCK_N=128,num_warps=4,num_stages=3'
 
 Shapes are ``variant:h_q[:q_len[:page]]`` at ``--batch`` x ``--seq-len`` (d_h = 128). Times:
 ``triton.testing.do_bench`` median (warm L2 between calls) and, with ``--graph``, CUDA-graph
 replays with a 256 MB L2 flush before each call (flush-only graph subtracted), as in
-bench_decode.py. ``%copy`` uses a device copy measured in the same process.
+bench_decode. ``%copy`` uses a device copy measured in the same process. The trees' own
+``kvslim`` is put first on ``sys.path`` in each subprocess; ``benchmarks.timing`` always
+comes from this checkout.
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def parse_config(text: str) -> dict | None:
@@ -37,11 +42,13 @@ def parse_config(text: str) -> dict | None:
 
 
 def child(args) -> None:
-    sys.path.insert(0, os.path.abspath(args.tree))
+    """Time every (shape, config) with the kernels of the ``kvslim`` in ``args.tree``; JSON lines out."""
     import torch
     import triton
-    from timing import bench_graph  # benchmarks/timing.py (the script's folder is on sys.path)
 
+    from benchmarks.timing import bench_graph  # imports no kvslim: this checkout's, whatever the tree
+
+    sys.path.insert(0, os.path.abspath(args.tree))
     import kvslim
     from kvslim.spec import AttentionSpec
 
@@ -164,11 +171,16 @@ def main() -> None:
         child(args)
         return
     rows = []
+    # each tree's subprocess runs this module in this cwd (relative --trees stay relative to it)
+    # and finds this package through the repo root on PYTHONPATH
+    pythonpath = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "PYTHONPATH": pythonpath}
 
     def cmd_for(tree, shapes, configs, extra=()):
         cmd = [
             sys.executable,
-            __file__,
+            "-m",
+            "benchmarks.ab_kernels",
             "--tree",
             tree,
             "--shapes",
@@ -197,12 +209,12 @@ def main() -> None:
     for c in warm:
         while len(running) >= args.jobs:
             running.pop(0).wait()
-        running.append(subprocess.Popen(c, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        running.append(subprocess.Popen(c, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env))
     for r in running:
         r.wait()
     for tree in args.trees.split(","):
         cmd = cmd_for(tree, args.shapes, args.configs, ["--graph"] if args.graph else [])
-        p = subprocess.run(cmd, capture_output=True, text=True)
+        p = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if p.returncode:
             print(f"tree {tree} failed:\n{p.stderr[-2000:]}", flush=True)
         for line in p.stdout.splitlines():

@@ -16,7 +16,7 @@ the greedy tokens of ``model.generate`` (fp32 ``tiny`` models). The results (mar
 table, JSON rows, PNG) are rewritten after every row, so a killed run keeps what it did;
 ``--time-budget`` skips work that would not fit instead of being killed.
 
-    python benchmarks/bench_serve.py --mode engine --variants gqa-4,gta-4,mla,gla-2 \
+    python -m benchmarks.bench_serve --mode engine --variants gqa-4,gta-4,mla,gla-2 \
         --concurrency 64,256 --input-len 2048 --output-len 1024 --max-batch 256 --kv-memory 40 \
         --time-budget 500 --out benchmarks/results
 """
@@ -39,6 +39,7 @@ import torch
 
 from kvslim.engine.allocator import page_bytes
 from kvslim.engine.bench import run_bench, run_engine_bench
+from kvslim.engine.config import EngineConfig
 from kvslim.engine.engine import LLMEngine, SamplingParams
 from kvslim.engine.source import SHAPES, ModelSource, random_model
 from kvslim.spec import AttentionSpec
@@ -77,7 +78,7 @@ def check_exact(device: str, variants: list[str]) -> list[str]:
     for v in variants:
         m = random_model(v, "tiny", device=device)
         ref = m.generate(prompts, max_new_tokens=16)
-        eng = LLMEngine(m, num_pages=64, page_size=4, max_batch=8, max_num_batched_tokens=16)
+        eng = LLMEngine(m, EngineConfig(num_pages=64, page_size=4, max_batch=8, max_num_batched_tokens=16))
         out = eng.generate(prompts, SamplingParams(max_tokens=16), arrival_steps=[0, 0, 2, 3, 5, 9])
         same = sum(a == b for a, b in zip(out, ref))
         lines.append(f"exactness {v}: {same}/{len(ref)} sequences equal model.generate "
@@ -104,15 +105,15 @@ def _num_requests(args, c: int) -> int:
     return args.num_requests or c
 
 
-# ---------------------------------------------------------------------- engine mode
 def engine_rows(args, v: str, bpt: int, device: str, concs: list[int], deadline: float, est: dict, emit) -> None:
     t0 = time.perf_counter()
     dev = "cuda" if device == "cuda" else "cpu"
     model = ModelSource(preset=v, shape=args.shape, dtype=args.dtype, max_len=max(4096, args.max_model_len)).build(dev)
     t_model = time.perf_counter() - t0
-    engine = LLMEngine(model, kv_memory=int(args.kv_memory * 2**30), page_size=args.page_size,
-                       max_batch=args.max_batch, max_num_batched_tokens=args.max_num_batched_tokens,
-                       max_model_len=args.max_model_len, cuda_graphs=False if args.no_cuda_graphs else None)
+    config = EngineConfig(kv_memory_gib=args.kv_memory, page_size=args.page_size, max_batch=args.max_batch,
+                          max_num_batched_tokens=args.max_num_batched_tokens,
+                          max_model_len=args.max_model_len, cuda_graphs=False if args.no_cuda_graphs else None)
+    engine = LLMEngine(model, config)
     # warm-up outside the measurement: a short closed loop of the same prompts, so the first row does
     # not pay one-time costs (Triton specialisations of short prefill chunks, cuBLAS/SDPA shapes, allocator)
     tw = time.perf_counter()
@@ -152,7 +153,6 @@ def engine_rows(args, v: str, bpt: int, device: str, concs: list[int], deadline:
                 f"{torch.cuda.memory_reserved() / 2**30:.2f} GiB reserved")
 
 
-# ---------------------------------------------------------------------- http mode
 def http_rows(args, v: str, bpt: int, concs: list[int], deadline: float, est: dict, emit) -> None:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -201,7 +201,6 @@ def http_rows(args, v: str, bpt: int, concs: list[int], deadline: float, est: di
                 proc.kill()
 
 
-# ---------------------------------------------------------------------- output
 def _f(x: float, scale: float = 1.0, nd: int = 1) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{scale * x:.{nd}f}"
 

@@ -6,7 +6,7 @@ steps, perplexity after — on the same held-out SOTU eval tokens and windows as
 ``convert_report.py`` (first 2048 tokens, windows of 512), so the numbers line up with
 ``results/convert.md``. Results go to ``results/convert_recovery.{json,md}``.
 
-    python benchmarks/convert_recover.py --steps 100 --device cpu
+    python -m benchmarks.convert_recover --steps 100 --device cpu
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ import torch
 from kvslim.convert import attention_input_moments, convert_model
 from kvslim.convert.calib import calibration_tokens
 from kvslim.eval.data import split_text
-from kvslim.eval.perplexity import load_tokenizer, perplexity, tokenize
+from kvslim.eval.perplexity import perplexity
 from kvslim.eval.smollm2 import smollm2_dir
+from kvslim.eval.tokenizer import load_tokenizer, tokenize
 from kvslim.model import Transformer
 from kvslim.train import finetune
 

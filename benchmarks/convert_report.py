@@ -1,7 +1,7 @@
 """Converters on the real SmolLM2-135M: KV bytes/token vs perplexity, before any fine-tuning.
 
-    python benchmarks/convert_report.py run      # calibrate once, convert every variant, measure
-    python benchmarks/convert_report.py render   # benchmarks/results/convert.{md,png} from the JSON
+    python -m benchmarks.convert_report run      # calibrate once, convert every variant, measure
+    python -m benchmarks.convert_report render   # benchmarks/results/convert.{md,png} from the JSON
 
 ``run`` appends one record per variant to ``benchmarks/results/convert.json`` as it goes (a
 re-run skips variants already there, so an interrupted run resumes). Calibration: windows of
@@ -85,7 +85,7 @@ def _mean(x):
 def run(args) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from kvslim.convert import attention_input_moments, calibration_tokens
-    from kvslim.convert.gqa_to_mla import gqa_to_latent
+    from kvslim.convert.latent import gqa_to_latent
     from kvslim.convert.pipeline import convert_model
     from kvslim.eval import perplexity, smollm2_dir, split_text, tokenize
     from kvslim.model import Transformer

@@ -7,7 +7,7 @@ delivery (the listener mimics the engine process: it appends ``(id, "token", tok
 outbox that is pickled once per step, as ``conn.send`` does). CPU only; the CUDA-graph
 path adds a few host-to-device copies and one replay launch on top of this.
 
-    python benchmarks/engine_overhead.py --batch 64,256 --context 3072 --steps 200
+    python -m benchmarks.engine_overhead --batch 64,256 --context 3072 --steps 200
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from kvslim.engine.config import EngineConfig
 from kvslim.engine.engine import LLMEngine, SamplingParams
 from kvslim.testing import tiny_model, tiny_spec
 
@@ -41,8 +42,10 @@ def measure(batch: int, context: int, steps: int, page_size: int = 16, preset: s
     # sequences start decoding while later ones still prefill: room for those extra tokens too
     max_tokens = steps + batch * context // budget + 8
     pages_per_seq = -(-(context + max_tokens) // page_size)
-    eng = LLMEngine(model, num_pages=batch * pages_per_seq + 2, page_size=page_size, max_batch=batch,
-                    max_num_batched_tokens=budget, max_model_len=context + max_tokens, cuda_graphs=False)
+    config = EngineConfig(num_pages=batch * pages_per_seq + 2, page_size=page_size, max_batch=batch,
+                          max_num_batched_tokens=budget, max_model_len=context + max_tokens,
+                          cuda_graphs=False)
+    eng = LLMEngine(model, config)
     stub_forward(eng.runner, model.config.vocab_size, batch)
     outbox: list = []
 

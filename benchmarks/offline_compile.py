@@ -5,7 +5,7 @@ builds the cubin without a device. Pointer and integer arguments get the runtime
 divisibility hints (without them loads come out scalar and unpipelined). A lead, not a
 measurement: the lent H100 runs another Triton version (benchmarks/NOTES.md).
 
-    python benchmarks/offline_compile.py tied '{"H_Q":128,"S":1,"G":128,"Q_LEN":1,"STATE_DIM":512,
+    python -m benchmarks.offline_compile tied '{"H_Q":128,"S":1,"G":128,"Q_LEN":1,"STATE_DIM":512,
         "NOPE":512,"ROPE":64,"DV":512,"BLOCK_DS":512,"BLOCK_R":64,"PAGE":64,"ROW":576,"BLOCK_H":64,
         "BLOCK_M":64,"BLOCK_N":64,"HB_PER_S":2,"SPG":1,"NUM_SPLITS":1,"STAGES":3,"DOT_PREC":"tf32",
         "UPCAST":false,"num_warps":8,"num_stages":3}'
@@ -22,13 +22,9 @@ import subprocess
 import sys
 import tempfile
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-# Under the CPU interpreter @triton.jit yields interpreted functions, which cannot be compiled.
+# Under the CPU interpreter @triton.jit yields interpreted functions, which cannot be compiled:
+# the variable goes before anything imports triton (hence its imports inside the functions).
 os.environ.pop("TRITON_INTERPRET", None)
-
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
 
 POINTERS = dict(Q="*bf16", Cache="*bf16", BlockTable="*i32", SeqLens="*i32", O="*bf16", Lse="*fp32",
                 OPart="*fp32", LsePart="*fp32")
@@ -36,6 +32,10 @@ POINTERS = dict(Q="*bf16", Cache="*bf16", BlockTable="*i32", SeqLens="*i32", O="
 
 def compile_kernel(kernel, constexprs: dict):
     """Compile ``kernel`` (a ``@triton.jit`` decode kernel) with ``constexprs`` (+ num_warps/num_stages)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
     cx = dict(constexprs)
     opts = dict(num_warps=cx.pop("num_warps", 4), num_stages=cx.pop("num_stages", 3))
     names = kernel.arg_names
@@ -51,6 +51,8 @@ def compile_kernel(kernel, constexprs: dict):
 
 def resource_usage(compiled) -> str:
     """``cuobjdump -res-usage`` of the cubin, plus LDL/STL (local-memory spill) counts in its SASS."""
+    import triton
+
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])

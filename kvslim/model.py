@@ -8,22 +8,19 @@ directory with ``config.json`` (kvslim's, or a Hugging Face one) and safetensors
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from kvslim.attention import RMSNorm, build_attention
+from kvslim.attention import build_attention
 from kvslim.cache import KVCache, LayerCache
-from kvslim.engine.sampling import check_sampling, sample
-from kvslim.spec import AttentionSpec
-
-FORMAT = "kvslim-1"
+from kvslim.checkpoint import FORMAT, load_tensors, read_config, state_dict_for_save, write_model_dir
+from kvslim.layers import MLP, RMSNorm
+from kvslim.rope import Rotary
+from kvslim.sampling import check_sampling, sample
+from kvslim.spec import AttentionSpec, hf_int
 
 
 @dataclass
@@ -67,17 +64,6 @@ class ModelConfig:
         d = self.to_dict()
         d["attention"] = spec
         return ModelConfig(**d)
-
-
-class MLP(nn.Module):
-    def __init__(self, dim: int, hidden: int, bias: bool = False):
-        super().__init__()
-        self.gate_proj = nn.Linear(dim, hidden, bias=bias)
-        self.up_proj = nn.Linear(dim, hidden, bias=bias)
-        self.down_proj = nn.Linear(hidden, dim, bias=bias)
-
-    def forward(self, x):
-        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
@@ -131,7 +117,6 @@ class Transformer(nn.Module):
             if impl is not None:
                 attn.impl = impl
 
-    # ---- forward -----------------------------------------------------------------
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, *,
                 return_hidden: bool = False) -> torch.Tensor:
         """tokens ``[B, T]`` -> logits ``[B, T, V]``.
@@ -206,35 +191,29 @@ class Transformer(nn.Module):
             logits = self(nxt[:, None], cache)[:, -1]
         return out
 
-    # ---- checkpoints ---------------------------------------------------------------
-    def save_pretrained(self, path: str | os.PathLike, *, dtype: torch.dtype | None = None) -> None:
-        """Write ``config.json`` + ``model.safetensors`` atomically (temp dir, then rename)."""
-        from safetensors.torch import save_file
+    def save_pretrained(self, path: str | os.PathLike, *, dtype: torch.dtype | None = None,
+                        force: bool = False, tokenizer_from: str | os.PathLike | None = None) -> None:
+        """Write ``config.json`` + ``model.safetensors`` atomically (``kvslim.checkpoint``).
 
-        sd = {k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in self.state_dict().items()}
-        if self.config.tie_word_embeddings:
-            sd.pop("lm_head.weight", None)
-        cfg = {"format": FORMAT, **self.config.to_dict()}
-        with atomic_dir(path) as tmp:
-            save_file(sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-            with open(os.path.join(tmp, "config.json"), "w") as f:
-                json.dump(cfg, f, indent=2)
+        An existing non-empty ``path`` is replaced only with ``force`` and only if it is a
+        model directory.
+        """
+        write_model_dir(path, tensors=state_dict_for_save(self, dtype),
+                        config={"format": FORMAT, **self.config.to_dict()}, force=force,
+                        tokenizer_from=tokenizer_from)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, dtype: torch.dtype | None = None,
                         device: str | torch.device = "cpu") -> Transformer:
         """Load a kvslim checkpoint or a Hugging Face Llama/Mistral/Qwen2/DeepSeek(dense) one."""
-        path = Path(path)
-        cfg_path = path / "config.json"
-        if not cfg_path.is_file():
-            raise ValueError(f"no config.json in {path}")
-        raw = json.loads(cfg_path.read_text())
+        raw = read_config(path)
         if raw.get("format") == FORMAT:
-            raw = {k: v for k, v in raw.items() if k != "format"}
-            cfg = ModelConfig.from_dict(raw)
+            cfg = ModelConfig.from_dict({k: v for k, v in raw.items() if k != "format"})
         else:
             cfg = config_from_hf(raw)
-        sd = load_safetensors_dir(path)
+        sd = load_tensors(path)
+        if hf_rope_interleaved(raw):
+            sd = permute_rope_rows(sd, cfg, deinterleave_perm(cfg.attention.rope_dim))
         with torch.device("meta"):
             model = cls(cfg)
         if cfg.tie_word_embeddings:
@@ -249,75 +228,102 @@ class Transformer(nn.Module):
                 f"checkpoint {path} does not match the config: missing {sorted(missing)[:5]}, "
                 f"unexpected {sorted(unexpected)[:5]}"
             )
+        shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        bad = [f"{k} {tuple(sd[k].shape)} != {shapes[k]}" for k in sorted(expected) if tuple(sd[k].shape) != shapes[k]]
+        if bad:
+            raise ValueError(f"checkpoint {path}: tensor shapes do not match config.json: {bad[:3]}")
         sd = {k: v for k, v in sd.items() if k in expected}
         model.load_state_dict(sd, strict=False, assign=True)
         if cfg.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
         for m in model.modules():  # non-persistent buffers (RoPE tables) were on meta
-            if hasattr(m, "inv_freq"):
-                from kvslim.rope import inv_frequencies
-
-                m.inv_freq = inv_frequencies(m.rope_dim, cfg.attention.rope_theta, cfg.attention.rope_scaling)
+            if isinstance(m, Rotary):
+                m.reset_tables()
         return model.to(device=device, dtype=dtype) if dtype else model.to(device)
 
 
+def load_model(model, *, what: str = "model", device: str | torch.device = "cpu") -> Transformer:
+    """``model`` itself if it is a ``Transformer``, else the model directory it names, loaded on ``device``."""
+    if isinstance(model, Transformer):
+        return model
+    if model is None:
+        raise ValueError(f"{what} is required")
+    if not os.path.isdir(os.fspath(model)):
+        raise ValueError(f"{what} {os.fspath(model)!r} is not a directory")
+    if not os.path.isfile(os.path.join(os.fspath(model), "config.json")):
+        raise ValueError(f"{what} {os.fspath(model)!r} is not a model directory (no config.json)")
+    return Transformer.from_pretrained(model, device=device)
+
+
+def hf_rope_interleaved(raw: dict) -> bool:
+    """Whether a Hugging Face DeepSeek checkpoint rotates interleaved pairs ``(x0, x1), (x2, x3) …``.
+
+    DeepSeek-V2 always does; V3 unless ``rope_interleave`` is false (its default is true).
+    kvslim rotates ``rotate_half`` pairs ``(x_i, x_{i+r/2})``, so such weights are permuted at load.
+    """
+    mt = raw.get("model_type")
+    return mt == "deepseek_v2" or (mt == "deepseek_v3" and raw.get("rope_interleave", True) is not False)
+
+
+def deinterleave_perm(rope_dim: int) -> torch.Tensor:
+    """Row order taking interleaved RoPE pairs to rotate_half ones: ``[0, 2, 4, …, 1, 3, 5, …]``."""
+    return torch.cat([torch.arange(0, rope_dim, 2), torch.arange(1, rope_dim, 2)])
+
+
+def permute_rope_rows(sd: dict, cfg: ModelConfig, perm: torch.Tensor) -> dict:
+    """Reorder the RoPE rows of an MLA state dict (query heads' RoPE part, the shared RoPE key) by ``perm``.
+
+    Scores are unchanged when queries and keys are permuted alike; only the pairing RoPE uses
+    changes. ``deinterleave_perm`` reads interleaved checkpoints; its inverse writes them.
+    """
+    spec = cfg.attention
+    d_n, d_r = spec.head_dim, spec.rope_dim
+    out = dict(sd)
+    for i in range(cfg.num_layers):
+        pre = f"model.layers.{i}.self_attn."
+        for name in ("q_proj", "q_b_proj"):
+            for kind in ("weight", "bias"):
+                key = f"{pre}{name}.{kind}"
+                if key in out:
+                    w = out[key].view(spec.num_heads, d_n + d_r, *out[key].shape[1:])
+                    w = torch.cat([w[:, :d_n], w[:, d_n:][:, perm]], 1)
+                    out[key] = w.reshape(out[key].shape).contiguous()
+        for kind in ("weight", "bias"):
+            key = f"{pre}kv_a_proj_with_mqa.{kind}"
+            if key in out:
+                w = out[key]
+                out[key] = torch.cat([w[: w.shape[0] - d_r], w[w.shape[0] - d_r :][perm]]).contiguous()
+    return out
+
+
 def config_from_hf(raw: dict) -> ModelConfig:
-    """ModelConfig from a Hugging Face config dict (Llama, Mistral, Qwen2, DeepSeek-V2/V3 dense)."""
+    """ModelConfig from a Hugging Face config dict (Llama, Mistral, Qwen2, DeepSeek-V2/V3 dense).
+
+    Every field is type-checked (a bad config names its bad field); architectures whose
+    non-attention parts kvslim's model does not have (MoE MLPs) are refused.
+    """
     mt = raw.get("model_type")
     spec = AttentionSpec.from_hf_config(raw)
+    layers = hf_int(raw, "num_hidden_layers")
+    if mt == "mixtral":
+        raise ValueError("Mixtral's mixture-of-experts MLP is not supported by kvslim's model "
+                         "(`kvslim plan` reads its attention; `convert` needs a dense model)")
     if mt in ("deepseek_v2", "deepseek_v3"):
-        if raw.get("n_routed_experts") and raw.get("first_k_dense_replace", 0) < raw["num_hidden_layers"]:
+        first_dense = hf_int(raw, "first_k_dense_replace", default=0, minimum=0)
+        if raw.get("n_routed_experts") and first_dense < layers:
             raise ValueError("DeepSeek MoE layers are not supported: only dense (n_routed_experts null) checkpoints")
         spec = spec.replace(latent_norm=True)
+    eps = raw.get("rms_norm_eps", 1e-6)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+        raise ValueError(f"HF config: 'rms_norm_eps' must be a number in (0, 1), got {eps!r}")
     return ModelConfig(
-        vocab_size=raw["vocab_size"],
-        hidden_size=raw["hidden_size"],
-        intermediate_size=raw["intermediate_size"],
-        num_layers=raw["num_hidden_layers"],
+        vocab_size=hf_int(raw, "vocab_size"),
+        hidden_size=spec.hidden_size,
+        intermediate_size=hf_int(raw, "intermediate_size"),
+        num_layers=layers,
         attention=spec,
-        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+        rms_norm_eps=float(eps),
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-        max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
+        max_position_embeddings=hf_int(raw, "max_position_embeddings", default=4096),
         mlp_bias=bool(raw.get("mlp_bias", False)),
     )
-
-
-def load_safetensors_dir(path: Path) -> dict:
-    from safetensors.torch import load_file
-
-    files = sorted(Path(path).glob("*.safetensors"))
-    if not files:
-        raise ValueError(f"no .safetensors files in {path}")
-    sd = {}
-    for f in files:
-        sd.update(load_file(str(f)))
-    return sd
-
-
-class atomic_dir:
-    """Context manager: yields a temp dir next to ``path``; renames it into place on success.
-
-    On an exception (or interrupt) the temp dir is removed and ``path`` is left untouched.
-    An existing ``path`` is replaced only after the new one is complete.
-    """
-
-    def __init__(self, path):
-        self.path = Path(path)
-
-    def __enter__(self) -> str:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-", dir=self.path.parent)
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return False
-        old = None
-        if self.path.exists():
-            old = self.path.with_name(f".{self.path.name}.old-{os.getpid()}")
-            os.replace(self.path, old)
-        os.replace(self.tmp, self.path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        return False

@@ -42,8 +42,8 @@ class GPU:
     def __post_init__(self) -> None:
         for f in ("bandwidth_tbs", "tflops", "memory_gb"):
             v = getattr(self, f)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
-                raise ValueError(f"GPU.{f} must be a positive number, got {v!r}")
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or not v > 0:
+                raise ValueError(f"GPU.{f} must be a finite positive number, got {v!r}")
 
     @property
     def ridge(self) -> float:
@@ -460,7 +460,9 @@ def plot_roofline(results: Sequence[PlanResult], path: str) -> str:
     ax.set_title(f"decode attention roofline: B={r0.batch}, L={r0.context}, q_len={r0.q_len}, {r0.dtype}")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="upper left", fontsize=7, ncol=2)
+    from kvslim.checkpoint import prepare_output_file
+
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(prepare_output_file(path), dpi=120)
     plt.close(fig)
     return path

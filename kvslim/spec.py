@@ -95,6 +95,13 @@ class AttentionSpec:
                     f"AttentionSpec.rope_scaling.rope_type must be one of {ROPE_SCALING_TYPES}, "
                     f"got {rtype!r}"
                 )
+        if self.rope_scaling is not None:
+            from kvslim.rope import rope_parameters
+
+            try:
+                rope_parameters(max(2, self.rope_dim), float(self.rope_theta), self.rope_scaling)
+            except (KeyError, TypeError, ValueError) as e:
+                raise ValueError(f"AttentionSpec.rope_scaling {self.rope_scaling!r} is invalid: {e}") from None
         if self.q_lora_rank is not None:
             if kind not in ("mla", "gla"):
                 raise ValueError("AttentionSpec.q_lora_rank is only supported for kind mla/gla")
@@ -165,7 +172,6 @@ class AttentionSpec:
         _positive("v_head_dim", v)
         object.__setattr__(self, "v_head_dim", v)
 
-    # ------------------------------------------------------------------ derived
     @property
     def is_tied(self) -> bool:
         return self.kind in TIED_KINDS
@@ -217,7 +223,10 @@ class AttentionSpec:
 
     @property
     def softmax_scale(self) -> float:
-        return 1.0 / math.sqrt(self.qk_head_dim)
+        """``1/sqrt(d_qk)``, times YaRN's ``mscale²`` when ``rope_scaling`` has ``mscale_all_dim``."""
+        from kvslim.rope import softmax_mscale
+
+        return softmax_mscale(self.rope_scaling) / math.sqrt(self.qk_head_dim)
 
     @property
     def shared_rope_dim(self) -> int:
@@ -234,7 +243,6 @@ class AttentionSpec:
     def bytes_per_token(self, dtype_bytes: int = 2) -> int:
         return self.row_dim * dtype_bytes
 
-    # --------------------------------------------------------------- sharding
     def duplication(self, tp_size: int) -> int:
         """D = ceil(N / state heads): how many ranks hold a copy of each state head.
 
@@ -280,7 +288,6 @@ class AttentionSpec:
                 f"tp_size={tp_size} and the {s} state heads of {self.name} must divide one another"
             )
 
-    # ------------------------------------------------------------------ names
     @property
     def name(self) -> str:
         if self.kind in ("gqa", "gta"):
@@ -303,7 +310,6 @@ class AttentionSpec:
     def replace(self, **kw) -> AttentionSpec:
         return replace(self, **kw)
 
-    # ---------------------------------------------------------------- presets
     @classmethod
     def preset(cls, name: str, *, hidden_size: int | None = None, num_heads: int | None = None,
                head_dim: int = 128, **overrides) -> AttentionSpec:
@@ -337,54 +343,79 @@ class AttentionSpec:
     def from_hf_config(cls, config: Any) -> AttentionSpec:
         """Build a spec from a Hugging Face config (dict, path or PretrainedConfig).
 
-        Supports Llama / Mistral / Qwen2 (GQA family) and DeepSeek-V2 / V3 (MLA).
+        Supports Llama / Mistral / Mixtral / Qwen2 / Qwen3 (GQA family) and DeepSeek-V2 / V3
+        (MLA). Every field read is type-checked, so a bad config names its bad field.
         """
         cfg = _as_dict(config)
         model_type = cfg.get("model_type", "")
         if model_type in ("deepseek_v2", "deepseek_v3") or "kv_lora_rank" in cfg:
-            for k in ("hidden_size", "num_attention_heads", "kv_lora_rank",
-                      "qk_nope_head_dim", "qk_rope_head_dim"):
-                if k not in cfg:
-                    raise ValueError(f"DeepSeek config is missing {k!r}")
+            D, h_q = hf_int(cfg, "hidden_size"), hf_int(cfg, "num_attention_heads")
+            d_n, d_r = hf_int(cfg, "qk_nope_head_dim"), hf_int(cfg, "qk_rope_head_dim", minimum=0)
             return cls(
                 kind="mla",
-                hidden_size=cfg["hidden_size"],
-                num_heads=cfg["num_attention_heads"],
-                head_dim=cfg["qk_nope_head_dim"],
-                latent_dim=cfg["kv_lora_rank"],
-                rope_dim=cfg["qk_rope_head_dim"],
-                v_head_dim=cfg.get("v_head_dim", cfg["qk_nope_head_dim"]),
-                rope_theta=float(cfg.get("rope_theta", 10000.0)),
+                hidden_size=D,
+                num_heads=h_q,
+                head_dim=d_n,
+                latent_dim=hf_int(cfg, "kv_lora_rank"),
+                rope_dim=d_r,
+                v_head_dim=hf_int(cfg, "v_head_dim", default=d_n),
+                rope_theta=_hf_theta(cfg),
                 rope_scaling=_rope_scaling(cfg),
-                q_lora_rank=cfg.get("q_lora_rank"),
+                q_lora_rank=hf_int(cfg, "q_lora_rank", default=None),
                 latent_norm=True,
                 qkv_bias=bool(cfg.get("attention_bias", False)),
             )
-        if model_type and model_type not in ("llama", "mistral", "qwen2", "qwen3"):
+        if model_type and model_type not in HF_GROUPED_TYPES:
             raise ValueError(
                 f"from_hf_config: unsupported model_type {model_type!r} "
-                "(supported: llama, mistral, qwen2, deepseek_v2, deepseek_v3)"
+                f"(supported: {', '.join(HF_GROUPED_TYPES + ('deepseek_v2', 'deepseek_v3'))})"
             )
-        for k in ("hidden_size", "num_attention_heads"):
-            if k not in cfg:
-                raise ValueError(f"HF config is missing {k!r}")
-        h_q = cfg["num_attention_heads"]
-        h_kv = cfg.get("num_key_value_heads") or h_q
-        d_h = cfg.get("head_dim") or cfg["hidden_size"] // h_q
+        D, h_q = hf_int(cfg, "hidden_size"), hf_int(cfg, "num_attention_heads")
+        h_kv = hf_int(cfg, "num_key_value_heads", default=h_q)
+        if D % h_q and cfg.get("head_dim") is None:
+            raise ValueError(f"HF config: hidden_size={D} is not divisible by num_attention_heads={h_q} "
+                             "and no head_dim is given")
+        d_h = hf_int(cfg, "head_dim", default=D // h_q)
         kind = "mha" if h_kv == h_q else ("mqa" if h_kv == 1 else "gqa")
         bias = bool(cfg.get("attention_bias", model_type == "qwen2"))
         partial = cfg.get("partial_rotary_factor", 1.0)
+        if isinstance(partial, bool) or not isinstance(partial, (int, float)) or not 0 <= partial <= 1:
+            raise ValueError(f"HF config: partial_rotary_factor must be a number in [0, 1], got {partial!r}")
         return cls(
             kind=kind,
-            hidden_size=cfg["hidden_size"],
+            hidden_size=D,
             num_heads=h_q,
             head_dim=d_h,
             num_kv_heads=h_kv,
             rope_dim=int(d_h * partial) // 2 * 2,
-            rope_theta=float(cfg.get("rope_theta", (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0))),
+            rope_theta=_hf_theta(cfg),
             rope_scaling=_rope_scaling(cfg),
             qkv_bias=bias,
         )
+
+
+HF_GROUPED_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen3")
+
+
+def hf_int(cfg: dict, key: str, *, default: Any = ..., minimum: int = 1):
+    """An int field of an HF config; a missing, mistyped or out-of-range value names the key."""
+    v = cfg.get(key)
+    if v is None:
+        if default is ...:
+            raise ValueError(f"HF config is missing {key!r}")
+        return default
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ValueError(f"HF config: {key!r} must be an int, got {v!r} ({type(v).__name__})")
+    if v < minimum:
+        raise ValueError(f"HF config: {key!r} must be >= {minimum}, got {v}")
+    return v
+
+
+def _hf_theta(cfg: dict) -> float:
+    v = cfg.get("rope_theta", (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0))
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+        raise ValueError(f"HF config: 'rope_theta' must be a finite number > 0, got {v!r}")
+    return float(v)
 
 
 def _rope_scaling(cfg: dict) -> dict | None:
@@ -400,11 +431,16 @@ def _rope_scaling(cfg: dict) -> dict | None:
         rs["rope_type"] = rs.pop("type")
     if rs.get("rope_type", "default") == "default":
         return None
+    if rs.get("rope_type") == "yarn":  # transformers' defaults for what the config leaves out
+        mpe = cfg.get("max_position_embeddings")
+        if rs.get("original_max_position_embeddings") is None and isinstance(mpe, int):
+            rs["original_max_position_embeddings"] = mpe
+        if rs.get("factor") is None and isinstance(mpe, int) and rs.get("original_max_position_embeddings"):
+            rs["factor"] = mpe / rs["original_max_position_embeddings"]
     return rs
 
 
 def _as_dict(config: Any) -> dict:
-    import json
     import os
 
     if isinstance(config, dict):
@@ -415,8 +451,9 @@ def _as_dict(config: Any) -> dict:
             path = os.path.join(path, "config.json")
         if not os.path.isfile(path):
             raise ValueError(f"HF config not found: {path}")
-        with open(path) as f:
-            return json.load(f)
+        from kvslim.checkpoint import read_json
+
+        return read_json(path)
     if hasattr(config, "to_dict"):
         return config.to_dict()
     raise ValueError(f"cannot read an HF config from {type(config).__name__}")

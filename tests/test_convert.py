@@ -69,7 +69,6 @@ def _rank1_keys(m, rope_only=False):
     return m
 
 
-# ---------------------------------------------------------------- RoRoPE
 @pytest.mark.parametrize("h_kv,rope_dim", [(2, None), (3, None), (2, 8)])
 def test_rorope_rotation_leaves_scores_unchanged(h_kv, rope_dim):
     torch.manual_seed(0)
@@ -127,7 +126,6 @@ def test_rorope_keeps_more_energy_than_any_single_head():
     assert rot.kept_energy >= max(per_head) - 1e-12
 
 
-# ---------------------------------------------------------------- MLA / GLA
 @pytest.mark.parametrize("case,method", [("mqa", "transmla"), ("rank1-gqa", "transmla"),
                                          ("rank1-gqa-bias", "transmla"), ("partial-rope-mqa", "transmla"),
                                          ("mqa", "mha2mla"), ("partial-rope-mqa", "mha2mla")])
@@ -201,7 +199,6 @@ def test_latent_rank_larger_than_possible_raises():
         gqa_to_latent(m, _moments(m), latent_heads=3, latent_dim=8, rope_dim=16, progress=False)
 
 
-# ---------------------------------------------------------------- GTA
 def test_gta_exact_where_the_math_says():
     """Rank-1 rotary keys (d_R = d_h/2 source RoPE) and NoPE keys in the span of V: exact."""
     m = _rank1_keys(_model(_spec(h_kv=2, rope_dim=8)), rope_only=True)
@@ -233,7 +230,6 @@ def test_gta_approximate_on_a_real_gqa_shape():
             assert (out(tok) - ref).abs().max() > 1e-6
 
 
-# ---------------------------------------------------------------- MHA -> GQA
 def test_mha_to_gqa_identity_and_pooling():
     m = _model(_spec(h_kv=4, bias=True))
     tok = _tokens()
@@ -264,7 +260,6 @@ def test_mha_to_gqa_of_identical_heads_is_exact():
         assert_close(mha_to_gqa(m, num_kv_heads=2)(tok), m(tok), atol=1e-10)
 
 
-# ---------------------------------------------------------------- export
 def test_exported_deepseek_matches_kvslim_in_transformers(tmp_path):
     transformers = pytest.importorskip("transformers")
     m = _model(_spec(h_kv=2), tie=True).float()
@@ -300,7 +295,6 @@ def test_deepseek_export_refuses_what_it_cannot_hold(tmp_path):
         assert_close(Transformer.from_pretrained(tmp_path / "k")(tok), mla(tok), atol=1e-5)
 
 
-# ---------------------------------------------------------------- pipeline / CLI
 @pytest.fixture
 def src_dir(tmp_path):
     m = _model(_spec(h_kv=2)).float()
@@ -333,7 +327,7 @@ def test_convert_bad_inputs_raise_and_write_nothing(src_dir, tmp_path, monkeypat
         (dict(to="gta", freqfold=3), "freqfold"),
         (dict(to="mla", kv_lora_rank=8, dtype="float16"), "float16"),
         (dict(to="xyz"), "target"),
-        (dict(to="mla", kv_lora_rank=8, model_dir=tmp_path / "nowhere"), "config.json"),
+        (dict(to="mla", kv_lora_rank=8, model_dir=tmp_path / "nowhere"), "nowhere.* does not exist"),
     ]
     for kw, match in cases:
         with pytest.raises(ValueError, match=match):
@@ -357,12 +351,12 @@ def test_convert_bad_inputs_raise_and_write_nothing(src_dir, tmp_path, monkeypat
         convert_checkpoint(**{**base, "to": "gqa", "kv_heads": 1, "out": tmp_path / "taken"})
     assert os.listdir(tmp_path / "taken") == ["keep.txt"]
     # a failure while writing leaves no partial directory
-    import kvslim.convert.export as export
+    import kvslim.checkpoint as checkpoint
 
     def boom(*a, **k):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(export, "copy_tokenizer", boom)
+    monkeypatch.setattr(checkpoint, "_apply_umask", boom)  # fails after every file is written
     with pytest.raises(RuntimeError, match="disk full"):
         convert_checkpoint(**{**base, "to": "mla", "kv_lora_rank": 8, "out": tmp_path / "out"})
     assert not (tmp_path / "out").exists()
@@ -384,7 +378,6 @@ def test_cli_convert(src_dir, tmp_path, capsys):
                  str(tmp_path / "o"), "--force", "--format", "kvslim"]) == 0
 
 
-# ---------------------------------------------------------------- slow: real SmolLM2
 @pytest.mark.slow
 def test_smollm2_to_mla_ppl_and_deepseek_export(tmp_path):
     transformers = pytest.importorskip("transformers")

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from kvslim.engine.allocator import BlockAllocator, OutOfPages, num_pages_for_memory
+from kvslim.engine.config import EngineConfig
 from kvslim.engine.engine import LLMEngine
 from kvslim.engine.scheduler import SamplingParams
 from kvslim.engine.source import ModelSource
@@ -34,7 +35,7 @@ def test_engine_matches_generate_with_ragged_arrivals(kind):
     prompts = _prompts()
     ref = model.generate(prompts, max_new_tokens=10)
     # budget 16 < the 30-token prompt: chunked prefill over several steps, mixed with decodes
-    eng = LLMEngine(model, num_pages=64, page_size=4, max_batch=8, max_num_batched_tokens=16)
+    eng = LLMEngine(model, EngineConfig(num_pages=64, page_size=4, max_batch=8, max_num_batched_tokens=16))
     out = eng.generate(prompts, SamplingParams(max_tokens=10), arrival_steps=ARRIVALS)
     assert out == ref
     assert eng.stats()["preemptions"] == 0
@@ -47,7 +48,7 @@ def test_preemption_by_recompute_keeps_outputs(kind):
     prompts = _prompts(seed=2)
     ref = model.generate(prompts, max_new_tokens=12)
     # 11 usable pages x 4 tokens: the 6 sequences (up to 42 tokens) cannot all fit
-    eng = LLMEngine(model, num_pages=12, page_size=4, max_batch=8, max_num_batched_tokens=16)
+    eng = LLMEngine(model, EngineConfig(num_pages=12, page_size=4, max_batch=8, max_num_batched_tokens=16))
     out = eng.generate(prompts, SamplingParams(max_tokens=12), arrival_steps=ARRIVALS)
     assert eng.stats()["preemptions"] > 0
     assert out == ref
@@ -57,7 +58,7 @@ def test_preemption_by_recompute_keeps_outputs(kind):
 def test_max_batch_limits_running_and_keeps_fifo():
     model = tiny_model(tiny_spec("gqa-2"))
     prompts = _prompts(seed=3)
-    eng = LLMEngine(model, num_pages=64, page_size=4, max_batch=2, max_num_batched_tokens=64)
+    eng = LLMEngine(model, EngineConfig(num_pages=64, page_size=4, max_batch=2, max_num_batched_tokens=64))
     seqs = [eng.add_request(p, SamplingParams(max_tokens=4)) for p in prompts]
     first_token_order = []
     while eng.has_unfinished():
@@ -73,10 +74,10 @@ def test_seeded_sampling_is_independent_of_batching():
     model = tiny_model(tiny_spec("gla-2"))
     prompts = _prompts(seed=4)
     p = SamplingParams(max_tokens=8, temperature=1.0, top_k=20, top_p=0.9, seed=123)
-    alone = LLMEngine(model, num_pages=64, page_size=4).generate([prompts[1]], p)[0]
-    batched = LLMEngine(model, num_pages=64, page_size=4).generate(prompts, p, arrival_steps=ARRIVALS)[1]
+    alone = LLMEngine(model, EngineConfig(num_pages=64, page_size=4)).generate([prompts[1]], p)[0]
+    batched = LLMEngine(model, EngineConfig(num_pages=64, page_size=4)).generate(prompts, p, arrival_steps=ARRIVALS)[1]
     assert alone == batched
-    other = LLMEngine(model, num_pages=64, page_size=4).generate(
+    other = LLMEngine(model, EngineConfig(num_pages=64, page_size=4)).generate(
         [prompts[1]], SamplingParams(max_tokens=8, temperature=1.0, seed=7))[0]
     assert other != alone
 
@@ -87,10 +88,10 @@ def test_stop_tokens_eos_and_max_tokens():
     free_run = model.generate([prompt], max_new_tokens=10)[0]
     stop = free_run[4]
     first = free_run.index(stop)
-    eng = LLMEngine(model, num_pages=32, page_size=4, eos_token_id=stop)
+    eng = LLMEngine(model, EngineConfig(num_pages=32, page_size=4), eos_token_id=stop)
     assert eng.generate([prompt], SamplingParams(max_tokens=10))[0] == free_run[: first + 1]
     assert eng.generate([prompt], SamplingParams(max_tokens=10, ignore_eos=True))[0] == free_run
-    eng = LLMEngine(model, num_pages=32, page_size=4)
+    eng = LLMEngine(model, EngineConfig(num_pages=32, page_size=4))
     s = eng.add_request(prompt, SamplingParams(max_tokens=10, stop_token_ids=(stop,)))
     while eng.has_unfinished():
         eng.step()
@@ -103,7 +104,7 @@ def test_stop_tokens_eos_and_max_tokens():
 
 def test_bad_requests_raise_clear_errors():
     model = tiny_model(tiny_spec("mla"))
-    eng = LLMEngine(model, num_pages=9, page_size=4)  # 32 tokens of capacity
+    eng = LLMEngine(model, EngineConfig(num_pages=9, page_size=4))  # 32 tokens of capacity
     assert eng.max_model_len == 32
     with pytest.raises(ValueError, match="exceeds max_model_len"):
         eng.add_request(list(range(30)), SamplingParams(max_tokens=5))
@@ -120,7 +121,7 @@ def test_bad_requests_raise_clear_errors():
 
 def test_abort_frees_pages_mid_generation():
     model = tiny_model(tiny_spec("gqa-2"))
-    eng = LLMEngine(model, num_pages=32, page_size=4)
+    eng = LLMEngine(model, EngineConfig(num_pages=32, page_size=4))
     seqs = [eng.add_request(p, SamplingParams(max_tokens=20)) for p in _prompts()]
     eng.step()
     eng.step()
@@ -168,7 +169,7 @@ def test_tp2_gloo_matches_tp1():
             ref = src.build().generate(prompts, max_new_tokens=8)
             shard = tp.load(src)
             # tight pool: preemption and recompute also run under TP
-            eng = LLMEngine(shard, num_pages=16, page_size=4, max_batch=8, max_num_batched_tokens=16, tp=tp)
+            eng = LLMEngine(shard, EngineConfig(num_pages=16, page_size=4, max_batch=8, max_num_batched_tokens=16), tp=tp)
             assert eng.runner.row_dim == shard.model.layers[0].self_attn.local.row_dim
             out = eng.generate(prompts, SamplingParams(max_tokens=8), arrival_steps=ARRIVALS)
             assert out == ref, preset
@@ -202,7 +203,7 @@ def test_tp4_tp8_gloo_match_tp1(tp, presets):
             full = src.build().config.attention
             if preset.startswith("gla"):  # one latent head (or h_c / tp) per rank: the cache splits
                 assert local.row_dim < full.row_dim
-            eng = LLMEngine(shard, num_pages=32, page_size=4, max_batch=8, max_num_batched_tokens=16, tp=session)
+            eng = LLMEngine(shard, EngineConfig(num_pages=32, page_size=4, max_batch=8, max_num_batched_tokens=16), tp=session)
             out = eng.generate(prompts, SamplingParams(max_tokens=6), arrival_steps=ARRIVALS)
             assert out == ref, (tp, preset)
             assert eng.allocator.num_free == eng.allocator.num_usable
@@ -214,7 +215,7 @@ def test_equal_length_prefill_chunks_share_one_forward(kind):
     g = torch.Generator().manual_seed(6)
     prompts = [torch.randint(0, 97, (n,), generator=g).tolist() for n in (60, 20, 20, 20, 6, 6)]
     ref = model.generate(prompts, max_new_tokens=6)
-    eng = LLMEngine(model, num_pages=64, page_size=4, max_batch=8, max_num_batched_tokens=40)
+    eng = LLMEngine(model, EngineConfig(num_pages=64, page_size=4, max_batch=8, max_num_batched_tokens=40))
     calls = []
     orig = eng.runner.prefill
     eng.runner.prefill = lambda chunks, starts, pages: calls.append((len(chunks[0]), list(starts))) or orig(
@@ -229,7 +230,7 @@ def test_engine_bench_driver_counts_every_token():
     from kvslim.engine.bench import run_engine_bench
 
     model = tiny_model(tiny_spec("gla-2"))
-    eng = LLMEngine(model, num_pages=64, page_size=4, max_batch=4, max_num_batched_tokens=32)
+    eng = LLMEngine(model, EngineConfig(num_pages=64, page_size=4, max_batch=4, max_num_batched_tokens=32))
     s = run_engine_bench(eng, num_requests=6, concurrency=3, input_len=9, output_len=5, seed=1)
     assert s["completed"] == 6 and s["num_errors"] == 0 and not s["timed_out"]
     assert s["output_tokens"] == 6 * 5 and s["prompt_tokens"] == 6 * 9
@@ -252,7 +253,7 @@ def test_decode_block_table_rows_hold_each_sequences_pages():
     # tight pool: preemptions free slots and pages, readmissions reuse them (rows must be cleared)
     model = tiny_model(tiny_spec("gqa-2"))
     prompts = _prompts(seed=2)
-    eng = LLMEngine(model, num_pages=12, page_size=4, max_batch=8, max_num_batched_tokens=16)
+    eng = LLMEngine(model, EngineConfig(num_pages=12, page_size=4, max_batch=8, max_num_batched_tokens=16))
     sent = full = 0
     orig = eng.runner.decode
 

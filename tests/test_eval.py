@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from kvslim.eval import calibration_batches, perplexity, tokenize
+from kvslim.convert.calib import calibration_batches
 from kvslim.eval import data as D
+from kvslim.eval import perplexity, tokenize
 from kvslim.eval.perplexity import _windows
 from kvslim.eval.smollm2 import _unpermute, read_gguf_llama
 
@@ -23,9 +24,6 @@ def uniform_fn(V):
 def unigram_fn(probs):
     logp = torch.log(torch.tensor(probs, dtype=torch.float64)).float()
     return lambda x: logp.expand(*x.shape, len(probs)).clone()
-
-
-# ---------------------------------------------------------------- perplexity
 
 
 @pytest.mark.parametrize("n,seq_len,stride", [(1000, 512, None), (1100, 64, 16), (37, 8, 3), (2, 2, None)])
@@ -126,9 +124,6 @@ def test_tokenize_with_tokenizers_object():
         tokenize("hi", "/nonexistent/tokenizer/dir")
 
 
-# ---------------------------------------------------------------- calibration
-
-
 def test_calibration_deterministic_and_in_bounds():
     ids = torch.arange(1000)
     a = calibration_batches(ids, num_samples=16, seq_len=50, seed=3)
@@ -162,9 +157,6 @@ def test_calibration_deterministic_and_in_bounds():
 def test_calibration_bad_inputs(source, kwargs):
     with pytest.raises(ValueError):
         calibration_batches(source, **kwargs)
-
-
-# ---------------------------------------------------------------- corpora (no downloads)
 
 
 def test_split_documents_disjoint_on_synthetic_corpus():
@@ -213,9 +205,6 @@ def test_cache_dir_env(monkeypatch, tmp_path):
     assert D.cache_dir() == tmp_path
     monkeypatch.delenv("KVSLIM_CACHE")
     assert D.cache_dir().parts[-2:] == (".cache", "kvslim")
-
-
-# ---------------------------------------------------------------- GGUF reading (synthetic file)
 
 
 def _permute(w, n_head):  # llama.cpp convert_hf_to_gguf.py LlamaModel.permute
@@ -309,9 +298,6 @@ def test_read_gguf_llama_roundtrip(tmp_path):
         assert torch.equal(sd[k], torch.from_numpy(v)), k
     x = torch.randn(12, 5)
     assert torch.equal(_unpermute(torch.from_numpy(_permute(x.numpy(), 3)), 3), x)
-
-
-# ---------------------------------------------------------------- slow: real assets
 
 
 @pytest.mark.slow

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from kvslim.model import Transformer, atomic_dir
+from kvslim.model import Transformer
 from kvslim.spec import AttentionSpec
 from kvslim.testing import TINY_PRESETS, assert_close, tiny_model, tiny_spec
 
@@ -63,6 +63,35 @@ def test_qwen2_with_qkv_bias_matches_transformers(tmp_path):
     assert_close(step, ref, atol=1e-4)
 
 
+def test_qwen2_yarn_matches_transformers(tmp_path):
+    """Qwen2.5 long-context configs use YaRN (attention factor on cos/sin, no softmax mscale)."""
+    rs = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
+    cfg = transformers.Qwen2Config(**TINY, num_key_value_heads=2, rope_scaling=dict(rs, rope_theta=1e4))
+    torch.manual_seed(0)
+    hf = transformers.Qwen2ForCausalLM(cfg)
+    tokens = torch.randint(0, 101, (2, 50))
+    ours, ref, got, step = _hf_roundtrip(hf, tmp_path, tokens)
+    assert ours.spec.rope_scaling["rope_type"] == "yarn"
+    assert ours.spec.softmax_scale == pytest.approx(ours.spec.head_dim**-0.5)
+    assert_close(got, ref, atol=1e-4)
+    assert_close(step, ref, atol=1e-4)
+
+
+def test_yarn_frequencies_match_transformers():
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from kvslim.rope import rope_parameters
+
+    for rs in (YARN_DS, {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 4096,
+                         "beta_fast": 16, "truncate": False}):
+        cfg = transformers.LlamaConfig(hidden_size=512, num_attention_heads=8, max_position_embeddings=32768,
+                                       rope_scaling=dict(rs, rope_theta=5e4))
+        ref, ref_attn = ROPE_INIT_FUNCTIONS["yarn"](cfg, "cpu")
+        inv, attn = rope_parameters(64, 5e4, rs)
+        assert_close(inv, ref, atol=0, rtol=1e-6)
+        assert attn == pytest.approx(ref_attn, rel=1e-12)
+
+
 def test_mistral_matches_transformers(tmp_path):
     cfg = transformers.MistralConfig(**TINY, num_key_value_heads=2, sliding_window=None)
     torch.manual_seed(0)
@@ -73,12 +102,19 @@ def test_mistral_matches_transformers(tmp_path):
     assert_close(step, ref, atol=1e-4)
 
 
-@pytest.mark.parametrize("q_lora", [None, 32])
-def test_deepseek_v3_dense_matches_transformers(tmp_path, q_lora):
+YARN_DS = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "beta_fast": 32,
+           "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}
+
+
+@pytest.mark.parametrize("q_lora,interleave,yarn", [(None, False, False), (32, False, False), (None, True, False),
+                                                    (32, True, True)])
+def test_deepseek_v3_dense_matches_transformers(tmp_path, q_lora, interleave, yarn):
+    """DeepSeek-V3 dense: rotate_half or interleaved RoPE (DeepSeek's default), with YaRN (mscale_all_dim)."""
+    extra = {"rope_scaling": dict(YARN_DS, rope_theta=1e4)} if yarn else {}
     cfg = transformers.DeepseekV3Config(
         **TINY, num_key_value_heads=4, kv_lora_rank=24, q_lora_rank=q_lora, qk_rope_head_dim=8,
         qk_nope_head_dim=16, v_head_dim=12, first_k_dense_replace=2, n_routed_experts=4,
-        num_experts_per_tok=2, moe_intermediate_size=32, rope_interleave=False, rope_theta=1e4,
+        num_experts_per_tok=2, moe_intermediate_size=32, rope_interleave=interleave, rope_theta=1e4, **extra,
     )
     torch.manual_seed(0)
     hf = transformers.DeepseekV3ForCausalLM(cfg)
@@ -86,10 +122,12 @@ def test_deepseek_v3_dense_matches_transformers(tmp_path, q_lora):
         for n, p in hf.named_parameters():
             if "layernorm" in n:
                 p.normal_(1, 0.1)
-    tokens = torch.randint(0, 101, (2, 10))
+    tokens = torch.randint(0, 101, (2, 40 if yarn else 10))  # YaRN: past original_max_position_embeddings
     raw = cfg.to_dict()
     ours, ref, got, step = _hf_roundtrip(hf, tmp_path, tokens)
     assert ours.spec.kind == "mla" and ours.spec.latent_dim == 24 and raw["qk_rope_head_dim"] == 8
+    if yarn:
+        assert ours.spec.softmax_scale != pytest.approx(ours.spec.qk_head_dim**-0.5)  # mscale_all_dim applied
     assert_close(got, ref, atol=1e-4)
     assert_close(step, ref, atol=1e-4)
 
@@ -106,13 +144,16 @@ def test_own_checkpoint_roundtrip(tmp_path, name):
         assert torch.equal(loaded(tokens), model(tokens))
 
 
-def test_atomic_dir_leaves_nothing_on_failure(tmp_path):
-    target = tmp_path / "out"
-    with pytest.raises(RuntimeError), atomic_dir(target) as tmp:
-        with open(os.path.join(tmp, "partial"), "w") as f:
-            f.write("x")
+def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
+    """An exception while writing (here: in the weights) leaves no output and no hidden directory."""
+    import kvslim.checkpoint as ck
+
+    def boom(*a, **k):
         raise RuntimeError("interrupted")
-    assert not target.exists()
+
+    monkeypatch.setattr("safetensors.torch.save_file", boom)
+    with pytest.raises(RuntimeError):
+        ck.write_model_dir(tmp_path / "out", tensors={"w": torch.ones(2)}, config={})
     assert os.listdir(tmp_path) == []
 
 

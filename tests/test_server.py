@@ -9,9 +9,10 @@ import time
 import pytest
 import torch
 
+from kvslim.engine.config import EngineConfig
 from kvslim.engine.engine import LLMEngine
 from kvslim.engine.server import start_server
-from kvslim.engine.source import load_tokenizer
+from kvslim.eval.tokenizer import open_tokenizer
 from kvslim.testing import tiny_model, tiny_spec
 
 VOCAB = 97
@@ -38,9 +39,9 @@ def model():
 @pytest.fixture(scope="module")
 def server(model, tokenizer_dir):
     torch.set_num_threads(1)
-    tok = load_tokenizer(tokenizer_dir)
+    tok = open_tokenizer(tokenizer_dir)
     # 255 pages x 4 tokens: long enough that a stream is still running when the client leaves
-    eng = LLMEngine(model, num_pages=256, page_size=4, max_batch=16, max_num_batched_tokens=64)
+    eng = LLMEngine(model, EngineConfig(num_pages=256, page_size=4, max_batch=16, max_num_batched_tokens=64))
     srv = start_server(eng, tok, host="127.0.0.1", port=0, model_name="tiny")
     yield srv
     srv.shutdown()
@@ -243,7 +244,7 @@ def test_storm_of_cancelled_requests_leaks_no_pages(server, model):
 
 
 def test_overloaded_queue_gets_503(model):
-    eng = LLMEngine(model, num_pages=16, page_size=4)
+    eng = LLMEngine(model, EngineConfig(num_pages=16, page_size=4))
     srv = start_server(eng, None, max_waiting=0)
     try:
         status, out = _post(srv, "/v1/completions", {"prompt": [1, 2], "max_tokens": 2})
@@ -286,7 +287,7 @@ def test_generate_cli_streams_the_greedy_tokens(capsys):
 def test_dp_router_balances_streams_and_cancels(model):
     from kvslim.engine.router import Router
 
-    servers = [start_server(LLMEngine(model, num_pages=128, page_size=4), None) for _ in range(2)]
+    servers = [start_server(LLMEngine(model, EngineConfig(num_pages=128, page_size=4)), None) for _ in range(2)]
     router = Router([(s.host, s.port) for s in servers])
     threading.Thread(target=router.httpd.serve_forever, daemon=True).start()
     try:
@@ -297,8 +298,8 @@ def test_dp_router_balances_streams_and_cancels(model):
         assert status == 200 and out["choices"][0]["token_ids"] == model.generate([[4, 5, 6]], max_new_tokens=5)[0]
         events, done = _sse(R, "/v1/completions", {"prompt": [4, 5, 6], "max_tokens": 5, "temperature": 0,
                                                    "ignore_eos": True})
-        assert done and [e["choices"][0]["token_ids"][0] for e in events if e["choices"][0]["token_ids"]] == \
-            out["choices"][0]["token_ids"]
+        # an SSE event carries every token queued when the handler woke (coalescing): compare the concatenation
+        assert done and [t for e in events for t in e["choices"][0]["token_ids"]] == out["choices"][0]["token_ids"]
         errors: list = []
         threads = [threading.Thread(target=_cancel_stream, args=(R, 2, 400, errors)) for _ in range(6)]
         for t in threads:
@@ -384,11 +385,11 @@ def test_smollm2_engine_and_chat_server():
     from kvslim.model import Transformer
 
     d = str(smollm2_dir())
-    model, tok = Transformer.from_pretrained(d), load_tokenizer(d)
+    model, tok = Transformer.from_pretrained(d), open_tokenizer(d)
     assert tok.has_chat_template and tok.eos_token_id is not None
     ids = tok.encode("The capital of France is")
     ref = model.generate([ids], max_new_tokens=6)[0]
-    srv = start_server(LLMEngine(model, num_pages=64, page_size=16, eos_token_id=tok.eos_token_id), tok)
+    srv = start_server(LLMEngine(model, EngineConfig(num_pages=64, page_size=16), eos_token_id=tok.eos_token_id), tok)
     try:
         status, out = _post(srv, "/v1/completions", {"prompt": "The capital of France is", "max_tokens": 6,
                                                      "temperature": 0})
@@ -403,14 +404,13 @@ def test_smollm2_engine_and_chat_server():
 
 
 def test_engine_in_its_own_process_serves_cancels_and_frees_pages():
-    from kvslim.cli import build_parser
-    from kvslim.engine.commands import start_from_args
-    from kvslim.engine.source import random_model
+    from kvslim.engine.config import ServerConfig
+    from kvslim.engine.serve import launch
+    from kvslim.engine.source import ModelSource, random_model
 
-    args = build_parser().parse_args(["serve", "--random-model", "gla-2", "--model-shape", "tiny", "--num-pages",
-                                      "256", "--page-size", "4", "--max-batch", "16"])
-    srv, session = start_from_args(args)
-    assert session is None and srv.loop.proc.is_alive()
+    srv, bundle = launch(ModelSource(preset="gla-2", shape="tiny"),
+                         EngineConfig(num_pages=256, page_size=4, max_batch=16, device="cpu"), ServerConfig(port=0))
+    assert bundle is None and srv.loop.proc.is_alive()
     try:
         prompt = [9, 8, 7, 6]
         status, out = _post(srv, "/v1/completions", {"prompt": prompt, "max_tokens": 8, "temperature": 0})
@@ -500,13 +500,8 @@ def test_sse_coalesces_queued_tokens_and_bench_counts_them():
 
 def test_bench_serve_script_metrics_and_flags(server, capsys):
     """benchmarks/bench_serve.py: pool metrics read from a live server, summed over --dp replicas."""
-    import importlib.util
-    import os
+    from benchmarks import bench_serve as bs
 
-    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_serve.py")
-    spec = importlib.util.spec_from_file_location("bench_serve_script", path)
-    bs = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bs)
     m = bs._metrics(server.url)
     assert m["kvslim_kv_pages_total"] == server.loop.stats()["num_pages"]
     two = bs.parse_metrics('# HELP x\nkvslim_kv_pages_total{replica="0"} 10\nkvslim_kv_pages_total{replica="1"} 12\n'

@@ -1,4 +1,4 @@
-"""FlashInfer peer: its paged GQA decode and paged MLA decode on bench_decode's Problem.
+"""FlashInfer peer: its paged GQA decode and paged MLA decode on ``decode_problem.Problem``.
 
 FlashInfer comes from the stripped carry in ``.whl/flashinfer/`` (made by
 ``benchmarks/peers/make_flashinfer_carry.sh``: ``flashinfer-*-stripped.tar.xz`` + the
@@ -70,7 +70,6 @@ def reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {msg[0][:200] if msg else ''}".rstrip(": ")
 
 
-# ---------------------------------------------------------------------------- loading
 def _unpack_carry() -> str | None:
     """Unpack the carry into SITE (once per carry contents); returns SITE or None without a carry."""
     tars = sorted(glob.glob(os.path.join(CARRY, "flashinfer-*-stripped.tar.xz")))
@@ -198,7 +197,6 @@ def describe() -> str:
     return s + "; " + " ".join(ENV_NOTES)
 
 
-# ---------------------------------------------------------------------------- problems
 def _workspace(device) -> torch.Tensor:
     return torch.zeros(WORKSPACE_MB << 20, dtype=torch.uint8, device=device)
 

@@ -1,6 +1,6 @@
 """FlashInfer smoke test: load the carry, JIT-build and run each FlashInfer kernel once at a small shape.
 
-    python benchmarks/peers/flashinfer_smoke.py [--variants flashinfer-decode,flashinfer-mla-fa2,...]
+    python -m benchmarks.peers.flashinfer_smoke [--variants flashinfer-decode,flashinfer-mla-fa2,...]
 
 Prints the environment FlashInfer's JIT sees (nvcc, ninja, arch, cache dir), then for each
 variant the plan + build time, the first-run time and the relative error vs kvslim's fp32
@@ -13,15 +13,12 @@ from __future__ import annotations
 import argparse
 import os
 import subprocess
-import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # benchmarks/
+import torch
 
-import torch  # noqa: E402
-from bench_decode import Problem, check, spec_for  # noqa: E402
-
-from peers import flashinfer_peer as F  # noqa: E402
+from benchmarks.decode_problem import Problem, check, spec_for
+from benchmarks.peers import flashinfer_peer as F
 
 SHAPES = [
     # (variant, h_q, B, L, q_len, page)

@@ -30,7 +30,7 @@ ls "$DL"/apache_tvm_ffi-"$TVM_FFI_VERSION"-cp312-cp312-manylinux*_x86_64.whl >/d
     -d "$DL" "apache-tvm-ffi==$TVM_FFI_VERSION"
 
 rm -f "$OUT"/flashinfer-*-stripped.tar.xz "$OUT"/apache_tvm_ffi-*.whl
-"$PY" benchmarks/peers/strip_flashinfer.py "$fi_whl" "$OUT/flashinfer-$FI_VERSION-stripped.tar.xz"
+"$PY" -m benchmarks.peers.strip_flashinfer "$fi_whl" "$OUT/flashinfer-$FI_VERSION-stripped.tar.xz"
 cp "$DL"/apache_tvm_ffi-"$TVM_FFI_VERSION"-cp312-cp312-manylinux*_x86_64.whl "$OUT/"
 ls -l "$OUT"
 du -ch "$OUT"/* | tail -1

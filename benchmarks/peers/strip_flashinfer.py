@@ -1,6 +1,6 @@
 """Strip the flashinfer-python wheel down to what its JIT decode / MLA kernels need.
 
-    python benchmarks/peers/strip_flashinfer.py WHEEL OUT.tar.xz
+    python -m benchmarks.peers.strip_flashinfer WHEEL OUT.tar.xz
 
 Keeps (paths inside the wheel):
 

@@ -10,7 +10,7 @@
 from kvslim.attention.base import AttentionBase
 from kvslim.attention.gqa import GroupedQueryAttention
 from kvslim.attention.gta import GroupedTiedAttention
-from kvslim.attention.latent import LatentAttention, RMSNorm
+from kvslim.attention.latent import LatentAttention
 from kvslim.spec import AttentionSpec
 
 
@@ -28,6 +28,6 @@ def build_attention(spec: AttentionSpec, *, tp_rank: int = 0, tp_size: int = 1) 
 
 
 __all__ = [
-    "AttentionBase", "GroupedQueryAttention", "GroupedTiedAttention", "LatentAttention", "RMSNorm",
+    "AttentionBase", "GroupedQueryAttention", "GroupedTiedAttention", "LatentAttention",
     "attention_class", "build_attention",
 ]

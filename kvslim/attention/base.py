@@ -37,7 +37,6 @@ class AttentionBase(nn.Module):
         self.impl = "auto"  # kernel choice for decode: auto | triton | torch
         self.process_group = None  # set to all-reduce the row-parallel output
 
-    # ---- per-variant hooks ----------------------------------------------------
     def project(self, x, cos, sin):  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -47,7 +46,6 @@ class AttentionBase(nn.Module):
     def decode(self, q, cache: LayerCache, seq_lens):  # pragma: no cover - abstract
         raise NotImplementedError
 
-    # ---- shared ---------------------------------------------------------------
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
         """x ``[B, T, D]``, positions ``[B, T]`` (long) -> ``[B, T, D]`` (this rank's partial sum under TP).
 

@@ -28,21 +28,8 @@ from torch import nn
 
 from kvslim.attention.base import AttentionBase, shard_rows, shard_state
 from kvslim.kernels import decode_tied
+from kvslim.layers import RMSNorm
 from kvslim.rope import apply_rope
-
-
-class RMSNorm(nn.Module):
-    """RMSNorm as in Llama / DeepSeek (statistics in fp32, weight applied after the cast)."""
-
-    def __init__(self, dim: int, eps: float = 1e-6):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
 
 
 class LatentAttention(AttentionBase):
@@ -68,7 +55,6 @@ class LatentAttention(AttentionBase):
         self.o_proj = nn.Linear(H * d_v, D, bias=False)
         self.absorb = True
 
-    # ---- helpers ---------------------------------------------------------------
     def _norm_latent(self, c):
         """c ``[B, T, S, d_c]`` -> normalised per latent head (if the spec asks)."""
         if self.kv_a_layernorm is None:
@@ -89,7 +75,6 @@ class LatentAttention(AttentionBase):
             return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         return self.q_proj(x)
 
-    # ---- hooks -------------------------------------------------------------------
     def project(self, x, cos, sin):
         B, T, _ = x.shape
         s, loc = self.spec, self.local

@@ -1,22 +1,76 @@
-"""Calibration statistics for the converters: second moments of every attention input.
+"""Calibration for the converters: token windows of real text and the attention-input moments.
 
-Every quantity the PCA-based converters need (keys per RoPE frequency for RoRoPE, balanced
-``[K_nope; V]`` for BKV-PCA, per-group states for GLA/GTA, query norms for the MHA2MLA
-baseline) is a *linear* function of the attention input ``x`` (+ a constant 1 for biases).
-So one pass collects, per layer, ``Σ = E[x̃ x̃ᵀ]`` with ``x̃ = [x; 1]`` (``[D+1, D+1]``,
-float64), and the second moment of any projection ``W̃ x̃`` is ``W̃ Σ W̃ᵀ``. One calibration
-pass then serves every target (MLA at any rank, GLA, GTA, the baseline).
+**Windows.** Converters that fit projections to activations (TransMLA §4: RoRoPE and BKV-PCA
+run PCA over calibration keys/values) need a few hundred windows of real text.
+:func:`calibration_batches` samples them with a seeded ``torch.Generator``, so the same
+(tokens, num_samples, seq_len, seed) always gives the same batch, independent of global RNG
+state; :func:`calibration_tokens` takes them from a corpus' calibration split (never its
+evaluation split, see ``kvslim.eval.data``) or a text file.
 
-The one place this departs from TransMLA's recipe: BKV's balancing factor is the ratio of
-the RMS norms of ``K_nope`` and ``V`` (computable from Σ), not of their mean L2 norms.
+**Moments.** Every quantity the PCA-based converters need (keys per RoPE frequency for RoRoPE,
+balanced ``[K_nope; V]`` for BKV-PCA, per-group states for GLA/GTA, query norms for the MHA2MLA
+baseline) is a *linear* function of the attention input ``x`` (+ a constant 1 for biases). So
+one pass collects, per layer, ``Σ = E[x̃ x̃ᵀ]`` with ``x̃ = [x; 1]`` (``[D+1, D+1]``, float64),
+and the second moment of any projection ``W̃ x̃`` is ``W̃ Σ W̃ᵀ``. One calibration pass then
+serves every target (MLA at any rank, GLA, GTA, the baseline).
+
+The one place this departs from TransMLA's recipe: BKV's balancing factor is the ratio of the
+RMS norms of ``K_nope`` and ``V`` (computable from Σ), not of their mean L2 norms.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from tqdm.auto import tqdm
 
-__all__ = ["attention_input_moments", "calibration_tokens"]
+from kvslim.eval.perplexity import _as_token_ids
+from kvslim.eval.tokenizer import tokenize
+
+__all__ = ["attention_input_moments", "calibration_batches", "calibration_tokens"]
+
+
+def calibration_batches(
+    source: str | torch.Tensor | Sequence[int],
+    *,
+    num_samples: int,
+    seq_len: int,
+    seed: int = 0,
+    tokenizer=None,
+) -> torch.Tensor:
+    """Sample `num_samples` windows of `seq_len` consecutive tokens.
+
+    Args:
+        source: calibration text (str, needs `tokenizer`) or 1-D int token ids [N].
+        num_samples: number of windows (>= 1).
+        seq_len: tokens per window (>= 1, <= N).
+        seed: RNG seed; window starts are uniform over [0, N - seq_len]. When the stream has
+            at least `num_samples` distinct starts they are drawn without replacement.
+        tokenizer: for str sources: a tokenizer directory or object accepted by `tokenize`.
+    Returns:
+        LongTensor [num_samples, seq_len], rows in sampling order.
+    """
+    if isinstance(source, str):
+        if tokenizer is None:
+            raise ValueError("source is text, so tokenizer must be given (e.g. smollm2_dir())")
+        ids = tokenize(source, tokenizer)
+    else:
+        ids = _as_token_ids(source, "source")
+    for field, v in (("num_samples", num_samples), ("seq_len", seq_len)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{field} must be an int >= 1, got {v!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+    n_starts = ids.numel() - seq_len + 1
+    if n_starts < 1:
+        raise ValueError(f"seq_len={seq_len} exceeds the {ids.numel()} calibration tokens available")
+    g = torch.Generator().manual_seed(seed)
+    if n_starts >= num_samples:
+        starts = torch.randperm(n_starts, generator=g)[:num_samples]
+    else:
+        starts = torch.randint(n_starts, (num_samples,), generator=g)
+    return ids[starts[:, None] + torch.arange(seq_len)]
 
 
 @torch.no_grad()
@@ -68,7 +122,6 @@ def calibration_tokens(tokenizer_dir, *, num_samples: int, seq_len: int, text: s
     ``text`` is a corpus name of ``kvslim.eval.data`` (its calib split is used, never the eval
     split) or a path to a UTF-8 text file.
     """
-    from kvslim.eval.calib import calibration_batches
     from kvslim.eval.data import CORPORA, load_text
 
     name = str(text)

@@ -1,8 +1,8 @@
 """Writing converted models: DeepSeek-V3 (MLA), Hugging Face Llama (GQA) or kvslim's format.
 
-All writes go through ``kvslim.model.atomic_dir``: weights, config and the source's tokenizer
-files land in a temp dir that is renamed into place only when complete, so a failed or
-interrupted conversion leaves no output directory.
+All writes go through :func:`kvslim.checkpoint.write_model_dir`: weights, config and the
+source's tokenizer files land in a hidden directory that replaces the output only when
+complete, so a failed or interrupted conversion never leaves a half-written checkpoint.
 
 **The latent norm.** Hugging Face's DeepSeek-V3 always applies ``kv_a_layernorm``
 (RMSNorm, ε = 1e-6, statistics in fp32) to the latent; a converted latent is not normalised
@@ -20,59 +20,29 @@ has no norm, or re-scale first (an optimiser's steps would swamp the tiny weight
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import shutil
 from pathlib import Path
 
 import torch
 
-from kvslim.model import FORMAT, atomic_dir
+from kvslim.checkpoint import FORMAT, state_dict_for_save, write_model_dir
+from kvslim.runtime import dtype_name
 
-__all__ = ["LATENT_NORM_EPS", "copy_tokenizer", "save_deepseek", "save_hf_llama", "save_kvslim", "write_checkpoint"]
+__all__ = ["LATENT_NORM_EPS", "save_deepseek", "save_hf_llama", "save_kvslim", "write_checkpoint"]
 
 #: transformers' DeepseekV3 builds ``kv_a_layernorm`` with its default eps (not rms_norm_eps);
 #: kvslim's LatentAttention uses the same default.
 LATENT_NORM_EPS = 1e-6
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-                   "merges.txt", "tokenizer.model", "chat_template.jinja", "generation_config.json")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def copy_tokenizer(src: str | os.PathLike | None, dst: str | os.PathLike) -> list[str]:
-    if src is None:
-        return []
-    copied = []
-    for name in TOKENIZER_FILES:
-        p = Path(src) / name
-        if p.is_file():
-            shutil.copy2(p, Path(dst) / name)
-            copied.append(name)
-    return copied
+def save_kvslim(model, path, *, dtype: torch.dtype = torch.float32, **write) -> Path:
+    """kvslim's own format (loadable by ``Transformer.from_pretrained``), any attention kind.
 
-
-def _state_dict(model, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    sd = {k: v.detach().to(dtype).contiguous().cpu() for k, v in model.state_dict().items()}
-    if model.config.tie_word_embeddings:
-        sd.pop("lm_head.weight", None)
-    return sd
-
-
-def _save(sd: dict, cfg: dict, path, tokenizer_from) -> Path:
-    from safetensors.torch import save_file
-
-    with atomic_dir(path) as tmp:
-        save_file(sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(cfg, f, indent=2)
-        copy_tokenizer(tokenizer_from, tmp)
-    return Path(path)
-
-
-def save_kvslim(model, path, *, dtype: torch.dtype = torch.float32, tokenizer_from=None) -> Path:
-    """kvslim's own format (loadable by ``Transformer.from_pretrained``), any attention kind."""
-    return _save(_state_dict(model, dtype), {"format": FORMAT, **model.config.to_dict()}, path, tokenizer_from)
+    ``write``: ``tokenizer_from``, ``force``, ``sources`` of :func:`kvslim.checkpoint.write_model_dir`.
+    """
+    return write_model_dir(path, tensors=state_dict_for_save(model, dtype),
+                           config={"format": FORMAT, **model.config.to_dict()}, **write)
 
 
 def _rope_fields(spec) -> dict:
@@ -91,12 +61,12 @@ def _common_hf(cfg, dtype) -> dict:
         "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.attention.num_heads,
         "rms_norm_eps": cfg.rms_norm_eps, "tie_word_embeddings": cfg.tie_word_embeddings,
         "max_position_embeddings": cfg.max_position_embeddings, "hidden_act": "silu",
-        "torch_dtype": str(dtype).replace("torch.", ""), "initializer_range": 0.02, "attention_dropout": 0.0,
+        "torch_dtype": dtype_name(dtype), "initializer_range": 0.02, "attention_dropout": 0.0,
         **_rope_fields(cfg.attention),
     }
 
 
-def save_hf_llama(model, path, *, dtype: torch.dtype = torch.float32, tokenizer_from=None) -> Path:
+def save_hf_llama(model, path, *, dtype: torch.dtype = torch.float32, **write) -> Path:
     """A GQA/MQA/MHA model as a Hugging Face Llama checkpoint (same weight names)."""
     cfg, spec = model.config, model.spec
     if spec.kind not in ("mha", "mqa", "gqa") or spec.rope_dim != spec.head_dim or spec.qkv_bias or cfg.mlp_bias:
@@ -104,7 +74,7 @@ def save_hf_llama(model, path, *, dtype: torch.dtype = torch.float32, tokenizer_
     hf = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **_common_hf(cfg, dtype),
           "num_key_value_heads": spec.num_kv_heads, "head_dim": spec.head_dim, "attention_bias": False,
           "mlp_bias": False}
-    return _save(_state_dict(model, dtype), hf, path, tokenizer_from)
+    return write_model_dir(path, tensors=state_dict_for_save(model, dtype), config=hf, **write)
 
 
 def latent_scale(W_lat: torch.Tensor, b_lat: torch.Tensor | None, ln_weight: torch.Tensor, eps: float) -> float:
@@ -115,7 +85,7 @@ def latent_scale(W_lat: torch.Tensor, b_lat: torch.Tensor | None, ln_weight: tor
     return math.sqrt(eps * 2.0**-30 * r) / max(bound, 1e-30)
 
 
-def save_deepseek(model, path, *, dtype: torch.dtype = torch.float32, tokenizer_from=None) -> Path:
+def save_deepseek(model, path, *, dtype: torch.dtype = torch.float32, **write) -> Path:
     """An MLA model (``latent_norm=False``, no q-LoRA) as a Hugging Face DeepSeek-V3 dense checkpoint.
 
     ``first_k_dense_replace = num_layers`` (all MLPs dense), ``rope_interleave = false``
@@ -130,7 +100,7 @@ def save_deepseek(model, path, *, dtype: torch.dtype = torch.float32, tokenizer_
         raise ValueError("transformers' DeepSeek-V3 has no q_proj bias: a model with qkv biases needs format 'kvslim'")
     if dtype == torch.float16:
         raise ValueError("format 'deepseek' with float16 would underflow the scaled latent; use bfloat16 or float32")
-    sd = _state_dict(model, torch.float64)
+    sd = state_dict_for_save(model, torch.float64)
     r = spec.latent_dim
     for i in range(cfg.num_layers):
         pre = f"model.layers.{i}.self_attn."
@@ -149,11 +119,12 @@ def save_deepseek(model, path, *, dtype: torch.dtype = torch.float32, tokenizer_
         "moe_intermediate_size": cfg.intermediate_size, "rope_interleave": False, "attention_bias": False,
         "mlp_bias": False, "kvslim_source": "kvslim convert (TransMLA); kv_a_layernorm is exactly linear",
     }
-    return _save(sd, hf, path, tokenizer_from)
+    return write_model_dir(path, tensors=sd, config=hf, **write)
 
 
-def write_checkpoint(model, path, *, fmt: str, dtype: torch.dtype = torch.float32, tokenizer_from=None) -> Path:
+def write_checkpoint(model, path, *, fmt: str, dtype: torch.dtype = torch.float32, **write) -> Path:
+    """Write ``model`` in format ``deepseek``, ``hf`` or ``kvslim`` (``write``: see :func:`save_kvslim`)."""
     writers = {"deepseek": save_deepseek, "hf": save_hf_llama, "kvslim": save_kvslim}
     if fmt not in writers:
         raise ValueError(f"format must be one of {sorted(writers)}, got {fmt!r}")
-    return writers[fmt](model, path, dtype=dtype, tokenizer_from=tokenizer_from)
+    return writers[fmt](model, path, dtype=dtype, **write)

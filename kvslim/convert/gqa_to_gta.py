@@ -35,11 +35,10 @@ from kvslim.convert.common import (
     set_linear,
     top_eigvecs,
 )
-from kvslim.convert.gqa_to_mla import effective_keys
-from kvslim.convert.rorope import rorope_rotation
+from kvslim.convert.rorope import check_freqfold, collapse_factor, effective_keys, rorope_rotation
 from kvslim.spec import AttentionSpec
 
-__all__ = ["gqa_to_gta"]
+__all__ = ["check_gta_target", "fit_gta", "gqa_to_gta"]
 
 STATES = ("key", "joint")
 
@@ -59,14 +58,31 @@ def gqa_to_gta(model, moments: list[torch.Tensor], *, freqfold: int | None = Non
         balance: BKV balancing for ``state="joint"``.
     """
     spec = check_grouped_source(model)
+    check_gta_target(spec, freqfold=freqfold, state=state)
+    return fit_gta(model, moments, freqfold=freqfold, state=state, balance=balance, progress=progress, stats=stats)
+
+
+def check_gta_target(spec: AttentionSpec, *, freqfold: int | None = None, state: str = "joint") -> None:
+    """Raise ValueError naming the bad field if ``spec`` (MHA/MQA/GQA) cannot become GTA this way."""
     if state not in STATES:
         raise ValueError(f"state must be one of {STATES}, got {state!r}")
-    h_q, h_kv, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
+    d = spec.head_dim
     if d % 4:
         raise ValueError(f"GTA needs head_dim divisible by 4 (d_h/2 even RoPE key), got {d}")
+    if spec.rope_dim < d // 2:
+        raise ValueError(f"GTA's RoPE key has d_h/2={d // 2} dims; the source rotates only {spec.rope_dim} per head")
+    collapse_factor(spec.rope_dim, d // 2)
+    if freqfold is not None:
+        check_freqfold(spec.rope_dim, d // 2, freqfold)
+
+
+@torch.no_grad()
+def fit_gta(model, moments: list[torch.Tensor], *, freqfold: int | None = None, state: str = "joint",
+            balance: bool = True, progress: bool = True, stats: dict | None = None):
+    """The fit of :func:`gqa_to_gta` for a target already checked by :func:`check_gta_target`."""
+    spec = model.spec
+    h_q, h_kv, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
     d_r, half, g_q = d // 2, d // 2, h_q // h_kv
-    if spec.rope_dim < d_r:
-        raise ValueError(f"GTA's RoPE key has d_h/2={d_r} dims; the source rotates only {spec.rope_dim} per head")
     if freqfold is None:
         freqfold = spec.rope_dim // d_r
     L = model.config.num_layers

@@ -16,20 +16,28 @@ import torch
 from kvslim.convert.common import aug, check_grouped_source, new_model, set_linear
 from kvslim.spec import AttentionSpec
 
-__all__ = ["mha_to_gqa"]
+__all__ = ["check_gqa_target", "mha_to_gqa"]
+
+
+def check_gqa_target(spec: AttentionSpec, num_kv_heads) -> None:
+    """Raise ValueError naming the bad field if ``spec`` cannot be mean-pooled to ``num_kv_heads``."""
+    if num_kv_heads is None:
+        raise ValueError("--to gqa needs --kv-heads (num_kv_heads)")
+    if not isinstance(num_kv_heads, int) or isinstance(num_kv_heads, bool) or num_kv_heads < 1:
+        raise ValueError(f"num_kv_heads must be a positive int, got {num_kv_heads!r}")
+    if spec.num_kv_heads % num_kv_heads:
+        raise ValueError(
+            f"num_kv_heads={num_kv_heads} must divide the source's {spec.num_kv_heads} KV heads "
+            "(mean-pooling merges whole heads)"
+        )
 
 
 @torch.no_grad()
 def mha_to_gqa(model, *, num_kv_heads: int):
     """Return a copy of ``model`` (kind mha/mqa/gqa) with ``num_kv_heads`` mean-pooled KV heads."""
     spec = check_grouped_source(model)
+    check_gqa_target(spec, num_kv_heads)
     h_q, h_kv, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
-    if not isinstance(num_kv_heads, int) or isinstance(num_kv_heads, bool) or num_kv_heads < 1:
-        raise ValueError(f"num_kv_heads must be a positive int, got {num_kv_heads!r}")
-    if h_kv % num_kv_heads:
-        raise ValueError(
-            f"num_kv_heads={num_kv_heads} must divide the source's {h_kv} KV heads (mean-pooling merges whole heads)"
-        )
     kind = "mha" if num_kv_heads == h_q else ("mqa" if num_kv_heads == 1 else "gqa")
     new_spec = AttentionSpec(kind=kind, hidden_size=spec.hidden_size, num_heads=h_q, head_dim=d,
                              num_kv_heads=num_kv_heads, rope_dim=spec.rope_dim, rope_theta=spec.rope_theta,

@@ -14,16 +14,16 @@ from pathlib import Path
 
 import torch
 
+from kvslim.checkpoint import check_output, read_config
 from kvslim.convert.calib import attention_input_moments, calibration_tokens
 from kvslim.convert.export import DTYPES, write_checkpoint
-from kvslim.convert.gqa_to_gta import gqa_to_gta
-from kvslim.convert.gqa_to_mla import _validate, gqa_to_latent
-from kvslim.convert.mha_to_gqa import mha_to_gqa
-from kvslim.convert.rorope import collapse_factor
+from kvslim.convert.gqa_to_gta import check_gta_target, fit_gta
+from kvslim.convert.latent import check_latent_target, fit_latent
+from kvslim.convert.mha_to_gqa import check_gqa_target, mha_to_gqa
 from kvslim.model import Transformer
 from kvslim.spec import AttentionSpec
 
-__all__ = ["ConvertResult", "convert_checkpoint", "convert_model", "kv_table"]
+__all__ = ["ConvertResult", "check_conversion", "convert_checkpoint", "convert_model", "kv_table"]
 
 TARGETS = ("gqa", "mla", "gla", "gta")
 DEFAULT_FORMAT = {"gqa": "kvslim", "mla": "deepseek", "gla": "kvslim", "gta": "kvslim"}
@@ -49,57 +49,63 @@ def kv_table(source: AttentionSpec, target: AttentionSpec, num_layers: int, dtyp
     return "\n".join("  ".join(c.ljust(w[i]) for i, c in enumerate(r)) for r in rows)
 
 
-def _check_target(spec: AttentionSpec, to: str, *, kv_heads, latent_heads, kv_lora_rank, rope_dim, freqfold,
-                  method) -> None:
+def check_conversion(spec: AttentionSpec, to: str, *, kv_heads=None, latent_heads=None, kv_lora_rank=None,
+                     rope_dim: int = 64, freqfold=None, method: str = "transmla", gta_state: str = "joint") -> None:
+    """Raise ValueError naming the bad option if ``spec`` cannot be converted ``to`` this target.
+
+    The one validation of a conversion: :func:`convert_checkpoint` runs it before the slow
+    calibration pass, :func:`convert_model` before converting; neither runs it twice.
+    """
     if to not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {to!r}")
     if spec.kind not in ("mha", "mqa", "gqa"):
         raise ValueError(f"unsupported source attention kind {spec.kind!r}: converters read MHA/MQA/GQA checkpoints")
     if to == "gqa":
-        if kv_heads is None:
-            raise ValueError("--to gqa needs --kv-heads")
-        if not isinstance(kv_heads, int) or kv_heads < 1 or spec.num_kv_heads % kv_heads:
-            raise ValueError(f"kv_heads={kv_heads} must divide the source's {spec.num_kv_heads} KV heads")
-    elif to == "gta" and freqfold is not None:
-        c = spec.rope_dim // max(spec.head_dim // 2, 1)
-        if c < 1 or freqfold % c or (spec.rope_dim // 2) % freqfold:
-            raise ValueError(f"freqfold={freqfold} must be a multiple of {c} dividing {spec.rope_dim // 2} for gta")
-    elif to in ("mla", "gla"):
+        check_gqa_target(spec, kv_heads)
+    elif to == "gta":
+        check_gta_target(spec, freqfold=freqfold, state=gta_state)
+    else:
         if kv_lora_rank is None:
             raise ValueError(f"--to {to} needs --kv-lora-rank (latent dim per latent head)")
         h_c = 1 if to == "mla" else latent_heads
         if h_c is None:
             raise ValueError("--to gla needs --latent-heads")
-        collapse_factor(spec.rope_dim, rope_dim)
-        _validate(spec, h_c, kv_lora_rank, rope_dim, method)
-        if method == "transmla" and freqfold is not None:
-            c = spec.rope_dim // rope_dim
-            if freqfold % c or (spec.rope_dim // 2) % freqfold:
-                raise ValueError(f"freqfold={freqfold} must be a multiple of {c} dividing {spec.rope_dim // 2}")
+        check_latent_target(spec, h_c, kv_lora_rank, rope_dim, method, freqfold)
+
+
+def _run(model: Transformer, to: str, moments, *, kv_heads, latent_heads, kv_lora_rank, rope_dim, freqfold, method,
+         gta_state, progress) -> tuple[Transformer, dict]:
+    """Convert a model whose target :func:`check_conversion` accepted."""
+    stats: dict = {}
+    if to == "gqa":
+        return mha_to_gqa(model, num_kv_heads=kv_heads), stats
+    if to == "gta":
+        return fit_gta(model, moments, state=gta_state, freqfold=freqfold, progress=progress, stats=stats), stats
+    h_c = 1 if to == "mla" else latent_heads
+    out = fit_latent(model, moments, latent_heads=h_c, latent_dim=kv_lora_rank, rope_dim=rope_dim,
+                     freqfold=freqfold, method=method, progress=progress, stats=stats)
+    return out, stats
 
 
 def convert_model(model: Transformer, to: str, *, calib: torch.Tensor | None = None, moments=None,
                   kv_heads: int | None = None, latent_heads: int | None = None, kv_lora_rank: int | None = None,
                   rope_dim: int = 64, freqfold: int | None = None, method: str = "transmla",
                   gta_state: str = "joint", progress: bool = True) -> tuple[Transformer, dict]:
-    """Convert an in-memory kvslim Transformer; returns (new model, diagnostics)."""
-    spec = model.spec
-    _check_target(spec, to, kv_heads=kv_heads, latent_heads=latent_heads, kv_lora_rank=kv_lora_rank,
-                  rope_dim=rope_dim, freqfold=freqfold, method=method)
-    if to == "gqa":
-        return mha_to_gqa(model, num_kv_heads=kv_heads), {}
-    if moments is None:
+    """Convert an in-memory kvslim Transformer; returns (new model, diagnostics).
+
+    ``moments`` (per-layer ``E[x̃x̃ᵀ]`` from ``attention_input_moments``) or ``calib`` token
+    windows are needed for every target but ``gqa``.
+    """
+    opts = dict(kv_heads=kv_heads, latent_heads=latent_heads, kv_lora_rank=kv_lora_rank, rope_dim=rope_dim,
+                freqfold=freqfold, method=method, gta_state=gta_state)
+    check_conversion(model.spec, to, **opts)
+    if to != "gqa" and moments is None:
         if calib is None:
             raise ValueError(f"--to {to} needs calibration tokens")
         moments = attention_input_moments(model, calib, progress=progress)
-    stats: dict = {}
-    if to == "gta":
-        out = gqa_to_gta(model, moments, state=gta_state, freqfold=freqfold, progress=progress, stats=stats)
-        return out, stats
-    h_c = 1 if to == "mla" else latent_heads
-    out = gqa_to_latent(model, moments, latent_heads=h_c, latent_dim=kv_lora_rank, rope_dim=rope_dim,
-                        freqfold=freqfold, method=method, progress=progress, stats=stats)
-    return out, stats
+    if moments is not None and len(moments) != model.config.num_layers:
+        raise ValueError(f"moments: need one E[x x^T] per layer ({model.config.num_layers}), got {len(moments)}")
+    return _run(model, to, moments, progress=progress, **opts)
 
 
 def convert_checkpoint(*, model_dir: str | os.PathLike, out: str | os.PathLike, to: str, fmt: str | None = None,
@@ -124,14 +130,10 @@ def convert_checkpoint(*, model_dir: str | os.PathLike, out: str | os.PathLike, 
     """
     t0 = time.time()
     model_dir, out = Path(model_dir), Path(out)
-    if not (model_dir / "config.json").is_file():
-        raise ValueError(f"model_dir {model_dir} has no config.json")
+    read_config(model_dir)
     if not any(model_dir.glob("*.safetensors")):
         raise ValueError(f"model_dir {model_dir} has no .safetensors files")
-    if out.exists() and not force:
-        raise ValueError(f"output {out} exists; pass --force to replace it")
-    if out.resolve() == model_dir.resolve():
-        raise ValueError("output must differ from model_dir")
+    check_output(out, force=force, sources=(model_dir,))
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     fmt = fmt or DEFAULT_FORMAT.get(to, "kvslim")
@@ -143,8 +145,11 @@ def convert_checkpoint(*, model_dir: str | os.PathLike, out: str | os.PathLike, 
         raise ValueError("format 'deepseek' with float16 would underflow the scaled latent; use bfloat16 or float32")
     model = Transformer.from_pretrained(model_dir, dtype=torch.float32)
     spec = model.spec
-    _check_target(spec, to, kv_heads=kv_heads, latent_heads=latent_heads, kv_lora_rank=kv_lora_rank,
-                  rope_dim=rope_dim, freqfold=freqfold, method=method)
+    n_params = sum(v.numel() for v in model.state_dict().values())
+    check_output(out, force=force, sources=(model_dir,), expected_bytes=n_params * DTYPES[dtype].itemsize)
+    opts = dict(kv_heads=kv_heads, latent_heads=latent_heads, kv_lora_rank=kv_lora_rank, rope_dim=rope_dim,
+                freqfold=freqfold, method=method, gta_state=gta_state)
+    check_conversion(spec, to, **opts)
     if fmt == "deepseek" and spec.qkv_bias:
         raise ValueError("transformers' DeepSeek-V3 has no q_proj bias: a model with qkv biases needs --format kvslim")
     calib = calib_tokens
@@ -154,9 +159,9 @@ def convert_checkpoint(*, model_dir: str | os.PathLike, out: str | os.PathLike, 
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         calib = calibration_tokens(model_dir, num_samples=calib_samples, seq_len=calib_seq_len,
                                    text=calib_text, seed=seed)
-    new, stats = convert_model(model, to, calib=calib, kv_heads=kv_heads, latent_heads=latent_heads,
-                               kv_lora_rank=kv_lora_rank, rope_dim=rope_dim, freqfold=freqfold, method=method,
-                               gta_state=gta_state, progress=progress)
-    write_checkpoint(new, out, fmt=fmt, dtype=DTYPES[dtype], tokenizer_from=model_dir)
+    moments = None if to == "gqa" else attention_input_moments(model, calib, progress=progress)
+    new, stats = _run(model, to, moments, progress=progress, **opts)
+    write_checkpoint(new, out, fmt=fmt, dtype=DTYPES[dtype], tokenizer_from=model_dir, force=force,
+                     sources=(model_dir,))
     return ConvertResult(source=spec, target=new.spec, num_layers=model.config.num_layers, out=out,
                          seconds=time.time() - t0, stats=stats)

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Rotation", "collapse_factor", "norm_selection", "rorope_rotation"]
+__all__ = ["Rotation", "check_freqfold", "collapse_factor", "effective_keys", "norm_selection", "rorope_rotation"]
 
 
 @dataclass
@@ -67,10 +67,15 @@ def collapse_factor(rope_dim: int, target_rope_dim: int) -> int:
     return rope_dim // target_rope_dim
 
 
+def check_freqfold(rope_dim: int, target_rope_dim: int, freqfold) -> None:
+    """Raise ValueError unless ``freqfold`` is a multiple of ``r/d_R`` dividing the ``r/2`` frequencies."""
+    _check(0, 0, rope_dim, target_rope_dim, freqfold)
+
+
 def _check(num_kv_heads, head_dim, rope_dim, target_rope_dim, freqfold) -> tuple[int, int, int]:
     c = collapse_factor(rope_dim, target_rope_dim)
     P = rope_dim // 2
-    if not isinstance(freqfold, int) or freqfold < 1 or freqfold % c or P % freqfold:
+    if isinstance(freqfold, bool) or not isinstance(freqfold, int) or freqfold < 1 or freqfold % c or P % freqfold:
         raise ValueError(
             f"freqfold must be a multiple of {c} (source rotary dims {rope_dim} / d_R {target_rope_dim}) "
             f"that divides the {P} frequencies, got {freqfold!r}"
@@ -192,6 +197,13 @@ def _unit(n: int, i: int) -> torch.Tensor:
     e = torch.zeros(n, dtype=torch.float64)
     e[i] = 1
     return e
+
+
+def effective_keys(R: torch.Tensor, Wk: torch.Tensor, rope_dim: int, num_kv_heads: int, head_dim: int):
+    """``E_j = R_{nope,j}ᵀ R_nope W_k`` for every group j: ``[h_kv, d_h, D+1]``."""
+    Rn = R[rope_dim:]
+    K_nope = Rn @ Wk
+    return torch.stack([Rn[:, j * head_dim : (j + 1) * head_dim].T @ K_nope for j in range(num_kv_heads)])
 
 
 def rope_pairs_apply(x: torch.Tensor, rot: Rotation, inv_freq: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:

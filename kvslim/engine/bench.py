@@ -29,6 +29,8 @@ import time
 from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
+from kvslim.checkpoint import prepare_output_file
+
 
 @dataclass
 class Result:
@@ -214,12 +216,11 @@ def plot_summary(s: dict, path: str) -> str:
     fig.suptitle(f"{s['completed']} requests, concurrency {s['concurrency']}: "
                  f"{s['output_throughput']:.0f} output tok/s")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(prepare_output_file(path), dpi=120)
     plt.close(fig)
     return path
 
 
-# ---------------------------------------------------------------------- in-process engine load
 def run_engine_bench(engine, *, num_requests: int = 64, concurrency: int = 16, input_len: int = 128,
                      output_len: int = 128, seed: int = 0, deadline: float | None = None,
                      progress_every: float | None = None, log=print) -> dict:
@@ -346,3 +347,33 @@ def run_engine_bench(engine, *, num_requests: int = 64, concurrency: int = 16, i
         "_raw": {"ttft": ttft, "itl": itl, "e2e": e2e},
     }
 
+
+def bench_serve(*, url: str | None = None, source=None, engine=None, server=None, plot: str | None = None,
+                json_path: str | None = None, **load) -> dict:
+    """``kvslim bench serve``: load the server at ``url`` (or one started here from ``source``/``engine``/
+    ``server`` configs), print the table, save the plot / JSON; returns the summary.
+
+    ``load``: the keyword arguments of :func:`run_bench` (num_requests, concurrency, ...).
+    """
+    from kvslim.engine.serve import launch
+
+    srv = bundle = None
+    if url is None:
+        if source is None:
+            raise ValueError("give --url of a running server, or --model/--random-model to start one")
+        srv, bundle = launch(source, engine, server.replace(port=0))
+        url = srv.url
+    try:
+        summary = run_bench(url, **load)
+    finally:
+        if srv is not None:
+            srv.shutdown()
+        if bundle is not None:
+            bundle.close()
+    print(format_summary(summary))
+    if plot:
+        print(f"plot: {plot_summary(summary, plot)}")
+    if json_path:
+        with open(prepare_output_file(json_path), "w") as f:
+            json.dump({k: v for k, v in summary.items() if k != "_raw"}, f, indent=2)
+    return summary

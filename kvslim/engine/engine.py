@@ -2,9 +2,10 @@
 
 Single-threaded and synchronous: ``add_request`` queues, ``step`` runs one scheduler
 step (a decode batch and/or prefill chunks) and samples. ``EngineLoop`` in
-``kvslim/engine/server.py`` drives it from a thread for the HTTP server;
-``generate`` drives it offline. Under tensor parallelism this object lives on the
-leader rank and mirrors every forward to the followers (``kvslim/engine/tp.py``).
+``kvslim/engine/loop.py`` (a thread) or ``EngineProcess`` in ``kvslim/engine/process.py``
+(a process) drives it for the HTTP server; ``generate`` drives it offline. Under tensor
+parallelism this object lives on rank 0 and mirrors every forward to the other ranks
+through a ``tp.TPSession`` (``kvslim/engine/tp.py``).
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ from collections.abc import Callable
 import torch
 
 from kvslim.engine.allocator import BlockAllocator, free_device_memory, num_pages_for_memory
-from kvslim.engine.runner import DEFAULT_GRAPH_BATCHES, ModelRunner
-from kvslim.engine.sampling import sample
+from kvslim.engine.config import EngineConfig
+from kvslim.engine.runner import ModelRunner
 from kvslim.engine.scheduler import FINISHED, SamplingParams, Scheduler, Sequence
+from kvslim.runtime import parse_dtype
+from kvslim.sampling import sample
 
 Listener = Callable[[Sequence, "int | None"], None]
 
@@ -44,61 +47,54 @@ class LLMEngine:
 
     Args:
         model: a ``Transformer`` (eval mode, on its device and dtype) or one TP rank's shard.
-        num_pages: pages per layer pool; else sized from ``kv_memory`` bytes, else (CUDA) from
-            free device memory x ``mem_util``.
-        page_size: tokens per page.
-        max_batch: running sequences at most (largest decode batch / CUDA graph).
-        max_num_batched_tokens: tokens fed per step (chunked-prefill budget).
-        max_model_len: prompt + output limit (default: the model's max_position_embeddings,
-            capped by the pool).
-        cache_dtype: pool dtype (default the model's).
-        cuda_graphs: capture decode in CUDA graphs (default: on CUDA).
+        config: the :class:`~kvslim.engine.config.EngineConfig` (pool size, page size, batch and
+            token budgets, CUDA graphs, RNG seed); its ``device``/``dtype``/``tp`` fields are
+            for :func:`~kvslim.engine.build.build_engine`: here the model already sits on
+            its device and ``tp`` is the session.
         eos_token_id: stops a request unless its params say ``ignore_eos``.
-        tp: a ``tp.TPLeader`` to mirror forwards to follower ranks (None = single rank).
-        seed: seed of the engine RNG used by requests without their own seed.
+        tp: a ``tp.TPSession`` mirroring forwards to the other ranks (None = single rank).
     """
 
-    def __init__(self, model, *, num_pages: int | None = None, kv_memory: int | None = None, page_size: int = 16,
-                 max_batch: int = 64, max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
-                 cache_dtype: torch.dtype | None = None, cuda_graphs: bool | None = None, mem_util: float = 0.9,
-                 eos_token_id: int | None = None, tp=None, seed: int | None = None,
-                 graph_batches=DEFAULT_GRAPH_BATCHES):
+    def __init__(self, model, config: EngineConfig | None = None, *, eos_token_id: int | None = None, tp=None):
+        config = config or EngineConfig()
+        if not isinstance(config, EngineConfig):
+            raise TypeError(f"config must be an EngineConfig, got {type(config).__name__}")
+        self.engine_config = config
         self.model = model.eval()
         self.config = model.config
         p = next(model.parameters())
         self.device = p.device
-        cache_dtype = cache_dtype or p.dtype
+        cache_dtype = parse_dtype(config.cache_dtype) if config.cache_dtype else p.dtype
         tp_size = tp.size if tp is not None else 1
         spec = self.config.attention
+        num_pages, page_size = config.num_pages, config.page_size
         if num_pages is None:
+            kv_memory = config.kv_memory_bytes
             if kv_memory is None:
-                kv_memory = free_device_memory(self.device, mem_util)
+                kv_memory = free_device_memory(self.device, config.mem_util)
             num_pages = num_pages_for_memory(spec, self.config.num_layers, kv_memory, page_size=page_size,
                                              dtype=cache_dtype, tp_size=tp_size)
         self.allocator = BlockAllocator(num_pages, page_size)
         limit = self.allocator.num_usable * page_size
-        self.max_model_len = min(max_model_len or self.config.max_position_embeddings, limit)
-        if max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-        self.scheduler = Scheduler(self.allocator, max_batch=max_batch,
-                                   max_num_batched_tokens=max_num_batched_tokens)
+        self.max_model_len = min(config.max_model_len or self.config.max_position_embeddings, limit)
+        self.scheduler = Scheduler(self.allocator, max_batch=config.max_batch,
+                                   max_num_batched_tokens=config.max_num_batched_tokens)
         self.eos_token_id = eos_token_id
         self.tp = tp
         runner_kw = dict(num_pages=num_pages, page_size=page_size,
-                         max_pages_per_seq=self.allocator.pages_for(self.max_model_len), max_batch=max_batch,
-                         cache_dtype=cache_dtype, cuda_graphs=cuda_graphs, graph_batches=tuple(graph_batches))
+                         max_pages_per_seq=self.allocator.pages_for(self.max_model_len), max_batch=config.max_batch,
+                         cache_dtype=cache_dtype, cuda_graphs=config.cuda_graphs, graph_batches=config.graph_batches)
         if tp is not None:
             tp.send("init", runner_kw)
         self.runner = ModelRunner(model, **runner_kw)
-        self.rng = torch.Generator(device=self.device).manual_seed(
-            seed if seed is not None else random.randrange(2**31))
+        seed = config.seed
+        self.rng = torch.Generator(device=self.device).manual_seed(seed if seed is not None else random.randrange(2**31))
         self.requests: dict[str, Sequence] = {}
         self.listeners: dict[str, Listener] = {}
         self.last_step = (0, 0)
         self.counters = dict(prompt_tokens=0, generation_tokens=0, requests_finished=0, requests_aborted=0,
                              steps=0)
 
-    # ---- requests ----------------------------------------------------------------------
     def validate(self, prompt, params: SamplingParams) -> None:
         """Raise ValueError if the request can never run (bad ids, too long)."""
         validate_request(prompt, params, vocab_size=self.config.vocab_size, max_model_len=self.max_model_len)
@@ -130,7 +126,6 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return bool(self.scheduler.running or self.scheduler.waiting)
 
-    # ---- stepping ------------------------------------------------------------------------
     def step(self) -> list[Sequence]:
         """Run one scheduler step; returns the sequences that got a token or finished."""
         plan = self.scheduler.schedule()
@@ -215,7 +210,6 @@ class LLMEngine:
         if listener is not None:
             listener(seq, None)
 
-    # ---- offline -------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None, *,
                  arrival_steps: list[int] | None = None, max_steps: int = 1_000_000) -> list[list[int]]:
         """Run ``prompts`` to completion; request ``i`` joins at step ``arrival_steps[i]`` (default 0)."""

@@ -49,7 +49,6 @@ class EngineLoop:
         self.thread = threading.Thread(target=self._run, name="kvslim-engine", daemon=True)
         self.thread.start()
 
-    # ---- client side (any thread) -------------------------------------------------------
     def submit(self, prompt: list[int], params: SamplingParams) -> Handle:
         """Queue a request (validated here, so bad ones fail fast with ValueError)."""
         if not self.alive:
@@ -84,7 +83,6 @@ class EngineLoop:
         self.commands.put(("wake",))
         self.thread.join(timeout)
 
-    # ---- loop thread ----------------------------------------------------------------------
     def _listener(self, h: Handle):
         # Events are delivered after the step, not inside it: waking a client thread per token
         # in the middle of a step makes the step fight those threads for the GIL, while after

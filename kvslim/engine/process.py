@@ -7,8 +7,9 @@ schedules, runs forwards and samples; it receives ``add``/``abort``/``stats`` co
 pipe and sends back, once per step, one batch of ``(request_id, kind, value)`` events. The
 HTTP process keeps the tokenizer, the sockets and the per-request queues.
 
-The child builds its engine from the parsed CLI flags (``commands.build_engine``), so a
-CUDA context (and a TP group) only ever exists in the engine process.
+The child builds its engine from the pickled ``(ModelSource, EngineConfig)`` with
+:func:`kvslim.engine.build.build_engine`, so a CUDA context (and a TP group) only ever exists
+in the engine process.
 """
 
 from __future__ import annotations
@@ -32,19 +33,19 @@ class _Stop(Exception):
     pass
 
 
-def _engine_main(conn, args, build=None) -> None:
-    """Child process: build the engine (``build(args)``, default ``commands.build_engine``), then
-    loop over commands and steps."""
+def _engine_main(conn, source, config, tokenizer=None) -> None:
+    """Child process: build the engine of ``(source, config)``, then loop over commands and steps."""
     import signal
 
-    from kvslim.engine.commands import build_engine
+    from kvslim.engine.build import build_engine
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the server, which stops us
     try:
-        engine, _, session, name = (build or build_engine)(args)
+        bundle = build_engine(source, config, tokenizer=tokenizer)
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises it
         conn.send(("fatal", f"{type(e).__name__}: {e}"))
         return
+    engine, name = bundle.engine, bundle.name
     conn.send(("ready", dict(max_model_len=engine.max_model_len, vocab_size=engine.config.vocab_size, name=name,
                              max_batch=engine.scheduler.max_batch, stats=dict(engine.stats(), errors=0))))
     outbox: list = []
@@ -89,25 +90,23 @@ def _engine_main(conn, args, build=None) -> None:
     except (_Stop, EOFError, BrokenPipeError, KeyboardInterrupt):
         pass
     finally:
-        if session is not None:
-            session.close()
+        bundle.close()
 
 
 class EngineProcess:
-    """Start the engine of ``args`` (parsed ``kvslim serve`` flags) in a spawned process.
+    """Start the engine of ``(source, config)`` in a spawned process.
 
     Args:
-        args: the argparse namespace ``commands.build_engine`` takes.
+        source: the ``ModelSource``; config: the ``EngineConfig`` (both pickled to the child).
+        tokenizer: tokenizer directory for the engine's EOS id (default: the checkpoint's).
         max_waiting: requests beyond the running batch before new ones are refused (503).
         startup_timeout: seconds to wait for the model and engine to be built.
-        entry: the child's entry ``entry(conn, args)`` (default: build from ``args`` and serve;
-            a replacement must speak the same protocol, e.g. a harness with a simulated model).
     """
 
-    def __init__(self, args, *, max_waiting: int = 1024, startup_timeout: float = 900.0, entry=None):
+    def __init__(self, source, config, *, tokenizer=None, max_waiting: int = 1024, startup_timeout: float = 900.0):
         ctx = torch.multiprocessing.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=entry or _engine_main, args=(child, args), name="kvslim-engine")
+        self.proc = ctx.Process(target=_engine_main, args=(child, source, config, tokenizer), name="kvslim-engine")
         self.proc.start()
         child.close()
         if not self.conn.poll(startup_timeout):
@@ -133,7 +132,6 @@ class EngineProcess:
         self.reader = threading.Thread(target=self._read, name="kvslim-engine-reader", daemon=True)
         self.reader.start()
 
-    # ---- EngineLoop interface -------------------------------------------------------------
     def _send(self, msg) -> None:
         with self._send_lock:
             self.conn.send(msg)
@@ -183,7 +181,6 @@ class EngineProcess:
             self.proc.terminate()
             self.proc.join(5)
 
-    # ---- reader thread ----------------------------------------------------------------------
     def _read(self) -> None:
         try:
             while True:

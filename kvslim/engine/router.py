@@ -1,7 +1,9 @@
-"""Data parallelism: M engine replicas (each ``kvslim serve``, TP over its own GPUs) behind a router.
+"""Data parallelism: M engine replicas (each a server process, TP over its own GPUs) behind a router.
 
 This is the (TP x DP) deployment of seed 000 §5.2 / Appx B.6 (e.g. MLA TP=2 x DP=4 vs
-GLA TP=8): replica ``i`` uses GPUs ``i*tp ... i*tp + tp - 1``. The router forwards every
+GLA TP=8): replica ``i`` uses GPUs ``i*tp ... i*tp + tp - 1``. Each replica is a spawned
+process that receives the pickled ``(ModelSource, EngineConfig, ServerConfig)``, starts its
+server on a free local port and reports the port back on a pipe. The router forwards every
 ``POST`` to the replica with the fewest requests in flight (ties: round robin) and
 relays its response byte for byte, so SSE streams pass through; a client that goes
 away closes the upstream connection, which makes that replica abort the request.
@@ -11,12 +13,10 @@ metrics with a ``replica`` label.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import itertools
 import os
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 from http.server import BaseHTTPRequestHandler
@@ -122,36 +122,68 @@ class _RouterHandler(BaseHTTPRequestHandler):
             self.app.done(i)
 
 
-def run_router(child_argv: list[str], *, dp: int, tp: int, host: str, port: int, port_file: str | None = None,
-               startup_timeout: float = 900.0) -> int:
-    """Start ``dp`` replicas (``python -m kvslim serve``) and route to them until interrupted."""
-    tmp = tempfile.mkdtemp(prefix="kvslim-dp-")
-    procs, ports = [], []
-    env = dict(os.environ, NCCL_NVLS_ENABLE="0")
+def _replica_main(conn, source, engine, server, tokenizer) -> None:
+    """One data-parallel replica: a server on a free local port until the router says stop."""
+    import signal
+
+    from kvslim.engine.serve import launch
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the router stops us
     try:
-        for i in range(dp):
-            pf = os.path.join(tmp, f"port{i}")
-            cmd = [sys.executable, "-m", "kvslim", "serve", *child_argv, "--host", "127.0.0.1", "--port", "0",
-                   "--port-file", pf, "--device-offset", str(i * tp)]
-            procs.append(subprocess.Popen(cmd, env=env))
+        srv, bundle = launch(source, engine, server, tokenizer=tokenizer)
+    except BaseException as e:  # noqa: BLE001 - reported to the router, which raises it
+        conn.send(("fatal", f"{type(e).__name__}: {e}"))
+        return
+    conn.send(("ready", srv.port))
+    try:
+        while srv.loop.alive and not conn.poll(0.5):
+            pass
+    except (EOFError, OSError):
+        pass
+    finally:
+        srv.shutdown()
+        if bundle is not None:
+            bundle.close()
+
+
+def run_router(source, engine, server, *, tokenizer=None, on_ready=None, startup_timeout: float = 900.0) -> int:
+    """Start ``server.dp`` replicas of ``(source, engine)`` and route to them until interrupted.
+
+    Replica ``i`` runs on devices ``engine.device_offset + i * engine.tp ...``. ``on_ready(port)``
+    is called once the router listens.
+    """
+    import torch
+
+    ctx = torch.multiprocessing.get_context("spawn")
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    replica_server = server.replace(host="127.0.0.1", port=0, dp=1)
+    procs, conns, ports = [], [], []
+    try:
+        for i in range(server.dp):
+            parent, child = ctx.Pipe()
+            cfg = engine.replace(device_offset=engine.device_offset + i * engine.tp)
+            p = ctx.Process(target=_replica_main, args=(child, source, cfg, replica_server, tokenizer),
+                            name=f"kvslim-replica-{i}")
+            p.start()
+            child.close()
+            procs.append(p)
+            conns.append(parent)
         end = time.monotonic() + startup_timeout
-        for i, p in enumerate(procs):
-            pf = os.path.join(tmp, f"port{i}")
-            while not os.path.exists(pf):
-                if p.poll() is not None:
-                    raise RuntimeError(f"replica {i} exited with code {p.returncode} during startup")
-                if time.monotonic() > end:
-                    raise RuntimeError(f"replica {i} did not start in {startup_timeout:.0f} s")
-                time.sleep(0.2)
-            with open(pf) as f:
-                ports.append(int(f.read()))
-        router = Router([("127.0.0.1", p) for p in ports], host=host, port=port)
-        print(f"kvslim serve: router http://{router.host}:{router.port} -> {dp} replicas x tp {tp} "
+        for i, (p, c) in enumerate(zip(procs, conns)):
+            if not c.poll(max(0.0, end - time.monotonic())):
+                raise RuntimeError(f"replica {i} did not start in {startup_timeout:.0f} s")
+            try:
+                kind, val = c.recv()
+            except EOFError:
+                raise RuntimeError(f"replica {i} exited with code {p.exitcode} during startup") from None
+            if kind == "fatal":
+                raise ValueError(f"replica {i}: {val}")
+            ports.append(val)
+        router = Router([("127.0.0.1", p) for p in ports], host=server.host, port=server.port)
+        print(f"kvslim serve: router http://{router.host}:{router.port} -> {server.dp} replicas x tp {engine.tp} "
               f"(ports {ports})", flush=True)
-        if port_file:
-            with open(port_file + ".tmp", "w") as f:
-                f.write(str(router.port))
-            os.replace(port_file + ".tmp", port_file)
+        if on_ready is not None:
+            on_ready(router.port)
         try:
             router.httpd.serve_forever()
         except KeyboardInterrupt:
@@ -159,11 +191,12 @@ def run_router(child_argv: list[str], *, dp: int, tp: int, host: str, port: int,
         finally:
             router.httpd.server_close()
     finally:
+        for c in conns:
+            with contextlib.suppress(OSError):
+                c.send("stop")
         for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+            p.join(30)
+            if p.is_alive():
+                p.terminate()
+                p.join(5)
     return 0

@@ -1,8 +1,9 @@
 """Model runner: the engine-side forward over the paged pools, with CUDA-graph decode.
 
 The runner loops the model's own layers (embedding -> decoder layers -> norm -> lm_head)
-with an :class:`EngineLayerCache` built from the allocator's block table, so the model
-code is untouched. Two kinds of forward:
+with a :class:`~kvslim.cache.LayerCache` over the pools and the allocator's block table
+(``check_bounds=False``: the scheduler guarantees every written position has a page, and
+the check's host sync would break graph capture), so the model code is untouched. Two kinds of forward:
 
 * ``prefill(chunks, starts, pages)``: chunks of one length T of several sequences, each
   at its own start (T may exceed the kernels' q_len limit; the attention modules then
@@ -21,11 +22,10 @@ On CUDA, decode is captured in CUDA graphs for a set of batch sizes; a batch is 
 to the next captured size with rows whose slot is the scratch row (token 0, start 0), so
 they only ever write the scratch page. The gather of tokens, starts and block-table rows
 is part of the graph. Capture is skipped on CPU and can be turned off. The kernels and
-:class:`EngineLayerCache` are free of host synchronisation, which is what makes the
-capture legal.
+the cache writes are free of host synchronisation, which is what makes the capture legal.
 
 Tensor parallelism: the runner of every rank holds its own shard of the model and of
-the pools; ``tp.Follower`` replays the leader's forwards (see ``kvslim/engine/tp.py``).
+the pools; the other ranks' processes replay rank 0's forwards (``kvslim/engine/tp.py``).
 """
 
 from __future__ import annotations
@@ -36,28 +36,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kvslim.cache import LayerCache
 from kvslim.engine.allocator import SCRATCH_PAGES
+from kvslim.engine.config import DEFAULT_GRAPH_BATCHES
 
 # Prefill attention backends: not cuDNN, which builds (~2 ms of host time) an execution plan for
 # every new (chunk length, cached length) shape, i.e. for almost every prefill forward.
 PREFILL_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-
-DEFAULT_GRAPH_BATCHES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)
-
-
-class EngineLayerCache(LayerCache):
-    """LayerCache whose write has no host-side bounds check (graph capturable).
-
-    The engine's scheduler guarantees every written position has a page.
-    """
-
-    def write(self, rows: torch.Tensor) -> None:
-        B, T, R = rows.shape
-        page_size = self.pool.shape[1]
-        pos = self.start.long()[:, None] + torch.arange(T, device=rows.device)[None, :]  # [B, T]
-        pages = torch.gather(self.block_table.long(), 1, pos // page_size)
-        flat = (pages * page_size + pos % page_size).reshape(-1)
-        self.pool.view(-1, R).index_copy_(0, flat, rows.reshape(-1, R).to(self.pool.dtype))
-
 
 class ModelRunner:
     """Holds the pools and runs forwards of one rank's model.
@@ -110,7 +93,6 @@ class ModelRunner:
         if self.use_graphs:
             self._capture()
 
-    # ---- forward -------------------------------------------------------------------
     @torch.inference_mode()
     def _forward(self, tokens: torch.Tensor, start: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
         """tokens ``[B, T]``, start ``[B]`` int32, block_table ``[B, P]`` int32 -> last-position logits ``[B, V]``."""
@@ -119,7 +101,7 @@ class ModelRunner:
         positions = start.long()[:, None] + torch.arange(T, device=tokens.device)[None, :]
         x = m.model.embed_tokens(tokens)
         for layer, pool in zip(m.model.layers, self.pools):
-            x = layer(x, positions, EngineLayerCache(pool, block_table, start))
+            x = layer(x, positions, LayerCache(pool, block_table, start, check_bounds=False))
         x = m.model.norm(x[:, -1:])
         return m.lm_head(x)[:, 0].float()
 
@@ -190,7 +172,6 @@ class ModelRunner:
         bt = self._table_dev.index_select(0, stage[2, :b])
         return self._forward(stage[0, :b, None], stage[1, :b].to(torch.int32), bt)
 
-    # ---- CUDA graphs -----------------------------------------------------------------
     def _capture(self) -> None:
         dev = self.device
         self._stage[2].fill_(self.scratch_slot)

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvslim.engine.allocator import BlockAllocator
-from kvslim.engine.sampling import check_sampling
+from kvslim.sampling import check_sampling
 
 WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
 
@@ -41,7 +41,7 @@ class SamplingParams:
 
     Args:
         max_tokens: new tokens to generate at most (>= 1).
-        temperature, top_k, top_p: as in :func:`kvslim.engine.sampling.sample`.
+        temperature, top_k, top_p: as in :func:`kvslim.sampling.sample`.
         seed: per-request RNG seed (reproducible sampling regardless of batching).
         stop_token_ids: tokens that end the request (included in the output).
         ignore_eos: do not stop at the model's EOS token (benchmarks).

@@ -152,7 +152,7 @@ class Server:
     Args:
         loop: an :class:`EngineLoop` (engine thread in this process) or an
             :class:`~kvslim.engine.process.EngineProcess` (engine in its own process).
-        tokenizer: a ``source.Tokenizer`` or None (token-id prompts only).
+        tokenizer: a :class:`~kvslim.eval.tokenizer.TextTokenizer` or None (token-id prompts only).
         host, port: bind address (127.0.0.1 by default; port 0 = ephemeral).
         model_name: the name reported in responses and ``/v1/models``.
         request_timeout: seconds a request may take before it is aborted.
@@ -220,7 +220,6 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, fmt, *args):  # quiet by default; the logger decides
         log.debug("%s - " + fmt, self.address_string(), *args)
 
-    # ---- plumbing -------------------------------------------------------------------------
     def _send_json(self, status: int, obj: dict, headers: dict | None = None) -> None:
         data = json.dumps(obj).encode()
         self.send_response(status)
@@ -256,7 +255,6 @@ class _Handler(BaseHTTPRequestHandler):
             raise _HTTPError(400, "the JSON body must be an object")
         return body
 
-    # ---- routes ---------------------------------------------------------------------------
     def do_GET(self):
         self.app.metrics.add(http_requests=1)
         if self.path == "/health":

@@ -1,13 +1,9 @@
-"""Where a served model comes from: a checkpoint dir or a random-weight shape, plus its tokenizer.
+"""Where a served model comes from: a checkpoint dir or a random-weight shape.
 
 ``ModelSource`` is a small picklable recipe, so every tensor-parallel / data-parallel
 process can build the same model itself. Random models (``--random-model gla-2
---model-shape 1b``) have the shape of a real model for speed benchmarks.
-
-Tokenizers: a ``--model DIR`` with tokenizer files is read with
-``transformers.AutoTokenizer`` (chat template included) or, failing that, the
-``tokenizers`` library. Without a chat template, chats are rendered with
-:func:`render_simple_chat` (documented in docs/engine.md).
+--model-shape 1b``) have the shape of a real model for speed benchmarks. The tokenizer of a
+``--model DIR`` is read by :func:`kvslim.eval.tokenizer.open_tokenizer`.
 """
 
 from __future__ import annotations
@@ -16,6 +12,8 @@ import os
 from dataclasses import dataclass
 
 import torch
+
+from kvslim.runtime import parse_dtype
 
 #: model shapes for random-weight models: hidden, layers, heads, head_dim, intermediate, vocab
 SHAPES = {
@@ -27,16 +25,6 @@ SHAPES = {
     # layers: the shape of the paper's TP runs (issue #8); 11.9 B parameters (24 GB in bf16)
     "paper": dict(hidden=7168, layers=16, heads=128, head_dim=128, inter=18432, vocab=32000),
 }
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
-
-
-def parse_dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}")
-    return DTYPES[name]
-
 
 def random_model(preset: str, shape: str = "tiny", *, seed: int = 0, max_len: int = 4096,
                  device: str | torch.device = "cpu"):
@@ -66,7 +54,11 @@ def random_model(preset: str, shape: str = "tiny", *, seed: int = 0, max_len: in
 
 @dataclass(frozen=True)
 class ModelSource:
-    """Recipe for the full model: ``path`` (checkpoint dir) or ``preset`` + ``shape`` + ``seed``."""
+    """Recipe for the full model: ``path`` (checkpoint dir) or ``preset`` + ``shape`` + ``seed``.
+
+    ``dtype`` is the dtype the model is built in; ``max_len`` the ``max_position_embeddings``
+    of a random model.
+    """
 
     path: str | None = None
     preset: str | None = None
@@ -78,7 +70,14 @@ class ModelSource:
     def __post_init__(self):
         if (self.path is None) == (self.preset is None):
             raise ValueError("give exactly one of --model DIR or --random-model PRESET")
+        if self.shape not in SHAPES:
+            raise ValueError(f"model shape must be one of {sorted(SHAPES)}, got {self.shape!r}")
         parse_dtype(self.dtype)
+
+    @property
+    def name(self) -> str:
+        """What the API reports: the checkpoint directory's name, or ``random-<preset>``."""
+        return os.path.basename(os.path.normpath(self.path)) if self.path else f"random-{self.preset}"
 
     def build(self, device: str | torch.device = "cpu"):
         """The full (unsharded) model on ``device`` in ``dtype``, eval mode."""
@@ -93,51 +92,3 @@ class ModelSource:
         return model.to(device=device, dtype=parse_dtype(self.dtype)).eval()
 
 
-class Tokenizer:
-    """encode/decode/chat over a Hugging Face tokenizer (``transformers`` or ``tokenizers``)."""
-
-    def __init__(self, tok, *, eos_token_id: int | None, chat_template: bool, backend: str):
-        self.tok, self.eos_token_id, self.has_chat_template, self.backend = tok, eos_token_id, chat_template, backend
-
-    def encode(self, text: str) -> list[int]:
-        if self.backend == "transformers":
-            return list(self.tok(text, add_special_tokens=True)["input_ids"])
-        return list(self.tok.encode(text).ids)
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tok.decode(ids, skip_special_tokens=True)
-
-    def chat(self, messages: list[dict]) -> list[int]:
-        if self.has_chat_template:
-            out = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-            if hasattr(out, "keys"):  # transformers >= 5 returns a BatchEncoding
-                out = out["input_ids"]
-            return [int(t) for t in out]
-        return self.encode(render_simple_chat(messages))
-
-
-def render_simple_chat(messages: list[dict]) -> str:
-    """The fallback chat format: ``<|role|>\\ncontent\\n`` per message, then ``<|assistant|>\\n``."""
-    return "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages) + "<|assistant|>\n"
-
-
-def load_tokenizer(path: str) -> Tokenizer | None:
-    """The tokenizer in ``path`` (None if it has no tokenizer files)."""
-    has_files = any(os.path.isfile(os.path.join(path, f)) for f in
-                    ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
-    if not has_files:
-        return None
-    try:
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(path)
-        return Tokenizer(tok, eos_token_id=tok.eos_token_id, chat_template=bool(getattr(tok, "chat_template", None)),
-                         backend="transformers")
-    except ImportError:
-        pass
-    from tokenizers import Tokenizer as RawTokenizer
-
-    file = os.path.join(path, "tokenizer.json")
-    if not os.path.isfile(file):
-        raise ValueError(f"{path}: without transformers, a tokenizer.json is needed")
-    return Tokenizer(RawTokenizer.from_file(file), eos_token_id=None, chat_template=False, backend="tokenizers")

@@ -20,13 +20,14 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-__all__ = ["hf_logits_fn", "load_tokenizer", "perplexity", "tokenize"]
+from kvslim.runtime import AUTOCAST_DTYPES, autocast, resolve_device
+
+__all__ = ["eval_ppl", "hf_logits_fn", "model_perplexity", "perplexity"]
 
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -166,39 +167,65 @@ def hf_logits_fn(model, device: str | torch.device | None = None) -> LogitsFn:
     return fn
 
 
-def load_tokenizer(path: str | os.PathLike):
-    """`AutoTokenizer.from_pretrained(path)` with the hub switched off (local directories only)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoTokenizer
-
-    if not Path(path).is_dir():
+def check_vocab(tokens: torch.Tensor, model, what: str) -> None:
+    """A clear error when ``tokens`` hold ids the model has no embedding for."""
+    V = model.config.vocab_size
+    if int(tokens.max()) >= V:
         raise ValueError(
-            f"tokenizer path must be a local directory with tokenizer files, got {os.fspath(path)!r}"
+            f"{what} holds token id {int(tokens.max())} >= the model's vocab_size={V} "
+            "(wrong tokenizer for this model?)"
         )
-    return AutoTokenizer.from_pretrained(os.fspath(path))
 
 
-def tokenize(text: str, tokenizer) -> torch.Tensor:
-    """Token ids of `text` as a 1-D LongTensor, without BOS/EOS or other special tokens.
+@torch.no_grad()
+def model_perplexity(model, tokens: torch.Tensor, *, seq_len: int, batch_size: int = 8, max_tokens: int | None = None,
+                     stride: int | None = None, device: str | torch.device = "auto", dtype: str = "auto",
+                     progress: bool = False) -> dict:
+    """Perplexity of a kvslim ``Transformer`` on a token stream (see :func:`perplexity`).
 
-    Args:
-        text: non-empty string.
-        tokenizer: a directory with tokenizer files (e.g. `smollm2_dir()`), a transformers
-            tokenizer, or a `tokenizers.Tokenizer`.
+    ``dtype`` is the autocast dtype (``auto``: bf16 on CUDA, fp32 on CPU). Returns
+    ``{"ppl", "nll", "tokens"}``.
     """
-    if not isinstance(text, str) or not text:
-        raise ValueError(
-            f"text must be a non-empty str, got {type(text).__name__} of length {len(text) if isinstance(text, str) else '-'}"
-        )
-    if isinstance(tokenizer, (str, os.PathLike)):
-        tokenizer = load_tokenizer(tokenizer)
-    backend = getattr(tokenizer, "backend_tokenizer", tokenizer)  # fast path, no length warnings
-    if hasattr(backend, "encode") and hasattr(backend, "get_vocab_size"):
-        ids = backend.encode(text, add_special_tokens=False).ids
-    elif callable(tokenizer):
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    else:
-        raise TypeError(
-            f"tokenizer must be a path, a transformers tokenizer or a tokenizers.Tokenizer, got {type(tokenizer)}"
-        )
-    return torch.tensor(ids, dtype=torch.long)
+    dev = resolve_device(device)
+    check_vocab(tokens if max_tokens is None else tokens[:max_tokens], model, "evaluation text")
+    was_training = model.training
+    model.eval()
+
+    def logits_fn(x):
+        with autocast(dev, dtype):
+            return model(x.to(dev)).float()
+
+    try:
+        return perplexity(logits_fn, tokens, seq_len=seq_len, batch_size=batch_size, stride=stride,
+                          max_tokens=max_tokens, progress=progress)
+    finally:
+        model.train(was_training)
+
+
+def eval_ppl(*, model, texts, tokenizer=None, seq_len: int = 512, batch_size: int = 4, max_tokens: int | None = None,
+             stride: int | None = None, device: str = "auto", dtype: str = "auto", progress: bool = True) -> list[dict]:
+    """Perplexity of a model (``Transformer`` or kvslim / Hugging Face directory) on several sources.
+
+    A bare corpus name means its held-out part (``moby-dick`` = ``moby-dick:eval``).
+    Returns one ``{"text", "ppl", "nll", "tokens"}`` per source (``kvslim eval ppl``).
+    """
+    from kvslim.eval.tokenizer import has_tokenizer, resolve_tokenizer
+    from kvslim.eval.tokens import load_tokens
+    from kvslim.model import Transformer, load_model
+
+    if isinstance(texts, (str, os.PathLike, torch.Tensor)):
+        texts = [texts]
+    if dtype not in AUTOCAST_DTYPES:
+        raise ValueError(f"dtype must be one of {AUTOCAST_DTYPES}, got {dtype!r}")
+    dev = resolve_device(device)
+    m = load_model(model, what="model", device=dev)
+    if tokenizer is None and not isinstance(model, Transformer) and has_tokenizer(model):
+        tokenizer = os.fspath(model)
+    tok = resolve_tokenizer(tokenizer) if tokenizer is not None else None
+    rows = []
+    for t in texts:
+        ids = load_tokens(t, tokenizer=tok, default_split="eval")
+        r = model_perplexity(m, ids, seq_len=seq_len, batch_size=batch_size, max_tokens=max_tokens, stride=stride,
+                             device=dev, dtype=dtype, progress=progress)
+        rows.append({"text": t if isinstance(t, str) else "tokens", **r})
+    return rows

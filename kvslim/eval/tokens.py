@@ -1,4 +1,4 @@
-"""Token streams for training and evaluation: tokenizers, text sources and token files.
+"""Token streams for training and evaluation: text sources and token files.
 
 A *source* is one of
 
@@ -9,14 +9,7 @@ A *source* is one of
 * a file of token ids: ``.npy`` (a 1-D integer array) or ``.bin`` (raw little-endian
   ``uint16`` ids, nanoGPT's format; ``bin_dtype`` picks another width).
 
-A *tokenizer* is one of
-
-* ``bpe-N``: a byte-level BPE of N tokens trained on the training text (deterministic,
-  seconds on CPU; the default for small models: SmolLM2's 49152-token vocabulary would
-  spend most of a 25M-parameter budget on embeddings);
-* ``smollm2``: the SmolLM2-135M tokenizer built offline by `kvslim.eval.smollm2`;
-* a directory with tokenizer files (a Hugging Face model dir, or one of our checkpoints,
-  which carry their tokenizer) or a ``tokenizer.json`` file.
+Tokenizers are resolved by :mod:`kvslim.eval.tokenizer`.
 """
 
 from __future__ import annotations
@@ -28,22 +21,12 @@ import numpy as np
 import torch
 
 from kvslim.eval.data import CORPORA, load_text
+from kvslim.eval.tokenizer import resolve_tokenizer, tokenize
 
-__all__ = [
-    "TOKEN_SUFFIXES",
-    "has_tokenizer",
-    "load_tokens",
-    "parse_source",
-    "resolve_tokenizer",
-    "save_tokenizer",
-    "save_tokens",
-    "train_bpe",
-    "vocab_size",
-]
+__all__ = ["TOKEN_SUFFIXES", "load_tokens", "parse_source", "save_tokens", "source_text"]
 
 TOKEN_SUFFIXES = (".npy", ".bin")
 BIN_DTYPES = {"uint16": np.uint16, "int32": np.int32, "uint32": np.uint32, "int64": np.int64}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 SPLIT_ALIASES = {"train": "calib", "calib": "calib", "eval": "eval", "val": "eval", "test": "eval"}
 
 
@@ -89,85 +72,6 @@ def source_text(source: str | os.PathLike, *, default_split: str | None = None) 
     return load_text(p)
 
 
-# ------------------------------------------------------------------ tokenizers
-def train_bpe(text: str, vocab: int, *, min_frequency: int = 2):
-    """A byte-level BPE tokenizer of at most `vocab` tokens trained on `text` (GPT-2 style).
-
-    Returns a `transformers.PreTrainedTokenizerFast` (``<|endoftext|>`` is id 0).
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    if not isinstance(vocab, int) or vocab < 257 + 1:
-        raise ValueError(f"BPE vocab size must be an int >= 258 (256 bytes + specials), got {vocab!r}")
-    if not text:
-        raise ValueError("cannot train a BPE tokenizer on empty text")
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab,
-        min_frequency=min_frequency,
-        special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    # Paragraphs as the training iterator: same text -> same merges.
-    tok.train_from_iterator((p for p in text.split("\n\n") if p), trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
-
-
-def has_tokenizer(path: str | os.PathLike) -> bool:
-    p = Path(path)
-    return p.is_dir() and any((p / f).is_file() for f in TOKENIZER_FILES)
-
-
-def resolve_tokenizer(spec: str | os.PathLike | object, *, train_text: str | None = None):
-    """A tokenizer from a name (``bpe-N``, ``smollm2``), a directory or a ``tokenizer.json``.
-
-    Objects that already are tokenizers are returned unchanged. ``bpe-N`` needs `train_text`.
-    """
-    if not isinstance(spec, (str, os.PathLike)):
-        return spec
-    s = os.fspath(spec)
-    if s.startswith("bpe-") and not os.path.exists(s):
-        n = s[4:]
-        if not n.isdigit():
-            raise ValueError(f"tokenizer {s!r}: expected bpe-N with N the vocabulary size, e.g. bpe-8192")
-        if train_text is None:
-            raise ValueError(f"tokenizer {s!r} is trained on the training text, which was not given")
-        return train_bpe(train_text, int(n))
-    if s == "smollm2" and not os.path.exists(s):
-        from kvslim.eval.smollm2 import smollm2_dir
-
-        s = os.fspath(smollm2_dir())
-    p = Path(s)
-    if p.is_file() and p.name.endswith(".json"):
-        from transformers import PreTrainedTokenizerFast
-
-        return PreTrainedTokenizerFast(tokenizer_file=str(p))
-    if p.is_dir():
-        if not has_tokenizer(p):
-            raise ValueError(f"directory {p} has no tokenizer files ({', '.join(TOKENIZER_FILES)})")
-        from kvslim.eval.perplexity import load_tokenizer
-
-        return load_tokenizer(p)
-    raise ValueError(
-        f"tokenizer must be bpe-N, smollm2, a directory with tokenizer files or a tokenizer.json, got {s!r}"
-    )
-
-
-def save_tokenizer(tokenizer, path: str | os.PathLike) -> None:
-    """Write the tokenizer's files into directory `path` (loadable with AutoTokenizer)."""
-    tokenizer.save_pretrained(os.fspath(path))
-
-
-def vocab_size(tokenizer) -> int:
-    """Number of token ids the tokenizer can emit (its full vocabulary, specials included)."""
-    return len(tokenizer)
-
-
-# ---------------------------------------------------------------- token streams
 def load_tokens(
     source: str | os.PathLike | torch.Tensor | np.ndarray,
     *,
@@ -204,8 +108,6 @@ def load_tokens(
     text = source_text(s, default_split=default_split)
     if tokenizer is None:
         raise ValueError(f"text source {s!r} needs a tokenizer")
-    from kvslim.eval.perplexity import tokenize
-
     return tokenize(text, resolve_tokenizer(tokenizer))
 
 

@@ -100,3 +100,17 @@ def decode_tied_ref(
         v = v.repeat_interleave(g, dim=1)
         o[b], lse[b] = _attend(q[b].float(), k, v, softmax_scale, L)
     return o.to(q.dtype), lse
+
+
+def combine_splits_ref(o_part: torch.Tensor, lse_part: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split-KV merge: ``o_part [..., S, d_v]``, ``lse_part [..., S]`` -> ``o [..., d_v]``, ``lse [...]`` (fp32).
+
+    ``lse = logsumexp_s(lse_s)``, ``o = sum_s exp(lse_s - lse) o_s``; a row whose splits are all
+    empty (``-inf``) gets ``o = 0`` and ``lse = -inf``.
+    """
+    lse_part = lse_part.float()
+    lse = torch.logsumexp(lse_part, dim=-1)
+    w = torch.exp(lse_part - lse[..., None].clamp_min(torch.finfo(torch.float32).min))
+    w = torch.where(torch.isfinite(lse)[..., None], w, torch.zeros_like(w))
+    o = (w[..., None] * o_part.float()).sum(-2)
+    return o, lse

@@ -14,8 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kvslim.kernels.combine import launch_decode, round_p, tile_rows
+from kvslim.kernels.blocks import round_p, softmax_update, split_range, store_output, tile_rows
 from kvslim.kernels.heuristics import cdiv, next_pow2, tied_config
+from kvslim.kernels.launch import launch_decode
 
 
 @triton.jit
@@ -95,11 +96,7 @@ def _tied_kernel(
         q_n = q_n.to(tl.float32)
         q_r = q_r.to(tl.float32)
 
-    seq_len = tl.minimum(tl.load(SeqLens + b), max_pages * PAGE)
-    pos = seq_len - Q_LEN + t_q  # [BLOCK_M]
-    chunk = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    start = split * chunk
-    end = tl.minimum(start + chunk, seq_len)
+    pos, start, end = split_range(SeqLens, b, split, max_pages, t_q, PAGE, Q_LEN, NUM_SPLITS, BLOCK_N)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -124,29 +121,13 @@ def _tied_kernel(
         s = s * sm_scale_log2  # [BLOCK_M, BLOCK_N]
         keep = (offs_n[None, :] <= pos[:, None]) & n_ok[None, :]
         s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, m_i, l_i = softmax_update(s, m_i, l_i)  # p [BLOCK_M, BLOCK_N]
         pv = tl.dot(round_p(p, Cache.dtype.element_ty, UPCAST), st, input_precision=DOT_PREC)
         acc = acc * alpha[:, None] + pv
-        m_i = m_new
 
-    has = l_i > 0
-    l_safe = tl.where(has, l_i, 1.0)
-    out = acc / l_safe[:, None]  # [BLOCK_M, BLOCK_DS]
-    lse = tl.where(has, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
-    out_mask = row_ok[:, None] & (col >= 0) & (col < DV)
-    flat = (b * Q_LEN + t_q) * H_Q + head
-    if NUM_SPLITS == 1:
-        o_ptrs = O + b * stride_ob + t_q[:, None] * stride_ot + head[:, None] * stride_oh + col
-        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=out_mask)
-        tl.store(Lse + flat, lse, mask=row_ok)
-    else:
-        prow = flat * NUM_SPLITS + split
-        tl.store(OPart + prow[:, None] * DV + col, out, mask=out_mask)
-        tl.store(LsePart + prow, lse, mask=row_ok)
+    store_output(acc, m_i, l_i, O, Lse, OPart, LsePart, b, t_q, head, split, col,
+                 row_ok[:, None] & (col >= 0) & (col < DV), row_ok, stride_ob, stride_ot, stride_oh, H_Q, Q_LEN, DV,
+                 NUM_SPLITS)
 
 
 def decode_tied_triton(
@@ -179,11 +160,6 @@ def decode_tied_triton(
         ``(o, lse)``.
     """
     B, q_len, h_q, _ = q.shape
-    if q.stride(-1) != 1:
-        q = q.contiguous()
-    if block_table.stride(-1) != 1:
-        block_table = block_table.contiguous()
-    seq_lens = seq_lens.contiguous()
     g = h_q // num_state_heads
     used = max(nope_dim, v_dim)
     cfg = tied_config(

@@ -1,4 +1,9 @@
-"""GQA -> MLA / GLA (TransMLA §4: merged keys, RoRoPE + FreqFold, BKV-PCA; seed 000 GLA).
+"""The shared latent core: GQA -> MLA / GLA (TransMLA §4: merged keys, RoRoPE + FreqFold,
+BKV-PCA; seed 000 §3.3.2 GLA). MLA is the one-latent-head case of the same fit.
+
+GLA: latent head c serves the query heads of KV groups ``c·h_kv/h_c … (c+1)·h_kv/h_c - 1``
+and stores the top ``d_c`` components of their balanced ``[E_j/α_c; V_j]``; one RoPE key of
+``d_R`` is shared by all heads, as in MLA.
 
 Per layer, with source ``q_h = W_q[h] x``, ``k_j = W_k[j] x``, ``v_j = W_v[j] x`` (head h in
 group j = g(h)) and the calibrated input moment ``Σ = E[x̃x̃ᵀ]`` (calib.py):
@@ -36,10 +41,16 @@ import torch
 from tqdm.auto import tqdm
 
 from kvslim.convert.common import aug, balanced_kv, check_grouped_source, new_model, set_linear, top_eigvecs
-from kvslim.convert.rorope import collapse_factor, norm_selection, rorope_rotation
+from kvslim.convert.rorope import (
+    check_freqfold,
+    collapse_factor,
+    effective_keys,
+    norm_selection,
+    rorope_rotation,
+)
 from kvslim.spec import AttentionSpec
 
-__all__ = ["gqa_to_latent", "gqa_to_mla", "max_latent_dim"]
+__all__ = ["check_latent_target", "gqa_to_gla", "gqa_to_latent", "gqa_to_mla", "max_latent_dim"]
 
 METHODS = ("transmla", "mha2mla")
 
@@ -51,9 +62,12 @@ def max_latent_dim(spec: AttentionSpec, latent_heads: int, rope_dim: int) -> int
     return min(G * spec.head_dim, n_k) + G * spec.head_dim
 
 
-def _validate(spec: AttentionSpec, latent_heads, latent_dim, rope_dim, method):
+def check_latent_target(spec: AttentionSpec, latent_heads, latent_dim, rope_dim, method="transmla",
+                        freqfold=None) -> None:
+    """Raise ValueError naming the bad field if ``spec`` (MHA/MQA/GQA) cannot be fit to this latent target."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    collapse_factor(spec.rope_dim, rope_dim)
     for name, v in (("latent_heads", latent_heads), ("latent_dim (kv_lora_rank)", latent_dim)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
@@ -69,6 +83,8 @@ def _validate(spec: AttentionSpec, latent_heads, latent_dim, rope_dim, method):
             f"keys and values span at most {cap} dims (h_kv={spec.num_kv_heads}, d_h={spec.head_dim}, "
             f"d_R={rope_dim}, latent_heads={latent_heads})"
         )
+    if method == "transmla" and freqfold is not None:
+        check_freqfold(spec.rope_dim, rope_dim, freqfold)
 
 
 def layer_rotation(attn, S, spec: AttentionSpec, rope_dim: int, freqfold: int, method: str):
@@ -80,13 +96,6 @@ def layer_rotation(attn, S, spec: AttentionSpec, rope_dim: int, freqfold: int, m
         Wq = aug(attn.q_proj)
         return norm_selection(Sk, Wq @ S @ Wq.T, num_heads=spec.num_heads, **kw)
     return rorope_rotation(Sk, freqfold=freqfold, **kw)
-
-
-def effective_keys(R: torch.Tensor, Wk: torch.Tensor, rope_dim: int, num_kv_heads: int, head_dim: int):
-    """``E_j = R_{nope,j}ᵀ R_nope W_k`` for every group j: ``[h_kv, d_h, D+1]``."""
-    Rn = R[rope_dim:]
-    K_nope = Rn @ Wk
-    return torch.stack([Rn[:, j * head_dim : (j + 1) * head_dim].T @ K_nope for j in range(num_kv_heads)])
 
 
 @torch.no_grad()
@@ -112,7 +121,16 @@ def gqa_to_latent(model, moments: list[torch.Tensor] | None, *, latent_heads: in
         a new ``Transformer`` with kind mla/gla, ``latent_norm=False``.
     """
     spec = check_grouped_source(model)
-    _validate(spec, latent_heads, latent_dim, rope_dim, method)
+    check_latent_target(spec, latent_heads, latent_dim, rope_dim, method, freqfold)
+    return fit_latent(model, moments, latent_heads=latent_heads, latent_dim=latent_dim, rope_dim=rope_dim,
+                      freqfold=freqfold, method=method, balance=balance, progress=progress, stats=stats)
+
+
+@torch.no_grad()
+def fit_latent(model, moments, *, latent_heads: int, latent_dim: int, rope_dim: int, freqfold: int | None = None,
+               method: str = "transmla", balance: bool = True, progress: bool = True, stats: dict | None = None):
+    """The fit of :func:`gqa_to_latent` for a target already checked by :func:`check_latent_target`."""
+    spec = model.spec
     if freqfold is None:
         freqfold = collapse_factor(spec.rope_dim, rope_dim)
     L = model.config.num_layers
@@ -179,4 +197,11 @@ def gqa_to_mla(model, moments, *, kv_lora_rank: int, rope_dim: int = 64, freqfol
                method: str = "transmla", balance: bool = True, progress: bool = True, stats: dict | None = None):
     """GQA -> MLA (TransMLA): one latent of ``kv_lora_rank`` + one shared RoPE key of ``rope_dim``."""
     return gqa_to_latent(model, moments, latent_heads=1, latent_dim=kv_lora_rank, rope_dim=rope_dim,
+                         freqfold=freqfold, method=method, balance=balance, progress=progress, stats=stats)
+
+
+def gqa_to_gla(model, moments, *, latent_heads: int, latent_dim: int, rope_dim: int = 64, freqfold: int | None = None,
+               method: str = "transmla", balance: bool = True, progress: bool = True, stats: dict | None = None):
+    """GQA -> GLA with ``latent_heads`` latents of ``latent_dim`` each (must divide h_kv)."""
+    return gqa_to_latent(model, moments, latent_heads=latent_heads, latent_dim=latent_dim, rope_dim=rope_dim,
                          freqfold=freqfold, method=method, balance=balance, progress=progress, stats=stats)

@@ -1,0 +1,50 @@
+"""``kvslim convert``: MHA->GQA, GQA->MLA (TransMLA), GQA->GLA, GQA->GTA from a checkpoint directory."""
+
+from __future__ import annotations
+
+
+def add(subparsers) -> None:
+    p = subparsers.add_parser(
+        "convert",
+        help="convert a checkpoint to a smaller KV cache: MHA->GQA, GQA->MLA (TransMLA), GLA, GTA",
+        description="Convert an MHA/GQA checkpoint (HF Llama/Mistral/Qwen2 or kvslim) to GQA (mean-pooled KV "
+        "heads), MLA (RoRoPE + FreqFold + BKV-PCA, DeepSeek-V3 format), GLA or GTA (kvslim format), calibrated "
+        "on real text; prints KV bytes/token before and after. See docs/convert.md.",
+    )
+    p.add_argument("--model", required=True, metavar="DIR", help="source checkpoint directory")
+    p.add_argument("--to", required=True, choices=["gqa", "mla", "gla", "gta"], help="target attention")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory (written atomically)")
+    p.add_argument("--format", choices=["deepseek", "hf", "kvslim"],
+                   help="output format (default: deepseek for mla, kvslim otherwise; hf = Llama, gqa only)")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    p.add_argument("--kv-heads", type=int, help="gqa: KV heads after mean-pooling (divides the source's)")
+    p.add_argument("--kv-lora-rank", "--latent-dim", dest="kv_lora_rank", type=int,
+                   help="mla/gla: latent dim d_c (per latent head for gla)")
+    p.add_argument("--latent-heads", type=int, help="gla: latent heads h_c (divides the source's KV heads)")
+    p.add_argument("--rope-dim", type=int, default=64, help="mla/gla: shared RoPE key dim d_R (default 64)")
+    p.add_argument("--freqfold", type=int,
+                   help="mla/gla: adjacent RoPE frequencies per PCA (default: source rotary dims / d_R, e.g. 1)")
+    p.add_argument("--method", choices=["transmla", "mha2mla"], default="transmla",
+                   help="transmla: RoRoPE + BKV-PCA (default); mha2mla: norm-selected partial RoPE + weight SVD")
+    p.add_argument("--calib-samples", type=int, default=32, help="calibration windows (default 32)")
+    p.add_argument("--calib-seq-len", type=int, default=256, help="tokens per calibration window (default 256)")
+    p.add_argument("--calib-text", default="sotu",
+                   help="calibration corpus (its calib split) or a text file (default sotu)")
+    p.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="output weight dtype (default float32)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from kvslim.convert import convert_checkpoint, kv_table
+
+    res = convert_checkpoint(
+        model_dir=args.model, out=args.out, to=args.to, fmt=args.format, force=args.force,
+        kv_heads=args.kv_heads, latent_heads=args.latent_heads, kv_lora_rank=args.kv_lora_rank,
+        rope_dim=args.rope_dim, freqfold=args.freqfold, method=args.method, calib_samples=args.calib_samples,
+        calib_seq_len=args.calib_seq_len, calib_text=args.calib_text, seed=args.seed, dtype=args.dtype,
+    )
+    print(kv_table(res.source, res.target, res.num_layers))
+    print(f"\nwrote {res.out} ({res.seconds:.1f} s)")
+    return 0

@@ -1,0 +1,77 @@
+"""Flags shared by ``generate``, ``serve`` and ``bench serve``, and their one translation to configs.
+
+:func:`configs_from_args` turns the parsed flags into the ``ModelSource``, ``EngineConfig``
+and ``ServerConfig`` objects the engine takes; nothing below the CLI sees ``argparse``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from kvslim.engine.config import EngineConfig, ServerConfig
+from kvslim.engine.source import SHAPES, ModelSource
+from kvslim.runtime import DTYPES
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", metavar="DIR", help="checkpoint dir (kvslim or Hugging Face; tokenizer files used)")
+    g.add_argument("--random-model", metavar="PRESET",
+                   help="random weights with this attention, e.g. gqa-4, gta-4, mla, gla-2 (speed benchmarks)")
+    g.add_argument("--model-shape", choices=sorted(SHAPES), default="small",
+                   help="shape of a --random-model (default small; 1b ~ 1.4B params)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
+    g.add_argument("--tokenizer", metavar="DIR", help="tokenizer dir (default: --model)")
+    g.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available")
+    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on cuda, else float32")
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--num-pages", type=int, help="KV pages per layer pool (default: sized from memory)")
+    g.add_argument("--kv-memory", type=float, metavar="GIB", help="GiB for the KV pool (per rank)")
+    g.add_argument("--mem-util", type=float, default=0.9, help="GPU memory fraction to fill (default 0.9)")
+    g.add_argument("--page-size", type=int, default=16, help="tokens per page (default 16)")
+    g.add_argument("--max-batch", type=int, default=64, help="running sequences at most (default 64)")
+    g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens per step (default 2048)")
+    g.add_argument("--max-model-len", type=int, help="prompt + output limit (default: the model's)")
+    g.add_argument("--no-cuda-graphs", action="store_true", help="run decode eagerly on CUDA")
+    g.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (default 1)")
+
+
+def add_server_args(p: argparse.ArgumentParser, *, network: bool = True) -> None:
+    g = p.add_argument_group("server")
+    if network:
+        g.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+        g.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free port)")
+        g.add_argument("--model-name", help="name reported by the API (default: from --model)")
+        g.add_argument("--dp", type=int, default=1, help="data-parallel engine replicas behind a router (default 1)")
+    g.add_argument("--max-waiting", type=int, default=1024, help="queued requests before 503 (default 1024)")
+    g.add_argument("--engine-in-process", action="store_true",
+                   help="run the engine in a thread of the server process (default: its own process)")
+
+
+def source_from_args(args) -> ModelSource | None:
+    """The model recipe of ``--model`` / ``--random-model`` (None when neither is given)."""
+    if args.model is None and args.random_model is None:
+        return None
+    return ModelSource(path=args.model, preset=args.random_model, shape=args.model_shape, seed=args.seed)
+
+
+def engine_config_from_args(args) -> EngineConfig:
+    if args.dtype is not None and args.dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {args.dtype!r}")
+    return EngineConfig(
+        num_pages=args.num_pages, kv_memory_gib=args.kv_memory, mem_util=args.mem_util, page_size=args.page_size,
+        max_batch=args.max_batch, max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len, cuda_graphs=False if args.no_cuda_graphs else None,
+        device=args.device or "auto", dtype=args.dtype, tp=args.tp,
+    )
+
+
+def server_config_from_args(args) -> ServerConfig:
+    return ServerConfig(
+        host=getattr(args, "host", "127.0.0.1"), port=getattr(args, "port", 0),
+        model_name=getattr(args, "model_name", None), max_waiting=args.max_waiting, dp=getattr(args, "dp", 1),
+        engine_in_process=args.engine_in_process,
+    )

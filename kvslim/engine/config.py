@@ -1,0 +1,155 @@
+"""Engine and server configuration: frozen, validated dataclasses carried everywhere as objects.
+
+``EngineConfig`` goes from the CLI (or a library caller) to :func:`kvslim.engine.build.build_engine`,
+to the engine process, to every tensor-parallel rank and data-parallel replica — pickled,
+never rebuilt from command-line flags (nano-vllm's ``Config`` plays this part). ``ServerConfig``
+holds what only the HTTP front needs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+
+import torch
+
+from kvslim.runtime import DTYPES
+
+#: decode batch sizes captured as CUDA graphs (clipped to ``max_batch``)
+DEFAULT_GRAPH_BATCHES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _int(name: str, v, lo: int = 1, *, optional: bool = False) -> None:
+    if v is None and optional:
+        return
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+
+
+def _num(name: str, v, *, lo: float = 0.0, hi: float = math.inf, optional: bool = False, open_lo=True) -> None:
+    if v is None and optional:
+        return
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if not ok or not ((v > lo if open_lo else v >= lo) and v <= hi):
+        raise ValueError(f"{name} must be a finite number in {'(' if open_lo else '['}{lo}, {hi}], got {v!r}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How one engine (one replica: one or ``tp`` devices) runs.
+
+    Args:
+        num_pages: KV pages per layer pool; else sized from ``kv_memory_gib``, else (CUDA) from
+            free device memory x ``mem_util``.
+        kv_memory_gib: GiB of KV pool per rank.
+        mem_util: fraction of device memory the engine may fill (CUDA).
+        page_size: tokens per page.
+        max_batch: running sequences at most (largest decode batch / CUDA graph).
+        max_num_batched_tokens: tokens fed per step (the chunked-prefill budget).
+        max_model_len: prompt + output limit (default: the model's, capped by the pool).
+        cuda_graphs: capture decode in CUDA graphs (None: on CUDA).
+        graph_batches: decode batch sizes to capture.
+        cache_dtype: KV pool dtype name (None: the model's dtype).
+        seed: seed of the engine RNG for requests without a seed of their own.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        dtype: model dtype name (None: bfloat16 on CUDA, float32 on CPU).
+        tp: tensor-parallel ranks.
+        device_offset: first GPU of this engine (data-parallel replicas use disjoint GPUs).
+    """
+
+    num_pages: int | None = None
+    kv_memory_gib: float | None = None
+    mem_util: float = 0.9
+    page_size: int = 16
+    max_batch: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None
+    cuda_graphs: bool | None = None
+    graph_batches: tuple[int, ...] = DEFAULT_GRAPH_BATCHES
+    cache_dtype: str | None = None
+    seed: int | None = None
+    device: str = "auto"
+    dtype: str | None = None
+    tp: int = 1
+    device_offset: int = 0
+
+    def __post_init__(self) -> None:
+        _int("num_pages", self.num_pages, 2, optional=True)
+        _num("kv_memory_gib", self.kv_memory_gib, optional=True)
+        _num("mem_util", self.mem_util, hi=1.0)
+        _int("page_size", self.page_size)
+        _int("max_batch", self.max_batch)
+        _int("max_num_batched_tokens", self.max_num_batched_tokens)
+        _int("max_model_len", self.max_model_len, optional=True)
+        if self.cuda_graphs not in (None, True, False):
+            raise ValueError(f"cuda_graphs must be None, True or False, got {self.cuda_graphs!r}")
+        batches = tuple(self.graph_batches)
+        for b in batches:
+            _int("graph_batches entries", b)
+        object.__setattr__(self, "graph_batches", batches)
+        for name in ("cache_dtype", "dtype"):
+            v = getattr(self, name)
+            if v is not None and v not in DTYPES:
+                raise ValueError(f"{name} must be one of {sorted(DTYPES)} or None, got {v!r}")
+        _int("seed", self.seed, 0, optional=True)
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
+        _int("tp", self.tp)
+        _int("device_offset", self.device_offset, 0)
+
+    @property
+    def resolved_device(self) -> str:
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.device
+
+    @property
+    def resolved_dtype(self) -> str:
+        return self.dtype or ("bfloat16" if self.resolved_device == "cuda" else "float32")
+
+    @property
+    def kv_memory_bytes(self) -> int | None:
+        return None if self.kv_memory_gib is None else int(self.kv_memory_gib * 2**30)
+
+    def replace(self, **changes) -> EngineConfig:
+        return replace(self, **changes)
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """The HTTP front of ``kvslim serve``.
+
+    Args:
+        host, port: bind address (127.0.0.1 by default; port 0 = any free port).
+        model_name: name reported by the API (default: from the model source).
+        max_waiting: queued requests before new ones get 503.
+        dp: data-parallel engine replicas behind a router.
+        engine_in_process: run the engine in a thread of the server process (default: its own process).
+        request_timeout: seconds a request may take before it is aborted.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    model_name: str | None = None
+    max_waiting: int = 1024
+    dp: int = 1
+    engine_in_process: bool = False
+    request_timeout: float = 600.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.host, str) or not self.host:
+            raise ValueError(f"host must be a non-empty string, got {self.host!r}")
+        _int("port", self.port, 0)
+        if self.port > 65535:
+            raise ValueError(f"port must be <= 65535, got {self.port}")
+        _int("max_waiting", self.max_waiting, 0)
+        _int("dp", self.dp)
+        _num("request_timeout", self.request_timeout)
+
+    def replace(self, **changes) -> ServerConfig:
+        return replace(self, **changes)

@@ -1,0 +1,91 @@
+"""``@triton.jit`` building blocks both decode kernels share (inlined by the compiler).
+
+Paged tile addressing, the online-softmax update, the rounding of P for the PV product,
+and the epilogue that writes ``(o, lse)`` or, with split-KV, the fp32 partials.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def round_p(p, dtype: tl.constexpr, UPCAST: tl.constexpr):
+    """Probabilities in the cache dtype for the PV dot (held in fp32 under UPCAST)."""
+    p = p.to(dtype)
+    if UPCAST:
+        p = p.to(tl.float32)
+    return p
+
+
+@triton.jit
+def tile_rows(Cache, bt_row, n0, offs_n, n_ok, PAGE: tl.constexpr, ROW: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Base pointer and per-row element offsets ``[BLOCK_N]`` of the cache rows of tokens offs_n.
+
+    Tiles start at multiples of BLOCK_N, so when BLOCK_N divides the page size a tile lies in
+    one page: one scalar page id, a 64-bit base and small affine offsets (cheap addresses,
+    few registers). Otherwise each row gathers its own page id (int64 offsets).
+    """
+    if PAGE % BLOCK_N == 0:
+        page = tl.load(bt_row + n0 // PAGE).to(tl.int64)
+        tile = Cache + (page * PAGE + n0 % PAGE) * ROW
+        rows = tl.arange(0, BLOCK_N) * ROW
+    else:
+        page = tl.load(bt_row + offs_n // PAGE, mask=n_ok, other=0)
+        tile = Cache
+        rows = (page.to(tl.int64) * PAGE + offs_n % PAGE) * ROW
+    return tile, rows
+
+
+@triton.jit
+def split_range(SeqLens, b, split, max_pages, t_q, PAGE: tl.constexpr, Q_LEN: tl.constexpr,
+                NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``(pos, start, end)``: each row's absolute query position and this split's token range.
+
+    ``seq_len`` is clamped to the block table's capacity, so a bad length can never read past
+    it (there is no host-side check on the CUDA path). Splits are whole ``BLOCK_N`` tiles.
+    """
+    seq_len = tl.minimum(tl.load(SeqLens + b), max_pages * PAGE)
+    pos = seq_len - Q_LEN + t_q  # [BLOCK_M] absolute position of each new token
+    chunk = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * chunk
+    return pos, start, tl.minimum(start + chunk, seq_len)
+
+
+@triton.jit
+def softmax_update(s, m_i, l_i):
+    """One online-softmax step over scores ``s [BLOCK_M, BLOCK_N]`` (log2 domain, masked with -inf).
+
+    Returns ``(p, alpha, m_new, l_new)``: the tile's probabilities, the rescale of the running
+    accumulator, the new row maxima and the new row sums.
+    """
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
+def store_output(acc, m_i, l_i, O, Lse, OPart, LsePart, b, t_q, head, split, col, out_mask, row_ok,
+                 stride_ob, stride_ot, stride_oh, H_Q: tl.constexpr, Q_LEN: tl.constexpr, DV: tl.constexpr,
+                 NUM_SPLITS: tl.constexpr):
+    """Normalise ``acc`` and write ``o`` / ``lse`` (one split) or the fp32 partials of split ``split``.
+
+    ``col`` is the output column of each accumulator element (broadcast against the rows);
+    rows without any key (an empty split) get o = 0 and lse = -inf.
+    """
+    has = l_i > 0
+    l_safe = tl.where(has, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    lse = tl.where(has, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))  # natural log
+    flat = (b * Q_LEN + t_q) * H_Q + head  # [BLOCK_M] index into [B, q_len, h_q]
+    if NUM_SPLITS == 1:
+        o_ptrs = O + b * stride_ob + t_q[:, None] * stride_ot + head[:, None] * stride_oh + col
+        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=out_mask)
+        tl.store(Lse + flat, lse, mask=row_ok)
+    else:
+        prow = flat * NUM_SPLITS + split
+        tl.store(OPart + prow[:, None] * DV + col, out, mask=out_mask)
+        tl.store(LsePart + prow, lse, mask=row_ok)
