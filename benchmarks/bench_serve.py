@@ -16,6 +16,8 @@ the greedy tokens of ``model.generate`` (fp32 ``tiny`` models). The results (mar
 table, JSON rows, PNG) are rewritten after every row, so a killed run keeps what it did;
 ``--time-budget`` skips work that would not fit instead of being killed.
 
+A variant ``NAME+fp8`` (e.g. ``mla+fp8``) runs that preset over an fp8 KV cache (``kvslim.rows``).
+
     python -m benchmarks.bench_serve --mode engine --variants gqa-4,gta-4,mla,gla-2 \
         --concurrency 64,256 --input-len 2048 --output-len 1024 --max-batch 256 --kv-memory 40 \
         --time-budget 500 --out benchmarks/results
@@ -71,14 +73,22 @@ def parse_metrics(text: str) -> dict[str, float]:
     return out
 
 
+def split_variant(v: str) -> tuple[str, str | None]:
+    """``mla+fp8`` -> ``("mla", "fp8")``: a preset and the KV dtype of its cache (None: the model's)."""
+    preset, _, kv = v.partition("+")
+    return preset, kv or None
+
+
 def check_exact(device: str, variants: list[str]) -> list[str]:
     lines = []
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 97, (n,), generator=g).tolist() for n in (3, 17, 9, 30, 1, 12)]
     for v in variants:
-        m = random_model(v, "tiny", device=device)
-        ref = m.generate(prompts, max_new_tokens=16)
-        eng = LLMEngine(m, EngineConfig(num_pages=64, page_size=4, max_batch=8, max_num_batched_tokens=16))
+        preset, kv = split_variant(v)
+        m = random_model(preset, "tiny", device=device)
+        ref = m.generate(prompts, max_new_tokens=16, kv_dtype=kv)
+        eng = LLMEngine(m, EngineConfig(num_pages=64, page_size=4, max_batch=8, max_num_batched_tokens=16,
+                                        kv_dtype=kv))
         out = eng.generate(prompts, SamplingParams(max_tokens=16), arrival_steps=[0, 0, 2, 3, 5, 9])
         same = sum(a == b for a, b in zip(out, ref))
         lines.append(f"exactness {v}: {same}/{len(ref)} sequences equal model.generate "
@@ -108,11 +118,14 @@ def _num_requests(args, c: int) -> int:
 def engine_rows(args, v: str, bpt: int, device: str, concs: list[int], deadline: float, est: dict, emit) -> None:
     t0 = time.perf_counter()
     dev = "cuda" if device == "cuda" else "cpu"
-    model = ModelSource(preset=v, shape=args.shape, dtype=args.dtype, max_len=max(4096, args.max_model_len)).build(dev)
+    preset, kv = split_variant(v)
+    model = ModelSource(preset=preset, shape=args.shape, dtype=args.dtype,
+                        max_len=max(4096, args.max_model_len)).build(dev)
     t_model = time.perf_counter() - t0
     config = EngineConfig(kv_memory_gib=args.kv_memory, page_size=args.page_size, max_batch=args.max_batch,
                           max_num_batched_tokens=args.max_num_batched_tokens,
-                          max_model_len=args.max_model_len, cuda_graphs=False if args.no_cuda_graphs else None)
+                          max_model_len=args.max_model_len, cuda_graphs=False if args.no_cuda_graphs else None,
+                          kv_dtype=kv)
     engine = LLMEngine(model, config)
     # warm-up outside the measurement: a short closed loop of the same prompts, so the first row does
     # not pay one-time costs (Triton specialisations of short prefill chunks, cuBLAS/SDPA shapes, allocator)
@@ -157,7 +170,9 @@ def http_rows(args, v: str, bpt: int, concs: list[int], deadline: float, est: di
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         pf = os.path.join(tmp, "port")
-        cmd = [sys.executable, "-m", "kvslim", "serve", "--random-model", v, "--model-shape", args.shape,
+        preset, kv = split_variant(v)
+        cmd = [sys.executable, "-m", "kvslim", "serve", "--random-model", preset, "--model-shape", args.shape,
+               "--kv-dtype", kv or "auto",
                "--dtype", args.dtype, "--kv-memory", str(args.kv_memory), "--page-size", str(args.page_size),
                "--max-batch", str(args.max_batch), "--max-num-batched-tokens", str(args.max_num_batched_tokens),
                "--max-model-len", str(args.max_model_len), "--port", "0",
@@ -335,8 +350,9 @@ def main(argv=None) -> None:
     est: dict = {}
     for v in variants:
         sh = SHAPES[args.shape]
-        spec = AttentionSpec.preset(v, num_heads=sh["heads"], head_dim=sh["head_dim"], hidden_size=sh["hidden"])
-        bpt = page_bytes(spec, 1, 1, getattr(torch, args.dtype))
+        preset, kv = split_variant(v)
+        spec = AttentionSpec.preset(preset, num_heads=sh["heads"], head_dim=sh["head_dim"], hidden_size=sh["hidden"])
+        bpt = page_bytes(spec, 1, 1, kv or getattr(torch, args.dtype))
         for mode in modes:
             left = deadline - time.perf_counter()
             setup_guess = est.get((mode, "setup"), 0.0)

@@ -41,10 +41,17 @@ def measure_ceilings():
 
 
 class Problem:
-    """One decode shape: a spec, batch, length, q_len, page size; paged + contiguous views."""
+    """One decode shape: a spec, batch, length, q_len, page size; paged + contiguous views.
 
-    def __init__(self, spec: AttentionSpec, B: int, L: int, q_len: int, page: int, seed: int = 0):
+    ``kv_dtype="fp8"``: the same random rows packed into kvslim's fp8 row (``kvslim.rows``);
+    ``cache`` is then the uint8 pool and ``bytes`` counts its packed rows.
+    """
+
+    def __init__(self, spec: AttentionSpec, B: int, L: int, q_len: int, page: int, seed: int = 0,
+                 kv_dtype: str = "bf16"):
         self.spec, self.B, self.L, self.q_len, self.page = spec, B, L, q_len, page
+        self.fmt = spec.row_format(kv_dtype)
+        self.kw = {"kv_format": self.fmt} if self.fmt.is_fp8 else {}
         torch.manual_seed(seed)
         self.tied = spec.is_tied
         if self.tied:
@@ -68,6 +75,10 @@ class Problem:
         # Contiguous per-sequence storage, paged view with a shuffled block table: the pages
         # of a sequence are scattered, as after a real allocator has run for a while.
         self.cache = torch.randn(n_pages, page, self.row, device="cuda", dtype=DT).mul_(0.5)
+        if self.fmt.is_fp8:
+            from kvslim.rows import quantize_rows
+
+            self.cache = quantize_rows(self.cache, self.fmt)
         perm = torch.randperm(n_pages, device="cuda").to(torch.int32)
         self.block_table = perm.view(B, pages_per_seq).contiguous()
         self.seq_lens = torch.full((B,), L, dtype=torch.int32, device="cuda")
@@ -81,7 +92,7 @@ class Problem:
     @property
     def bytes(self):
         return (
-            self.B * self.L * self.row * 2 + self.q.numel() * 2 + self.B * self.q_len * self.h_q * self.dv * 2
+            self.B * self.L * self.fmt.row_bytes + self.q.numel() * 2 + self.B * self.q_len * self.h_q * self.dv * 2
         )
 
     @property
@@ -103,6 +114,7 @@ class Problem:
                 softmax_scale=self.scale,
                 num_splits=num_splits,
                 config=config,
+                **self.kw,
             )
         return lambda: decode_separate_triton(
             self.q,
@@ -114,6 +126,7 @@ class Problem:
             softmax_scale=self.scale,
             num_splits=num_splits,
             config=config,
+            **self.kw,
         )
 
 
@@ -136,9 +149,10 @@ def check(p: Problem, o) -> str:
             rope_dim=p.rope,
             v_dim=p.dv,
             softmax_scale=p.scale,
+            **p.kw,
         )
     else:
-        ref, _ = decode_separate_ref(*args, num_kv_heads=p.h_kv, head_dim=p.d, softmax_scale=p.scale)
+        ref, _ = decode_separate_ref(*args, num_kv_heads=p.h_kv, head_dim=p.d, softmax_scale=p.scale, **p.kw)
     err = ((o[:n].float() - ref.float()).norm() / ref.float().norm()).item()
     return f"{err:.1e}" + ("" if err < 2e-2 else " FAIL")
 
@@ -147,7 +161,7 @@ def row(kernel, p, t, copy_bw, gemm, note=""):
     tbs = p.bytes / t / 1e12
     tfl = p.flops / t / 1e12
     return dict(
-        variant=p.spec.name,
+        variant=p.spec.name + ("+fp8" if p.fmt.is_fp8 else ""),
         h_q=p.h_q,
         B=p.B,
         L=p.L,

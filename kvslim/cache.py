@@ -1,10 +1,11 @@
 """KV caches: one packed row per token per layer (DESIGN.md §1), stored in pages.
 
-A cache is a list of per-layer pools ``[num_pages, page_size, row_dim]`` plus a block
+A cache is a list of per-layer pools ``[num_pages, page_size, width]`` plus a block
 table ``[B, max_pages]`` (int32) and ``seq_lens [B]`` (int32, tokens cached so far).
 A contiguous cache is just the special case of one page per sequence, so modules,
-kernels and the engine see a single layout. ``row_dim`` comes from the spec, so the
-planner's bytes/token *is* the memory layout.
+kernels and the engine see a single layout. The row comes from the spec through a
+:class:`~kvslim.rows.RowFormat` (``row_dim`` elements of the KV dtype, or the packed fp8 row
+of ``row_bytes`` uint8), so the planner's bytes/token *is* the memory layout.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvslim.rows import RowFormat, dequantize_rows, quantize_rows, roundtrip_rows
 from kvslim.spec import AttentionSpec
 
 
@@ -20,28 +22,54 @@ from kvslim.spec import AttentionSpec
 class LayerCache:
     """What one attention layer sees during a forward: its pool and where to write."""
 
-    pool: torch.Tensor  # [num_pages, page_size, row]
+    pool: torch.Tensor  # [num_pages, page_size, width]
     block_table: torch.Tensor  # [B, max_pages] int32
     start: torch.Tensor  # [B] int32: tokens cached before this forward
     check_bounds: bool = True  # False when the caller already checked capacity (saves a host sync)
+    fmt: RowFormat | None = None  # the packed fp8 row; None: rows of the pool's dtype
 
-    def write(self, rows: torch.Tensor) -> None:
-        """Store ``rows [B, T, row]`` at positions ``start[b] + t``."""
+    @property
+    def is_fp8(self) -> bool:
+        return self.fmt is not None and self.fmt.is_fp8
+
+    def roundtrip(self, rows: torch.Tensor) -> torch.Tensor:
+        """What reading ``rows`` back from this cache gives (fp8: quantized; else cast to the pool dtype)."""
+        if self.is_fp8:
+            return roundtrip_rows(rows, self.fmt)
+        return rows.to(self.pool.dtype).to(rows.dtype)
+
+    def write(self, rows: torch.Tensor, *, impl: str = "auto") -> None:
+        """Store ``rows [B, T, row_dim]`` at positions ``start[b] + t`` (quantized for an fp8 cache).
+
+        ``impl``: ``triton`` (one launch that also quantizes, ``kvslim.kernels.write``; the default
+        on CUDA), ``torch`` (its oracle: ``quantize_rows`` + ``index_copy_``, the default on CPU).
+        """
         B, T, R = rows.shape
-        if self.pool.shape[-1] != R:
-            raise ValueError(f"row width {R} does not match the cache's {self.pool.shape[-1]}")
+        want = self.fmt.row_dim if self.is_fp8 else self.pool.shape[-1]
+        if want != R:
+            raise ValueError(f"row width {R} does not match the cache's {want}")
         page_size = self.pool.shape[1]
-        pos = self.start.long()[:, None] + torch.arange(T, device=rows.device)[None, :]  # [B, T]
-        page_idx = pos // page_size
         capturing = rows.is_cuda and torch.cuda.is_current_stream_capturing()
-        if self.check_bounds and not capturing and int(page_idx.max()) >= self.block_table.shape[1]:
-            raise ValueError(
-                f"cache overflow: position {int(pos.max())} needs more than "
-                f"{self.block_table.shape[1]} pages of {page_size}"
-            )
-        pages = torch.gather(self.block_table.long(), 1, page_idx)
+        if self.check_bounds and not capturing:
+            last = int(self.start.max()) + T - 1
+            if last // page_size >= self.block_table.shape[1]:
+                raise ValueError(
+                    f"cache overflow: position {last} needs more than {self.block_table.shape[1]} pages of {page_size}"
+                )
+        if impl == "triton" or (impl == "auto" and self.pool.is_cuda):
+            from kvslim.kernels.write import write_rows
+
+            write_rows(self.pool, rows, self.block_table, self.start, self.fmt if self.is_fp8 else None)
+            return
+        if impl not in ("auto", "torch"):
+            raise ValueError(f"impl must be auto, triton or torch, got {impl!r}")
+        if self.is_fp8:
+            rows = quantize_rows(rows, self.fmt)
+        pos = self.start.long()[:, None] + torch.arange(T, device=rows.device)[None, :]  # [B, T]
+        pages = torch.gather(self.block_table.long(), 1, pos // page_size)
         flat = (pages * page_size + pos % page_size).reshape(-1)
-        self.pool.view(-1, R).index_copy_(0, flat, rows.reshape(-1, R).to(self.pool.dtype))
+        width = self.pool.shape[-1]
+        self.pool.view(-1, width).index_copy_(0, flat, rows.reshape(-1, width).to(self.pool.dtype))
 
     def gather(self, lengths: torch.Tensor) -> torch.Tensor:
         """Padded rows ``[B, max(lengths), row]`` of every sequence (zeros past its length)."""
@@ -52,6 +80,8 @@ class LayerCache:
         pages = self.block_table.long()[:, (pos // page_size)]  # [B, L]
         flat = pages * page_size + (pos % page_size)[None, :]
         rows = self.pool.view(-1, self.pool.shape[-1])[flat.reshape(-1)].view(B, L, -1)
+        if self.is_fp8:
+            rows = dequantize_rows(rows, self.fmt, torch.float32)
         valid = pos[None, :] < lengths.long()[:, None].to(pos.device)
         return rows * valid[..., None].to(rows.dtype)
 
@@ -67,11 +97,12 @@ class KVCache:
         page_size: tokens per page (default: ``max_len``, i.e. contiguous).
         dtype, device: storage type and place.
         tp_size: tensor-parallel size (rows hold this rank's shard).
+        kv_dtype: ``fp8`` for the packed e4m3 row (``kvslim.rows``); default: rows of ``dtype``.
     """
 
     def __init__(self, spec: AttentionSpec, num_layers: int, *, batch: int, max_len: int,
                  page_size: int | None = None, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu", tp_size: int = 1):
+                 device: torch.device | str = "cpu", tp_size: int = 1, kv_dtype: str | None = None):
         if batch <= 0 or max_len <= 0:
             raise ValueError(f"KVCache needs batch > 0 and max_len > 0, got batch={batch}, max_len={max_len}")
         page_size = max_len if page_size is None else page_size
@@ -82,8 +113,10 @@ class KVCache:
         self.max_len = max_len
         pages_per_seq = -(-max_len // page_size)
         self.row_dim = spec.row_dim_per_rank(tp_size)
+        self.fmt = RowFormat.for_spec(spec, kv_dtype, tp_size) if kv_dtype == "fp8" else None
+        width, store = (self.fmt.row_bytes, torch.uint8) if self.fmt else (self.row_dim, dtype)
         self.pools = [
-            torch.zeros(batch * pages_per_seq, page_size, self.row_dim, dtype=dtype, device=device)
+            torch.zeros(batch * pages_per_seq, page_size, width, dtype=store, device=device)
             for _ in range(num_layers)
         ]
         self.block_table = torch.arange(batch * pages_per_seq, dtype=torch.int32, device=device).view(
@@ -100,7 +133,7 @@ class KVCache:
         return view
 
     def layer(self, i: int, *, check_bounds: bool = True) -> LayerCache:
-        return LayerCache(self.pools[i], self.block_table, self.seq_lens, check_bounds)
+        return LayerCache(self.pools[i], self.block_table, self.seq_lens, check_bounds, self.fmt)
 
     def check_capacity(self, new_tokens: int) -> None:
         """Raise if any sequence cannot take ``new_tokens`` more (one host sync for all layers)."""

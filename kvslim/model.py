@@ -108,14 +108,27 @@ class Transformer(nn.Module):
     def spec(self) -> AttentionSpec:
         return self.config.attention
 
-    def set_attention_options(self, *, absorb: bool | None = None, impl: str | None = None) -> None:
-        """Choose the decode path of every layer: ``absorb`` (MLA/GLA) and kernel ``impl``."""
+    def set_attention_options(self, *, absorb: bool | None = None, impl: str | None = None,
+                              kv_dtype: str | None = None) -> None:
+        """Choose the decode path of every layer: ``absorb`` (MLA/GLA) and kernel ``impl``.
+
+        ``kv_dtype`` (``fp8``, ``bf16`` ...; ``"none"`` to switch off) makes a forward *without* a
+        cache attend to K/V exactly as a cache of that dtype would give them back (quantized and
+        dequantized), so perplexity measures what a decoder serving that cache computes.
+        """
+        fmt = None
+        if kv_dtype is not None and kv_dtype != "none":
+            from kvslim.rows import RowFormat
+
+            fmt = RowFormat.for_spec(self.spec, kv_dtype)
         for layer in self.model.layers:
             attn = layer.self_attn
             if absorb is not None and hasattr(attn, "absorb"):
                 attn.absorb = absorb
             if impl is not None:
                 attn.impl = impl
+            if kv_dtype is not None:
+                attn.kv_roundtrip = fmt
 
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, *,
                 return_hidden: bool = False) -> torch.Tensor:
@@ -142,19 +155,22 @@ class Transformer(nn.Module):
         return x if return_hidden else self.lm_head(x)
 
     def new_cache(self, batch: int, max_len: int, *, page_size: int | None = None,
-                  dtype: torch.dtype | None = None) -> KVCache:
+                  dtype: torch.dtype | None = None, kv_dtype: str | None = None) -> KVCache:
+        """A paged cache for ``batch`` sequences (``kv_dtype="fp8"``: packed e4m3 rows, ``kvslim.rows``)."""
         p = next(self.parameters())
         return KVCache(self.spec, self.config.num_layers, batch=batch, max_len=max_len,
-                       page_size=page_size, dtype=dtype or p.dtype, device=p.device)
+                       page_size=page_size, dtype=dtype or p.dtype, device=p.device, kv_dtype=kv_dtype)
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens: int = 32, *, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
-                 seed: int | None = None, page_size: int | None = None) -> list[list[int]]:
+                 seed: int | None = None, page_size: int | None = None,
+                 kv_dtype: str | None = None) -> list[list[int]]:
         """Continue each prompt (list of token-id lists, ragged allowed) with the KV cache.
 
         Returns the generated ids per prompt (without the prompt), stopping at
-        ``eos_token_id`` (included) or after ``max_new_tokens``.
+        ``eos_token_id`` (included) or after ``max_new_tokens``. ``kv_dtype="fp8"`` caches packed
+        e4m3 rows (the prompt's prefill attends to the same quantized K/V).
         """
         if isinstance(prompts, torch.Tensor):
             prompts = prompts.tolist()
@@ -169,7 +185,7 @@ class Transformer(nn.Module):
         max_len = max(len(p) for p in prompts) + max_new_tokens
         if max_len > self.config.max_position_embeddings:
             raise ValueError(f"prompt + max_new_tokens = {max_len} exceeds max_position_embeddings")
-        cache = self.new_cache(B, max_len, page_size=page_size)
+        cache = self.new_cache(B, max_len, page_size=page_size, kv_dtype=kv_dtype)
         last = []
         for b, p in enumerate(prompts):  # ragged prefill: one sequence at a time
             sub = cache.subset(b)

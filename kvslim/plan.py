@@ -138,7 +138,8 @@ class PlanResult:
     @property
     def ai_per_element(self) -> float:
         act = _act_bytes(self.dtype)
-        elems = self.kv_bytes_layer / DTYPE_BYTES[self.dtype] + self.qo_bytes_layer / act
+        kv_elems = self.batch * self.context * self.elems_per_token_device
+        elems = kv_elems + self.qo_bytes_layer / act
         return self.flops_layer / elems
 
     @property
@@ -188,7 +189,9 @@ def plan(
         q_len: new tokens per sequence per step (1 = plain decode; >1 = speculative/MTP).
         tp: tensor-parallel ranks ``N``; must divide ``h_q`` and be compatible with the
             state heads (``spec.check_tp``).
-        dtype: KV-cache dtype, one of ``bf16, fp16, fp8, fp32``.
+        dtype: KV-cache dtype, one of ``bf16, fp16, fp8, fp32``; ``fp8`` is the packed row of
+            :mod:`kvslim.rows` (e4m3 values, an fp32 scale per token per 128-channel tile, the
+            RoPE key of tied kinds in bf16: MLA 656 B vs 1152 B per token per layer).
         gpu: preset name (``h100, h200, h100-measured``) or a :class:`GPU`.
         num_layers: attention layers of the model.
         weights_bytes: total model weight bytes (all ranks); if given, the step time with
@@ -209,7 +212,7 @@ def plan(
         spec.check_tp(tp)
     except ValueError as e:
         raise ValueError(f"tp={tp} is not valid for {spec.name}: {e}") from None
-    nbytes = dtype_bytes(dtype)
+    dtype_bytes(dtype)
     gpu = get_gpu(gpu)
     _check_int("num_layers", num_layers)
     if weights_bytes is not None and (not isinstance(weights_bytes, (int, float)) or weights_bytes < 0):
@@ -218,10 +221,11 @@ def plan(
         raise ValueError(f"mem_util must be in (0, 1], got {mem_util!r}")
 
     row_dev = spec.row_dim_per_rank(tp)
+    row_bytes_dev = spec.row_format(dtype, tp).row_bytes
     d_qk, d_v = decode_dims(spec)
     heads_dev = spec.num_heads // tp
     flops = 2.0 * batch * q_len * heads_dev * context * (d_qk + d_v)
-    kv_bytes = batch * context * row_dev * nbytes
+    kv_bytes = batch * context * row_bytes_dev
     qo_bytes = batch * q_len * heads_dev * (d_qk + d_v) * _act_bytes(dtype)
     bw, peak = gpu.bandwidth_tbs * 1e12, gpu.tflops * 1e12
     t_layer = max((kv_bytes + qo_bytes) / bw, flops / peak)
@@ -237,10 +241,10 @@ def plan(
             (num_layers * flops + w_flops) / peak,
         )
 
-    per_seq = context * num_layers * row_dev * nbytes
+    per_seq = context * num_layers * row_bytes_dev
     avail = mem_util * gpu.memory_gb * 1e9 - w_dev
     max_seqs = max(0, math.floor(avail / per_seq))
-    max_tokens = max(0, math.floor(avail / (num_layers * row_dev * nbytes)))
+    max_tokens = max(0, math.floor(avail / (num_layers * row_bytes_dev)))
     return PlanResult(
         spec=spec,
         batch=batch,
@@ -254,8 +258,8 @@ def plan(
         mem_util=float(mem_util),
         elems_per_token=spec.row_dim,
         elems_per_token_device=row_dev,
-        bytes_per_token=spec.bytes_per_token(nbytes),
-        bytes_per_token_device=row_dev * nbytes,
+        bytes_per_token=spec.row_format(dtype, 1).row_bytes,
+        bytes_per_token_device=row_bytes_dev,
         duplication=spec.duplication(tp),
         flops_layer=flops,
         kv_bytes_layer=kv_bytes,

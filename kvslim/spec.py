@@ -243,6 +243,13 @@ class AttentionSpec:
     def bytes_per_token(self, dtype_bytes: int = 2) -> int:
         return self.row_dim * dtype_bytes
 
+    def row_format(self, kv_dtype: str = "bf16", tp_size: int = 1):
+        """The cache row of one rank in ``kv_dtype`` (``bf16``/``fp16``/``fp32``/``fp8``): a
+        :class:`kvslim.rows.RowFormat`, whose ``row_bytes`` are the bytes/token/layer/device."""
+        from kvslim.rows import RowFormat
+
+        return RowFormat.for_spec(self, kv_dtype, tp_size)
+
     def duplication(self, tp_size: int) -> int:
         """D = ceil(N / state heads): how many ranks hold a copy of each state head.
 

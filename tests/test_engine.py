@@ -29,26 +29,36 @@ def _prompts(seed=1, vocab=97):
     return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in LENS]
 
 
-@pytest.mark.parametrize("kind", KINDS + ("mha",))
-def test_engine_matches_generate_with_ragged_arrivals(kind):
+@pytest.mark.parametrize("kv_dtype", [None, "fp8"])
+@pytest.mark.parametrize("kind", KINDS + ("mha", "mqa"))
+def test_engine_matches_generate_with_ragged_arrivals(kind, kv_dtype):
+    """Engine == model.generate (greedy), also over a packed fp8 cache (the reference forward
+    then reads the same quantized rows: prefill attends to what decode will read back)."""
     model = tiny_model(tiny_spec(kind))
     prompts = _prompts()
-    ref = model.generate(prompts, max_new_tokens=10)
+    ref = model.generate(prompts, max_new_tokens=10, kv_dtype=kv_dtype)
     # budget 16 < the 30-token prompt: chunked prefill over several steps, mixed with decodes
-    eng = LLMEngine(model, EngineConfig(num_pages=64, page_size=4, max_batch=8, max_num_batched_tokens=16))
+    eng = LLMEngine(model, EngineConfig(num_pages=64, page_size=4, max_batch=8, max_num_batched_tokens=16,
+                                        kv_dtype=kv_dtype))
+    if kv_dtype == "fp8":
+        assert eng.runner.pools[0].dtype == torch.uint8
+        assert eng.runner.pools[0].shape[-1] == model.spec.row_format("fp8").row_bytes
+        assert eng.stats()["kv_dtype"] == "fp8"
     out = eng.generate(prompts, SamplingParams(max_tokens=10), arrival_steps=ARRIVALS)
     assert out == ref
     assert eng.stats()["preemptions"] == 0
     assert eng.allocator.num_free == eng.allocator.num_usable
 
 
-@pytest.mark.parametrize("kind", ("gqa-2", "gla-2", "mla"))
-def test_preemption_by_recompute_keeps_outputs(kind):
+@pytest.mark.parametrize("kind,kv_dtype", [("gqa-2", None), ("gla-2", None), ("mla", None), ("gta-2", "fp8"),
+                                           ("mla", "fp8")])
+def test_preemption_by_recompute_keeps_outputs(kind, kv_dtype):
     model = tiny_model(tiny_spec(kind))
     prompts = _prompts(seed=2)
-    ref = model.generate(prompts, max_new_tokens=12)
+    ref = model.generate(prompts, max_new_tokens=12, kv_dtype=kv_dtype)
     # 11 usable pages x 4 tokens: the 6 sequences (up to 42 tokens) cannot all fit
-    eng = LLMEngine(model, EngineConfig(num_pages=12, page_size=4, max_batch=8, max_num_batched_tokens=16))
+    eng = LLMEngine(model, EngineConfig(num_pages=12, page_size=4, max_batch=8, max_num_batched_tokens=16,
+                                        kv_dtype=kv_dtype))
     out = eng.generate(prompts, SamplingParams(max_tokens=12), arrival_steps=ARRIVALS)
     assert eng.stats()["preemptions"] > 0
     assert out == ref
@@ -145,6 +155,17 @@ def test_allocator_errors():
         a.free(pages[:1])
     with pytest.raises(ValueError):
         BlockAllocator(1, 4)
+
+
+def test_fp8_pool_holds_more_pages_per_byte():
+    """Pool sizing reads the packed row: MLA 656 B vs 1152 B per token per layer."""
+    gib = 2**30
+    spec = AttentionSpec.preset("mla")
+    n16 = num_pages_for_memory(spec, 24, gib, page_size=16, dtype=torch.bfloat16)
+    n8 = num_pages_for_memory(spec, 24, gib, page_size=16, dtype="fp8")
+    assert n8 == gib // (24 * 16 * 656) and n16 == gib // (24 * 16 * 1152)
+    with pytest.raises(ValueError, match="kv dtype"):
+        EngineConfig(num_pages=8, kv_dtype="int4")
 
 
 def test_pool_sizing_follows_bytes_per_token():

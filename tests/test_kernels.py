@@ -315,8 +315,8 @@ def test_offline_compile_reports_resources_and_names_missing_constexprs():
 
     root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
     cx = dict(H_Q=32, H_KV=8, G=4, Q_LEN=1, HEAD_DIM=64, BLOCK_D=64, PAGE=16, ROW=1024, BLOCK_H=4, BLOCK_M=16,
-              BLOCK_N=16, HB_PER_KV=1, NUM_SPLITS=1, STAGES=2, DOT_PREC="tf32", UPCAST=False, num_warps=4,
-              num_stages=2)
+              BLOCK_N=16, HB_PER_KV=1, NUM_SPLITS=1, STAGES=2, DOT_PREC="tf32", UPCAST=False, FP8=False,
+              SCALES=0, TILE=1, F16=True, num_warps=4, num_stages=2)
 
     def run(c):  # its own process: the script compiles real (not interpreted) kernels
         return subprocess.run([sys.executable, "-m", "benchmarks.offline_compile", "separate", json.dumps(c)],
@@ -372,3 +372,150 @@ def test_kernel_outputs_are_nan_poisoned_by_the_fixture():
     q = torch.zeros(2, 1, 4, 8)
     o, lse, o_part, lse_part = launch.alloc_outputs(q, 8, 3)
     assert torch.isnan(o).all() and torch.isnan(o_part).all() and torch.isnan(lse_part).all()
+
+
+def _fp8_cache(B, page, lens, fmt, seed, poison=True):
+    """A packed fp8 paged cache (random rows with outliers), shuffled pages; every byte no sequence
+    owns (spare pages, slots past each length) is 0xFF, i.e. NaN as e4m3 and as an fp32 scale."""
+    from kvslim.rows import quantize_rows
+
+    g = torch.Generator().manual_seed(seed)
+    max_pages = max(-(-n // page) for n in lens) + 1
+    num_pages = B * max_pages + 3
+    rows = torch.randn(num_pages, page, fmt.row_dim, generator=g)
+    rows[..., 0] *= 30  # an outlier channel per token: its tile gets a large scale
+    cache = quantize_rows(rows, fmt)
+    perm = torch.randperm(num_pages, generator=g)[: B * max_pages]
+    bt = perm.reshape(B, max_pages).to(torch.int32)
+    if poison:
+        owned = torch.zeros(num_pages, page, dtype=torch.bool)
+        for b, n in enumerate(lens):
+            for t in range(n):
+                owned[bt[b, t // page], t % page] = True
+        cache[~owned] = 0xFF
+    return cache.to(DEVICE), bt.to(DEVICE), torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+
+
+# (kind, B, q_len, h_q, S, width, page, lens, splits, dtype): width = d_h (separate) or state dim (tied);
+# "gta" is tied with half the state as the key (nope = width / 2) and a RoPE key of width / 2
+FP8_CPU = [
+    ("separate", 3, 1, 6, 2, 32, 16, [5, 70, 33], None, torch.bfloat16),
+    ("separate", 2, 3, 4, 4, 48, 1, [3, 41], 3, torch.float16),  # MHA, d_h 48 (tile 48), page 1
+    ("separate", 2, 2, 5, 1, 64, 64, [2, 90], 2, torch.float32),  # MQA, page > length
+    ("tied", 3, 1, 8, 1, 64, 16, [7, 66, 30], None, torch.bfloat16),  # MLA-like: one latent
+    ("tied", 2, 2, 8, 2, 32, 16, [9, 50], 2, torch.bfloat16),  # GLA-like: 2 latent heads
+    ("gta", 2, 4, 4, 2, 32, 1, [4, 37], 1, torch.float16),  # GTA rows, page 1, q_len 4
+]
+FP8_GPU = [
+    ("separate", 4, 1, 32, 8, 128, 16, [1, 3000, 777, 4096], None, torch.bfloat16),  # GQA-8
+    ("separate", 3, 4, 28, 4, 128, 1, [4, 2049, 1500], 7, torch.float16),
+    ("tied", 4, 1, 16, 1, 512, 64, [5, 4000, 2048, 8192], None, torch.bfloat16),  # MLA h_q=16
+    ("tied", 2, 2, 128, 1, 512, 64, [3000, 900], None, torch.bfloat16),  # MLA h_q=128, q_len 2
+    ("tied", 3, 1, 128, 8, 256, 16, [100, 2500, 4096], None, torch.bfloat16),  # GLA-8 h_q=128, page 16
+    ("tied", 2, 2, 32, 2, 256, 48, [777, 2000], 3, torch.float16),  # GLA-2, page 48
+    ("gta", 3, 1, 32, 8, 128, 16, [1, 1234, 4096], None, torch.bfloat16),  # GTA-8
+]
+
+
+@pytest.mark.parametrize("case", FP8_GPU if GPU else FP8_CPU)
+def test_fp8_cache_matches_reference(case):
+    """Both kernels on packed fp8 rows vs the fp32 oracle on the dequantized rows (kvslim.rows)."""
+    from types import SimpleNamespace
+
+    from kvslim.rows import RowFormat
+
+    kind, B, q_len, h_q, S, width, page, lens, splits, dtype = case
+    seed = zlib.crc32(str(case).encode())
+    g = torch.Generator().manual_seed(seed)
+    if kind == "separate":
+        spec = SimpleNamespace(is_tied=False, head_dim=width, rope_dim=0, row_dim_per_rank=lambda tp: 2 * S * width)
+        fmt = RowFormat.for_spec(spec, "fp8")
+        d_qk, d_v = width, width
+        kw = dict(num_kv_heads=S, head_dim=width, softmax_scale=width**-0.5)
+    else:
+        rope = width // 2 if kind == "gta" else (64 if GPU else 16)
+        nope = width // 2 if kind == "gta" else width
+        spec = SimpleNamespace(is_tied=True, state_dim=width, rope_dim=rope,
+                               row_dim_per_rank=lambda tp: S * width + rope)
+        fmt = RowFormat.for_spec(spec, "fp8")
+        d_qk, d_v = nope + rope, width
+        kw = dict(num_state_heads=S, state_dim=width, nope_dim=nope, rope_dim=rope, v_dim=width,
+                  softmax_scale=(nope + rope) ** -0.5)
+    cache, bt, sl = _fp8_cache(B, page, lens, fmt, seed)
+    q = torch.randn(B, q_len, h_q, d_qk, generator=g).to(dtype).to(DEVICE)
+    fn, ref = (decode_separate, decode_separate_ref) if kind == "separate" else (decode_tied, decode_tied_ref)
+    o, lse = fn(q, cache, bt, sl, num_splits=splits, impl="triton", kv_format=fmt, **kw)
+    ro, rl = ref(q.float(), cache, bt, sl, kv_format=fmt, **kw)
+    # baseline: the same maths in the kernel's precision on the dequantized rows
+    from kvslim.rows import dequantize_rows
+
+    deq = dequantize_rows(cache, fmt, dtype)
+    bo, bl = ref(q, deq, bt, sl, **kw)
+    assert o.shape == (B, q_len, h_q, d_v) and o.dtype == dtype
+    assert_close(o, ro, baseline=bo, atol=ATOL[dtype], msg="fp8 o:")
+    assert_close(lse, rl, baseline=bl, atol=ATOL[dtype], msg="fp8 lse:")
+
+
+def test_fp8_cache_inputs_are_validated():
+    from kvslim.rows import RowFormat
+
+    fmt = RowFormat("fp8", 32 + 16, quant=32, plain=16, tile=32)
+    q = torch.randn(1, 1, 4, 48).bfloat16()
+    bt = torch.zeros(1, 2, dtype=torch.int32)
+    sl = torch.tensor([3], dtype=torch.int32)
+    cache = torch.zeros(2, 4, fmt.row_bytes, dtype=torch.uint8)
+    kw = dict(num_state_heads=1, state_dim=32, nope_dim=32, rope_dim=16, v_dim=32, softmax_scale=0.1)
+    with pytest.raises(TypeError, match="kv_format"):
+        decode_tied(q, cache, bt, sl, **kw)
+    with pytest.raises(ValueError, match="bytes"):
+        decode_tied(q, cache[..., :-2].contiguous(), bt, sl, kv_format=fmt, **kw)
+    with pytest.raises(TypeError, match="uint8"):
+        decode_tied(q, cache.bfloat16(), bt, sl, kv_format=fmt, **kw)
+    with pytest.raises(ValueError, match="tile"):
+        RowFormat("fp8", 48, quant=32, plain=16, tile=24)
+    two = dict(kw, num_state_heads=2, state_dim=16, nope_dim=16, v_dim=16)  # a 32-wide tile crosses heads
+    with pytest.raises(ValueError, match="does not fit"):
+        decode_tied(q[..., :32].contiguous(), cache, bt, sl, kv_format=fmt, **two)
+
+
+@pytest.mark.parametrize("kind,page,dtype", [("fp8-tied", 4, torch.float32), ("fp8-separate", 1, torch.bfloat16),
+                                             ("fp8-tied", 16, torch.float16), ("plain", 4, torch.float32)])
+def test_row_write_kernel_matches_the_torch_write_bit_for_bit(kind, page, dtype):
+    """kernels/write.py (scatter + quantize in one launch) == LayerCache.write's torch path, byte for
+    byte: same e4m3 rounding (half to even), same scales, same bf16 RoPE key; ragged starts."""
+    from types import SimpleNamespace
+
+    from kvslim.cache import LayerCache
+    from kvslim.rows import RowFormat, dequantize_rows
+
+    g = torch.Generator().manual_seed(page)
+    if kind == "fp8-tied":
+        spec = SimpleNamespace(is_tied=True, state_dim=64, rope_dim=16, row_dim_per_rank=lambda tp: 2 * 64 + 16)
+    else:
+        spec = SimpleNamespace(is_tied=False, head_dim=48, rope_dim=0, row_dim_per_rank=lambda tp: 2 * 2 * 48)
+    fmt = RowFormat.for_spec(spec, "fp8") if kind != "plain" else None
+    B, T = 3, 6
+    R = spec.row_dim_per_rank(1)
+    rows = (torch.randn(B, T, R, generator=g) * 4).to(dtype)
+    rows[0, 0, :48] = 0  # an all-zero tile: scale 1
+    rows[1, 2, 5] = 1e4  # an outlier
+    width, store = (fmt.row_bytes, torch.uint8) if fmt else (R, torch.bfloat16)
+    per_seq = -(-(T + 9) // page)
+    pools = [torch.zeros(B * per_seq + 5, page, width, dtype=store) for _ in range(2)]
+    bt = torch.randperm(B * per_seq + 5, generator=g)[: B * per_seq].view(B, per_seq).to(torch.int32)
+    start = torch.tensor([0, 3, 9], dtype=torch.int32)
+    pools, rows, bt, start = [p.to(DEVICE) for p in pools], rows.to(DEVICE), bt.to(DEVICE), start.to(DEVICE)
+    LayerCache(pools[0], bt, start, fmt=fmt).write(rows, impl="torch")
+    LayerCache(pools[1], bt, start, fmt=fmt).write(rows, impl="triton")
+    a, b = pools[0].view(torch.uint8), pools[1].view(torch.uint8)
+    if fmt is not None:  # e4m3 +0 (0x00) and -0 (0x80) are the same value: compare them as equal
+        zero = lambda t: torch.where(t[..., : fmt.quant] == 0x80, torch.zeros_like(t[..., : fmt.quant]),  # noqa: E731
+                                     t[..., : fmt.quant])
+        a, b = torch.cat([zero(a), a[..., fmt.quant :]], -1), torch.cat([zero(b), b[..., fmt.quant :]], -1)
+    if fmt is not None and not torch.equal(a, b):  # name the part of the row that differs
+        where = sorted({("values" if c < fmt.quant else "scales" if c < fmt.plain_offset else "rope/pad")
+                        for c in (a != b).nonzero()[:, -1].tolist()})
+        deq = (dequantize_rows(a, fmt) - dequantize_rows(b, fmt)).abs().max().item()
+        raise AssertionError(f"{(a != b).sum().item()} bytes differ, in {where}; dequantized max diff {deq:.3e}")
+    assert torch.equal(a, b)
+    assert pools[0].view(torch.uint8).any()

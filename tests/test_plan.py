@@ -23,8 +23,24 @@ def test_paper_bytes_per_token(name, tp1, tp2):
 
 
 def test_dtype_scales_bytes():
-    assert plan(P("gta-4"), dtype="fp8", **KW).bytes_per_token_device == 576
     assert plan(P("gta-4"), dtype="fp32", **KW).bytes_per_token_device == 2304
+
+
+@pytest.mark.parametrize("name, tp, fp8, bf16", [
+    ("mla", 1, 656, 1152),  # FlashMLA's row: 512 e4m3 + 4 fp32 scales + 64 bf16 RoPE
+    ("mla", 2, 656, 1152),  # the latent is replicated
+    ("gla-2", 1, 656, 1152),  # 2 x 256 e4m3 + 4 scales + 64 bf16
+    ("gla-2", 2, 400, 640),  # 256 e4m3 + 2 scales + 64 bf16 = 392, padded to 16 B: 400 per rank
+    ("gta-4", 1, 656, 1152),  # 4 x 128 e4m3 + 4 scales + 64 bf16
+    ("gqa-4", 1, 1056, 2048),  # K and V: 1024 e4m3 + 8 scales, no plain part
+    ("gqa-4", 2, 528, 1024),
+])
+def test_fp8_rows_count_scales_and_the_bf16_rope_key(name, tp, fp8, bf16):
+    r8, r16 = plan(P(name), tp=tp, dtype="fp8", **KW), plan(P(name), tp=tp, **KW)
+    assert r8.bytes_per_token_device == fp8 and r16.bytes_per_token_device == bf16
+    assert r8.kv_bytes_layer == KW["batch"] * KW["context"] * fp8
+    assert r8.max_sequences >= r16.max_sequences * (bf16 // fp8)
+    assert P(name).row_format("fp8", tp).row_bytes == fp8  # one description: planner = cache layout
 
 
 @pytest.mark.parametrize(

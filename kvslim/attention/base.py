@@ -22,6 +22,7 @@ from torch import nn
 from kvslim.cache import LayerCache
 from kvslim.kernels import MAX_Q_LEN
 from kvslim.rope import Rotary
+from kvslim.rows import roundtrip_rows
 from kvslim.spec import AttentionSpec
 
 
@@ -36,6 +37,7 @@ class AttentionBase(nn.Module):
         self.rotary = Rotary(spec.rope_dim, spec.rope_theta, spec.rope_scaling) if spec.rope_dim else None
         self.impl = "auto"  # kernel choice for decode: auto | triton | torch
         self.process_group = None  # set to all-reduce the row-parallel output
+        self.kv_roundtrip = None  # a RowFormat: attend to rows as that cache would give them back
 
     def project(self, x, cos, sin):  # pragma: no cover - abstract
         raise NotImplementedError
@@ -56,14 +58,14 @@ class AttentionBase(nn.Module):
         cos, sin = self.rotary(positions) if self.rotary is not None else (None, None)
         q, rows = self.project(x, cos, sin)
         if cache is None:
-            o = self._attend_fresh(q, rows)
+            o = self._attend_fresh(q, rows if self.kv_roundtrip is None else roundtrip_rows(rows, self.kv_roundtrip))
         else:
             cache.write(rows)
             seq_lens = cache.start + T
             if T <= MAX_Q_LEN and self.use_kernel_path():
                 o = self.decode(q, cache, seq_lens)
             elif int(cache.start.max()) == 0:
-                o = self._attend_fresh(q, rows)
+                o = self._attend_fresh(q, cache.roundtrip(rows))  # what the decode steps will read back
             else:
                 o = self._attend_gathered(q, cache, seq_lens)
         out = self.o_proj(o.reshape(B, T, -1))
@@ -73,6 +75,14 @@ class AttentionBase(nn.Module):
 
     def use_kernel_path(self) -> bool:
         return True
+
+    @staticmethod
+    def kernel_inputs(q: torch.Tensor, cache: LayerCache) -> tuple[torch.Tensor, dict]:
+        """q in the dtype the kernel computes in (the pool's, or q's own for a packed fp8 pool) and
+        the ``kv_format`` argument of the kernels."""
+        if cache.is_fp8:
+            return q, {"kv_format": cache.fmt}
+        return q.to(cache.pool.dtype), {}
 
     def _sdpa(self, q, k, v, mask=None, causal=False):
         """q ``[B, T, H, dqk]``, k/v ``[B, L, Hk, d]`` -> ``[B, T, H, dv]`` (Hk divides H)."""

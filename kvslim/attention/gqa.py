@@ -49,10 +49,11 @@ class GroupedQueryAttention(AttentionBase):
         return k, v
 
     def decode(self, q, cache, seq_lens):
+        qk, fmt = self.kernel_inputs(q, cache)
         o, _ = decode_separate(
-            q.to(cache.pool.dtype), cache.pool, cache.block_table, seq_lens,
+            qk, cache.pool, cache.block_table, seq_lens,
             num_kv_heads=self.local.num_kv_heads, head_dim=self.spec.head_dim,
-            softmax_scale=self.spec.softmax_scale, impl=self.impl,
+            softmax_scale=self.spec.softmax_scale, impl=self.impl, **fmt,
         )
         return o.to(q.dtype)
 

@@ -54,10 +54,11 @@ class GroupedTiedAttention(AttentionBase):
 
     def decode(self, q, cache, seq_lens):
         d = self.spec.head_dim
+        qk, fmt = self.kernel_inputs(q, cache)
         o, _ = decode_tied(
-            q.to(cache.pool.dtype), cache.pool, cache.block_table, seq_lens,
+            qk, cache.pool, cache.block_table, seq_lens,
             num_state_heads=self.local.num_kv_heads, state_dim=d, nope_dim=d // 2,
-            rope_dim=d // 2, v_dim=d, softmax_scale=self.spec.softmax_scale, impl=self.impl,
+            rope_dim=d // 2, v_dim=d, softmax_scale=self.spec.softmax_scale, impl=self.impl, **fmt,
         )
         return o.to(q.dtype)
 

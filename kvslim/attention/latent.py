@@ -105,10 +105,11 @@ class LatentAttention(AttentionBase):
         w_uk, w_uv = self._w_ukv()
         q_lat = torch.einsum("bthn,hnc->bthc", q[..., : s.head_dim], w_uk.to(q.dtype))
         q_abs = torch.cat([q_lat, q[..., s.head_dim :]], dim=-1)
+        qk, fmt = self.kernel_inputs(q_abs, cache)
         o_lat, _ = decode_tied(
-            q_abs.to(cache.pool.dtype), cache.pool, cache.block_table, seq_lens,
+            qk, cache.pool, cache.block_table, seq_lens,
             num_state_heads=loc.num_latent_heads, state_dim=s.latent_dim, nope_dim=s.latent_dim,
-            rope_dim=s.rope_dim, v_dim=s.latent_dim, softmax_scale=s.softmax_scale, impl=self.impl,
+            rope_dim=s.rope_dim, v_dim=s.latent_dim, softmax_scale=s.softmax_scale, impl=self.impl, **fmt,
         )
         return torch.einsum("bthc,hvc->bthv", o_lat.to(q.dtype), w_uv.to(q.dtype))
 

@@ -32,6 +32,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-memory", type=float, metavar="GIB", help="GiB for the KV pool (per rank)")
     g.add_argument("--mem-util", type=float, default=0.9, help="GPU memory fraction to fill (default 0.9)")
     g.add_argument("--page-size", type=int, default=16, help="tokens per page (default 16)")
+    g.add_argument("--kv-dtype", choices=["auto", "bf16", "fp16", "fp32", "fp8"], default="auto",
+                   help="KV cache dtype (default auto = the model's; fp8 = e4m3 with a fp32 scale per token "
+                        "per 128-channel tile, RoPE key in bf16: more pages, fewer bytes per step)")
     g.add_argument("--max-batch", type=int, default=64, help="running sequences at most (default 64)")
     g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens per step (default 2048)")
     g.add_argument("--max-model-len", type=int, help="prompt + output limit (default: the model's)")
@@ -65,6 +68,7 @@ def engine_config_from_args(args) -> EngineConfig:
         num_pages=args.num_pages, kv_memory_gib=args.kv_memory, mem_util=args.mem_util, page_size=args.page_size,
         max_batch=args.max_batch, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len, cuda_graphs=False if args.no_cuda_graphs else None,
+        kv_dtype=None if args.kv_dtype == "auto" else args.kv_dtype,
         device=args.device or "auto", dtype=args.dtype, tp=args.tp,
     )
 

@@ -25,7 +25,8 @@ def add(subparsers) -> None:
     p.add_argument("--context", type=int, default=8192, help="KV length per sequence (default 8192)")
     p.add_argument("--q-len", type=int, default=1, help="new tokens per sequence per step (default 1)")
     p.add_argument("--tp", type=int_list, default=[1], help="tensor-parallel size(s), e.g. 2 or 1,2")
-    p.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="bf16", help="KV-cache dtype")
+    p.add_argument("--kv-dtype", "--dtype", dest="dtype", choices=sorted(DTYPE_BYTES), default="bf16",
+                   help="KV-cache dtype (fp8: e4m3 with fp32 scales per 128-channel tile, RoPE key in bf16)")
     p.add_argument(
         "--gpu",
         choices=sorted(GPUS) + ["custom"],

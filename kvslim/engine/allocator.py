@@ -15,6 +15,7 @@ from collections import deque
 
 import torch
 
+from kvslim.rows import RowFormat, kv_dtype_name
 from kvslim.spec import AttentionSpec
 
 SCRATCH_PAGES = 1
@@ -77,13 +78,14 @@ class BlockAllocator:
             self._free.append(p)
 
 
-def cache_dtype_bytes(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+def page_bytes(spec: AttentionSpec, num_layers: int, page_size: int, dtype: torch.dtype | str,
+               tp_size: int = 1) -> int:
+    """Bytes one page takes over all layers on one rank (the planner's bytes/token x page).
 
-
-def page_bytes(spec: AttentionSpec, num_layers: int, page_size: int, dtype: torch.dtype, tp_size: int = 1) -> int:
-    """Bytes one page takes over all layers on one rank (the planner's bytes/token x page)."""
-    return num_layers * page_size * spec.row_dim_per_rank(tp_size) * cache_dtype_bytes(dtype)
+    ``dtype``: the KV dtype (a torch dtype, or a name including ``fp8``, whose packed row with
+    its scales is :class:`kvslim.rows.RowFormat`).
+    """
+    return num_layers * page_size * RowFormat.for_spec(spec, kv_dtype_name(dtype), tp_size).row_bytes
 
 
 def num_pages_for_memory(spec: AttentionSpec, num_layers: int, memory_bytes: int, *, page_size: int,

@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
+from kvslim.rows import kv_dtype_name
 from kvslim.runtime import DTYPES
 
 #: decode batch sizes captured as CUDA graphs (clipped to ``max_batch``)
@@ -50,7 +51,8 @@ class EngineConfig:
         max_model_len: prompt + output limit (default: the model's, capped by the pool).
         cuda_graphs: capture decode in CUDA graphs (None: on CUDA).
         graph_batches: decode batch sizes to capture.
-        cache_dtype: KV pool dtype name (None: the model's dtype).
+        kv_dtype: KV cache dtype: ``bf16``, ``fp16``, ``fp32`` or ``fp8`` (packed e4m3 rows with
+            per-token tile scales, ``kvslim.rows``); None: the model's dtype.
         seed: seed of the engine RNG for requests without a seed of their own.
         device: ``auto``, ``cpu`` or ``cuda``.
         dtype: model dtype name (None: bfloat16 on CUDA, float32 on CPU).
@@ -67,7 +69,7 @@ class EngineConfig:
     max_model_len: int | None = None
     cuda_graphs: bool | None = None
     graph_batches: tuple[int, ...] = DEFAULT_GRAPH_BATCHES
-    cache_dtype: str | None = None
+    kv_dtype: str | None = None
     seed: int | None = None
     device: str = "auto"
     dtype: str | None = None
@@ -88,10 +90,10 @@ class EngineConfig:
         for b in batches:
             _int("graph_batches entries", b)
         object.__setattr__(self, "graph_batches", batches)
-        for name in ("cache_dtype", "dtype"):
-            v = getattr(self, name)
-            if v is not None and v not in DTYPES:
-                raise ValueError(f"{name} must be one of {sorted(DTYPES)} or None, got {v!r}")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)} or None, got {self.dtype!r}")
+        if self.kv_dtype is not None:
+            object.__setattr__(self, "kv_dtype", kv_dtype_name(self.kv_dtype))
         _int("seed", self.seed, 0, optional=True)
         if self.device not in DEVICES:
             raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")

@@ -20,7 +20,7 @@ from kvslim.engine.allocator import BlockAllocator, free_device_memory, num_page
 from kvslim.engine.config import EngineConfig
 from kvslim.engine.runner import ModelRunner
 from kvslim.engine.scheduler import FINISHED, SamplingParams, Scheduler, Sequence
-from kvslim.runtime import parse_dtype
+from kvslim.rows import RowFormat, kv_dtype_name
 from kvslim.sampling import sample
 
 Listener = Callable[[Sequence, "int | None"], None]
@@ -64,16 +64,16 @@ class LLMEngine:
         self.config = model.config
         p = next(model.parameters())
         self.device = p.device
-        cache_dtype = parse_dtype(config.cache_dtype) if config.cache_dtype else p.dtype
         tp_size = tp.size if tp is not None else 1
         spec = self.config.attention
+        self.kv_format = RowFormat.for_spec(spec, config.kv_dtype or kv_dtype_name(p.dtype), tp_size)
         num_pages, page_size = config.num_pages, config.page_size
         if num_pages is None:
             kv_memory = config.kv_memory_bytes
             if kv_memory is None:
                 kv_memory = free_device_memory(self.device, config.mem_util)
             num_pages = num_pages_for_memory(spec, self.config.num_layers, kv_memory, page_size=page_size,
-                                             dtype=cache_dtype, tp_size=tp_size)
+                                             dtype=self.kv_format.kv_dtype, tp_size=tp_size)
         self.allocator = BlockAllocator(num_pages, page_size)
         limit = self.allocator.num_usable * page_size
         self.max_model_len = min(config.max_model_len or self.config.max_position_embeddings, limit)
@@ -83,7 +83,8 @@ class LLMEngine:
         self.tp = tp
         runner_kw = dict(num_pages=num_pages, page_size=page_size,
                          max_pages_per_seq=self.allocator.pages_for(self.max_model_len), max_batch=config.max_batch,
-                         cache_dtype=cache_dtype, cuda_graphs=config.cuda_graphs, graph_batches=config.graph_batches)
+                         kv_format=self.kv_format, cuda_graphs=config.cuda_graphs,
+                         graph_batches=config.graph_batches)
         if tp is not None:
             tp.send("init", runner_kw)
         self.runner = ModelRunner(model, **runner_kw)
@@ -239,7 +240,9 @@ class LLMEngine:
         a, s = self.allocator, self.scheduler
         return dict(num_pages=a.num_usable, free_pages=a.num_free, page_size=a.page_size,
                     running=len(s.running), waiting=len(s.waiting), preemptions=s.num_preemptions,
-                    max_model_len=self.max_model_len, cuda_graphs=self.runner.use_graphs, **self.counters)
+                    max_model_len=self.max_model_len, cuda_graphs=self.runner.use_graphs,
+                    kv_dtype=self.kv_format.kv_dtype, kv_bytes_per_token=self.kv_format.row_bytes * self.config.num_layers,
+                    **self.counters)
 
 
 __all__ = ["LLMEngine", "SamplingParams", "Sequence", "FINISHED", "validate_request"]

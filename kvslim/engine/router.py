@@ -82,7 +82,9 @@ class _RouterHandler(BaseHTTPRequestHandler):
                     for line in self._fetch(i, "/metrics")[1].decode().splitlines():
                         if line and not line.startswith("#"):
                             name, val = line.split()
-                            out.append(f'{name}{{replica="{i}"}} {val}')
+                            base, _, labels = name.partition("{")
+                            labels = f'replica="{i}",{labels}' if labels else f'replica="{i}"}}'
+                            out.append(f"{base}{{{labels} {val}")
                 self._reply(200, ("\n".join(out) + "\n").encode(), "text/plain; version=0.0.4")
             else:
                 status, body = self._fetch(0, self.path)

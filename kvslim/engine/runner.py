@@ -37,6 +37,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from kvslim.cache import LayerCache
 from kvslim.engine.allocator import SCRATCH_PAGES
 from kvslim.engine.config import DEFAULT_GRAPH_BATCHES
+from kvslim.rows import RowFormat, kv_dtype_name
 
 # Prefill attention backends: not cuDNN, which builds (~2 ms of host time) an execution plan for
 # every new (chunk length, cached length) shape, i.e. for almost every prefill forward.
@@ -50,24 +51,29 @@ class ModelRunner:
         num_pages, page_size: pool shape (same on every layer and rank).
         max_pages_per_seq: width of the decode block table (= max_model_len / page_size).
         max_batch: largest decode batch.
-        cache_dtype: pool dtype (default: the model's).
+        kv_format: the cache row (``kvslim.rows.RowFormat``; default: rows of the model's dtype).
         cuda_graphs: capture decode graphs (CUDA only; ``None`` = on CUDA).
         graph_batches: batch sizes to capture (clipped to ``max_batch``).
     """
 
     def __init__(self, model, *, num_pages: int, page_size: int, max_pages_per_seq: int, max_batch: int,
-                 cache_dtype: torch.dtype | None = None, cuda_graphs: bool | None = None,
+                 kv_format: RowFormat | None = None, cuda_graphs: bool | None = None,
                  graph_batches=DEFAULT_GRAPH_BATCHES):
         self.model = model
         p = next(model.parameters())
-        self.device, self.dtype = p.device, cache_dtype or p.dtype
+        self.device = p.device
         self.page_size = page_size
         self.max_pages_per_seq = max_pages_per_seq
         self.max_batch = max_batch
         spec = model.model.layers[0].self_attn.local
         self.row_dim = spec.row_dim
+        fmt = kv_format or RowFormat(kv_dtype_name(p.dtype), self.row_dim)
+        if fmt.row_dim != self.row_dim:
+            raise ValueError(f"kv_format rows have {fmt.row_dim} elements, this rank's attention {self.row_dim}")
+        self.kv_format = fmt
+        self.layer_fmt = fmt if fmt.is_fp8 else None
         self.pools = [
-            torch.zeros(num_pages, page_size, self.row_dim, dtype=self.dtype, device=self.device)
+            torch.zeros(num_pages, page_size, fmt.storage_width, dtype=fmt.storage_dtype, device=self.device)
             for _ in model.model.layers
         ]
         if cuda_graphs is None:
@@ -101,7 +107,7 @@ class ModelRunner:
         positions = start.long()[:, None] + torch.arange(T, device=tokens.device)[None, :]
         x = m.model.embed_tokens(tokens)
         for layer, pool in zip(m.model.layers, self.pools):
-            x = layer(x, positions, LayerCache(pool, block_table, start, check_bounds=False))
+            x = layer(x, positions, LayerCache(pool, block_table, start, check_bounds=False, fmt=self.layer_fmt))
         x = m.model.norm(x[:, -1:])
         return m.lm_head(x)[:, 0].float()
 

@@ -50,7 +50,8 @@ def serve(*, source: ModelSource, engine: EngineConfig, server: ServerConfig, to
     try:
         s = srv.loop.stats()
         print(f"kvslim serve: {srv.url} | model {srv.model_name} | {s['num_pages']} pages x "
-              f"{s['page_size']} tokens | max_model_len {s['max_model_len']} | tp {engine.tp} | "
+              f"{s['page_size']} tokens | kv {s['kv_dtype']} ({s['kv_bytes_per_token']} B/token) | "
+              f"max_model_len {s['max_model_len']} | tp {engine.tp} | "
               f"cuda graphs {s['cuda_graphs']} | engine {'thread' if server.engine_in_process else 'process'}",
               flush=True)
         if on_ready is not None:

@@ -195,6 +195,8 @@ class Server:
             ("kvslim_kv_pages_total", "gauge", s["num_pages"]),
             ("kvslim_kv_pages_free", "gauge", s["free_pages"]),
             ("kvslim_kv_cache_usage_ratio", "gauge", used / max(1, s["num_pages"])),
+            (f'kvslim_kv_cache_info{{kv_dtype="{s.get("kv_dtype", "?")}"}}', "gauge", 1),
+            ("kvslim_kv_cache_bytes_per_token", "gauge", s.get("kv_bytes_per_token", 0)),
             ("kvslim_preemptions_total", "counter", s["preemptions"]),
             ("kvslim_prompt_tokens_total", "counter", s["prompt_tokens"]),
             ("kvslim_generation_tokens_total", "counter", s["generation_tokens"]),
@@ -210,7 +212,7 @@ class Server:
             ("kvslim_e2e_request_latency_seconds_sum", "counter", c["e2e_sum"]),
             ("kvslim_e2e_request_latency_seconds_count", "counter", c["e2e_count"]),
         ]
-        return "".join(f"# TYPE {n} {t}\n{n} {v}\n" for n, t, v in rows)
+        return "".join(f"# TYPE {n.partition('{')[0]} {t}\n{n} {v}\n" for n, t, v in rows)
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -6,7 +6,9 @@ Two entry points cover all six variants (DESIGN.md §1):
 * :func:`decode_tied` — GTA / absorbed MLA / absorbed GLA, row ``[state heads | rope key]``.
 
 ``impl="auto"`` runs the Triton kernel on CUDA tensors and the torch reference
-elsewhere; an explicit ``impl`` never falls back silently.
+elsewhere; an explicit ``impl`` never falls back silently. Both take the packed fp8 row of
+:mod:`kvslim.rows` (a uint8 cache plus its ``kv_format``): values are dequantized on load
+and everything after is the same fp32-accumulated attention.
 """
 
 from __future__ import annotations
@@ -14,12 +16,13 @@ from __future__ import annotations
 import torch
 
 from kvslim.kernels.reference import decode_separate_ref, decode_tied_ref
+from kvslim.rows import RowFormat
 
 IMPLS = ("auto", "triton", "torch")
 MAX_Q_LEN = 8
 
 
-def _check_common(q, cache, block_table, seq_lens, row_dim, q_dim, impl):
+def _check_common(q, cache, block_table, seq_lens, row_dim, q_dim, impl, kv_format=None):
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if not isinstance(q, torch.Tensor) or q.dim() != 4:
@@ -31,11 +34,23 @@ def _check_common(q, cache, block_table, seq_lens, row_dim, q_dim, impl):
         raise ValueError(f"q_len must be in [1, {MAX_Q_LEN}], got {q_len}")
     if cache.dim() != 3:
         raise ValueError(f"cache must be [num_pages, page_size, row], got shape {tuple(cache.shape)}")
-    if cache.shape[-1] != row_dim:
+    fp8 = kv_format is not None and kv_format.is_fp8
+    if kv_format is not None and not isinstance(kv_format, RowFormat):
+        raise TypeError(f"kv_format must be a kvslim.rows.RowFormat, got {type(kv_format).__name__}")
+    if fp8:
+        if cache.dtype != torch.uint8:
+            raise TypeError(f"an fp8 cache holds packed uint8 rows, got dtype {cache.dtype}")
+        if kv_format.row_dim != row_dim:
+            raise ValueError(f"kv_format holds rows of {kv_format.row_dim} elements, the attention needs {row_dim}")
+        if cache.shape[-1] != kv_format.row_bytes:
+            raise ValueError(f"fp8 cache rows must be {kv_format.row_bytes} bytes, got {cache.shape[-1]}")
+    elif cache.dtype == torch.uint8:
+        raise TypeError("a uint8 cache is a packed fp8 cache: pass its kv_format (kvslim.rows.RowFormat)")
+    elif cache.shape[-1] != row_dim:
         raise ValueError(f"cache row width must be {row_dim}, got {cache.shape[-1]}")
     if not cache.is_contiguous():
         raise ValueError("cache must be contiguous")
-    if cache.dtype != q.dtype:
+    if not fp8 and cache.dtype != q.dtype:
         raise TypeError(f"cache dtype {cache.dtype} must match q dtype {q.dtype}")
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"q dtype must be float16, bfloat16 or float32, got {q.dtype}")
@@ -77,6 +92,7 @@ def decode_separate(
     softmax_scale: float | None = None,
     num_splits: int | None = None,
     impl: str = "auto",
+    kv_format: RowFormat | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode attention for MHA/MQA/GQA over a paged cache.
 
@@ -90,17 +106,23 @@ def decode_separate(
         softmax_scale: default ``1/sqrt(d_h)``.
         num_splits: split-KV partitions (None = heuristic).
         impl: ``auto``, ``triton`` or ``torch``.
+        kv_format: for a packed fp8 cache (uint8 ``[num_pages, page_size, row_bytes]``), its
+            ``RowFormat``; None for a cache of q's dtype.
 
     Returns:
         ``o [B, q_len, h_q, d_h]`` in q's dtype and ``lse [B, q_len, h_q]`` fp32.
     """
     if q.dim() == 4 and q.shape[2] % num_kv_heads:
         raise ValueError(f"num_kv_heads={num_kv_heads} must divide h_q={q.shape[2]}")
-    which = _check_common(q, cache, block_table, seq_lens, 2 * num_kv_heads * head_dim, head_dim, impl)
+    which = _check_common(q, cache, block_table, seq_lens, 2 * num_kv_heads * head_dim, head_dim, impl,
+                          kv_format)
+    if kv_format is not None and kv_format.is_fp8 and (kv_format.plain or head_dim % kv_format.tile):
+        raise ValueError(f"kv_format {kv_format.describe()} does not fit K/V heads of {head_dim}")
     scale = head_dim**-0.5 if softmax_scale is None else softmax_scale
     if which == "torch":
         return decode_separate_ref(
-            q, cache, block_table, seq_lens, num_kv_heads=num_kv_heads, head_dim=head_dim, softmax_scale=scale
+            q, cache, block_table, seq_lens, num_kv_heads=num_kv_heads, head_dim=head_dim, softmax_scale=scale,
+            kv_format=kv_format,
         )
     from kvslim.kernels.separate import decode_separate_triton
 
@@ -113,6 +135,7 @@ def decode_separate(
         head_dim=head_dim,
         softmax_scale=scale,
         num_splits=num_splits,
+        kv_format=kv_format,
     )
 
 
@@ -130,6 +153,7 @@ def decode_tied(
     softmax_scale: float,
     num_splits: int | None = None,
     impl: str = "auto",
+    kv_format: RowFormat | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode attention for GTA and absorbed MLA/GLA over a paged tied-state cache.
 
@@ -143,6 +167,7 @@ def decode_tied(
         rope_dim: shared RoPE key width ``d_R``.
         v_dim: value dims read from the state (GTA: d_h, MLA/GLA: d_c).
         softmax_scale: scale of the original q.k (e.g. ``1/sqrt(d_nope + d_R)`` for MLA).
+        kv_format: for a packed fp8 cache, its ``RowFormat`` (states e4m3, RoPE key bf16).
 
     Returns:
         ``o [B, q_len, h_q, v_dim]`` in q's dtype and ``lse [B, q_len, h_q]`` fp32.
@@ -152,7 +177,10 @@ def decode_tied(
     if nope_dim > state_dim or v_dim > state_dim:
         raise ValueError(f"nope_dim={nope_dim} and v_dim={v_dim} must be <= state_dim={state_dim}")
     row = num_state_heads * state_dim + rope_dim
-    which = _check_common(q, cache, block_table, seq_lens, row, nope_dim + rope_dim, impl)
+    which = _check_common(q, cache, block_table, seq_lens, row, nope_dim + rope_dim, impl, kv_format)
+    if kv_format is not None and kv_format.is_fp8 and (kv_format.plain != rope_dim or state_dim % kv_format.tile):
+        raise ValueError(f"kv_format {kv_format.describe()} does not fit {num_state_heads} state heads of "
+                         f"{state_dim} + a RoPE key of {rope_dim}")
     kw = dict(
         num_state_heads=num_state_heads,
         state_dim=state_dim,
@@ -160,6 +188,7 @@ def decode_tied(
         rope_dim=rope_dim,
         v_dim=v_dim,
         softmax_scale=softmax_scale,
+        kv_format=kv_format,
     )
     if which == "torch":
         return decode_tied_ref(q, cache, block_table, seq_lens, **kw)

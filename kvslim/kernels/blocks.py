@@ -1,7 +1,8 @@
 """``@triton.jit`` building blocks both decode kernels share (inlined by the compiler).
 
-Paged tile addressing, the online-softmax update, the rounding of P for the PV product,
-and the epilogue that writes ``(o, lse)`` or, with split-KV, the fp32 partials.
+Paged tile addressing, the loads of cache elements (with the fp8 row's dequantization,
+``kvslim.rows``), the online-softmax update, the rounding of P for the PV product, and the
+epilogue that writes ``(o, lse)`` or, with split-KV, the fp32 partials.
 """
 
 from __future__ import annotations
@@ -36,6 +37,82 @@ def tile_rows(Cache, bt_row, n0, offs_n, n_ok, PAGE: tl.constexpr, ROW: tl.const
         tile = Cache
         rows = (page.to(tl.int64) * PAGE + offs_n % PAGE) * ROW
     return tile, rows
+
+
+@triton.jit
+def load_elements(tile, rows, col, mask, n_ok, t0, t_ok, dtype: tl.constexpr, FP8: tl.constexpr,
+                  SCALES: tl.constexpr, TILE: tl.constexpr, NTB: tl.constexpr, UPCAST: tl.constexpr):
+    """Elements ``[BLOCK_N, C]`` at columns ``col [C]`` of the rows, in the dot dtype.
+
+    A plain cache holds them in its own dtype (= the query's). An fp8 row holds e4m3 values at
+    byte ``col`` and one fp32 scale per ``TILE`` columns after them (byte ``SCALES``): the ``NTB``
+    scales of tiles ``t0 … t0+NTB-1`` (``t_ok``: which exist) are loaded once per row, broadcast
+    over their tile (``C = NTB * TILE``, a power-of-two ``TILE``; otherwise one scale load per
+    element), multiplied in fp32 and rounded to ``dtype``. Pointers are cast once, at the tile's
+    base, so the loads stay contiguous and vectorised. Under the interpreter (``UPCAST``) values
+    stay fp32.
+    """
+    if FP8:
+        x = tl.load(tile.to(tl.pointer_type(tl.float8e4nv)) + rows[:, None] + col[None, :], mask=mask, other=0.0)
+        x = x.to(tl.float32)
+        if (TILE & (TILE - 1)) == 0:
+            sp = (tile + SCALES).to(tl.pointer_type(tl.float32)) + rows[:, None] // 4 + (t0 + tl.arange(0, NTB))[None, :]
+            sc = tl.load(sp, mask=n_ok[:, None] & t_ok[None, :], other=0.0)  # [BLOCK_N, NTB]
+            if NTB == 1:
+                x = x * sc
+            else:
+                x = tl.reshape(tl.reshape(x, (x.shape[0], NTB, TILE)) * sc[:, :, None], (x.shape[0], NTB * TILE))
+        else:
+            sp = (tile + SCALES).to(tl.pointer_type(tl.float32)) + rows[:, None] // 4 + (col // TILE)[None, :]
+            x = x * tl.load(sp, mask=mask, other=0.0)
+        if not UPCAST:
+            x = x.to(dtype)
+    else:
+        x = tl.load(tile + rows[:, None] + col[None, :], mask=mask, other=0.0)
+        if UPCAST:
+            x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def load_fp8(tile, rows, col, mask, dtype: tl.constexpr, UPCAST: tl.constexpr):
+    """Raw e4m3 values ``[BLOCK_N, C]`` of an fp8 row (bytes ``col``), converted to the dot dtype, unscaled:
+    the fast paths apply the per-token tile scales to scores and probabilities instead."""
+    x = tl.load(tile.to(tl.pointer_type(tl.float8e4nv)) + rows[:, None] + col[None, :], mask=mask, other=0.0)
+    if UPCAST:
+        return x.to(tl.float32)
+    return x.to(dtype)
+
+
+@triton.jit
+def load_row_scale(tile, rows, n_ok, t, SCALES: tl.constexpr):
+    """The fp32 scale of tile ``t`` of every row: ``[BLOCK_N]`` (0 for rows past the end)."""
+    return tl.load((tile + SCALES).to(tl.pointer_type(tl.float32)) + rows // 4 + t, mask=n_ok, other=0.0)
+
+
+@triton.jit
+def fp8_state_tile(tile, rows, n_ok, c0, t: tl.constexpr, s_t0, TILE: tl.constexpr, USED: tl.constexpr,
+                   SCALES: tl.constexpr, ddt: tl.constexpr, UPCAST: tl.constexpr):
+    """Scale tile ``t`` of a program's state columns (starting at byte ``c0``): raw values
+    ``[BLOCK_N, TILE]`` in ``ddt`` and their per-token scale ``[BLOCK_N]``."""
+    offs = t * TILE + tl.arange(0, TILE)
+    st = load_fp8(tile, rows, c0 + offs, n_ok[:, None] & (offs < USED)[None, :], ddt, UPCAST)
+    return st, load_row_scale(tile, rows, n_ok, s_t0 + t, SCALES)
+
+
+@triton.jit
+def load_plain(tile, rows, col, mask, dtype: tl.constexpr, FP8: tl.constexpr, PLAIN: tl.constexpr,
+               UPCAST: tl.constexpr):
+    """The unquantized elements (the shared RoPE key) ``[BLOCK_N, C]``: of the cache's dtype at element
+    ``col``, or bf16 from byte ``PLAIN`` of an fp8 row; in the dot dtype."""
+    if FP8:
+        x = tl.load((tile + PLAIN).to(tl.pointer_type(tl.bfloat16)) + rows[:, None] // 2 + col[None, :],
+                    mask=mask, other=0.0)
+    else:
+        x = tl.load(tile + rows[:, None] + col[None, :], mask=mask, other=0.0)
+    if UPCAST:
+        return x.to(tl.float32)
+    return x.to(dtype)
 
 
 @triton.jit

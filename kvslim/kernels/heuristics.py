@@ -120,7 +120,7 @@ def programs_per_sm(kernel, args: list, meta: dict, device: torch.device) -> int
     return _PER_SM[key]
 
 
-def separate_config(*, group: int, q_len: int, head_dim: int, dtype: torch.dtype) -> dict:
+def separate_config(*, group: int, q_len: int, head_dim: int, dtype: torch.dtype, fp8: bool = False) -> dict:
     """Blocks for the separate-KV kernel.
 
     All ``g_q`` query heads of a KV head (x q_len) form the M side of ``tl.dot`` so each
@@ -133,11 +133,14 @@ def separate_config(*, group: int, q_len: int, head_dim: int, dtype: torch.dtype
     block_n = 64 if block_d <= 128 else 32
     if dtype == torch.float32:
         block_n = min(block_n, 32)
-    return dict(BLOCK_H=block_h, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=3)
+    # fp8 rows are converted in registers (their loads are not staged through shared memory):
+    # 8 warps keep more loads in flight (offline sm_90a compile, GQA-8: 105 registers, no spills)
+    return dict(BLOCK_H=block_h, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=8 if fp8 else 4, num_stages=3)
 
 
 def tied_config(
-    *, group: int, q_len: int, state_block: int, num_state_heads: int, page_size: int = 64, dtype: torch.dtype
+    *, group: int, q_len: int, state_block: int, num_state_heads: int, page_size: int = 64, dtype: torch.dtype,
+    fp8: bool = False,
 ) -> dict:
     """Blocks for the tied-state kernel (GTA / MLA / GLA).
 
@@ -180,6 +183,10 @@ def tied_config(
         warps = 2 if block_m <= 16 else (4 if block_m <= 64 else 8)
     if dtype == torch.float32:
         block_n, stages = 16, 2
+    if fp8 and state_block >= 256 and block_m < 64:
+        # fp8 latents: one accumulator per 128-channel tile; 32-token tiles over 8 warps fit without
+        # spills (offline sm_90a compile: MLA h_q=16 185 registers, GLA-8 134; 64 x 4 warps spilled)
+        block_n, warps = 32, 8
     return dict(
         BLOCK_H=block_h, BLOCK_M=block_m, BLOCK_N=block_n, SPG=spg, num_warps=warps, num_stages=stages
     )

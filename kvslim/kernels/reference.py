@@ -14,13 +14,19 @@ from __future__ import annotations
 
 import torch
 
+from kvslim.rows import RowFormat, dequantize_rows
 
-def gather_rows(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int, b: int) -> torch.Tensor:
-    """Rows ``[seq_len, row]`` of sequence ``b`` read through the block table."""
+
+def gather_rows(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int, b: int,
+                kv_format: RowFormat | None = None) -> torch.Tensor:
+    """Rows ``[seq_len, row]`` of sequence ``b`` read through the block table (fp8: dequantized, fp32)."""
     page_size = cache.shape[1]
     n_pages = (seq_len + page_size - 1) // page_size
     pages = block_table[b, :n_pages].long()
-    return cache[pages].reshape(-1, cache.shape[-1])[:seq_len]
+    rows = cache[pages].reshape(-1, cache.shape[-1])[:seq_len]
+    if kv_format is not None and kv_format.is_fp8:
+        return dequantize_rows(rows, kv_format, torch.float32)
+    return rows
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, seq_len: int):
@@ -45,8 +51,9 @@ def decode_separate_ref(
     num_kv_heads: int,
     head_dim: int,
     softmax_scale: float,
+    kv_format: RowFormat | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """MHA/MQA/GQA decode. Row = ``[K (h_kv*d_h) | V (h_kv*d_h)]``.
+    """MHA/MQA/GQA decode. Row = ``[K (h_kv*d_h) | V (h_kv*d_h)]`` (fp8: packed, dequantized on read).
 
     q ``[B, q_len, h_q, d_h]`` -> o ``[B, q_len, h_q, d_h]`` (q.dtype), lse ``[B, q_len, h_q]`` fp32.
     """
@@ -57,7 +64,7 @@ def decode_separate_ref(
     kd = num_kv_heads * head_dim
     for b in range(B):
         L = int(seq_lens[b])
-        rows = gather_rows(cache, block_table, L, b).float()
+        rows = gather_rows(cache, block_table, L, b, kv_format).float()
         k = rows[:, :kd].reshape(L, num_kv_heads, head_dim).repeat_interleave(g, dim=1)
         v = rows[:, kd : 2 * kd].reshape(L, num_kv_heads, head_dim).repeat_interleave(g, dim=1)
         o[b], lse[b] = _attend(q[b].float(), k, v, softmax_scale, L)
@@ -76,8 +83,9 @@ def decode_tied_ref(
     rope_dim: int,
     v_dim: int,
     softmax_scale: float,
+    kv_format: RowFormat | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """GTA / absorbed MLA / absorbed GLA decode. Row = ``[state (S*state_dim) | rope (d_R)]``.
+    """GTA / absorbed MLA / absorbed GLA decode. Row = ``[state (S*state_dim) | rope (d_R)]`` (fp8: packed).
 
     Query head ``h`` reads state head ``h // (h_q / S)``; its key is
     ``concat(state[:nope_dim], rope)`` and its value ``state[:v_dim]``.
@@ -91,7 +99,7 @@ def decode_tied_ref(
     sd = S * state_dim
     for b in range(B):
         L = int(seq_lens[b])
-        rows = gather_rows(cache, block_table, L, b).float()
+        rows = gather_rows(cache, block_table, L, b, kv_format).float()
         state = rows[:, :sd].reshape(L, S, state_dim)
         rope = rows[:, sd : sd + rope_dim]
         k = torch.cat([state[..., :nope_dim], rope[:, None, :].expand(L, S, rope_dim)], dim=-1)

@@ -12,9 +12,19 @@ import torch
 import triton
 import triton.language as tl
 
-from kvslim.kernels.blocks import round_p, softmax_update, split_range, store_output, tile_rows
+from kvslim.kernels.blocks import (
+    load_elements,
+    load_fp8,
+    load_row_scale,
+    round_p,
+    softmax_update,
+    split_range,
+    store_output,
+    tile_rows,
+)
 from kvslim.kernels.heuristics import cdiv, next_pow2, separate_config
 from kvslim.kernels.launch import launch_decode
+from kvslim.rows import RowFormat
 
 
 @triton.jit
@@ -52,6 +62,10 @@ def _separate_kernel(
     STAGES: tl.constexpr,
     DOT_PREC: tl.constexpr,
     UPCAST: tl.constexpr,  # interpreter: its bf16/fp16 tl.dot is wrong, so dot in fp32
+    FP8: tl.constexpr,  # packed e4m3 rows (kvslim.rows): ROW is in bytes
+    SCALES: tl.constexpr,  # fp8: byte offset of the fp32 scales in a row
+    TILE: tl.constexpr,  # fp8: channels per scale
+    F16: tl.constexpr,  # fp8 fast path: dot in fp16 (16-bit queries); else in fp32
 ):
     # Head blocks of one sequence are neighbours in launch order, so the programs sharing
     # a sequence's tiles (rope key, latent of several head blocks) hit them in L2.
@@ -82,22 +96,43 @@ def _separate_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     k_col = kvh * HEAD_DIM + offs_d  # [BLOCK_D]
     v_col = (H_KV + kvh) * HEAD_DIM + offs_d
+    # fp8: the NTB scale tiles that cover a head's BLOCK_D columns
+    NTB: tl.constexpr = BLOCK_D // TILE if (TILE & (TILE - 1)) == 0 else 1
+    k_t0 = kvh * (HEAD_DIM // TILE)
+    v_t0 = (H_KV + kvh) * (HEAD_DIM // TILE)
+    t_ok = tl.arange(0, NTB) * TILE < HEAD_DIM
+    dt = Q.dtype.element_ty
+    # the fp8 fast path converts e4m3 to fp16 (one instruction per two values) and dots in fp16
+    if F16:
+        ddt = tl.float16
+    else:
+        ddt = tl.float32
+    q16 = q if UPCAST else q.to(ddt)
     bt_row = BlockTable + b * stride_bt
     for n0 in tl.range(start, end, BLOCK_N, num_stages=STAGES):  # cp.async pipeline
         offs_n = n0 + tl.arange(0, BLOCK_N)  # [BLOCK_N] token positions
         n_ok = offs_n < end
         tile, rows = tile_rows(Cache, bt_row, n0, offs_n, n_ok, PAGE, ROW, BLOCK_N)
         kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(tile + rows[:, None] + k_col[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
-        v = tl.load(tile + rows[:, None] + v_col[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * sm_scale_log2  # [BLOCK_M, BLOCK_N]
+        if FP8 and NTB == 1 and (TILE & (TILE - 1)) == 0:
+            # one scale per token per head: fold it into the scores (K) and probabilities (V), so
+            # the tile itself is only converted, not multiplied element by element
+            k = load_fp8(tile, rows, k_col, kv_mask, ddt, UPCAST)  # [BLOCK_N, BLOCK_D]
+            v = load_fp8(tile, rows, v_col, kv_mask, ddt, UPCAST)
+            ks = load_row_scale(tile, rows, n_ok, k_t0, SCALES)  # [BLOCK_N]
+            vs = load_row_scale(tile, rows, n_ok, v_t0, SCALES)
+            s = tl.dot(q16, tl.trans(k), input_precision=DOT_PREC) * (ks * sm_scale_log2)[None, :]
+        else:
+            k = load_elements(tile, rows, k_col, kv_mask, n_ok, k_t0, t_ok, dt, FP8, SCALES, TILE, NTB, UPCAST)
+            v = load_elements(tile, rows, v_col, kv_mask, n_ok, v_t0, t_ok, dt, FP8, SCALES, TILE, NTB, UPCAST)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * sm_scale_log2  # [BLOCK_M, BLOCK_N]
         keep = (offs_n[None, :] <= pos[:, None]) & n_ok[None, :]
         s = tl.where(keep, s, float("-inf"))
         p, alpha, m_i, l_i = softmax_update(s, m_i, l_i)  # p [BLOCK_M, BLOCK_N]
-        pv = tl.dot(round_p(p, Cache.dtype.element_ty, UPCAST), v, input_precision=DOT_PREC)
+        if FP8 and NTB == 1 and (TILE & (TILE - 1)) == 0:
+            pv = tl.dot(round_p(p * vs[None, :], ddt, UPCAST), v, input_precision=DOT_PREC)
+        else:
+            pv = tl.dot(round_p(p, dt, UPCAST), v, input_precision=DOT_PREC)
         acc = acc * alpha[:, None] + pv
 
     store_output(acc, m_i, l_i, O, Lse, OPart, LsePart, b, t_q, head, split, offs_d[None, :],
@@ -117,6 +152,7 @@ def decode_separate_triton(
     num_splits: int | None = None,
     out: tuple[torch.Tensor, torch.Tensor] | None = None,
     config: dict | None = None,
+    kv_format: RowFormat | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the separate-KV decode kernel (inputs already validated by ``kvslim.kernels``).
 
@@ -127,13 +163,17 @@ def decode_separate_triton(
         out: optional preallocated ``(o [B, q_len, h_q, d_h] q.dtype, lse [B, q_len, h_q] fp32)``;
             lse must be contiguous.
         config: overrides of the heuristic blocks (BLOCK_H, BLOCK_N, num_warps, num_stages, maxnreg).
+        kv_format: the packed fp8 row of a uint8 ``cache`` (``kvslim.rows.RowFormat``); None for a
+            cache of q's dtype.
 
     Returns:
         ``(o, lse)``.
     """
     B, q_len, h_q, d = q.shape
+    fmt = kv_format
+    fp8 = fmt is not None and fmt.is_fp8
     g = h_q // num_kv_heads
-    cfg = separate_config(group=g, q_len=q_len, head_dim=head_dim, dtype=q.dtype)
+    cfg = separate_config(group=g, q_len=q_len, head_dim=head_dim, dtype=q.dtype, fp8=fp8)
     if config:
         cfg.update(config)
         cfg["BLOCK_M"] = max(16, next_pow2(cfg["BLOCK_H"] * q_len))
@@ -147,6 +187,10 @@ def decode_separate_triton(
         BLOCK_D=max(16, next_pow2(head_dim)),
         PAGE=cache.shape[1],
         ROW=cache.shape[2],
+        FP8=fp8,
+        SCALES=fmt.scale_offset if fp8 else 0,
+        TILE=fmt.tile if fp8 else 1,
+        F16=q.dtype != torch.float32,
         BLOCK_H=cfg["BLOCK_H"],
         BLOCK_M=cfg["BLOCK_M"],
         BLOCK_N=cfg["BLOCK_N"],

@@ -14,9 +14,19 @@ import torch
 import triton
 import triton.language as tl
 
-from kvslim.kernels.blocks import round_p, softmax_update, split_range, store_output, tile_rows
+from kvslim.kernels.blocks import (
+    fp8_state_tile,
+    load_elements,
+    load_plain,
+    round_p,
+    softmax_update,
+    split_range,
+    store_output,
+    tile_rows,
+)
 from kvslim.kernels.heuristics import cdiv, next_pow2, tied_config
 from kvslim.kernels.launch import launch_decode
+from kvslim.rows import RowFormat
 
 
 @triton.jit
@@ -59,6 +69,11 @@ def _tied_kernel(
     STAGES: tl.constexpr,
     DOT_PREC: tl.constexpr,
     UPCAST: tl.constexpr,  # interpreter: its bf16/fp16 tl.dot is wrong, so dot in fp32
+    FP8: tl.constexpr,  # packed e4m3 rows (kvslim.rows): ROW is in bytes
+    SCALES: tl.constexpr,  # fp8: byte offset of the fp32 scales in a row
+    PLAIN: tl.constexpr,  # fp8: byte offset of the bf16 RoPE key in a row
+    TILE: tl.constexpr,  # fp8: channels per scale
+    F16: tl.constexpr,  # fp8 fast path: dot in fp16 (16-bit queries); else in fp32
 ):
     # Head blocks of one sequence are neighbours in launch order, so the programs sharing
     # a sequence's tiles (rope key, latent of several head blocks) hit them in L2.
@@ -102,31 +117,115 @@ def _tied_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DS], dtype=tl.float32)
     s_col = sh0 * STATE_DIM + offs_s  # [BLOCK_DS]
-    r_col = S * STATE_DIM + offs_r  # [BLOCK_R]
+    if FP8:
+        r_col = offs_r  # [BLOCK_R] bf16 elements after the scales
+    else:
+        r_col = S * STATE_DIM + offs_r  # [BLOCK_R]
+    dt = Q.dtype.element_ty
+    # fp8: the NTB scale tiles that cover the state columns of this program
+    NTB: tl.constexpr = BLOCK_DS // TILE if (TILE & (TILE - 1)) == 0 else 1
+    s_t0 = sh0 * (STATE_DIM // TILE)
+    t_ok = tl.arange(0, NTB) * TILE < USED
     bt_row = BlockTable + b * stride_bt
+    # fp8 fast path (power-of-two tiles, at most 4 per program): each e4m3 scale tile is only
+    # converted (to fp16, one instruction per two values); its per-token scale multiplies that
+    # tile's scores and probabilities instead of every element. One accumulator per tile (MLA's
+    # 512 = 4 x 128, GLA's 256 = 2 x 128, GTA's SPG heads), the query split alike.
+    FAST: tl.constexpr = FP8 and (TILE & (TILE - 1)) == 0 and NTB <= 4
+    if F16:
+        ddt = tl.float16
+    else:
+        ddt = tl.float32
+    c0 = sh0 * STATE_DIM
+    if FAST:
+        q0 = load_q_tile(q_base, u, row_ok, 0, TILE, STATE_DIM, NOPE, ddt, UPCAST)
+        acc0 = tl.zeros([BLOCK_M, TILE], dtype=tl.float32)
+        if NTB > 1:
+            q1 = load_q_tile(q_base, u, row_ok, 1, TILE, STATE_DIM, NOPE, ddt, UPCAST)
+            acc1 = tl.zeros([BLOCK_M, TILE], dtype=tl.float32)
+        if NTB > 2:
+            q2 = load_q_tile(q_base, u, row_ok, 2, TILE, STATE_DIM, NOPE, ddt, UPCAST)
+            q3 = load_q_tile(q_base, u, row_ok, 3, TILE, STATE_DIM, NOPE, ddt, UPCAST)
+            acc2 = tl.zeros([BLOCK_M, TILE], dtype=tl.float32)
+            acc3 = tl.zeros([BLOCK_M, TILE], dtype=tl.float32)
     for n0 in tl.range(start, end, BLOCK_N, num_stages=STAGES):  # cp.async pipeline
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < end
         tile, rows = tile_rows(Cache, bt_row, n0, offs_n, n_ok, PAGE, ROW, BLOCK_N)
-        st = tl.load(tile + rows[:, None] + s_col[None, :], mask=n_ok[:, None] & s_ok[None, :], other=0.0)
-        kr = tl.load(
-            tile + rows[:, None] + r_col[None, :], mask=n_ok[:, None] & (offs_r < ROPE)[None, :], other=0.0
-        )
-        if UPCAST:
-            st = st.to(tl.float32)
-            kr = kr.to(tl.float32)
-        # st [BLOCK_N, BLOCK_DS] is both key (first NOPE cols) and value (first DV cols)
-        s = tl.dot(q_n, tl.trans(st), input_precision=DOT_PREC)
+        kr = load_plain(tile, rows, r_col, n_ok[:, None] & (offs_r < ROPE)[None, :], dt, FP8, PLAIN, UPCAST)
+        if FAST:
+            st0, sc0 = fp8_state_tile(tile, rows, n_ok, c0, 0, s_t0, TILE, USED, SCALES, ddt, UPCAST)
+            s = tl.dot(q0, tl.trans(st0), input_precision=DOT_PREC) * sc0[None, :]
+            if NTB > 1:
+                st1, sc1 = fp8_state_tile(tile, rows, n_ok, c0, 1, s_t0, TILE, USED, SCALES, ddt, UPCAST)
+                s += tl.dot(q1, tl.trans(st1), input_precision=DOT_PREC) * sc1[None, :]
+            if NTB > 2:
+                st2, sc2 = fp8_state_tile(tile, rows, n_ok, c0, 2, s_t0, TILE, USED, SCALES, ddt, UPCAST)
+                st3, sc3 = fp8_state_tile(tile, rows, n_ok, c0, 3, s_t0, TILE, USED, SCALES, ddt, UPCAST)
+                s += tl.dot(q2, tl.trans(st2), input_precision=DOT_PREC) * sc2[None, :]
+                s += tl.dot(q3, tl.trans(st3), input_precision=DOT_PREC) * sc3[None, :]
+        else:
+            st = load_elements(tile, rows, s_col, n_ok[:, None] & s_ok[None, :], n_ok, s_t0, t_ok, dt, FP8, SCALES,
+                               TILE, NTB, UPCAST)
+            # st [BLOCK_N, BLOCK_DS] is both key (first NOPE cols) and value (first DV cols)
+            s = tl.dot(q_n, tl.trans(st), input_precision=DOT_PREC)
         s = tl.dot(q_r, tl.trans(kr), s, input_precision=DOT_PREC)
         s = s * sm_scale_log2  # [BLOCK_M, BLOCK_N]
         keep = (offs_n[None, :] <= pos[:, None]) & n_ok[None, :]
         s = tl.where(keep, s, float("-inf"))
         p, alpha, m_i, l_i = softmax_update(s, m_i, l_i)  # p [BLOCK_M, BLOCK_N]
-        pv = tl.dot(round_p(p, Cache.dtype.element_ty, UPCAST), st, input_precision=DOT_PREC)
-        acc = acc * alpha[:, None] + pv
+        if FAST:
+            acc0 = acc0 * alpha[:, None] + tl.dot(round_p(p * sc0[None, :], ddt, UPCAST), st0,
+                                                  input_precision=DOT_PREC)
+            if NTB > 1:
+                acc1 = acc1 * alpha[:, None] + tl.dot(round_p(p * sc1[None, :], ddt, UPCAST), st1,
+                                                      input_precision=DOT_PREC)
+            if NTB > 2:
+                acc2 = acc2 * alpha[:, None] + tl.dot(round_p(p * sc2[None, :], ddt, UPCAST), st2,
+                                                      input_precision=DOT_PREC)
+                acc3 = acc3 * alpha[:, None] + tl.dot(round_p(p * sc3[None, :], ddt, UPCAST), st3,
+                                                      input_precision=DOT_PREC)
+        else:
+            pv = tl.dot(round_p(p, dt, UPCAST), st, input_precision=DOT_PREC)
+            acc = acc * alpha[:, None] + pv
 
-    store_output(acc, m_i, l_i, O, Lse, OPart, LsePart, b, t_q, head, split, col,
-                 row_ok[:, None] & (col >= 0) & (col < DV), row_ok, stride_ob, stride_ot, stride_oh, H_Q, Q_LEN, DV,
+    if FAST:
+        _store_tile(acc0, m_i, l_i, O, Lse, OPart, LsePart, b, t_q, head, split, u, row_ok, 0, stride_ob, stride_ot,
+                    stride_oh, H_Q, Q_LEN, DV, NUM_SPLITS, TILE, STATE_DIM)
+        if NTB > 1:
+            _store_tile(acc1, m_i, l_i, O, Lse, OPart, LsePart, b, t_q, head, split, u, row_ok, 1, stride_ob,
+                        stride_ot, stride_oh, H_Q, Q_LEN, DV, NUM_SPLITS, TILE, STATE_DIM)
+        if NTB > 2:
+            _store_tile(acc2, m_i, l_i, O, Lse, OPart, LsePart, b, t_q, head, split, u, row_ok, 2, stride_ob,
+                        stride_ot, stride_oh, H_Q, Q_LEN, DV, NUM_SPLITS, TILE, STATE_DIM)
+            _store_tile(acc3, m_i, l_i, O, Lse, OPart, LsePart, b, t_q, head, split, u, row_ok, 3, stride_ob,
+                        stride_ot, stride_oh, H_Q, Q_LEN, DV, NUM_SPLITS, TILE, STATE_DIM)
+    else:
+        store_output(acc, m_i, l_i, O, Lse, OPart, LsePart, b, t_q, head, split, col,
+                     row_ok[:, None] & (col >= 0) & (col < DV), row_ok, stride_ob, stride_ot, stride_oh, H_Q, Q_LEN,
+                     DV, NUM_SPLITS)
+
+
+@triton.jit
+def load_q_tile(q_base, u, row_ok, t: tl.constexpr, TILE: tl.constexpr, STATE_DIM: tl.constexpr,
+                NOPE: tl.constexpr, ddt: tl.constexpr, UPCAST: tl.constexpr):
+    """Columns ``t*TILE … (t+1)*TILE-1`` of the program's state space of the no-RoPE query
+    ``[BLOCK_M, TILE]`` (zero outside each row's own head), in the fp8 path's dot dtype."""
+    c = (t * TILE + tl.arange(0, TILE))[None, :] - u[:, None] * STATE_DIM
+    q = tl.load(q_base + c, mask=row_ok[:, None] & (c >= 0) & (c < NOPE), other=0.0)
+    if UPCAST:
+        return q.to(tl.float32)
+    return q.to(ddt)
+
+
+@triton.jit
+def _store_tile(acc, m_i, l_i, O, Lse, OPart, LsePart, b, t_q, head, split, u, row_ok, t: tl.constexpr, stride_ob,
+                stride_ot, stride_oh, H_Q: tl.constexpr, Q_LEN: tl.constexpr, DV: tl.constexpr,
+                NUM_SPLITS: tl.constexpr, TILE: tl.constexpr, STATE_DIM: tl.constexpr):
+    """The epilogue of one tile's accumulator (its output columns within each row's head)."""
+    c = (t * TILE + tl.arange(0, TILE))[None, :] - u[:, None] * STATE_DIM
+    store_output(acc, m_i, l_i, O, Lse, OPart, LsePart, b, t_q, head, split, c,
+                 row_ok[:, None] & (c >= 0) & (c < DV), row_ok, stride_ob, stride_ot, stride_oh, H_Q, Q_LEN, DV,
                  NUM_SPLITS)
 
 
@@ -145,6 +244,7 @@ def decode_tied_triton(
     num_splits: int | None = None,
     out: tuple[torch.Tensor, torch.Tensor] | None = None,
     config: dict | None = None,
+    kv_format: RowFormat | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the tied-state decode kernel (inputs already validated by ``kvslim.kernels``).
 
@@ -155,11 +255,15 @@ def decode_tied_triton(
         num_splits: KV splits; None picks one from shapes (host-side, graph-safe).
         out: optional preallocated ``(o [B, q_len, h_q, v_dim], lse [B, q_len, h_q] fp32)``.
         config: overrides of the heuristic blocks (BLOCK_H, BLOCK_N, num_warps, num_stages, maxnreg).
+        kv_format: the packed fp8 row of a uint8 ``cache`` (``kvslim.rows.RowFormat``); None for a
+            cache of q's dtype.
 
     Returns:
         ``(o, lse)``.
     """
     B, q_len, h_q, _ = q.shape
+    fmt = kv_format
+    fp8 = fmt is not None and fmt.is_fp8
     g = h_q // num_state_heads
     used = max(nope_dim, v_dim)
     cfg = tied_config(
@@ -169,6 +273,7 @@ def decode_tied_triton(
         num_state_heads=num_state_heads,
         page_size=cache.shape[1],
         dtype=q.dtype,
+        fp8=fp8,
     )
     if config:
         cfg = {"SPG": 1, **cfg, **config}
@@ -191,6 +296,11 @@ def decode_tied_triton(
         BLOCK_R=max(16, next_pow2(max(rope_dim, 1))),
         PAGE=cache.shape[1],
         ROW=cache.shape[2],
+        FP8=fp8,
+        SCALES=fmt.scale_offset if fp8 else 0,
+        PLAIN=fmt.plain_offset if fp8 else 0,
+        TILE=fmt.tile if fp8 else 1,
+        F16=q.dtype != torch.float32,
         BLOCK_H=cfg["BLOCK_H"],
         BLOCK_M=cfg["BLOCK_M"],
         BLOCK_N=cfg["BLOCK_N"],
