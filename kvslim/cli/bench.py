@@ -25,6 +25,7 @@ def add(subparsers) -> None:
     g.add_argument("--output-len", type=int, default=128)
     g.add_argument("--output-range", type=float, default=0.0, help="uniform +- fraction of --output-len")
     g.add_argument("--load-seed", type=int, default=0)
+    g.add_argument("--api-key", metavar="KEY", help="send 'Authorization: Bearer KEY' (default: $KVSLIM_API_KEY)")
     g.add_argument("--plot", metavar="PNG", help="save TTFT/ITL/E2E CDFs")
     g.add_argument("--json", metavar="PATH", help="save the summary as JSON")
     s.set_defaults(func=run)
@@ -42,6 +43,6 @@ def run(args) -> int:
         server=ea.server_config_from_args(args), plot=args.plot, json_path=args.json,
         num_requests=args.num_requests, concurrency=args.concurrency, request_rate=args.request_rate,
         input_len=args.input_len, input_range=args.input_range, output_len=args.output_len,
-        output_range=args.output_range, seed=args.load_seed,
+        output_range=args.output_range, seed=args.load_seed, api_key=ea.api_key_from_args(args),
     )
     return 0 if summary["completed"] == summary["num_requests"] else 1

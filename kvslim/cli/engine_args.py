@@ -7,10 +7,13 @@ and ``ServerConfig`` objects the engine takes; nothing below the CLI sees ``argp
 from __future__ import annotations
 
 import argparse
+import os
 
 from kvslim.engine.config import EngineConfig, ServerConfig
 from kvslim.engine.source import SHAPES, ModelSource
 from kvslim.runtime import DTYPES
+
+API_KEY_ENV = "KVSLIM_API_KEY"
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -49,6 +52,15 @@ def add_server_args(p: argparse.ArgumentParser, *, network: bool = True) -> None
         g.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free port)")
         g.add_argument("--model-name", help="name reported by the API (default: from --model)")
         g.add_argument("--dp", type=int, default=1, help="data-parallel engine replicas behind a router (default 1)")
+        g.add_argument("--api-key", metavar="KEY",
+                       help=f"require 'Authorization: Bearer KEY' on /v1/* (default: ${API_KEY_ENV}; the variable keeps "
+                            "the key out of the process list)")
+        g.add_argument("--max-connections", type=int, default=1024,
+                       help="connections served at once; more get 503 (default 1024)")
+        g.add_argument("--read-timeout", type=float, default=30.0,
+                       help="seconds for a request's headers and body together, else 408 (default 30)")
+        g.add_argument("--write-timeout", type=float, default=60.0,
+                       help="seconds one write to a client may block before it counts as gone (default 60)")
     g.add_argument("--max-waiting", type=int, default=1024, help="queued requests before 503 (default 1024)")
     g.add_argument("--engine-in-process", action="store_true",
                    help="run the engine in a thread of the server process (default: its own process)")
@@ -73,9 +85,18 @@ def engine_config_from_args(args) -> EngineConfig:
     )
 
 
+def api_key_from_args(args) -> str | None:
+    """``--api-key``, else ``$KVSLIM_API_KEY``, else None (no auth)."""
+    return getattr(args, "api_key", None) or os.environ.get(API_KEY_ENV) or None
+
+
 def server_config_from_args(args) -> ServerConfig:
+    d = ServerConfig()
     return ServerConfig(
         host=getattr(args, "host", "127.0.0.1"), port=getattr(args, "port", 0),
         model_name=getattr(args, "model_name", None), max_waiting=args.max_waiting, dp=getattr(args, "dp", 1),
-        engine_in_process=args.engine_in_process,
+        engine_in_process=args.engine_in_process, api_key=api_key_from_args(args),
+        max_connections=getattr(args, "max_connections", d.max_connections),
+        read_timeout=getattr(args, "read_timeout", d.read_timeout),
+        write_timeout=getattr(args, "write_timeout", d.write_timeout),
     )

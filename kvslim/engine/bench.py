@@ -23,6 +23,7 @@ from __future__ import annotations
 import http.client
 import json
 import math
+import os
 import random
 import threading
 import time
@@ -49,7 +50,7 @@ class Result:
         return (self.e2e - self.ttft) / (self.output_len - 1)
 
 
-def _one(host: str, port: int, prompt: list[int], max_tokens: int, timeout: float) -> Result:
+def _one(host: str, port: int, prompt: list[int], max_tokens: int, timeout: float, headers: dict) -> Result:
     res = Result(len(prompt))
     body = json.dumps({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
                        "ignore_eos": True}).encode()
@@ -57,7 +58,7 @@ def _one(host: str, port: int, prompt: list[int], max_tokens: int, timeout: floa
     last = None
     try:
         c = http.client.HTTPConnection(host, port, timeout=timeout)
-        c.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
+        c.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json", **headers})
         r = c.getresponse()
         if r.status != 200:
             res.error = f"HTTP {r.status}: {r.read()[:200]!r}"
@@ -100,8 +101,12 @@ def _pct(xs: list[float], q: float) -> float:
 
 def run_bench(url: str, *, num_requests: int = 64, concurrency: int = 16, request_rate: float = math.inf,
               input_len: int = 128, input_range: float = 0.0, output_len: int = 128, output_range: float = 0.0,
-              vocab_size: int | None = None, seed: int = 0, timeout: float = 600.0, progress: bool = True) -> dict:
-    """Run the load and return a summary dict (see :func:`format_summary`)."""
+              vocab_size: int | None = None, seed: int = 0, timeout: float = 600.0, progress: bool = True,
+              api_key: str | None = None) -> dict:
+    """Run the load and return a summary dict (see :func:`format_summary`).
+
+    ``api_key``: sent as ``Authorization: Bearer`` (default: ``$KVSLIM_API_KEY``, the key of ``kvslim serve``).
+    """
     if num_requests < 1 or concurrency < 1:
         raise ValueError("num_requests and concurrency must be >= 1")
     if not (0 <= input_range < 1 and 0 <= output_range < 1):
@@ -110,9 +115,11 @@ def run_bench(url: str, *, num_requests: int = 64, concurrency: int = 16, reques
         raise ValueError("request_rate must be > 0 (inf = all at once)")
     u = urlparse(url)
     host, port = u.hostname or "127.0.0.1", u.port or 80
+    api_key = api_key if api_key is not None else os.environ.get("KVSLIM_API_KEY")
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     if vocab_size is None:
         c = http.client.HTTPConnection(host, port, timeout=30)
-        c.request("GET", "/v1/models")
+        c.request("GET", "/v1/models", headers=headers)
         info = json.loads(c.getresponse().read())["data"][0]
         c.close()
         vocab_size = int(info.get("vocab_size", 1000))
@@ -133,7 +140,7 @@ def run_bench(url: str, *, num_requests: int = 64, concurrency: int = 16, reques
 
     def worker(i):
         try:
-            results[i] = _one(host, port, jobs[i][0], jobs[i][1], timeout)
+            results[i] = _one(host, port, jobs[i][0], jobs[i][1], timeout, headers)
         finally:
             sem.release()
             if bar is not None:
@@ -363,6 +370,7 @@ def bench_serve(*, url: str | None = None, source=None, engine=None, server=None
             raise ValueError("give --url of a running server, or --model/--random-model to start one")
         srv, bundle = launch(source, engine, server.replace(port=0))
         url = srv.url
+        load.setdefault("api_key", server.api_key)
     try:
         summary = run_bench(url, **load)
     finally:

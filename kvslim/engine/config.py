@@ -9,7 +9,7 @@ holds what only the HTTP front needs.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 
@@ -127,12 +127,18 @@ class ServerConfig:
     """The HTTP front of ``kvslim serve``.
 
     Args:
-        host, port: bind address (127.0.0.1 by default; port 0 = any free port).
+        host, port: bind address (127.0.0.1 by default; port 0 = any free port). Binding
+            elsewhere without ``api_key`` prints a warning.
         model_name: name reported by the API (default: from the model source).
         max_waiting: queued requests before new ones get 503.
         dp: data-parallel engine replicas behind a router.
         engine_in_process: run the engine in a thread of the server process (default: its own process).
-        request_timeout: seconds a request may take before it is aborted.
+        request_timeout: seconds a request may take before it is aborted (504).
+        api_key: ``/v1/*`` requests must send ``Authorization: Bearer <api_key>`` (None: no auth;
+            ``/health`` and ``/metrics`` stay open). Not shown in ``repr``.
+        max_connections: connections served at once; more get 503 and are closed.
+        read_timeout: seconds for a request's line, headers and body together (408 after).
+        write_timeout: seconds one write to a client may block (a client that stopped reading has left).
     """
 
     host: str = "127.0.0.1"
@@ -142,6 +148,10 @@ class ServerConfig:
     dp: int = 1
     engine_in_process: bool = False
     request_timeout: float = 600.0
+    api_key: str | None = field(default=None, repr=False)
+    max_connections: int = 1024
+    read_timeout: float = 30.0
+    write_timeout: float = 60.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, str) or not self.host:
@@ -152,6 +162,20 @@ class ServerConfig:
         _int("max_waiting", self.max_waiting, 0)
         _int("dp", self.dp)
         _num("request_timeout", self.request_timeout)
+        if self.api_key is not None and not (isinstance(self.api_key, str) and self.api_key.isascii()
+                                             and self.api_key.isprintable() and self.api_key.strip() == self.api_key
+                                             and self.api_key and " " not in self.api_key):
+            raise ValueError("api_key must be a non-empty string of printable ASCII without spaces "
+                             "(it is sent as 'Authorization: Bearer <key>')")
+        _int("max_connections", self.max_connections)
+        _num("read_timeout", self.read_timeout)
+        _num("write_timeout", self.write_timeout)
+
+    @property
+    def http_options(self) -> dict:
+        """The keyword arguments of :class:`~kvslim.engine.server.Server` and the router's server."""
+        return dict(api_key=self.api_key, max_connections=self.max_connections, read_timeout=self.read_timeout,
+                    write_timeout=self.write_timeout)
 
     def replace(self, **changes) -> ServerConfig:
         return replace(self, **changes)

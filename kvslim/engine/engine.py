@@ -10,6 +10,7 @@ through a ``tp.TPSession`` (``kvslim/engine/tp.py``).
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from kvslim.rows import RowFormat, kv_dtype_name
 from kvslim.sampling import sample
 
 Listener = Callable[[Sequence, "int | None"], None]
+log = logging.getLogger("kvslim.engine")
 
 
 def validate_request(prompt, params: SamplingParams, *, vocab_size: int, max_model_len: int) -> None:
@@ -94,7 +96,7 @@ class LLMEngine:
         self.listeners: dict[str, Listener] = {}
         self.last_step = (0, 0)
         self.counters = dict(prompt_tokens=0, generation_tokens=0, requests_finished=0, requests_aborted=0,
-                             steps=0)
+                             requests_failed=0, steps=0)
 
     def validate(self, prompt, params: SamplingParams) -> None:
         """Raise ValueError if the request can never run (bad ids, too long)."""
@@ -128,7 +130,13 @@ class LLMEngine:
         return bool(self.scheduler.running or self.scheduler.waiting)
 
     def step(self) -> list[Sequence]:
-        """Run one scheduler step; returns the sequences that got a token or finished."""
+        """Run one scheduler step; returns the sequences that got a token or finished.
+
+        A forward that raises fails the sequences of that forward (finish reason ``"error"``,
+        pages freed, ``seq.error`` says why) and the step goes on with the others; one
+        sequence whose logits are not finite or whose sampling raises fails alone. Under
+        tensor parallelism a failed forward leaves the ranks out of step, so it is re-raised.
+        """
         plan = self.scheduler.schedule()
         self.counters["steps"] += 1
         self.last_step = (len(plan.decode), sum(n for _, n in plan.prefill))  # (decode batch, prefill tokens)
@@ -144,12 +152,15 @@ class LLMEngine:
                 if n != s.table_len:
                     updates.append((s.slot, s.table_len, s.pages[s.table_len :]))
                     s.table_len = n
-            if self.tp is not None:
-                self.tp.send("decode", toks, starts, slots, updates)
-            logits = self.runner.decode(toks, starts, slots, updates)
-            for s in seqs:
-                s.num_computed += 1
-            self._sample(seqs, logits)
+            try:
+                if self.tp is not None:
+                    self.tp.send("decode", toks, starts, slots, updates)
+                logits = self.runner.decode(toks, starts, slots, updates)
+                for s in seqs:
+                    s.num_computed += 1
+                self._sample(seqs, logits)
+            except Exception as e:  # noqa: BLE001 - fail this forward's sequences, not the server
+                self._fail_forward(seqs, "decode", e)
             touched += seqs
         groups: dict[int, list[Sequence]] = {}
         for seq, n in plan.prefill:  # chunks of one length run as one forward
@@ -158,36 +169,66 @@ class LLMEngine:
             starts = [s.num_computed for s in seqs]
             chunks = [s.tokens[st : st + n] for s, st in zip(seqs, starts)]
             pages = [s.pages for s in seqs]
-            if self.tp is not None:
-                self.tp.send("prefill", chunks, starts, pages)
-            logits = self.runner.prefill(chunks, starts, pages)
-            done = []
-            for i, s in enumerate(seqs):
-                s.num_computed += n
-                if s.pending == 0:
-                    done.append(i)
-            if done:
-                self._sample([seqs[i] for i in done], logits[done])
-                touched += [seqs[i] for i in done]
+            try:
+                if self.tp is not None:
+                    self.tp.send("prefill", chunks, starts, pages)
+                logits = self.runner.prefill(chunks, starts, pages)
+                done = []
+                for i, s in enumerate(seqs):
+                    s.num_computed += n
+                    if s.pending == 0:
+                        done.append(i)
+                if done:
+                    self._sample([seqs[i] for i in done], logits[done])
+                    touched += [seqs[i] for i in done]
+            except Exception as e:  # noqa: BLE001 - fail this forward's sequences, not the server
+                self._fail_forward(seqs, "prefill", e)
+                touched += seqs
         return touched
+
+    def _fail_forward(self, seqs: list[Sequence], what: str, e: Exception) -> None:
+        if self.tp is not None:
+            raise e
+        log.exception("%s forward of %d sequences failed", what, len(seqs))
+        for s in seqs:
+            if not s.finished:
+                self._fail(s, f"engine error in the {what} forward: {type(e).__name__}: {e}")
+
+    def _fail(self, seq: Sequence, message: str) -> None:
+        """Finish ``seq`` alone with reason ``"error"`` (its listener sees ``seq.error``)."""
+        seq.error = message
+        self._finish(seq, "error")
+        self.counters["requests_failed"] += 1
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         """Pick each sequence's next token, append it, notify its listener, finish it if done.
 
-        One ``argmax`` and one ``tolist`` (the step's only host sync) for the whole batch; the
+        One ``max`` and one ``tolist`` (the step's only host sync) for the whole batch; the
         per-sequence loop is the engine's hottest Python at large batches, hence its locals.
+        ``max`` propagates NaN, so a row whose maximum is not finite (NaN, +inf, all -inf) is
+        marked -1 and fails alone, before ``torch.multinomial`` could see it (on CUDA its
+        invalid-probability check is a device-side assert that would end every request).
         """
-        greedy = logits.argmax(-1).tolist()
+        vals, idx = logits.max(-1)
+        greedy = torch.where(torch.isfinite(vals), idx, -1).tolist()
         now = time.monotonic()
         eos, max_len, listeners = self.eos_token_id, self.max_model_len, self.listeners
-        self.counters["generation_tokens"] += len(seqs)
+        failed = 0
         for i, seq in enumerate(seqs):
             p = seq.params
-            if p.temperature == 0:
-                tok = greedy[i]
-            else:
-                tok = int(sample(logits[i : i + 1], temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
-                                 generator=seq.generator or self.rng)[0])
+            tok = greedy[i]
+            if tok < 0:
+                self._fail(seq, "the model produced non-finite logits (NaN or inf) for this request")
+                failed += 1
+                continue
+            if p.temperature != 0:
+                try:
+                    tok = int(sample(logits[i : i + 1], temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
+                                     generator=seq.generator or self.rng)[0])
+                except Exception as e:  # noqa: BLE001 - one request's sampling fails only that request
+                    self._fail(seq, f"sampling failed: {type(e).__name__}: {e}")
+                    failed += 1
+                    continue
             if seq.first_token_time is None:
                 seq.first_token_time = now
             out = seq.output
@@ -203,6 +244,7 @@ class LLMEngine:
             if reason is not None:
                 self._finish(seq, reason)
                 self.counters["requests_finished"] += 1
+        self.counters["generation_tokens"] += len(seqs) - failed
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         self.scheduler.finish(seq, reason)

@@ -2,10 +2,13 @@
 
 Clients (HTTP handler threads) never touch the engine: they post ``add``/``abort``
 commands on a queue and read their request's events from its own queue:
-``("token", id)``, ``("done", finish_reason)`` or ``("error", message)``. The loop
-thread drains commands between steps, so aborts (e.g. a client that disconnected)
-take effect at the next step and free the request's pages. An exception inside a
-step fails the requests in flight (their pages are freed) but never kills the loop.
+``("token", id)``, ``("done", finish_reason)`` or ``("error", (status, message, code))``
+(an HTTP status and an OpenAI error code, see :func:`error_event`). The loop thread drains
+commands between steps, so aborts (e.g. a client that disconnected) take effect at the next
+step and free the request's pages. A request whose forward or sampling fails inside a step
+gets its own error event (the engine finishes only that request, or only the requests of
+that forward); an exception that escapes a step fails the requests in flight (their pages
+are freed) but never kills the loop.
 """
 
 from __future__ import annotations
@@ -25,6 +28,25 @@ log = logging.getLogger("kvslim.engine")
 
 class Overloaded(RuntimeError):
     """The waiting queue is full: retry later (HTTP 503)."""
+
+
+def error_event(status: int, message: str, code: str | None) -> tuple:
+    """The event of a request that failed: an HTTP status, a message and an OpenAI error code."""
+    return ("error", (status, message, code))
+
+
+def finished_event(seq) -> tuple:
+    """The last event of a finished sequence: ``done``, or its error (finish reason ``"error"``)."""
+    if seq.finish_reason == "error":
+        return error_event(500, seq.error or "engine error", "engine_error")
+    return ("done", seq.finish_reason)
+
+
+def add_error_event(e: Exception) -> tuple:
+    """The event of a request the engine refused to add (a bad request is the caller's: 400)."""
+    if isinstance(e, (ValueError, TypeError)):
+        return error_event(400, str(e), "invalid_value")
+    return error_event(500, f"engine error: {type(e).__name__}: {e}", "engine_error")
 
 
 @dataclass
@@ -92,7 +114,7 @@ class EngineLoop:
                 self._outbox.append((h, ("token", tok)))
             else:
                 self.handles.pop(h.request_id, None)
-                self._outbox.append((h, ("done", seq.finish_reason)))
+                self._outbox.append((h, finished_event(seq)))
         return on_event
 
     def _flush(self) -> None:
@@ -106,8 +128,8 @@ class EngineLoop:
             try:
                 self.engine.add_request(prompt, params, request_id=h.request_id, listener=self._listener(h))
                 self.handles[h.request_id] = h
-            except (ValueError, TypeError) as e:
-                h.events.put(("error", str(e)))
+            except Exception as e:  # noqa: BLE001 - a request the engine refuses must not stop the loop
+                h.events.put(add_error_event(e))
         elif cmd[0] == "abort":
             self.engine.abort(cmd[1])
 
@@ -130,14 +152,14 @@ class EngineLoop:
                 self.errors += 1
                 log.exception("engine step failed")
                 self._flush()
-                self._fail_all(f"engine error: {type(e).__name__}: {e}")
+                self._fail_all(500, f"engine error: {type(e).__name__}: {e}", "engine_error")
             self._flush()
         self._flush()
-        self._fail_all("server shutting down")
+        self._fail_all(503, "server shutting down", "shutting_down")
 
-    def _fail_all(self, message: str) -> None:
+    def _fail_all(self, status: int, message: str, code: str) -> None:
         for rid, h in list(self.handles.items()):
             self.engine.listeners.pop(rid, None)
             self.engine.abort(rid)
             self.handles.pop(rid, None)
-            h.events.put(("error", message))
+            h.events.put(error_event(status, message, code))

@@ -23,7 +23,7 @@ import time
 import torch
 
 from kvslim.engine.engine import validate_request
-from kvslim.engine.loop import Handle, Overloaded
+from kvslim.engine.loop import Handle, Overloaded, add_error_event, error_event, finished_event
 from kvslim.engine.scheduler import SamplingParams
 
 log = logging.getLogger("kvslim.engine")
@@ -53,7 +53,7 @@ def _engine_main(conn, source, config, tokenizer=None) -> None:
 
     def listener(rid):
         def on_event(seq, tok):
-            outbox.append((rid, "token", tok) if tok is not None else (rid, "done", seq.finish_reason))
+            outbox.append((rid, "token", tok) if tok is not None else (rid, *finished_event(seq)))
         return on_event
 
     try:
@@ -66,8 +66,8 @@ def _engine_main(conn, source, config, tokenizer=None) -> None:
                         _, rid, prompt, params = msg
                         try:
                             engine.add_request(prompt, params, request_id=rid, listener=listener(rid))
-                        except (ValueError, TypeError) as e:
-                            outbox.append((rid, "error", str(e)))
+                        except Exception as e:  # noqa: BLE001 - a refused request must not stop the engine
+                            outbox.append((rid, *add_error_event(e)))
                     elif msg[0] == "abort":
                         engine.abort(msg[1])
                     elif msg[0] == "stats":
@@ -83,7 +83,7 @@ def _engine_main(conn, source, config, tokenizer=None) -> None:
                     for rid in list(engine.requests):
                         engine.listeners.pop(rid, None)
                         engine.abort(rid)
-                        outbox.append((rid, "error", f"engine error: {type(e).__name__}: {e}"))
+                        outbox.append((rid, *error_event(500, f"engine error: {type(e).__name__}: {e}", "engine_error")))
             if outbox:
                 conn.send(outbox)
                 outbox = []
@@ -201,4 +201,4 @@ class EngineProcess:
         finally:
             for rid, h in list(self.handles.items()):
                 self.handles.pop(rid, None)
-                h.events.put(("error", "engine process exited"))
+                h.events.put(error_event(503, "engine process exited", "engine_unavailable"))

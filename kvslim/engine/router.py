@@ -8,7 +8,9 @@ server on a free local port and reports the port back on a pipe. The router forw
 relays its response byte for byte, so SSE streams pass through; a client that goes
 away closes the upstream connection, which makes that replica abort the request.
 ``/health`` is OK when every replica is; ``/metrics`` concatenates the replicas'
-metrics with a ``replica`` label.
+metrics with a ``replica`` label. The router is an :class:`~kvslim.engine.http.HTTPServer` like
+the replicas' (connection cap, read deadline, API key, OpenAI-shaped errors; 502 when a
+replica cannot be reached).
 """
 
 from __future__ import annotations
@@ -19,19 +21,31 @@ import itertools
 import os
 import threading
 import time
-from http.server import BaseHTTPRequestHandler
 
-from kvslim.engine.server import HTTPServer
+from kvslim.engine.http import HTTPError, HTTPServer, JSONHandler
+
+#: response headers relayed from a replica
+_RELAY = ("Content-Type", "Content-Length", "Retry-After", "Cache-Control", "Allow", "WWW-Authenticate")
 
 
 class Router:
-    def __init__(self, backends: list[tuple[str, int]], *, host: str = "127.0.0.1", port: int = 0):
+    """Least-in-flight router over replica servers.
+
+    Args:
+        backends: ``(host, port)`` of each replica.
+        host, port: bind address of the router.
+        http: ``api_key``, ``max_connections``, ``read_timeout``, ``write_timeout`` of
+            :class:`~kvslim.engine.http.HTTPServer`. With a key the router checks it itself and
+            forwards the ``Authorization`` header, so replicas that hold the key accept the request.
+    """
+
+    def __init__(self, backends: list[tuple[str, int]], *, host: str = "127.0.0.1", port: int = 0, **http):
         self.backends = backends
         self.inflight = [0] * len(backends)
         self.lock = threading.Lock()
         self._rr = itertools.count()
         handler = type("Handler", (_RouterHandler,), {"app": self})
-        self.httpd = HTTPServer((host, port), handler)
+        self.httpd = HTTPServer((host, port), handler, **http)
         self.host, self.port = self.httpd.server_address[:2]
 
     def pick(self) -> int:
@@ -47,78 +61,83 @@ class Router:
             self.inflight[i] -= 1
 
 
-class _RouterHandler(BaseHTTPRequestHandler):
+class _RouterHandler(JSONHandler):
     app: Router
+    routes = {
+        "/health": {"GET": "get_health"},
+        "/metrics": {"GET": "get_metrics"},
+        "/v1/models": {"GET": "get_models"},
+        "/v1/completions": {"POST": "post"},
+        "/v1/chat/completions": {"POST": "post"},
+    }
 
-    def log_message(self, fmt, *args):
-        pass
-
-    def _reply(self, status: int, body: bytes, ctype: str = "application/json") -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def _fetch(self, i: int, path: str) -> tuple[int, bytes]:
+    def _fetch(self, i: int, path: str, headers: dict | None = None) -> tuple[int, bytes]:
         host, port = self.app.backends[i]
         c = http.client.HTTPConnection(host, port, timeout=10)
         try:
-            c.request("GET", path)
+            c.request("GET", path, headers=headers or {})
             r = c.getresponse()
             return r.status, r.read()
+        except OSError as e:
+            raise HTTPError(502, f"replica {i} unreachable: {e}", code="replica_unreachable") from None
         finally:
             c.close()
 
-    def do_GET(self):
-        try:
-            if self.path == "/health":
-                bad = [i for i in range(len(self.app.backends)) if self._fetch(i, "/health")[0] != 200]
-                self._reply(503 if bad else 200, (b'{"status": "replicas down: %s"}' % str(bad).encode()) if bad
-                            else b'{"status": "ok"}')
-            elif self.path == "/metrics":
-                out = []
-                for i in range(len(self.app.backends)):
-                    for line in self._fetch(i, "/metrics")[1].decode().splitlines():
-                        if line and not line.startswith("#"):
-                            name, val = line.split()
-                            base, _, labels = name.partition("{")
-                            labels = f'replica="{i}",{labels}' if labels else f'replica="{i}"}}'
-                            out.append(f"{base}{{{labels} {val}")
-                self._reply(200, ("\n".join(out) + "\n").encode(), "text/plain; version=0.0.4")
-            else:
-                status, body = self._fetch(0, self.path)
-                self._reply(status, body)
-        except OSError as e:
-            self._reply(502, b'{"error": {"message": "replica unreachable: %s", "type": "server_error"}}'
-                        % str(e).encode())
+    def _auth(self) -> dict:
+        a = self.headers.get("Authorization")
+        return {"Authorization": a} if a is not None else {}
 
-    def do_POST(self):
-        n = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(n) if n > 0 else b""
+    def get_health(self):
+        bad = []
+        for i in range(len(self.app.backends)):
+            try:
+                if self._fetch(i, "/health")[0] != 200:
+                    bad.append(i)
+            except HTTPError:
+                bad.append(i)
+        self.send_json(503 if bad else 200, {"status": f"replicas down: {bad}" if bad else "ok"})
+
+    def get_metrics(self):
+        out = []
+        for i in range(len(self.app.backends)):
+            for line in self._fetch(i, "/metrics")[1].decode().splitlines():
+                if line and not line.startswith("#"):
+                    name, val = line.split()
+                    base, _, labels = name.partition("{")
+                    labels = f'replica="{i}",{labels}' if labels else f'replica="{i}"}}'
+                    out.append(f"{base}{{{labels} {val}")
+        self.send_bytes(200, ("\n".join(out) + "\n").encode(), "text/plain; version=0.0.4")
+
+    def get_models(self):
+        status, body = self._fetch(0, self.path, self._auth())
+        self.send_bytes(status, body)
+
+    def post(self):
+        body = self.read_body()  # Content-Length checked here: the replica parses the JSON
         i = self.app.pick()
         host, port = self.app.backends[i]
         up = http.client.HTTPConnection(host, port, timeout=600)
         try:
-            headers = {"Content-Type": self.headers.get("Content-Type", "application/json")}
-            if self.headers.get("Content-Length") is not None:
-                headers["Content-Length"] = str(len(body))
-            up.request("POST", self.path, body=body, headers=headers)
-            r = up.getresponse()
+            headers = {"Content-Type": self.headers.get("Content-Type", "application/json"),
+                       "Content-Length": str(len(body)), **self._auth()}
+            try:
+                up.request("POST", self.path, body=body, headers=headers)
+                r = up.getresponse()
+            except OSError as e:
+                raise HTTPError(502, f"replica {i} unreachable: {e}", code="replica_unreachable") from None
             self.send_response(r.status)
-            for k in ("Content-Type", "Content-Length", "Retry-After", "Cache-Control"):
+            for k in _RELAY:
                 if r.getheader(k) is not None:
                     self.send_header(k, r.getheader(k))
             self.send_header("Connection", "close")
             self.end_headers()
-            while True:
-                chunk = r.read1(65536)
-                if not chunk:
-                    break
-                self.wfile.write(chunk)
-                self.wfile.flush()
-        except OSError:
-            pass  # client or replica gone: closing the upstream makes the replica abort
+            with contextlib.suppress(OSError):  # client or replica gone: closing the upstream aborts it
+                while True:
+                    chunk = r.read1(65536)
+                    if not chunk:
+                        break
+                    self.wfile.write(chunk)
+                    self.wfile.flush()
         finally:
             up.close()
             self.app.done(i)
@@ -181,7 +200,8 @@ def run_router(source, engine, server, *, tokenizer=None, on_ready=None, startup
             if kind == "fatal":
                 raise ValueError(f"replica {i}: {val}")
             ports.append(val)
-        router = Router([("127.0.0.1", p) for p in ports], host=server.host, port=server.port)
+        router = Router([("127.0.0.1", p) for p in ports], host=server.host, port=server.port,
+                        **server.http_options)
         print(f"kvslim serve: router http://{router.host}:{router.port} -> {server.dp} replicas x tp {engine.tp} "
               f"(ports {ports})", flush=True)
         if on_ready is not None:

@@ -33,6 +33,8 @@ from kvslim.engine.allocator import BlockAllocator
 from kvslim.sampling import check_sampling
 
 WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
+#: the seeds torch.Generator.manual_seed takes (int64, as OpenAI's and vLLM's ``seed``)
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 
 
 @dataclass
@@ -41,8 +43,9 @@ class SamplingParams:
 
     Args:
         max_tokens: new tokens to generate at most (>= 1).
-        temperature, top_k, top_p: as in :func:`kvslim.sampling.sample`.
-        seed: per-request RNG seed (reproducible sampling regardless of batching).
+        temperature, top_k, top_p: as in :func:`kvslim.sampling.sample` (temperature finite >= 0,
+            top_k >= 0 with 0 = off, top_p in (0, 1]; NaN and inf are refused).
+        seed: per-request RNG seed, an int64 (reproducible sampling regardless of batching).
         stop_token_ids: tokens that end the request (included in the output).
         ignore_eos: do not stop at the model's EOS token (benchmarks).
     """
@@ -58,21 +61,20 @@ class SamplingParams:
     def __post_init__(self):
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be a positive int, got {self.max_tokens!r}")
-        if isinstance(self.temperature, bool):
-            raise ValueError(f"temperature must be a number >= 0, got {self.temperature!r}")
-        if isinstance(self.top_k, bool) or isinstance(self.top_p, bool):
-            raise ValueError("top_k / top_p must be numbers")
-        if isinstance(self.top_p, int):
+        if isinstance(self.temperature, int) and not isinstance(self.temperature, bool):
+            self.temperature = float(self.temperature)
+        if isinstance(self.top_p, int) and not isinstance(self.top_p, bool):
             self.top_p = float(self.top_p)
-        if self.top_p is not None and not isinstance(self.top_p, float):
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        check_sampling(self.temperature, self.top_k, self.top_p)
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise ValueError(f"seed must be an int, got {self.seed!r}")
+        check_sampling(self.temperature, self.top_k, self.top_p)  # finite, in range, right types
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not SEED_MIN <= self.seed <= SEED_MAX):
+            raise ValueError(f"seed must be an int in [{SEED_MIN}, {SEED_MAX}], got {self.seed!r}")
         ids = tuple(self.stop_token_ids or ())
         if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
             raise ValueError(f"stop_token_ids must be non-negative ints, got {self.stop_token_ids!r}")
         self.stop_token_ids = ids
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
 
 
 _ids = itertools.count()
@@ -92,6 +94,7 @@ class Sequence:
     arrival: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
     finish_time: float | None = None
+    error: str | None = None  # why it failed (finish_reason "error"): its sampling or its forward raised
     num_preemptions: int = 0
     slot: int = -1  # row of the runner's decode block table while running, else -1
     table_len: int = 0  # pages of ``pages`` already written to that row

@@ -35,7 +35,7 @@ def launch(source: ModelSource, engine: EngineConfig, server: ServerConfig, *, t
         tok = open_tokenizer(tokenizer if tokenizer is not None else source.path)
         loop = EngineProcess(source, engine, tokenizer=tokenizer, max_waiting=server.max_waiting)
     srv = Server(loop, tok, host=server.host, port=server.port, model_name=server.model_name or source.name,
-                 request_timeout=server.request_timeout)
+                 request_timeout=server.request_timeout, **server.http_options)
     return srv.start(), bundle
 
 
@@ -52,8 +52,8 @@ def serve(*, source: ModelSource, engine: EngineConfig, server: ServerConfig, to
         print(f"kvslim serve: {srv.url} | model {srv.model_name} | {s['num_pages']} pages x "
               f"{s['page_size']} tokens | kv {s['kv_dtype']} ({s['kv_bytes_per_token']} B/token) | "
               f"max_model_len {s['max_model_len']} | tp {engine.tp} | "
-              f"cuda graphs {s['cuda_graphs']} | engine {'thread' if server.engine_in_process else 'process'}",
-              flush=True)
+              f"cuda graphs {s['cuda_graphs']} | engine {'thread' if server.engine_in_process else 'process'} | "
+              f"api key {'on' if server.api_key else 'off'}", flush=True)
         if on_ready is not None:
             on_ready(srv.port)
         while srv.loop.alive:

@@ -4,89 +4,33 @@ Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with
 ``"stream": true`` server-sent events ending in ``data: [DONE]``), ``GET /v1/models``,
 ``GET /health``, ``GET /metrics`` (Prometheus text).
 
-Request fields: ``prompt`` (string, or a list of token ids), ``messages`` (chat),
-``max_tokens`` (16), ``temperature`` (1.0), ``top_p``, ``top_k``, ``seed``, ``stop``
-(string or list), and the extensions ``stop_token_ids``, ``ignore_eos``. Every choice
-also carries ``token_ids``. Without a tokenizer, prompts must be token ids, chats are
-refused, and the text of a token is `` <id>``.
+The request schema (every field checked; unknown and unimplemented ones refused) is in
+:mod:`kvslim.engine.api`; connections, timeouts, the API key and the error shape
+``{"error": {"message", "type", "param", "code"}}`` in :mod:`kvslim.engine.http`. Every choice
+also carries ``token_ids``. Without a tokenizer, prompts must be token ids, chats are refused,
+and the text of a token is `` <id>``.
 
-Errors are OpenAI-style JSON ``{"error": {"message", "type", "code"}}``: 400 for
-malformed JSON / bad fields / oversize prompts, 404, 405, 411, 413, and 503 with
-``Retry-After`` when the waiting queue is full. A client that disconnects mid-stream
-has its request aborted (pages freed) at the next engine step.
+Statuses: 400 bad input, 401 missing / wrong API key, 404, 405, 408 a request that did not
+arrive within ``read_timeout``, 411, 413, 415, 431; 500 when the engine failed *this* request
+(its forward or its sampling: other requests go on), 503 with ``Retry-After`` when the queue or
+the connection cap is full, 504 after ``request_timeout``. A stream that fails after its
+first event ends with an ``data: {"error": ...}`` event and ``data: [DONE]``. A client that
+disconnects mid-stream has its request aborted (pages freed) at the next engine step.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import queue
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from kvslim.engine.api import parse_request, sampling_from_body
+from kvslim.engine.http import MAX_BODY, HTTPError, HTTPServer, JSONHandler, error_body
 from kvslim.engine.loop import EngineLoop, Overloaded
-from kvslim.engine.scheduler import SamplingParams
 
 log = logging.getLogger("kvslim.server")
-MAX_BODY = 8 * 2**20
-
-
-class BadRequest(ValueError):
-    pass
-
-
-class HTTPServer(ThreadingHTTPServer):
-    """ThreadingHTTPServer with a listen backlog for many simultaneous clients.
-
-    The default backlog of 5 makes bursts of connections wait for SYN retransmits
-    (seconds of extra TTFT) or get reset.
-    """
-
-    request_queue_size = 1024
-    daemon_threads = True
-
-
-def _field(body: dict, name: str, types, default=None):
-    v = body.get(name, default)
-    if v is None:
-        return default
-    if isinstance(v, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
-        raise BadRequest(f"'{name}' must be {types}, got {v!r}")
-    if not isinstance(v, types):
-        raise BadRequest(f"'{name}' has the wrong type: {type(v).__name__}")
-    return v
-
-
-def sampling_from_body(body: dict) -> tuple[SamplingParams, list[str]]:
-    """SamplingParams and stop strings from an OpenAI request body (BadRequest on bad fields)."""
-    n = _field(body, "n", int, 1)
-    if n != 1:
-        raise BadRequest("only n = 1 is supported")
-    stop = body.get("stop")
-    if stop is None:
-        stops = []
-    elif isinstance(stop, str):
-        stops = [stop]
-    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
-        stops = list(stop)
-    else:
-        raise BadRequest("'stop' must be a string or a list of strings")
-    stops = [s for s in stops if s]
-    try:
-        params = SamplingParams(
-            max_tokens=_field(body, "max_tokens", int, 16),
-            temperature=float(_field(body, "temperature", (int, float), 1.0)),
-            top_k=_field(body, "top_k", int) or None,
-            top_p=_field(body, "top_p", (int, float)),
-            seed=_field(body, "seed", int),
-            stop_token_ids=tuple(_field(body, "stop_token_ids", list, [])),
-            ignore_eos=_field(body, "ignore_eos", bool, False),
-        )
-    except ValueError as e:
-        raise BadRequest(str(e)) from None
-    return params, stops
 
 
 class TextStream:
@@ -154,17 +98,21 @@ class Server:
             :class:`~kvslim.engine.process.EngineProcess` (engine in its own process).
         tokenizer: a :class:`~kvslim.eval.tokenizer.TextTokenizer` or None (token-id prompts only).
         host, port: bind address (127.0.0.1 by default; port 0 = ephemeral).
-        model_name: the name reported in responses and ``/v1/models``.
-        request_timeout: seconds a request may take before it is aborted.
+        model_name: the name reported in responses and ``/v1/models`` (a request naming another is 404).
+        request_timeout: seconds a request may take before it is aborted (504).
+        api_key: the key ``/v1/*`` requests must send as ``Authorization: Bearer KEY`` (None: no auth).
+        max_connections, read_timeout, write_timeout: see :class:`~kvslim.engine.http.HTTPServer`.
     """
 
     def __init__(self, loop: EngineLoop, tokenizer=None, *, host: str = "127.0.0.1", port: int = 0,
-                 model_name: str = "kvslim", request_timeout: float = 600.0):
+                 model_name: str = "kvslim", request_timeout: float = 600.0, api_key: str | None = None,
+                 max_connections: int = 1024, read_timeout: float = 30.0, write_timeout: float = 60.0):
         self.loop, self.tokenizer, self.model_name = loop, tokenizer, model_name
         self.request_timeout = request_timeout
         self.metrics = Metrics()
         handler = type("Handler", (_Handler,), {"app": self})
-        self.httpd = HTTPServer((host, port), handler)
+        self.httpd = HTTPServer((host, port), handler, api_key=api_key, max_connections=max_connections,
+                                read_timeout=read_timeout, write_timeout=write_timeout)
         self.host, self.port = self.httpd.server_address[:2]
         self.thread: threading.Thread | None = None
 
@@ -188,6 +136,7 @@ class Server:
     def metrics_text(self) -> str:
         s = self.loop.stats()
         c = dict(self.metrics.c)
+        h = self.httpd
         used = s["num_pages"] - s["free_pages"]
         rows = [
             ("kvslim_requests_running", "gauge", s["running"]),
@@ -202,10 +151,14 @@ class Server:
             ("kvslim_generation_tokens_total", "counter", s["generation_tokens"]),
             ("kvslim_requests_finished_total", "counter", s["requests_finished"]),
             ("kvslim_requests_aborted_total", "counter", s["requests_aborted"]),
+            ("kvslim_requests_failed_total", "counter", s.get("requests_failed", 0)),
             ("kvslim_engine_steps_total", "counter", s["steps"]),
             ("kvslim_engine_errors_total", "counter", s["errors"]),
             ("kvslim_http_requests_total", "counter", c["http_requests"]),
             ("kvslim_http_errors_total", "counter", c["http_errors"]),
+            ("kvslim_http_connections_open", "gauge", h.active),
+            ("kvslim_http_connections_refused_total", "counter", h.refused),
+            ("kvslim_http_read_timeouts_total", "counter", h.timeouts),
             ("kvslim_client_disconnects_total", "counter", c["client_disconnects"]),
             ("kvslim_time_to_first_token_seconds_sum", "counter", c["ttft_sum"]),
             ("kvslim_time_to_first_token_seconds_count", "counter", c["ttft_count"]),
@@ -215,134 +168,86 @@ class Server:
         return "".join(f"# TYPE {n.partition('{')[0]} {t}\n{n} {v}\n" for n, t, v in rows)
 
 
-class _Handler(BaseHTTPRequestHandler):
+def _event_error(val) -> tuple[int, str, str | None]:
+    """(status, message, code) of an error event (a bare message is a server error)."""
+    if isinstance(val, tuple) and len(val) == 3:
+        return val
+    return 500, str(val), "engine_error"
+
+
+class _Handler(JSONHandler):
     app: Server
-    server_version = "kvslim"
+    routes = {
+        "/health": {"GET": "get_health"},
+        "/metrics": {"GET": "get_metrics"},
+        "/v1/models": {"GET": "get_models"},
+        "/v1/completions": {"POST": "post_completions"},
+        "/v1/chat/completions": {"POST": "post_chat"},
+    }
 
-    def log_message(self, fmt, *args):  # quiet by default; the logger decides
-        log.debug("%s - " + fmt, self.address_string(), *args)
-
-    def _send_json(self, status: int, obj: dict, headers: dict | None = None) -> None:
-        data = json.dumps(obj).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _error(self, status: int, message: str, headers: dict | None = None) -> None:
+    def count_error(self, status: int) -> None:
         self.app.metrics.add(http_errors=1)
-        kind = "invalid_request_error" if status < 500 else "server_error"
-        with contextlib.suppress(OSError):
-            self._send_json(status, {"error": {"message": message, "type": kind, "code": status}}, headers)
 
-    def _body(self) -> dict:
-        n = self.headers.get("Content-Length")
-        if n is None:
-            raise _HTTPError(411, "Content-Length is required")
-        try:
-            n = int(n)
-        except ValueError:
-            raise _HTTPError(400, "bad Content-Length") from None
-        if n < 0 or n > MAX_BODY:
-            raise _HTTPError(413, f"body larger than {MAX_BODY} bytes")
-        raw = self.rfile.read(n)
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise _HTTPError(400, f"malformed JSON: {e}") from None
-        if not isinstance(body, dict):
-            raise _HTTPError(400, "the JSON body must be an object")
-        return body
-
-    def do_GET(self):
+    def _dispatch(self) -> None:
         self.app.metrics.add(http_requests=1)
-        if self.path == "/health":
-            ok = self.app.loop.alive
-            self._send_json(200 if ok else 503, {"status": "ok" if ok else "engine stopped"})
-        elif self.path == "/metrics":
-            data = self.app.metrics_text().encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "text/plain; version=0.0.4")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-        elif self.path == "/v1/models":
-            self._send_json(200, {"object": "list", "data": [
-                {"id": self.app.model_name, "object": "model", "owned_by": "kvslim",
-                 "max_model_len": self.app.loop.max_model_len, "vocab_size": self.app.loop.vocab_size}]})
-        elif self.path in ("/v1/completions", "/v1/chat/completions"):
-            self._error(405, f"use POST for {self.path}")
-        else:
-            self._error(404, f"no route {self.path}")
+        super()._dispatch()
 
-    def do_POST(self):
-        self.app.metrics.add(http_requests=1)
-        if self.path not in ("/v1/completions", "/v1/chat/completions"):
-            self._error(404 if self.path not in ("/health", "/metrics", "/v1/models") else 405,
-                        f"no POST route {self.path}")
-            return
-        chat = self.path == "/v1/chat/completions"
+    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _dispatch
+
+    def get_health(self):
+        ok = self.app.loop.alive
+        self.send_json(200 if ok else 503, {"status": "ok" if ok else "engine stopped"})
+
+    def get_metrics(self):
+        self.send_bytes(200, self.app.metrics_text().encode(), "text/plain; version=0.0.4")
+
+    def get_models(self):
+        self.send_json(200, {"object": "list", "data": [
+            {"id": self.app.model_name, "object": "model", "owned_by": "kvslim",
+             "max_model_len": self.app.loop.max_model_len, "vocab_size": self.app.loop.vocab_size}]})
+
+    def post_completions(self):
+        self._complete(chat=False)
+
+    def post_chat(self):
+        self._complete(chat=True)
+
+    def _complete(self, chat: bool) -> None:
+        app = self.app
+        body = self.read_json()
+        req = parse_request(body, chat=chat, tokenizer=app.tokenizer, vocab_size=app.loop.vocab_size,
+                            max_model_len=app.loop.max_model_len, model_name=app.model_name)
         try:
-            body = self._body()
-            prompt = self._prompt(body, chat)
-            params, stops = sampling_from_body(body)
-            stream = _field(body, "stream", bool, False)
-            handle = self.app.loop.submit(prompt, params)
-        except _HTTPError as e:
-            self._error(e.status, e.message)
-            return
+            handle = app.loop.submit(req.prompt, req.params)
         except Overloaded as e:
-            self._error(503, f"server overloaded: {e}", {"Retry-After": "1"})
-            return
-        except (BadRequest, ValueError, TypeError) as e:
-            self._error(400, str(e))
-            return
+            raise HTTPError(503, f"server overloaded: {e}", code="overloaded", headers={"Retry-After": "1"}) from None
+        except (ValueError, TypeError) as e:  # the engine's own checks (the schema should have caught it)
+            raise HTTPError(400, str(e), code="invalid_value") from None
         except RuntimeError as e:
-            self._error(503, str(e))
-            return
+            raise HTTPError(503, str(e), code="engine_unavailable") from None
         try:
-            self._respond(handle, prompt, stops, chat, stream)
+            self._respond(handle, req, chat)
         except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutError):
-            self.app.metrics.add(client_disconnects=1)
-            self.app.loop.abort(handle.request_id)
-        except Exception:  # noqa: BLE001 - a handler bug must not leak the request's pages
+            app.metrics.add(client_disconnects=1)
+            app.loop.abort(handle.request_id)
+        except HTTPError:  # the request's own error (engine failure, timeout): answered by _dispatch
+            raise
+        except Exception:  # a handler bug must not leak the request's pages
             log.exception("handler failed")
-            self.app.loop.abort(handle.request_id)
+            app.loop.abort(handle.request_id)
             raise
 
-    def _prompt(self, body: dict, chat: bool) -> list[int]:
-        tok = self.app.tokenizer
-        if chat:
-            msgs = body.get("messages")
-            if not isinstance(msgs, list) or not msgs or not all(
-                    isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                    for m in msgs):
-                raise BadRequest("'messages' must be a non-empty list of {role: str, content: str}")
-            if tok is None:
-                raise BadRequest("this model has no tokenizer: chat needs one (use /v1/completions with token ids)")
-            return tok.chat(msgs)
-        p = body.get("prompt")
-        if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
-            p = p[0]  # a batch of one
-        if isinstance(p, str):
-            if tok is None:
-                raise BadRequest("this model has no tokenizer: send 'prompt' as a list of token ids")
-            ids = tok.encode(p)
-            if not ids:
-                raise BadRequest("'prompt' encodes to zero tokens")
-            return ids
-        if isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
-            return p
-        raise BadRequest("'prompt' must be a string or a non-empty list of token ids (one prompt per request)")
+    def _sse(self, obj: dict) -> None:
+        self.wfile.write(b"data: " + json.dumps(obj).encode() + b"\n\n")
+        self.wfile.flush()
 
-    def _respond(self, h, prompt, stops, chat: bool, stream: bool) -> None:
-        app = self.app
-        text = TextStream(app.tokenizer, stops)
+    def _respond(self, h, req, chat: bool) -> None:
+        app, stream = self.app, req.stream
+        text = TextStream(app.tokenizer, req.stops)
         created = int(time.time())
         obj = "chat.completion" if chat else "text_completion"
+        head = {"id": h.request_id, "object": obj + (".chunk" if chat and stream else ""), "created": created,
+                "model": app.model_name}
         ids: list[int] = []
         t0 = h.arrival
         first = None
@@ -355,10 +260,7 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 choice = {"index": 0, "text": delta, "finish_reason": finish_reason}
             choice["token_ids"] = tok_ids
-            self.wfile.write(b"data: " + json.dumps({"id": h.request_id, "object": obj + ("" if not chat else ".chunk"),
-                                                     "created": created, "model": app.model_name,
-                                                     "choices": [choice]}).encode() + b"\n\n")
-            self.wfile.flush()
+            self._sse(dict(head, choices=[choice]))
 
         if stream:
             self.send_response(200)
@@ -367,11 +269,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Connection", "close")
             self.end_headers()
             if chat:
-                self.wfile.write(b"data: " + json.dumps({"id": h.request_id, "object": "chat.completion.chunk",
-                                                         "created": created, "model": app.model_name,
-                                                         "choices": [{"index": 0, "delta": {"role": "assistant"},
-                                                                      "finish_reason": None}]}).encode() + b"\n\n")
-                self.wfile.flush()
+                self._sse(dict(head, choices=[{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]))
         while finish is None:
             # wake on one event, then take every event already queued: under load the tokens that
             # arrived while this thread waited for the GIL go out as one SSE event, not one each
@@ -379,7 +277,7 @@ class _Handler(BaseHTTPRequestHandler):
                 events = [h.events.get(timeout=max(0.01, deadline - time.monotonic()))]
             except queue.Empty:
                 app.loop.abort(h.request_id)
-                events = [("error", f"request timed out after {app.request_timeout:.0f} s")]
+                events = [("error", (504, f"request timed out after {app.request_timeout:g} s", "timeout"))]
             while True:
                 try:
                     events.append(h.events.get_nowait())
@@ -400,49 +298,48 @@ class _Handler(BaseHTTPRequestHandler):
                         finish = "stop"
                         break
                 elif kind == "done":
-                    finish = "stop" if val == "stop" else ("length" if val == "length" else val)
+                    finish = val if val in ("stop", "length") else str(val)
                     delta += text.feed(None)
                     break
                 else:
-                    error = val
+                    error = _event_error(val)
                     break
             if stream and (new_ids or finish is not None):
                 chunk(delta, finish, new_ids)
             if error is not None:
-                if stream:
-                    self.wfile.write(b"data: " + json.dumps({"error": {"message": error, "type": "server_error"}})
-                                     .encode() + b"\n\n")
+                status, message, code = error
+                if stream:  # the status line is gone: an error event, then the end of the stream
+                    self.count_error(status)
+                    self._sse(error_body(status, message, code=code))
                     self.wfile.write(b"data: [DONE]\n\n")
                     return
-                self._error(500 if "timed out" not in error else 504, error)
-                return
+                raise HTTPError(status, message, code=code)
         app.metrics.add(e2e_sum=time.monotonic() - t0, e2e_count=1)
+        usage = {"prompt_tokens": len(req.prompt), "completion_tokens": len(ids),
+                 "total_tokens": len(req.prompt) + len(ids)}
         if stream:
+            if req.include_usage:
+                self._sse(dict(head, choices=[], usage=usage))
             self.wfile.write(b"data: [DONE]\n\n")
             self.wfile.flush()
             return
-        usage = {"prompt_tokens": len(prompt), "completion_tokens": len(ids), "total_tokens": len(prompt) + len(ids)}
         if chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text.text}, "finish_reason": finish}
         else:
             choice = {"index": 0, "text": text.text, "finish_reason": finish}
         choice["token_ids"] = ids
-        self._send_json(200, {"id": h.request_id, "object": obj, "created": created, "model": app.model_name,
-                              "choices": [choice], "usage": usage})
-
-
-class _HTTPError(Exception):
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status, self.message = status, message
+        self.send_json(200, dict(head, choices=[choice], usage=usage))
 
 
 def start_server(engine, tokenizer=None, *, host: str = "127.0.0.1", port: int = 0, model_name: str = "kvslim",
-                 max_waiting: int = 1024, request_timeout: float = 600.0) -> Server:
-    """Start the engine loop and the HTTP server in background threads; returns the Server."""
+                 max_waiting: int = 1024, request_timeout: float = 600.0, **http) -> Server:
+    """Start the engine loop and the HTTP server in background threads; returns the Server.
+
+    ``http``: ``api_key``, ``max_connections``, ``read_timeout``, ``write_timeout`` of :class:`Server`.
+    """
     loop = EngineLoop(engine, max_waiting=max_waiting)
     return Server(loop, tokenizer, host=host, port=port, model_name=model_name,
-                  request_timeout=request_timeout).start()
+                  request_timeout=request_timeout, **http).start()
 
 
-__all__ = ["Server", "start_server", "sampling_from_body", "TextStream"]
+__all__ = ["MAX_BODY", "Server", "start_server", "sampling_from_body", "TextStream"]
