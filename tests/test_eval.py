@@ -181,7 +181,8 @@ def test_split_documents_disjoint_on_synthetic_corpus():
 def test_load_text_file_and_errors(tmp_path):
     p = tmp_path / "t.txt"
     p.write_text("line one\r\n\n\n\n\nline two\n")
-    assert D.load_text(p) == "line one\n\nline two"
+    assert D.load_text(p, clean=True) == "line one\n\nline two"
+    assert D.load_text(p) == "line one\r\n\n\n\n\nline two\n"  # exactly as stored by default
     with pytest.raises(ValueError):
         D.load_text(tmp_path / "missing.txt")
     with pytest.raises(ValueError):
@@ -360,3 +361,28 @@ def test_smollm2_sotu_eval_perplexity(smollm2):
     print(f"SmolLM2-135M-Instruct (Q4_1 dequantized) SOTU eval ppl: {r}")
     assert r["tokens"] == 4096 - 8
     assert 10 < r["ppl"] < 50  # measured 24.7
+
+
+def test_text_files_are_scored_exactly_as_stored(tmp_path):
+    """`kvslim eval ppl` on a file scores its exact text (issue 16: it used to .strip() it)."""
+    from kvslim.eval.data import load_text
+    from kvslim.eval.tokens import load_tokens
+
+    raw = "\ufeff  Hello\r\n\r\n\r\n\r\nworld.  \n\n"
+    f = tmp_path / "t.txt"
+    f.write_text(raw, encoding="utf-8")
+    assert load_text(f) == raw
+    assert load_text(f, clean=True) == "Hello\n\nworld."
+    (tmp_path / "bad.txt").write_bytes(b"\xff\xfe\xfa")
+    with pytest.raises(ValueError, match="bad.txt.*not UTF-8"):
+        load_text(tmp_path / "bad.txt")
+    (tmp_path / "blank.txt").write_text("  \n")
+    with pytest.raises(ValueError, match="empty"):
+        load_text(tmp_path / "blank.txt")
+
+    class CharTok:  # one id per character
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [ord(c) % 97 for c in text]}
+
+    assert load_tokens(f, tokenizer=CharTok()).numel() == len(raw)
+    assert load_tokens(f, tokenizer=CharTok(), clean=True).numel() == len("Hello\n\nworld.")

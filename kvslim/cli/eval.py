@@ -28,6 +28,9 @@ def add(subparsers) -> None:
     q.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
                    help="autocast dtype (auto: bf16 on CUDA, fp32 on CPU)")
     q.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    q.add_argument("--clean-text", action="store_true",
+                   help="normalise text files as the corpora are (CRLF, BOM, blank lines, surrounding whitespace); "
+                        "default: score a file's text exactly as stored")
     q.set_defaults(func=run)
 
 
@@ -41,13 +44,19 @@ def run(args) -> int:
     for m in args.model:
         for r in eval_ppl(model=m, texts=texts, tokenizer=args.tokenizer, seq_len=args.seq_len,
                           batch_size=args.batch_size, max_tokens=args.max_tokens, stride=args.stride,
-                          device=args.device, dtype=args.dtype, progress=sys.stderr.isatty()):
+                          device=args.device, dtype=args.dtype, progress=sys.stderr.isatty(),
+                          clean=args.clean_text):
             rows.append({"model": m, **r})
     w = max(len("model"), *(len(r["model"]) for r in rows))
     t = max(len("text"), *(len(str(r["text"])) for r in rows))
-    print(f"{'model':<{w}}  {'text':<{t}}  {'tokens':>9}  {'nll':>7}  {'ppl':>10}")
+    print(f"{'model':<{w}}  {'text':<{t}}  {'scored':>9}  {'of':>9}  {'windows':>7}  {'nll':>7}  {'ppl':>10}")
     for r in rows:
-        print(f"{r['model']:<{w}}  {r['text']!s:<{t}}  {r['tokens']:>9,}  {r['nll']:>7.4f}  {r['ppl']:>10.3f}")
+        print(f"{r['model']:<{w}}  {r['text']!s:<{t}}  {r['tokens']:>9,}  {r['source_tokens']:>9,}  {r['windows']:>7,}  "
+              f"{r['nll']:>7.4f}  {r['ppl']:>10.3f}")
+    stride = args.stride or args.seq_len
+    print(f"scored: every token after the first of each {args.seq_len}-token window (stride {stride})"
+          + (f", the first {args.max_tokens:,} tokens of each text" if args.max_tokens else "")
+          + ("; text files normalised (--clean-text)" if args.clean_text else "; text files exactly as stored"))
     if args.json:
         with open(prepare_output_file(args.json), "w") as f:
             json.dump(rows, f, indent=1)

@@ -245,13 +245,16 @@ def split_text(name: str) -> dict[str, str]:
     return {part: DOC_SEP.join(docs[d] for d in ids) for part, ids in split.items()}
 
 
-def load_text(path_or_name: str | os.PathLike, split: str | None = None) -> str:
+def load_text(path_or_name: str | os.PathLike, split: str | None = None, *, clean: bool = False) -> str:
     """Text of a named corpus (optionally one split) or of a UTF-8 text file.
 
     Args:
         path_or_name: a corpus name ("sotu", "moby-dick", "shakespeare"), optionally with a
             split suffix ("sotu:eval", "moby-dick:calib"), or a path to a text file.
         split: "calib" or "eval" for a named corpus; None = the whole corpus.
+        clean: for a file, normalise it as the corpora are (CRLF -> LF, no BOM, at most one
+            blank line in a row, no leading/trailing whitespace); by default a file's text is
+            returned exactly as stored, so every character of it is scored.
     """
     s = os.fspath(path_or_name)
     name, _, suffix = s.partition(":")
@@ -270,7 +273,12 @@ def load_text(path_or_name: str | os.PathLike, split: str | None = None) -> str:
             f"text source must be one of {sorted(CORPORA)} (optionally ':calib'/':eval') "
             f"or an existing file, got {s!r}"
         )
-    text = _clean(p.read_text(encoding="utf-8"))
-    if not text:
+    try:
+        text = p.read_bytes().decode("utf-8")  # bytes: no newline translation either
+    except UnicodeDecodeError as e:
+        raise ValueError(f"text file {s!r} is not UTF-8: {e}") from None
+    if clean:
+        text = _clean(text)
+    if not text.strip():
         raise ValueError(f"text file {s!r} is empty")
     return text

@@ -203,11 +203,15 @@ def model_perplexity(model, tokens: torch.Tensor, *, seq_len: int, batch_size: i
 
 
 def eval_ppl(*, model, texts, tokenizer=None, seq_len: int = 512, batch_size: int = 4, max_tokens: int | None = None,
-             stride: int | None = None, device: str = "auto", dtype: str = "auto", progress: bool = True) -> list[dict]:
+             stride: int | None = None, device: str = "auto", dtype: str = "auto", progress: bool = True,
+             clean: bool = False) -> list[dict]:
     """Perplexity of a model (``Transformer`` or kvslim / Hugging Face directory) on several sources.
 
-    A bare corpus name means its held-out part (``moby-dick`` = ``moby-dick:eval``).
-    Returns one ``{"text", "ppl", "nll", "tokens"}`` per source (``kvslim eval ppl``).
+    A bare corpus name means its held-out part (``moby-dick`` = ``moby-dick:eval``). A text file is
+    scored exactly as stored (every character, no stripping) unless ``clean``.
+    Returns one ``{"text", "ppl", "nll", "tokens", "source_tokens", "windows"}`` per source
+    (``kvslim eval ppl``): ``tokens`` were scored out of ``source_tokens``; the first token of each
+    window is context only.
     """
     from kvslim.eval.tokenizer import has_tokenizer, resolve_tokenizer
     from kvslim.eval.tokens import load_tokens
@@ -224,8 +228,11 @@ def eval_ppl(*, model, texts, tokenizer=None, seq_len: int = 512, batch_size: in
     tok = resolve_tokenizer(tokenizer) if tokenizer is not None else None
     rows = []
     for t in texts:
-        ids = load_tokens(t, tokenizer=tok, default_split="eval")
+        ids = load_tokens(t, tokenizer=tok, default_split="eval", clean=clean)
+        used = ids if max_tokens is None else ids[:max_tokens]
         r = model_perplexity(m, ids, seq_len=seq_len, batch_size=batch_size, max_tokens=max_tokens, stride=stride,
                              device=dev, dtype=dtype, progress=progress)
-        rows.append({"text": t if isinstance(t, str) else "tokens", **r})
+        windows = len(_windows(used.numel(), seq_len, stride or seq_len))
+        rows.append({"text": t if isinstance(t, str) else "tokens", **r, "source_tokens": int(ids.numel()),
+                     "windows": windows})
     return rows

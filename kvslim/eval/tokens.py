@@ -56,8 +56,9 @@ def parse_source(
     return name, default_split
 
 
-def source_text(source: str | os.PathLike, *, default_split: str | None = None) -> str:
-    """Text of a corpus name (with split) or of a text file; ValueError naming the source otherwise."""
+def source_text(source: str | os.PathLike, *, default_split: str | None = None, clean: bool = False) -> str:
+    """Text of a corpus name (with split) or of a text file (exactly as stored unless ``clean``);
+    ValueError naming the source otherwise."""
     named = parse_source(source, default_split)
     if named is not None:
         return load_text(named[0], split=named[1])
@@ -69,7 +70,7 @@ def source_text(source: str | os.PathLike, *, default_split: str | None = None) 
         )
     if p.suffix in TOKEN_SUFFIXES:
         raise ValueError(f"{p} holds token ids, not text")
-    return load_text(p)
+    return load_text(p, clean=clean)
 
 
 def load_tokens(
@@ -78,6 +79,7 @@ def load_tokens(
     tokenizer=None,
     default_split: str | None = None,
     bin_dtype: str = "uint16",
+    clean: bool = False,
 ) -> torch.Tensor:
     """A 1-D int64 token stream from a corpus name, a text file, a ``.npy``/``.bin`` file or ids.
 
@@ -105,7 +107,7 @@ def load_tokens(
         if not np.issubdtype(arr.dtype, np.integer):
             raise ValueError(f"{s}: token ids must be integers, got dtype {arr.dtype}")
         return _check_ids(torch.from_numpy(arr.astype(np.int64)), s)
-    text = source_text(s, default_split=default_split)
+    text = source_text(s, default_split=default_split, clean=clean)
     if tokenizer is None:
         raise ValueError(f"text source {s!r} needs a tokenizer")
     return tokenize(text, resolve_tokenizer(tokenizer))
