@@ -110,10 +110,11 @@ class PlanResult:
     time_with_weights_s: float | None  # attention + weights read / weight GEMMs
     max_sequences: int
     max_tokens: int
+    label: str | None = None  # shown instead of the spec's name (e.g. "gta-4@vllm")
 
     @property
     def name(self) -> str:
-        return self.spec.name
+        return self.label or self.spec.name
 
     @property
     def group_size(self) -> int:
@@ -179,6 +180,7 @@ def plan(
     num_layers: int = 32,
     weights_bytes: int | None = None,
     mem_util: float = 0.9,
+    label: str | None = None,
 ) -> PlanResult:
     """Plan one decode deployment of ``spec``.
 
@@ -197,6 +199,7 @@ def plan(
         weights_bytes: total model weight bytes (all ranks); if given, the step time with
             weights is reported and the per-device share (``/tp``) is taken from memory.
         mem_util: fraction of device memory usable for weights + cache.
+        label: the name tables show (default ``spec.name``).
     """
     if not isinstance(spec, AttentionSpec):
         raise TypeError(f"spec must be an AttentionSpec, got {type(spec).__name__}")
@@ -270,6 +273,7 @@ def plan(
         time_with_weights_s=time_w,
         max_sequences=max_seqs,
         max_tokens=max_tokens,
+        label=label,
     )
 
 

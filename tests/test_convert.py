@@ -268,7 +268,7 @@ def test_exported_deepseek_matches_kvslim_in_transformers(tmp_path):
     cfg = json.loads((tmp_path / "ds" / "config.json").read_text())
     assert cfg["model_type"] == "deepseek_v3" and cfg["kv_lora_rank"] == 20 and cfg["qk_rope_head_dim"] == 8
     assert cfg["qk_nope_head_dim"] == 16 and cfg["v_head_dim"] == 16 and cfg["first_k_dense_replace"] == 2
-    assert cfg["rope_interleave"] is False
+    assert cfg["rope_interleave"] is True and cfg["tie_word_embeddings"] is False  # serving-safe (vLLM)
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ds", dtype=torch.float32).eval()
     assert type(hf).__name__ == "DeepseekV3ForCausalLM"
     tok = _tokens(t=16)
@@ -285,9 +285,8 @@ def test_deepseek_export_refuses_what_it_cannot_hold(tmp_path):
     mla = gqa_to_mla(m, _moments(m), kv_lora_rank=16, rope_dim=16, progress=False)
     with pytest.raises(ValueError, match="bias"):
         save_deepseek(mla, tmp_path / "ds")
-    gta = gqa_to_gta(m, _moments(m), progress=False)
-    with pytest.raises(ValueError, match="MLA models only"):
-        save_deepseek(gta, tmp_path / "ds")
+    with pytest.raises(ValueError, match="holds MLA, GLA or GTA"):
+        save_deepseek(m, tmp_path / "ds")
     assert os.listdir(tmp_path) == []
     save_kvslim(mla, tmp_path / "k")  # biases: kvslim format
     tok = _tokens()
@@ -322,7 +321,7 @@ def test_convert_bad_inputs_raise_and_write_nothing(src_dir, tmp_path, monkeypat
         (dict(to="mla", kv_lora_rank=8, rope_dim=6), "must divide"),
         (dict(to="mla", kv_lora_rank=8, freqfold=3), "freqfold"),
         (dict(to="gla", kv_lora_rank=8, latent_heads=3), "must divide"),
-        (dict(to="gla", kv_lora_rank=8, latent_heads=2, fmt="deepseek"), "MLA models only"),
+        (dict(to="gqa", kv_heads=1, fmt="deepseek"), "holds MLA, GLA or GTA"),
         (dict(to="gqa", kv_heads=3), "must divide"),
         (dict(to="gta", freqfold=3), "freqfold"),
         (dict(to="mla", kv_lora_rank=8, dtype="float16"), "float16"),

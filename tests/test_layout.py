@@ -3,7 +3,7 @@
 Layers, lowest first; a module may import only from its own layer or lower ones, and the
 three packages of the services layer (convert, train, engine) do not import each other:
 
-0. ground floor: spec, rope, layers, sampling, runtime, checkpoint, plan, rows, kernels
+0. ground floor: spec, rope, layers, sampling, runtime, checkpoint, plan, rows, serving, kernels
 1. cache, attention
 2. model
 3. eval (data, tokenizers, perplexity), testing
@@ -21,7 +21,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1] / "kvslim"
 LAYERS = [
     ("kvslim", "kvslim.spec", "kvslim.rope", "kvslim.layers", "kvslim.sampling", "kvslim.runtime",
-     "kvslim.checkpoint", "kvslim.plan", "kvslim.rows", "kvslim.kernels"),
+     "kvslim.checkpoint", "kvslim.plan", "kvslim.rows", "kvslim.serving", "kvslim.kernels"),
     ("kvslim.cache", "kvslim.attention"),
     ("kvslim.model",),
     ("kvslim.eval", "kvslim.testing"),

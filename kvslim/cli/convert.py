@@ -8,14 +8,23 @@ def add(subparsers) -> None:
         "convert",
         help="convert a checkpoint to a smaller KV cache: MHA->GQA, GQA->MLA (TransMLA), GLA, GTA",
         description="Convert an MHA/GQA checkpoint (HF Llama/Mistral/Qwen2 or kvslim) to GQA (mean-pooled KV "
-        "heads), MLA (RoRoPE + FreqFold + BKV-PCA, DeepSeek-V3 format), GLA or GTA (kvslim format), calibrated "
-        "on real text; prints KV bytes/token before and after. See docs/convert.md.",
+        "heads), MLA (RoRoPE + FreqFold + BKV-PCA, DeepSeek-V3 format), GLA or GTA (kvslim format, or DeepSeek "
+        "MLA with --format deepseek), calibrated on real text; prints KV bytes/token before and after, and for "
+        "a DeepSeek export what the serving target costs. See docs/convert.md and docs/serve_with_vllm.md.",
     )
     p.add_argument("--model", required=True, metavar="DIR", help="source checkpoint directory")
     p.add_argument("--to", required=True, choices=["gqa", "mla", "gla", "gta"], help="target attention")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (written atomically)")
     p.add_argument("--format", choices=["deepseek", "hf", "kvslim"],
-                   help="output format (default: deepseek for mla, kvslim otherwise; hf = Llama, gqa only)")
+                   help="output format (default: deepseek for mla or with --target, kvslim otherwise; hf = Llama, "
+                   "gqa only; deepseek holds mla, gla and gta as DeepSeek-V3 MLA)")
+    p.add_argument("--target", choices=["transformers", "vllm", "sglang"],
+                   help="DeepSeek export: the server it must load in (default transformers; vllm pads the "
+                   "latent to a head size vLLM accepts and widens RoPE to 64). Any target's file computes the "
+                   "same in every server that accepts its shapes")
+    p.add_argument("--mla-head-size", type=int, metavar="N",
+                   help="DeepSeek export: pad kv_lora_rank + qk_rope_head_dim to N (vLLM: 320, 512 or 576; "
+                   "vLLM's CPU backend and FlashMLA need 576)")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     p.add_argument("--kv-heads", type=int, help="gqa: KV heads after mean-pooling (divides the source's)")
     p.add_argument("--kv-lora-rank", "--latent-dim", dest="kv_lora_rank", type=int,
@@ -37,14 +46,17 @@ def add(subparsers) -> None:
 
 
 def run(args) -> int:
-    from kvslim.convert import convert_checkpoint, kv_table
+    from kvslim.convert import convert_checkpoint, export_summary, kv_table
 
     res = convert_checkpoint(
-        model_dir=args.model, out=args.out, to=args.to, fmt=args.format, force=args.force,
+        model_dir=args.model, out=args.out, to=args.to, fmt=args.format, target=args.target,
+        head_size=args.mla_head_size, force=args.force,
         kv_heads=args.kv_heads, latent_heads=args.latent_heads, kv_lora_rank=args.kv_lora_rank,
         rope_dim=args.rope_dim, freqfold=args.freqfold, method=args.method, calib_samples=args.calib_samples,
         calib_seq_len=args.calib_seq_len, calib_text=args.calib_text, seed=args.seed, dtype=args.dtype,
     )
     print(kv_table(res.source, res.target, res.num_layers))
+    if res.export:
+        print(export_summary(res.export, res.num_layers))
     print(f"\nwrote {res.out} ({res.seconds:.1f} s)")
     return 0

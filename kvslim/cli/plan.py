@@ -52,6 +52,11 @@ def add(subparsers) -> None:
         help="dtype of the weights for --params (default bf16)",
     )
     p.add_argument("--mem-util", type=float, default=0.9, help="usable memory fraction (default 0.9)")
+    p.add_argument("--serve-as", choices=["transformers", "vllm", "sglang"],
+                   help="plan MLA/GLA/GTA as the DeepSeek MLA checkpoint `kvslim convert --target` writes for "
+                   "this server (vllm: padded latent, 64-wide RoPE; kvslim/serving.py); other kinds unchanged")
+    p.add_argument("--mla-head-size", type=int, metavar="N",
+                   help="with --serve-as: pad kv_lora_rank + qk_rope_head_dim to N (vLLM: 320, 512, 576)")
     p.add_argument("--plot", metavar="PATH", help="save a roofline PNG")
     p.set_defaults(func=run)
 
@@ -84,6 +89,17 @@ def run(args) -> int:
     if args.compare:
         args.preset = list(args.preset) + [args.compare]
     chosen = specs_from_args(args)
+    labels = [None] * len(chosen)
+    if args.mla_head_size is not None and not args.serve_as:
+        raise ValueError("--mla-head-size needs --serve-as")
+    if args.serve_as:
+        from kvslim.serving import mla_layout
+
+        for i, (s, c) in enumerate(chosen):
+            if s.is_tied:
+                lay = mla_layout(s, args.serve_as, args.mla_head_size)
+                print(f"{s.name}: {lay.describe()}")
+                chosen[i], labels[i] = (lay.spec, c), f"{s.name}@{args.serve_as}"
     layers = args.layers
     if layers is None:
         from_cfg = [c.get("num_hidden_layers") for _, c in chosen if c and c.get("num_hidden_layers")]
@@ -99,7 +115,7 @@ def run(args) -> int:
         "weights_bytes": weights,
         "mem_util": args.mem_util,
     }
-    results = [plan(s, tp=t, **kw) for s, _ in chosen for t in args.tp]
+    results = [plan(s, tp=t, label=lab, **kw) for (s, _), lab in zip(chosen, labels) for t in args.tp]
     if len(results) == 1 and not args.compare:
         print(format_plan(results[0]))
     else:

@@ -21,9 +21,10 @@ from kvslim.convert.gqa_to_gta import check_gta_target, fit_gta
 from kvslim.convert.latent import check_latent_target, fit_latent
 from kvslim.convert.mha_to_gqa import check_gqa_target, mha_to_gqa
 from kvslim.model import Transformer
+from kvslim.serving import SERVE_TARGETS, mla_layout
 from kvslim.spec import AttentionSpec
 
-__all__ = ["ConvertResult", "check_conversion", "convert_checkpoint", "convert_model", "kv_table"]
+__all__ = ["ConvertResult", "check_conversion", "convert_checkpoint", "convert_model", "export_summary", "kv_table"]
 
 TARGETS = ("gqa", "mla", "gla", "gta")
 DEFAULT_FORMAT = {"gqa": "kvslim", "mla": "deepseek", "gla": "kvslim", "gta": "kvslim"}
@@ -37,6 +38,7 @@ class ConvertResult:
     out: Path | None = None
     seconds: float = 0.0
     stats: dict = field(default_factory=dict)
+    export: dict = field(default_factory=dict)  # the DeepSeek writer's report (layout, cost, fp16 check)
 
 
 def kv_table(source: AttentionSpec, target: AttentionSpec, num_layers: int, dtype_bytes: int = 2) -> str:
@@ -47,6 +49,22 @@ def kv_table(source: AttentionSpec, target: AttentionSpec, num_layers: int, dtyp
                      f"{s.row_dim / source.row_dim:.3f}"))
     w = [max(len(r[i]) for r in rows) for i in range(5)]
     return "\n".join("  ".join(c.ljust(w[i]) for i, c in enumerate(r)) for r in rows)
+
+
+def export_summary(report: dict, num_layers: int, dtype_bytes: int = 2) -> str:
+    """What a DeepSeek export (``ConvertResult.export``) costs and guarantees, as printed lines."""
+    lo, hi = report["norm_weight_log2"]
+    fp16 = (f"weights representable in fp16 (max relative cast error {report['fp16_cast_error']:.1e}); "
+            if report["fp16_ok"] else f"weights NOT representable in fp16 (cast error "
+            f"{report['fp16_cast_error']:.1e}, norm weight up to 2^{hi}); ")
+    return "\n".join([
+        report["layout"].describe(num_layers, dtype_bytes),
+        f"rms_norm_eps {report['rms_norm_eps']:g} declared for every norm (source {report['source_rms_norm_eps']:.3g}; "
+        f"residual stream x{report['residual_scale']:.4g} so each norm computes as before)",
+        f"kv_a_layernorm exactly linear: weight 2^{lo}..2^{hi}, deviation <= {report['latent_norm_nonlinearity']:.1e} "
+        "(relative) for any input",
+        fp16 + "serve in bfloat16 or float32 (fp16 compute cannot run the linear latent norm)",
+    ])
 
 
 def check_conversion(spec: AttentionSpec, to: str, *, kv_heads=None, latent_heads=None, kv_lora_rank=None,
@@ -108,8 +126,29 @@ def convert_model(model: Transformer, to: str, *, calib: torch.Tensor | None = N
     return _run(model, to, moments, progress=progress, **opts)
 
 
+def _target_spec(spec: AttentionSpec, to: str, *, latent_heads, kv_lora_rank, rope_dim) -> AttentionSpec:
+    """The converted model's attention, known before calibrating (so the export can be checked first)."""
+    base = dict(hidden_size=spec.hidden_size, num_heads=spec.num_heads, head_dim=spec.head_dim,
+                rope_theta=spec.rope_theta, rope_scaling=spec.rope_scaling, qkv_bias=spec.qkv_bias)
+    if to == "gta":
+        return AttentionSpec(kind="gta", num_kv_heads=spec.num_kv_heads, **base)
+    return AttentionSpec(kind=to, num_latent_heads=1 if to == "mla" else latent_heads, latent_dim=kv_lora_rank,
+                         rope_dim=rope_dim, v_head_dim=spec.head_dim, latent_norm=False, **base)
+
+
+def _check_deepseek_source(model: Transformer) -> None:
+    """Biases a DeepSeek-V3 export can never hold exactly, found in the source (before calibrating)."""
+    for i, layer in enumerate(model.model.layers):
+        for name, why in (("q_proj", "a query bias adds b_q·k to the scores, which varies with the key"),
+                          ("v_proj", "a value bias adds a constant o_proj(b_v) to the attention output")):
+            b = getattr(layer.self_attn, name).bias
+            if b is not None and bool(b.abs().max() > 0):
+                raise ValueError(f"layer {i} {name} has a bias; DeepSeek-V3 has no attention biases and {why}, "
+                                 "so it is not exact without one; use --format kvslim")
+
+
 def convert_checkpoint(*, model_dir: str | os.PathLike, out: str | os.PathLike, to: str, fmt: str | None = None,
-                       force: bool = False, kv_heads: int | None = None, latent_heads: int | None = None,
+                       target: str | None = None, head_size: int | None = None, force: bool = False, kv_heads: int | None = None, latent_heads: int | None = None,
                        kv_lora_rank: int | None = None, rope_dim: int = 64, freqfold: int | None = None,
                        method: str = "transmla", calib_samples: int = 32, calib_seq_len: int = 256,
                        calib_text: str = "sotu", calib_tokens: torch.Tensor | None = None, seed: int = 0,
@@ -120,7 +159,11 @@ def convert_checkpoint(*, model_dir: str | os.PathLike, out: str | os.PathLike, 
         model_dir: Hugging Face Llama/Mistral/Qwen2 directory or a kvslim checkpoint.
         out: output directory; must not exist unless ``force``.
         to: ``gqa`` (mean-pool to ``kv_heads``), ``mla``, ``gla`` (``latent_heads``), ``gta``.
-        fmt: ``deepseek`` (MLA only; default for mla), ``hf`` (Llama; gqa only), ``kvslim``.
+        fmt: ``deepseek`` (mla, gla, gta; default for mla and whenever ``target`` is given), ``hf``
+            (Llama; gqa only), ``kvslim``.
+        target: ``transformers`` (default), ``vllm`` or ``sglang``: shapes the DeepSeek export for that
+            server (kvslim/serving.py: vllm pads the latent to an accepted head size, widens RoPE to 64).
+        head_size: ``kv_lora_rank + qk_rope_head_dim`` to pad the DeepSeek export to (e.g. 576).
         kv_lora_rank: latent dim per latent head (mla/gla).
         rope_dim: ``d_R`` of the shared RoPE key (mla/gla; gta uses d_h/2).
         freqfold, method: see ``gqa_to_latent`` (freqfold None = smallest valid, r/d_R).
@@ -136,13 +179,20 @@ def convert_checkpoint(*, model_dir: str | os.PathLike, out: str | os.PathLike, 
     check_output(out, force=force, sources=(model_dir,))
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    fmt = fmt or DEFAULT_FORMAT.get(to, "kvslim")
-    if fmt == "deepseek" and to != "mla":
-        raise ValueError(f"format 'deepseek' holds MLA models only; --to {to} needs --format kvslim")
+    if target is not None and target not in SERVE_TARGETS:
+        raise ValueError(f"target must be one of {SERVE_TARGETS}, got {target!r}")
+    fmt = fmt or ("deepseek" if target is not None or head_size is not None else DEFAULT_FORMAT.get(to, "kvslim"))
+    if fmt == "deepseek" and to == "gqa":
+        raise ValueError("format 'deepseek' holds MLA, GLA or GTA models (as DeepSeek MLA); --to gqa needs "
+                         "--format hf or kvslim")
+    if fmt != "deepseek" and (target is not None or head_size is not None):
+        raise ValueError(f"--target/--mla-head-size apply to format 'deepseek' only, not {fmt!r}")
     if fmt == "hf" and to != "gqa":
         raise ValueError(f"format 'hf' (Llama) holds GQA models only; --to {to} needs --format kvslim")
     if fmt == "deepseek" and dtype == "float16":
-        raise ValueError("format 'deepseek' with float16 would underflow the scaled latent; use bfloat16 or float32")
+        raise ValueError("format 'deepseek' with float16: the exactly linear latent norm needs latent activations "
+                         "~1e-7, below fp16's normal range; use bfloat16 or float32")
+    target = target or "transformers"
     model = Transformer.from_pretrained(model_dir, dtype=torch.float32)
     spec = model.spec
     n_params = sum(v.numel() for v in model.state_dict().values())
@@ -150,8 +200,12 @@ def convert_checkpoint(*, model_dir: str | os.PathLike, out: str | os.PathLike, 
     opts = dict(kv_heads=kv_heads, latent_heads=latent_heads, kv_lora_rank=kv_lora_rank, rope_dim=rope_dim,
                 freqfold=freqfold, method=method, gta_state=gta_state)
     check_conversion(spec, to, **opts)
-    if fmt == "deepseek" and spec.qkv_bias:
-        raise ValueError("transformers' DeepSeek-V3 has no q_proj bias: a model with qkv biases needs --format kvslim")
+    if fmt == "deepseek":
+        mla_layout(_target_spec(spec, to, latent_heads=latent_heads, kv_lora_rank=kv_lora_rank, rope_dim=rope_dim),
+                   target, head_size)
+        if model.config.mlp_bias:
+            raise ValueError("DeepSeek-V3's MLP has no biases: a model with mlp_bias needs --format kvslim")
+        _check_deepseek_source(model)
     calib = calib_tokens
     if to != "gqa" and calib is None:
         for name, v in (("calib_samples", calib_samples), ("calib_seq_len", calib_seq_len)):
@@ -161,7 +215,9 @@ def convert_checkpoint(*, model_dir: str | os.PathLike, out: str | os.PathLike, 
                                    text=calib_text, seed=seed)
     moments = None if to == "gqa" else attention_input_moments(model, calib, progress=progress)
     new, stats = _run(model, to, moments, progress=progress, **opts)
+    report: dict = {}
+    ds = dict(target=target, head_size=head_size, report=report) if fmt == "deepseek" else {}
     write_checkpoint(new, out, fmt=fmt, dtype=DTYPES[dtype], tokenizer_from=model_dir, force=force,
-                     sources=(model_dir,))
+                     sources=(model_dir,), **ds)
     return ConvertResult(source=spec, target=new.spec, num_layers=model.config.num_layers, out=out,
-                         seconds=time.time() - t0, stats=stats)
+                         seconds=time.time() - t0, stats=stats, export=report)
