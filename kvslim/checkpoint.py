@@ -201,6 +201,21 @@ def _existing_ancestor(p: Path) -> Path:
     return p
 
 
+def _writable_ancestor(out: Path, path, flag: str) -> Path:
+    """The nearest existing ancestor of ``out``'s parent, proven writable with a probe file (root's
+    permission bits say nothing, a read-only mount or an immutable directory only shows on a write)."""
+    base = _existing_ancestor(out.parent)
+    if not base.is_dir():
+        raise ValueError(f"{flag} {os.fspath(path)!r}: {base} is a file, not a directory")
+    try:
+        fd, probe = tempfile.mkstemp(dir=base, prefix=".kvslim-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ValueError(f"cannot write {flag} {os.fspath(path)!r}: {base} is not writable ({e.strerror})") from None
+    return base
+
+
 def check_output(path: str | os.PathLike, *, force: bool = False, sources=(), keep: tuple[str, ...] = (),
                  expected_bytes: int = 0, resume: bool = False, flag: str = "--out") -> Path:
     """Validate an output model directory before any long work; returns it as a Path.
@@ -242,13 +257,7 @@ def check_output(path: str | os.PathLike, *, force: bool = False, sources=(), ke
                     + (f", sub-directories {list(keep)} only" if keep else ", no sub-directories")
                     + f"), so --force will not replace it; it holds {items[:6]}"
                     + (" ..." if len(items) > 6 else ""))
-    base = _existing_ancestor(out.parent)
-    try:
-        fd, probe = tempfile.mkstemp(dir=base, prefix=".kvslim-probe-")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise ValueError(f"cannot write {flag} {os.fspath(path)!r}: {base} is not writable ({e.strerror})") from None
+    base = _writable_ancestor(out, path, flag)
     free = shutil.disk_usage(base).free
     if expected_bytes and expected_bytes * 1.05 > free:
         raise ValueError(f"{flag} {os.fspath(path)!r} needs about {expected_bytes / 1e9:.2f} GB but "
@@ -260,20 +269,12 @@ def check_output_file(path: str | os.PathLike, *, flag: str) -> Path:
     """Validate a file a command will write at its end (``--json``, ``--plot``) before the work.
 
     The path may not be a directory and its nearest existing ancestor must be writable; missing
-    parent directories are created when the file is written (:func:`open_output_file`).
+    parent directories are created when the file is written (:func:`prepare_output_file`).
     """
     out = Path(os.path.abspath(os.fspath(path)))
     if out.is_dir():
         raise ValueError(f"{flag} {os.fspath(path)!r} is a directory, not a file")
-    base = _existing_ancestor(out.parent)
-    if not base.is_dir():
-        raise ValueError(f"{flag} {os.fspath(path)!r}: {base} is a file, not a directory")
-    try:
-        fd, probe = tempfile.mkstemp(dir=base, prefix=".kvslim-probe-")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise ValueError(f"cannot write {flag} {os.fspath(path)!r}: {base} is not writable ({e.strerror})") from None
+    _writable_ancestor(out, path, flag)
     return out
 
 
