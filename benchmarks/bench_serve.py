@@ -125,7 +125,7 @@ def engine_rows(args, v: str, bpt: int, device: str, concs: list[int], deadline:
     config = EngineConfig(kv_memory_gib=args.kv_memory, page_size=args.page_size, max_batch=args.max_batch,
                           max_num_batched_tokens=args.max_num_batched_tokens,
                           max_model_len=args.max_model_len, cuda_graphs=False if args.no_cuda_graphs else None,
-                          kv_dtype=kv)
+                          kv_dtype=kv, compile=args.compile)
     engine = LLMEngine(model, config)
     # warm-up outside the measurement: a short closed loop of the same prompts, so the first row does
     # not pay one-time costs (Triton specialisations of short prefill chunks, cuBLAS/SDPA shapes, allocator)
@@ -176,7 +176,8 @@ def http_rows(args, v: str, bpt: int, concs: list[int], deadline: float, est: di
                "--dtype", args.dtype, "--kv-memory", str(args.kv_memory), "--page-size", str(args.page_size),
                "--max-batch", str(args.max_batch), "--max-num-batched-tokens", str(args.max_num_batched_tokens),
                "--max-model-len", str(args.max_model_len), "--port", "0",
-               "--port-file", pf] + (["--no-cuda-graphs"] if args.no_cuda_graphs else [])
+               "--port-file", pf] + (["--no-cuda-graphs"] if args.no_cuda_graphs else []) + (
+                   ["--compile"] if args.compile else [])
         if args.tp > 1:
             cmd += ["--tp", str(args.tp)]
         if args.dp > 1:
@@ -307,6 +308,7 @@ def main(argv=None) -> None:
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192,
                     help="tokens per engine step (prefill chunks + decodes)")
     ap.add_argument("--no-cuda-graphs", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the engine's decode step")
     ap.add_argument("--time-budget", type=float, default=float("inf"),
                     help="seconds for the whole run; work that would not fit is skipped with a message")
     ap.add_argument("--progress-every", type=float, default=20.0, help="seconds between progress lines")

@@ -27,6 +27,7 @@ class LayerCache:
     start: torch.Tensor  # [B] int32: tokens cached before this forward
     check_bounds: bool = True  # False when the caller already checked capacity (saves a host sync)
     fmt: RowFormat | None = None  # the packed fp8 row; None: rows of the pool's dtype
+    write_impl: str = "auto"  # how write() stores rows by default (see write)
 
     @property
     def is_fp8(self) -> bool:
@@ -38,12 +39,13 @@ class LayerCache:
             return roundtrip_rows(rows, self.fmt)
         return rows.to(self.pool.dtype).to(rows.dtype)
 
-    def write(self, rows: torch.Tensor, *, impl: str = "auto") -> None:
+    def write(self, rows: torch.Tensor, *, impl: str | None = None) -> None:
         """Store ``rows [B, T, row_dim]`` at positions ``start[b] + t`` (quantized for an fp8 cache).
 
         ``impl``: ``triton`` (one launch that also quantizes, ``kvslim.kernels.write``; the default
         on CUDA), ``torch`` (its oracle: ``quantize_rows`` + ``index_copy_``, the default on CPU).
         """
+        impl = self.write_impl if impl is None else impl
         B, T, R = rows.shape
         want = self.fmt.row_dim if self.is_fp8 else self.pool.shape[-1]
         if want != R:
@@ -57,6 +59,11 @@ class LayerCache:
                     f"cache overflow: position {last} needs more than {self.block_table.shape[1]} pages of {page_size}"
                 )
         if impl == "triton" or (impl == "auto" and self.pool.is_cuda):
+            if torch.compiler.is_compiling():  # one opaque op in the traced graph (kvslim.kernels.ops)
+                from kvslim.kernels.ops import fmt_args, write_rows_op
+
+                write_rows_op(self.pool, rows, self.block_table, self.start, fmt_args(self.fmt))
+                return
             from kvslim.kernels.write import write_rows
 
             write_rows(self.pool, rows, self.block_table, self.start, self.fmt if self.is_fp8 else None)

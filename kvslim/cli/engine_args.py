@@ -42,6 +42,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens per step (default 2048)")
     g.add_argument("--max-model-len", type=int, help="prompt + output limit (default: the model's)")
     g.add_argument("--no-cuda-graphs", action="store_true", help="run decode eagerly on CUDA")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step (fuses norms, RoPE, casts around the kernels; "
+                        "slower start-up)")
     g.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (default 1)")
 
 
@@ -80,6 +83,7 @@ def engine_config_from_args(args) -> EngineConfig:
         num_pages=args.num_pages, kv_memory_gib=args.kv_memory, mem_util=args.mem_util, page_size=args.page_size,
         max_batch=args.max_batch, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len, cuda_graphs=False if args.no_cuda_graphs else None,
+        compile=args.compile,
         kv_dtype=None if args.kv_dtype == "auto" else args.kv_dtype,
         device=args.device or "auto", dtype=args.dtype, tp=args.tp,
     )

@@ -51,6 +51,9 @@ class EngineConfig:
         max_model_len: prompt + output limit (default: the model's, capped by the pool).
         cuda_graphs: capture decode in CUDA graphs (None: on CUDA).
         graph_batches: decode batch sizes to capture.
+        compile: run the decode step through ``torch.compile`` (Inductor fuses the elementwise work
+            around the kernels, which stay custom ops; compiled before graph capture, so it costs
+            start-up time once).
         kv_dtype: KV cache dtype: ``bf16``, ``fp16``, ``fp32`` or ``fp8`` (packed e4m3 rows with
             per-token tile scales, ``kvslim.rows``); None: the model's dtype.
         seed: seed of the engine RNG for requests without a seed of their own.
@@ -69,6 +72,7 @@ class EngineConfig:
     max_model_len: int | None = None
     cuda_graphs: bool | None = None
     graph_batches: tuple[int, ...] = DEFAULT_GRAPH_BATCHES
+    compile: bool = False
     kv_dtype: str | None = None
     seed: int | None = None
     device: str = "auto"
@@ -86,6 +90,8 @@ class EngineConfig:
         _int("max_model_len", self.max_model_len, optional=True)
         if self.cuda_graphs not in (None, True, False):
             raise ValueError(f"cuda_graphs must be None, True or False, got {self.cuda_graphs!r}")
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"compile must be True or False, got {self.compile!r}")
         batches = tuple(self.graph_batches)
         for b in batches:
             _int("graph_batches entries", b)

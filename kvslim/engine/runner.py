@@ -54,12 +54,18 @@ class ModelRunner:
         kv_format: the cache row (``kvslim.rows.RowFormat``; default: rows of the model's dtype).
         cuda_graphs: capture decode graphs (CUDA only; ``None`` = on CUDA).
         graph_batches: batch sizes to capture (clipped to ``max_batch``).
+        compile: run decode through ``torch.compile`` (one graph over all layers, the kernels as
+            custom ops, ``kvslim.kernels.ops``; compiled for a dynamic batch before capture).
     """
 
     def __init__(self, model, *, num_pages: int, page_size: int, max_pages_per_seq: int, max_batch: int,
                  kv_format: RowFormat | None = None, cuda_graphs: bool | None = None,
-                 graph_batches=DEFAULT_GRAPH_BATCHES):
+                 graph_batches=DEFAULT_GRAPH_BATCHES, compile: bool = False):
         self.model = model
+        self.compiled = compile
+        self._decode_fn = torch.compile(self._run, dynamic=True) if compile else self._run
+        # the cache write takes the attention's kernel choice (impl="triton" also under TRITON_INTERPRET)
+        self.write_impl = "triton" if model.model.layers[0].self_attn.impl == "triton" else "auto"
         p = next(model.parameters())
         self.device = p.device
         self.page_size = page_size
@@ -100,14 +106,23 @@ class ModelRunner:
             self._capture()
 
     @torch.inference_mode()
-    def _forward(self, tokens: torch.Tensor, start: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
-        """tokens ``[B, T]``, start ``[B]`` int32, block_table ``[B, P]`` int32 -> last-position logits ``[B, V]``."""
+    def _forward(self, tokens: torch.Tensor, start: torch.Tensor, block_table: torch.Tensor,
+                 decode: bool = False) -> torch.Tensor:
+        """tokens ``[B, T]``, start ``[B]`` int32, block_table ``[B, P]`` int32 -> last-position logits ``[B, V]``.
+
+        ``decode``: through the decode function (compiled when the runner was built with ``compile``).
+        """
+        return (self._decode_fn if decode else self._run)(tokens, start, block_table)
+
+    def _run(self, tokens: torch.Tensor, start: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
         m = self.model
         T = tokens.shape[1]
         positions = start.long()[:, None] + torch.arange(T, device=tokens.device)[None, :]
         x = m.model.embed_tokens(tokens)
         for layer, pool in zip(m.model.layers, self.pools):
-            x = layer(x, positions, LayerCache(pool, block_table, start, check_bounds=False, fmt=self.layer_fmt))
+            cache = LayerCache(pool, block_table, start, check_bounds=False, fmt=self.layer_fmt,
+                               write_impl=self.write_impl)
+            x = layer(x, positions, cache)
         x = m.model.norm(x[:, -1:])
         return m.lm_head(x)[:, 0].float()
 
@@ -158,7 +173,7 @@ class ModelRunner:
         if self.device.type != "cuda":
             stage = self._stage_host
             bt = self.table.index_select(0, stage[2, :B])
-            return self._forward(stage[0, :B, None], stage[1, :B].to(torch.int32), bt)
+            return self._forward(stage[0, :B, None], stage[1, :B].to(torch.int32), bt, decode=True)
         if self._dirty:
             lo, hi = self._dirty
             self._table_dev[lo:hi].copy_(self.table[lo:hi], non_blocking=True)
@@ -176,7 +191,7 @@ class ModelRunner:
         """The decode forward over the first ``b`` rows of the device staging buffer and table."""
         stage = self._stage
         bt = self._table_dev.index_select(0, stage[2, :b])
-        return self._forward(stage[0, :b, None], stage[1, :b].to(torch.int32), bt)
+        return self._forward(stage[0, :b, None], stage[1, :b].to(torch.int32), bt, decode=True)
 
     def _capture(self) -> None:
         dev = self.device

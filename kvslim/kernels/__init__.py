@@ -68,17 +68,19 @@ def _check_common(q, cache, block_table, seq_lens, row_dim, q_dim, impl, kv_form
 
         if os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError("impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1)")
-    if impl == "torch" or q.device.type != "cuda":
+    which = "triton" if impl == "triton" or (impl == "auto" and q.device.type == "cuda") else "torch"
+    if which == "torch" or (q.device.type != "cuda" and not torch.compiler.is_compiling()):
         # Value checks need the lengths on the host: free for CPU tensors and on the
         # reference path (it syncs anyway). The CUDA kernels skip them to stay sync-free
-        # and CUDA-graph capturable; they clamp seq_len to the block table instead.
+        # and CUDA-graph capturable; they clamp seq_len to the block table instead (also when traced
+        # by torch.compile under the interpreter: a host read would break the graph).
         page_size = cache.shape[1]
         max_len = block_table.shape[1] * page_size
         if int(seq_lens.max()) > max_len:
             raise ValueError(f"seq_lens max {int(seq_lens.max())} exceeds block_table capacity {max_len}")
         if int(seq_lens.min()) < q_len:
             raise ValueError(f"every seq_len must be >= q_len={q_len}, got min {int(seq_lens.min())}")
-    return "triton" if impl == "triton" or (impl == "auto" and q.device.type == "cuda") else "torch"
+    return which
 
 
 def decode_separate(
@@ -124,6 +126,11 @@ def decode_separate(
             q, cache, block_table, seq_lens, num_kv_heads=num_kv_heads, head_dim=head_dim, softmax_scale=scale,
             kv_format=kv_format,
         )
+    if torch.compiler.is_compiling():  # an opaque op inside the traced graph (kvslim.kernels.ops)
+        from kvslim.kernels.ops import decode_separate_op, fmt_args
+
+        return decode_separate_op(q, cache, block_table, seq_lens, num_kv_heads, head_dim, scale, num_splits or 0,
+                                  fmt_args(kv_format))
     from kvslim.kernels.separate import decode_separate_triton
 
     return decode_separate_triton(
@@ -192,6 +199,11 @@ def decode_tied(
     )
     if which == "torch":
         return decode_tied_ref(q, cache, block_table, seq_lens, **kw)
+    if torch.compiler.is_compiling():
+        from kvslim.kernels.ops import decode_tied_op, fmt_args
+
+        return decode_tied_op(q, cache, block_table, seq_lens, num_state_heads, state_dim, nope_dim, rope_dim, v_dim,
+                              softmax_scale, num_splits or 0, fmt_args(kv_format))
     from kvslim.kernels.tied import decode_tied_triton
 
     return decode_tied_triton(q, cache, block_table, seq_lens, num_splits=num_splits, **kw)

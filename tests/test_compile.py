@@ -1,0 +1,53 @@
+"""torch.compile of the engine's decode step: the kernels as custom ops (kvslim.kernels.ops), same tokens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvslim.engine.config import EngineConfig
+from kvslim.engine.engine import LLMEngine, SamplingParams
+from kvslim.kernels import ops
+from kvslim.rows import RowFormat
+from kvslim.testing import tiny_model, tiny_spec
+
+PROMPTS = [[1, 2, 3, 4, 5, 6, 7], [9, 8, 7, 6, 5, 4, 3, 2, 1, 11, 12]]
+
+
+@pytest.mark.parametrize("preset,kv", [("gqa-2", None), ("gla-2", "fp8")])
+def test_compiled_decode_matches_eager(preset, kv):
+    model = tiny_model(tiny_spec(preset), layers=1)
+    model.set_attention_options(impl="triton")  # the custom-op path (Triton interpreter on CPU)
+    out = {}
+    for comp in (False, True):
+        cfg = EngineConfig(num_pages=64, page_size=4, max_batch=4, max_model_len=64, compile=comp, device="cpu",
+                           kv_dtype=kv)
+        eng = LLMEngine(model, cfg)
+        assert eng.runner.compiled is comp
+        out[comp] = eng.generate(PROMPTS, SamplingParams(max_tokens=6))
+    assert out[True] == out[False]
+
+
+def test_ops_schema_and_fake():
+    torch.manual_seed(0)
+    q = torch.randn(2, 1, 4, 16)
+    cache = torch.randn(6, 4, 2 * 2 * 16)
+    bt = torch.arange(6, dtype=torch.int32).view(2, 3)
+    lens = torch.tensor([5, 9], dtype=torch.int32)
+    torch.library.opcheck(ops.decode_separate_op, (q, cache, bt, lens, 2, 16, 0.25, 0, []),
+                          test_utils=("test_schema", "test_faketensor"))
+    qt = torch.randn(2, 1, 4, 24)
+    tc = torch.randn(6, 4, 2 * 16 + 8)
+    torch.library.opcheck(ops.decode_tied_op, (qt, tc, bt, lens, 2, 16, 16, 8, 16, 0.2, 0, []),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_fmt_args_roundtrip():
+    fmt = RowFormat("fp8", 40, quant=32, plain=8, tile=16)
+    assert ops._fmt(ops.fmt_args(fmt)) == fmt
+    assert ops.fmt_args(None) == [] and ops.fmt_args(RowFormat("bf16", 40)) == []
+
+
+def test_compile_flag_validated():
+    with pytest.raises(ValueError, match="compile"):
+        EngineConfig(compile="yes")
