@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from kvslim.checkpoint import check_output, read_config
-from kvslim.convert.calib import attention_input_moments, calibration_tokens
+from kvslim.convert.calib import attention_input_moments, calibration_tokens, parse_calib_spec
 from kvslim.convert.export import DTYPES, write_checkpoint
 from kvslim.convert.gqa_to_gta import check_gta_target, fit_gta
 from kvslim.convert.latent import check_latent_target, fit_latent
@@ -167,12 +167,16 @@ def convert_checkpoint(*, model_dir: str | os.PathLike, out: str | os.PathLike, 
         kv_lora_rank: latent dim per latent head (mla/gla).
         rope_dim: ``d_R`` of the shared RoPE key (mla/gla; gta uses d_h/2).
         freqfold, method: see ``gqa_to_latent`` (freqfold None = smallest valid, r/d_R).
-        calib_samples, calib_seq_len, calib_text, seed: calibration windows (real text, calib split).
+        calib_samples, calib_seq_len, seed: calibration windows (real text, calib splits).
+        calib_text: a ``--calib`` spec (calib.py ``CALIB_GRAMMAR``): one source or a weighted
+            mixture, e.g. ``sotu:0.25,moby-dick:0.25,shakespeare:0.25,code:0.25``.
         calib_tokens: ``[N, T]`` token windows to use instead of ``calib_text`` (tests, custom data).
         dtype: output weight dtype: float32, bfloat16 or float16.
     """
     t0 = time.time()
     model_dir, out = Path(model_dir), Path(out)
+    if to != "gqa" and calib_tokens is None:
+        parse_calib_spec(calib_text)  # a bad --calib fails before anything is read or written
     read_config(model_dir)
     if not any(model_dir.glob("*.safetensors")):
         raise ValueError(f"model_dir {model_dir} has no .safetensors files")
