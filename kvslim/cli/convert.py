@@ -35,6 +35,10 @@ def add(subparsers) -> None:
                    help="mla/gla: adjacent RoPE frequencies per PCA (default: source rotary dims / d_R, e.g. 1)")
     p.add_argument("--method", choices=["transmla", "mha2mla"], default="transmla",
                    help="transmla: RoRoPE + BKV-PCA (default); mha2mla: norm-selected partial RoPE + weight SVD")
+    p.add_argument("--fit", choices=["bkv", "output"], default="bkv",
+                   help="mla/gla/gta latent fit: bkv = TransMLA's balanced PCA of [K_nope; V] (default); output = "
+                   "the same rank in the output-aware metric (key errors weighted by the calibrated query second "
+                   "moment, value errors by o_proj; see docs/convert.md)")
     p.add_argument("--calib-samples", type=int, default=32, help="calibration windows (default 32)")
     p.add_argument("--calib-seq-len", type=int, default=256, help="tokens per calibration window (default 256)")
     p.add_argument("--calib", "--calib-text", dest="calib", default="sotu", metavar="SPEC",
@@ -56,7 +60,7 @@ def run(args) -> int:
         model_dir=args.model, out=args.out, to=args.to, fmt=args.format, target=args.target,
         head_size=args.mla_head_size, force=args.force,
         kv_heads=args.kv_heads, latent_heads=args.latent_heads, kv_lora_rank=args.kv_lora_rank,
-        rope_dim=args.rope_dim, freqfold=args.freqfold, method=args.method, calib_samples=args.calib_samples,
+        rope_dim=args.rope_dim, freqfold=args.freqfold, method=args.method, fit=args.fit, calib_samples=args.calib_samples,
         calib_seq_len=args.calib_seq_len, calib_text=args.calib, seed=args.seed, dtype=args.dtype,
     )
     print(kv_table(res.source, res.target, res.num_layers))

@@ -261,7 +261,7 @@ def load_text(path_or_name: str | os.PathLike, split: str | None = None, *, clea
     """
     s = os.fspath(path_or_name)
     name, _, suffix = s.partition(":")
-    if name in LOCAL_GENRES and not os.path.exists(s):
+    if name in LOCAL_GENRES and not os.path.isfile(s):  # (a directory such as ./docs is never a text file)
         split = split or suffix or None
         if split not in (None, "calib", "eval"):
             raise ValueError(f"split must be 'calib' or 'eval', got {split!r}")
