@@ -91,3 +91,12 @@ def test_bad_calib_spec_fails_before_anything_is_written(tmp_path, capsys):
                "16", "--out", str(tmp_path / "out"), "--calib", "sotu:eval"])
     assert rc == 2 and "not 'eval'" in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path)) == ["src"]
+
+
+def test_local_genre_names_win_over_directories(tmp_path, monkeypatch):
+    from kvslim.eval import load_text
+
+    (tmp_path / "docs").mkdir()  # like the repository's own docs/ folder
+    monkeypatch.chdir(tmp_path)
+    assert load_text("docs:eval") == local_split("docs")["eval"]
+    assert load_text("code", "calib") == local_split("code")["calib"]
