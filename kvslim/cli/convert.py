@@ -35,10 +35,18 @@ def add(subparsers) -> None:
                    help="mla/gla: adjacent RoPE frequencies per PCA (default: source rotary dims / d_R, e.g. 1)")
     p.add_argument("--method", choices=["transmla", "mha2mla"], default="transmla",
                    help="transmla: RoRoPE + BKV-PCA (default); mha2mla: norm-selected partial RoPE + weight SVD")
+    p.add_argument("--fit", choices=["bkv", "output"], default="bkv",
+                   help="mla/gla/gta latent fit: bkv = TransMLA's balanced PCA of [K_nope; V] (default); output = "
+                   "the same rank in the output-aware metric (key errors weighted by the calibrated query second "
+                   "moment, value errors by o_proj; see docs/convert.md)")
     p.add_argument("--calib-samples", type=int, default=32, help="calibration windows (default 32)")
     p.add_argument("--calib-seq-len", type=int, default=256, help="tokens per calibration window (default 256)")
-    p.add_argument("--calib-text", default="sotu",
-                   help="calibration corpus (its calib split) or a text file (default sotu)")
+    p.add_argument("--calib", "--calib-text", dest="calib", default="sotu", metavar="SPEC",
+                   help="calibration text: SOURCE[:WEIGHT][,SOURCE[:WEIGHT]...]; SOURCE = a corpus (sotu, "
+                   "moby-dick, shakespeare) or local genre (code = the interpreter's stdlib sources, pyref, "
+                   "legal, docs), whose calib split is used, or a UTF-8 text file; weights (default 1) are "
+                   "normalised and split the windows, e.g. sotu:0.25,moby-dick:0.25,shakespeare:0.25,code:0.25 "
+                   "(default sotu; see docs/convert.md)")
     p.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="output weight dtype (default float32)")
@@ -52,8 +60,8 @@ def run(args) -> int:
         model_dir=args.model, out=args.out, to=args.to, fmt=args.format, target=args.target,
         head_size=args.mla_head_size, force=args.force,
         kv_heads=args.kv_heads, latent_heads=args.latent_heads, kv_lora_rank=args.kv_lora_rank,
-        rope_dim=args.rope_dim, freqfold=args.freqfold, method=args.method, calib_samples=args.calib_samples,
-        calib_seq_len=args.calib_seq_len, calib_text=args.calib_text, seed=args.seed, dtype=args.dtype,
+        rope_dim=args.rope_dim, freqfold=args.freqfold, method=args.method, fit=args.fit, calib_samples=args.calib_samples,
+        calib_seq_len=args.calib_seq_len, calib_text=args.calib, seed=args.seed, dtype=args.dtype,
     )
     print(kv_table(res.source, res.target, res.num_layers))
     if res.export:

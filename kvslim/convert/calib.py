@@ -7,6 +7,10 @@ run PCA over calibration keys/values) need a few hundred windows of real text.
 state; :func:`calibration_tokens` takes them from a corpus' calibration split (never its
 evaluation split, see ``kvslim.eval.data``) or a text file.
 
+**Mixtures.** ``calibration_tokens`` reads a ``--calib`` spec (``CALIB_GRAMMAR``): one
+source or a weighted mixture of genres (``sotu:0.25,moby-dick:0.25,shakespeare:0.25,code:0.25``),
+so a conversion can be fit to the distribution it will serve rather than to one genre.
+
 **Moments.** Every quantity the PCA-based converters need (keys per RoPE frequency for RoRoPE,
 balanced ``[K_nope; V]`` for BKV-PCA, per-group states for GLA/GTA, query norms for the MHA2MLA
 baseline) is a *linear* function of the attention input ``x`` (+ a constant 1 for biases). So
@@ -20,7 +24,10 @@ RMS norms of ``K_nope`` and ``V`` (computable from Σ), not of their mean L2 nor
 
 from __future__ import annotations
 
+import math
+import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -28,7 +35,8 @@ from tqdm.auto import tqdm
 from kvslim.eval.perplexity import _as_token_ids
 from kvslim.eval.tokenizer import tokenize
 
-__all__ = ["attention_input_moments", "calibration_batches", "calibration_tokens"]
+__all__ = ["CALIB_GRAMMAR", "CalibSource", "attention_input_moments", "calibration_batches", "calibration_tokens",
+           "parse_calib_spec", "window_counts"]
 
 
 def calibration_batches(
@@ -115,16 +123,103 @@ def attention_input_moments(model, batches: torch.Tensor, *, batch_size: int = 4
     return [s / count[0] for s in sums]
 
 
+CALIB_GRAMMAR = """\
+SPEC   := ITEM ("," ITEM)*
+ITEM   := SOURCE [":" WEIGHT]
+SOURCE := a corpus of kvslim.eval.data (sotu, moby-dick, shakespeare) or a local genre of
+          kvslim.eval.local (code, pyref, legal, docs): its *calib* split is used (":calib" may
+          be written out; ":eval" is refused), or the path of a UTF-8 text file (used whole)
+WEIGHT := a positive number; weights are normalised to sum 1; an omitted weight is 1"""
+
+
+@dataclass(frozen=True)
+class CalibSource:
+    """One item of a ``--calib`` spec: where its text comes from and its share of the windows."""
+
+    source: str  # corpus / genre name, or a file path
+    weight: float
+    is_file: bool
+
+
+def parse_calib_spec(spec: str) -> list[CalibSource]:
+    """Parse a ``--calib`` spec (grammar: ``CALIB_GRAMMAR``) and check every source exists.
+
+    Raises ValueError naming the bad item: empty items, bad or non-positive weights, an
+    ``:eval`` split, a duplicated source, or a source that is neither a known corpus/genre nor
+    an existing file. Nothing is read or tokenized here beyond checking that files exist.
+    """
+    from kvslim.eval.data import CORPORA
+    from kvslim.eval.local import LOCAL_GENRES
+
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"calib spec must be a non-empty string, got {spec!r}")
+    names = sorted(CORPORA) + list(LOCAL_GENRES)
+    out: list[CalibSource] = []
+    for raw in spec.split(","):
+        item = raw.strip()
+        if not item:
+            raise ValueError(f"calib spec {spec!r} has an empty item (check the commas)")
+        src, weight = item, 1.0
+        head, sep, tail = item.rpartition(":")
+        if sep and not os.path.exists(item):
+            try:
+                weight = float(tail)
+            except ValueError:
+                weight = None
+            if weight is not None:
+                src = head
+            else:
+                weight = 1.0
+        if not math.isfinite(weight) or weight <= 0:
+            raise ValueError(f"calib item {item!r}: weight must be a positive number, got {tail!r}")
+        name, sep2, split = src.partition(":")
+        if os.path.isfile(src):
+            out.append(CalibSource(src, weight, True))
+        elif name in names and (not sep2 or split == "calib"):
+            out.append(CalibSource(name, weight, False))
+        elif name in names:
+            raise ValueError(f"calib item {item!r}: calibration reads only the calib split of {name!r}, "
+                             f"not {split!r} (the eval split is held out)")
+        else:
+            raise ValueError(f"calib item {item!r}: unknown source {src!r}: not a corpus or genre {names} "
+                             "and not an existing file")
+    seen = [c.source for c in out]
+    dup = sorted({x for x in seen if seen.count(x) > 1})
+    if dup:
+        raise ValueError(f"calib spec {spec!r} names {dup} more than once")
+    return out
+
+
+def window_counts(sources: Sequence[CalibSource], num_samples: int) -> list[int]:
+    """Windows per source: ``num_samples`` split by weight (largest remainder), each at least 1."""
+    total = sum(c.weight for c in sources)
+    exact = [num_samples * c.weight / total for c in sources]
+    counts = [int(math.floor(x)) for x in exact]
+    for i in sorted(range(len(exact)), key=lambda i: (counts[i] - exact[i], i))[: num_samples - sum(counts)]:
+        counts[i] += 1
+    for c, n in zip(sources, counts):
+        if n < 1:
+            raise ValueError(f"calib item {c.source!r} gets 0 of {num_samples} windows at weight "
+                             f"{c.weight / total:.3f}; raise --calib-samples or its weight")
+    return counts
+
+
 def calibration_tokens(tokenizer_dir, *, num_samples: int, seq_len: int, text: str = "sotu",
                        seed: int = 0) -> torch.Tensor:
-    """``[num_samples, seq_len]`` windows of real calibration text (default: sotu calib split).
+    """``[num_samples, seq_len]`` windows of real calibration text (default: the sotu calib split).
 
-    ``text`` is a corpus name of ``kvslim.eval.data`` (its calib split is used, never the eval
-    split) or a path to a UTF-8 text file.
+    ``text`` is a ``--calib`` spec (``CALIB_GRAMMAR``): one source, or a weighted mixture such
+    as ``sotu:0.25,moby-dick:0.25,shakespeare:0.25,code:0.25``. Each source gets its share of
+    the windows (``window_counts``), sampled from its own calib split with ``seed``; the rows
+    come source by source, in spec order.
     """
-    from kvslim.eval.data import CORPORA, load_text
+    from kvslim.eval.data import load_text
 
-    name = str(text)
-    source = load_text(name, "calib") if name.split(":")[0] in CORPORA and ":" not in name else load_text(name)
-    return calibration_batches(source, num_samples=num_samples, seq_len=seq_len, seed=seed,
-                               tokenizer=str(tokenizer_dir))
+    sources = parse_calib_spec(str(text))
+    counts = window_counts(sources, num_samples)
+    parts = []
+    for c, n in zip(sources, counts):
+        source = load_text(c.source) if c.is_file else load_text(c.source, "calib")
+        parts.append(calibration_batches(source, num_samples=n, seq_len=seq_len, seed=seed,
+                                         tokenizer=str(tokenizer_dir)))
+    return torch.cat(parts)

@@ -13,7 +13,8 @@ from torch import nn
 from kvslim.model import ModelConfig, Transformer
 from kvslim.spec import AttentionSpec
 
-__all__ = ["aug", "check_grouped_source", "new_model", "set_linear", "top_eigvecs"]
+__all__ = ["FITS", "aug", "check_grouped_source", "metric_basis", "new_model", "output_metric", "set_linear", "sqrt_pair",
+           "top_eigvecs"]
 
 
 def aug(lin: nn.Linear) -> torch.Tensor:
@@ -94,3 +95,54 @@ def lstsq_map(S: torch.Tensor, target: torch.Tensor, basis: torch.Tensor) -> tor
     G = basis @ S @ basis.T
     G = G + 1e-12 * G.diagonal().mean() * torch.eye(G.shape[0], dtype=G.dtype)
     return torch.linalg.solve(G, basis @ S @ target.T).T
+
+
+FITS = ("bkv", "output")
+
+
+def sqrt_pair(M: torch.Tensor, ridge: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(M^{1/2}, M^{-1/2})`` of a PSD matrix, with a relative ridge so the inverse exists."""
+    M = (M + M.T) / 2
+    M = M + ridge * M.diagonal().mean().clamp_min(1e-300) * torch.eye(M.shape[0], dtype=M.dtype)
+    w, U = torch.linalg.eigh(M)
+    w = w.clamp_min(w.max() * 1e-12)
+    return (U * w.sqrt()) @ U.T, (U / w.sqrt()) @ U.T
+
+
+def output_metric(S: torch.Tensor, Wq: torch.Tensor, Wo: torch.Tensor, groups, g_q: int, d: int,
+                  keys: list[torch.Tensor], values: list[torch.Tensor]) -> tuple[list, list]:
+    """Per group j: ``(β·M_k[j], M_v[j])``, the metrics of the output-aware fit.
+
+    A key error ``δk`` of group j changes head h's score by ``q_hᵀ δk``, so over calibration
+    queries its cost is ``δkᵀ M_k δk`` with ``M_k = Σ_{h∈j} W_q[h] Σ W_q[h]ᵀ`` (the group's query
+    second moment); a value error ``δv`` reaches the residual stream as ``W_o[:, h] δv``, cost
+    ``δvᵀ M_v δv`` with ``M_v = Σ_{h∈j} W_o[:, h]ᵀ W_o[:, h]``. ``β`` puts the weighted key and
+    value energies ``Σ_j tr(M C)`` equal (the balancing of BKV, in the output metric).
+    ``keys[j]``, ``values[j]`` are the group's ``[d, D+1]`` projections whose moments C are taken.
+    """
+    Mk, Mv, ek, ev = [], [], 0.0, 0.0
+    for j, K, V in zip(groups, keys, values):
+        heads = range(j * g_q, (j + 1) * g_q)
+        mk = sum(Wq[h * d : (h + 1) * d] @ S @ Wq[h * d : (h + 1) * d].T for h in heads)
+        mv = sum(Wo[:, h * d : (h + 1) * d].T @ Wo[:, h * d : (h + 1) * d] for h in heads)
+        ek += float(torch.trace(mk @ K @ S @ K.T))
+        ev += float(torch.trace(mv @ V @ S @ V.T))
+        Mk.append(mk)
+        Mv.append(mv)
+    beta = ev / ek if ek > 0 and ev > 0 else 1.0
+    return [beta * m for m in Mk], Mv
+
+
+def metric_basis(Z: torch.Tensor, S: torch.Tensor, blocks: list[torch.Tensor], k: int):
+    """Rank-``k`` fit of ``Z x̃`` minimising ``E‖M^{1/2}(Z x̃ - U D Z x̃)‖²``, ``M = blockdiag(blocks)``.
+
+    Returns ``(down [k, D+1] = the latent rows, up [rows(Z), k], eigenvalues)``: the latent is
+    ``down @ x̃`` and ``Z x̃ ≈ up @ latent``. With ``M = I`` this is the PCA of BKV; at full rank
+    it is exact (``up @ down`` is the identity on the span of ``Z``).
+    """
+    pairs = [sqrt_pair(b) for b in blocks]
+    Mh, Mih = torch.block_diag(*[p[0] for p in pairs]), torch.block_diag(*[p[1] for p in pairs])
+    if Mh.shape[0] != Z.shape[0]:
+        raise ValueError(f"internal: metric of {Mh.shape[0]} rows for {Z.shape[0]} rows")
+    U, evals = top_eigvecs(Mh @ Z @ S @ Z.T @ Mh, k)
+    return U.T @ Mh @ Z, Mih @ U, evals

@@ -27,11 +27,14 @@ import torch
 from tqdm.auto import tqdm
 
 from kvslim.convert.common import (
+    FITS,
     aug,
     balanced_kv,
     check_grouped_source,
     lstsq_map,
+    metric_basis,
     new_model,
+    output_metric,
     set_linear,
     top_eigvecs,
 )
@@ -45,7 +48,7 @@ STATES = ("key", "joint")
 
 @torch.no_grad()
 def gqa_to_gta(model, moments: list[torch.Tensor], *, freqfold: int | None = None, state: str = "joint",
-               balance: bool = True, progress: bool = True, stats: dict | None = None):
+               balance: bool = True, fit: str = "bkv", progress: bool = True, stats: dict | None = None):
     """Convert an MHA/MQA/GQA kvslim Transformer to GTA with the same ``h_kv`` groups.
 
     Args:
@@ -56,16 +59,25 @@ def gqa_to_gta(model, moments: list[torch.Tensor], *, freqfold: int | None = Non
             values; default, SmolLM2 ppl 62.3 vs 71.1 for ``key``) or ``key`` (PCA of the NoPE
             keys; exact in more cases, see the module docstring).
         balance: BKV balancing for ``state="joint"``.
+        fit: ``bkv`` (the PCAs of step 3) or ``output``: the same PCAs in the output-aware metric
+            of latent.py (``s1`` from the metric-weighted joint PCA, ``s2`` from the value
+            residual weighted by ``M_v``; needs ``state="joint"``).
     """
     spec = check_grouped_source(model)
-    check_gta_target(spec, freqfold=freqfold, state=state)
-    return fit_gta(model, moments, freqfold=freqfold, state=state, balance=balance, progress=progress, stats=stats)
+    check_gta_target(spec, freqfold=freqfold, state=state, fit=fit)
+    return fit_gta(model, moments, freqfold=freqfold, state=state, balance=balance, fit=fit, progress=progress,
+                   stats=stats)
 
 
-def check_gta_target(spec: AttentionSpec, *, freqfold: int | None = None, state: str = "joint") -> None:
+def check_gta_target(spec: AttentionSpec, *, freqfold: int | None = None, state: str = "joint",
+                     fit: str = "bkv") -> None:
     """Raise ValueError naming the bad field if ``spec`` (MHA/MQA/GQA) cannot become GTA this way."""
     if state not in STATES:
         raise ValueError(f"state must be one of {STATES}, got {state!r}")
+    if fit not in FITS:
+        raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
+    if fit == "output" and state != "joint":
+        raise ValueError(f"fit='output' fits the joint state; it needs state='joint', not {state!r}")
     d = spec.head_dim
     if d % 4:
         raise ValueError(f"GTA needs head_dim divisible by 4 (d_h/2 even RoPE key), got {d}")
@@ -78,7 +90,7 @@ def check_gta_target(spec: AttentionSpec, *, freqfold: int | None = None, state:
 
 @torch.no_grad()
 def fit_gta(model, moments: list[torch.Tensor], *, freqfold: int | None = None, state: str = "joint",
-            balance: bool = True, progress: bool = True, stats: dict | None = None):
+            balance: bool = True, fit: str = "bkv", progress: bool = True, stats: dict | None = None):
     """The fit of :func:`gqa_to_gta` for a target already checked by :func:`check_gta_target`."""
     spec = model.spec
     h_q, h_kv, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
@@ -104,7 +116,10 @@ def fit_gta(model, moments: list[torch.Tensor], *, freqfold: int | None = None, 
         kv_rows, q_rows, o_cols, k_err, v_err = [], [None] * h_q, [None] * h_q, [], []
         for j in range(h_kv):
             Ej, Vj = E[j], Wv[j * d : (j + 1) * d]
-            if state == "key":
+            if fit == "output":
+                Mk, Mv = output_metric(S, Wq, Wo, [j], g_q, d, [Ej], [Vj])
+                s1, _, _ = metric_basis(torch.cat([Ej, Vj]), S, Mk + Mv, half)
+            elif state == "key":
                 A1, _ = top_eigvecs(Ej @ S @ Ej.T, half)
                 s1 = A1.T @ Ej
             else:
@@ -112,8 +127,12 @@ def fit_gta(model, moments: list[torch.Tensor], *, freqfold: int | None = None, 
                 A1, _ = top_eigvecs(Z @ S @ Z.T, half)
                 s1 = A1.T @ Z
             res = Vj - lstsq_map(S, Vj, s1) @ s1
-            A2, _ = top_eigvecs(res @ S @ res.T, half)
-            Sj = torch.cat([s1, A2.T @ res])  # [d, D+1]: the tied state
+            if fit == "output":
+                s2, _, _ = metric_basis(res, S, Mv, half)
+            else:
+                A2, _ = top_eigvecs(res @ S @ res.T, half)
+                s2 = A2.T @ res
+            Sj = torch.cat([s1, s2])  # [d, D+1]: the tied state
             K1 = lstsq_map(S, Ej, s1)  # E_j ≈ K1 s1
             Lj = lstsq_map(S, Vj, Sj)  # V_j ≈ L_j S_j
             kv_rows.append(Sj)

@@ -21,6 +21,16 @@ group j = g(h)) and the calibrated input moment ``Σ = E[x̃x̃ᵀ]`` (calib.py)
    latent ``c = A_cᵀ Z_c x̃``, ``W_UK[h] = α_c A_c[E_j rows]``, ``W_UV[h] = A_c[V_j rows]``.
    (For MLA the stacked ``E_j`` are an isometric image of ``K_nope``, so this is exactly the
    joint PCA of ``[K_nope; V]``.)
+3'. **Output-aware fit** (``fit="output"``, beyond TransMLA). BKV-PCA already whitens by the
+   calibration input (its PCA is of ``Z_c Σ Z_cᵀ``, so it minimises the error of the K/V
+   *outputs* over the input distribution), but measures that error in the raw key/value
+   space with one scalar ``α``. What matters downstream is the score error ``q_hᵀ δk`` and the
+   residual-stream error ``W_o[:, h] δv``; so the fit minimises ``E‖M^{1/2}(Z_c x̃ - Z̃_c x̃)‖²``
+   with ``M = blockdiag(β M_k[j], M_v[j])``, ``M_k[j] = Σ_{h∈j} W_q[h] Σ W_q[h]ᵀ`` (the group's
+   query second moment), ``M_v[j] = Σ_{h∈j} W_o[:,h]ᵀ W_o[:,h]``, ``β`` equalising the weighted
+   key and value energies (common.py ``output_metric``). Solution: ``U`` = top ``d_c``
+   eigenvectors of ``M^{1/2} Z_c Σ Z_cᵀ M^{1/2}``, latent ``Uᵀ M^{1/2} Z_c x̃``, up-projections
+   ``M^{-1/2} U`` (``metric_basis``). Same cache, same exactness at full rank.
 4. Softmax scale: MLA uses ``1/sqrt(d_nope + d_R)``; ``q_proj`` is multiplied by
    ``sqrt((d_h + d_R)/d_h)`` so scores keep the source's ``1/sqrt(d_h)``.
 
@@ -40,7 +50,17 @@ import math
 import torch
 from tqdm.auto import tqdm
 
-from kvslim.convert.common import aug, balanced_kv, check_grouped_source, new_model, set_linear, top_eigvecs
+from kvslim.convert.common import (
+    FITS,
+    aug,
+    balanced_kv,
+    check_grouped_source,
+    metric_basis,
+    new_model,
+    output_metric,
+    set_linear,
+    top_eigvecs,
+)
 from kvslim.convert.rorope import (
     check_freqfold,
     collapse_factor,
@@ -63,10 +83,14 @@ def max_latent_dim(spec: AttentionSpec, latent_heads: int, rope_dim: int) -> int
 
 
 def check_latent_target(spec: AttentionSpec, latent_heads, latent_dim, rope_dim, method="transmla",
-                        freqfold=None) -> None:
+                        freqfold=None, fit="bkv") -> None:
     """Raise ValueError naming the bad field if ``spec`` (MHA/MQA/GQA) cannot be fit to this latent target."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if fit not in FITS:
+        raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
+    if fit != "bkv" and method != "transmla":
+        raise ValueError(f"fit={fit!r} refits TransMLA's latent; it does not apply to method={method!r}")
     collapse_factor(spec.rope_dim, rope_dim)
     for name, v in (("latent_heads", latent_heads), ("latent_dim (kv_lora_rank)", latent_dim)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -101,7 +125,7 @@ def layer_rotation(attn, S, spec: AttentionSpec, rope_dim: int, freqfold: int, m
 @torch.no_grad()
 def gqa_to_latent(model, moments: list[torch.Tensor] | None, *, latent_heads: int, latent_dim: int,
                   rope_dim: int, freqfold: int | None = None, method: str = "transmla", balance: bool = True,
-                  progress: bool = True, stats: dict | None = None):
+                  fit: str = "bkv", progress: bool = True, stats: dict | None = None):
     """Convert an MHA/MQA/GQA kvslim Transformer to MLA (``latent_heads=1``) or GLA.
 
     Args:
@@ -116,19 +140,22 @@ def gqa_to_latent(model, moments: list[torch.Tensor] | None, *, latent_heads: in
         method: ``transmla`` (RoRoPE + BKV-PCA) or ``mha2mla`` (norm-selected partial RoPE +
             weight SVD).
         balance: BKV balancing (transmla only).
+        fit: ``bkv`` (TransMLA: PCA of the balanced ``[K_nope; V]``) or ``output`` (the
+            output-aware metric of the module docstring, step 3').
         stats: optional dict that receives per-layer diagnostics.
     Returns:
         a new ``Transformer`` with kind mla/gla, ``latent_norm=False``.
     """
     spec = check_grouped_source(model)
-    check_latent_target(spec, latent_heads, latent_dim, rope_dim, method, freqfold)
+    check_latent_target(spec, latent_heads, latent_dim, rope_dim, method, freqfold, fit)
     return fit_latent(model, moments, latent_heads=latent_heads, latent_dim=latent_dim, rope_dim=rope_dim,
-                      freqfold=freqfold, method=method, balance=balance, progress=progress, stats=stats)
+                      freqfold=freqfold, method=method, balance=balance, fit=fit, progress=progress, stats=stats)
 
 
 @torch.no_grad()
 def fit_latent(model, moments, *, latent_heads: int, latent_dim: int, rope_dim: int, freqfold: int | None = None,
-               method: str = "transmla", balance: bool = True, progress: bool = True, stats: dict | None = None):
+               method: str = "transmla", balance: bool = True, fit: str = "bkv", progress: bool = True,
+               stats: dict | None = None):
     """The fit of :func:`gqa_to_latent` for a target already checked by :func:`check_latent_target`."""
     spec = model.spec
     if freqfold is None:
@@ -150,7 +177,7 @@ def fit_latent(model, moments, *, latent_heads: int, latent_dim: int, rope_dim: 
     for li, (src, dst) in enumerate(tqdm(list(zip(model.model.layers, out.model.layers)), desc=f"convert {new_spec.name}",
                                          unit="layer", disable=not progress, leave=False)):
         a, b, S = src.self_attn, dst.self_attn, moments[li].double()
-        Wq, Wk, Wv = aug(a.q_proj), aug(a.k_proj), aug(a.v_proj)
+        Wq, Wk, Wv, Wo = aug(a.q_proj), aug(a.k_proj), aug(a.v_proj), a.o_proj.weight.detach().double().cpu()
         rot = layer_rotation(a, S, spec, rope_dim, freqfold, method)
         R = rot.R
         E = effective_keys(R, Wk, rope_dim, h_kv, d)  # [h_kv, d, D+1]
@@ -160,6 +187,18 @@ def fit_latent(model, moments, *, latent_heads: int, latent_dim: int, rope_dim: 
             groups = range(c * G, (c + 1) * G)
             Ek = torch.cat([E[j] for j in groups])
             Vc = torch.cat([Wv[j * d : (j + 1) * d] for j in groups])
+            if fit == "output":
+                Mk, Mv = output_metric(S, Wq, Wo, groups, g_q, d, [E[j] for j in groups],
+                                       [Wv[j * d : (j + 1) * d] for j in groups])
+                Z = torch.cat([Ek, Vc])
+                down, up, evals = metric_basis(Z, S, Mk + Mv, latent_dim)
+                alphas.append(1.0)
+                energies.append(float(evals[:latent_dim].sum() / evals.sum().clamp_min(1e-300)))
+                lat_rows.append(down)
+                for gi, j in enumerate(groups):
+                    for h in range(j * g_q, (j + 1) * g_q):
+                        w_kv_b[h] = torch.cat([up[gi * d : (gi + 1) * d], up[G * d + gi * d : G * d + (gi + 1) * d]])
+                continue
             if method == "transmla":
                 Z, alpha = balanced_kv(Ek, Vc, S, balance)
                 A, evals = top_eigvecs(Z @ S @ Z.T, latent_dim)
@@ -194,14 +233,16 @@ def fit_latent(model, moments, *, latent_heads: int, latent_dim: int, rope_dim: 
 
 
 def gqa_to_mla(model, moments, *, kv_lora_rank: int, rope_dim: int = 64, freqfold: int | None = None,
-               method: str = "transmla", balance: bool = True, progress: bool = True, stats: dict | None = None):
+               method: str = "transmla", balance: bool = True, fit: str = "bkv", progress: bool = True,
+               stats: dict | None = None):
     """GQA -> MLA (TransMLA): one latent of ``kv_lora_rank`` + one shared RoPE key of ``rope_dim``."""
     return gqa_to_latent(model, moments, latent_heads=1, latent_dim=kv_lora_rank, rope_dim=rope_dim,
-                         freqfold=freqfold, method=method, balance=balance, progress=progress, stats=stats)
+                         freqfold=freqfold, method=method, balance=balance, fit=fit, progress=progress, stats=stats)
 
 
 def gqa_to_gla(model, moments, *, latent_heads: int, latent_dim: int, rope_dim: int = 64, freqfold: int | None = None,
-               method: str = "transmla", balance: bool = True, progress: bool = True, stats: dict | None = None):
+               method: str = "transmla", balance: bool = True, fit: str = "bkv", progress: bool = True,
+               stats: dict | None = None):
     """GQA -> GLA with ``latent_heads`` latents of ``latent_dim`` each (must divide h_kv)."""
     return gqa_to_latent(model, moments, latent_heads=latent_heads, latent_dim=latent_dim, rope_dim=rope_dim,
-                         freqfold=freqfold, method=method, balance=balance, progress=progress, stats=stats)
+                         freqfold=freqfold, method=method, balance=balance, fit=fit, progress=progress, stats=stats)

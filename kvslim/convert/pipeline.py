@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from kvslim.checkpoint import check_output, read_config
-from kvslim.convert.calib import attention_input_moments, calibration_tokens
+from kvslim.convert.calib import attention_input_moments, calibration_tokens, parse_calib_spec
 from kvslim.convert.export import DTYPES, write_checkpoint
 from kvslim.convert.gqa_to_gta import check_gta_target, fit_gta
 from kvslim.convert.latent import check_latent_target, fit_latent
@@ -68,7 +68,8 @@ def export_summary(report: dict, num_layers: int, dtype_bytes: int = 2) -> str:
 
 
 def check_conversion(spec: AttentionSpec, to: str, *, kv_heads=None, latent_heads=None, kv_lora_rank=None,
-                     rope_dim: int = 64, freqfold=None, method: str = "transmla", gta_state: str = "joint") -> None:
+                     rope_dim: int = 64, freqfold=None, method: str = "transmla", gta_state: str = "joint",
+                     fit: str = "bkv") -> None:
     """Raise ValueError naming the bad option if ``spec`` cannot be converted ``to`` this target.
 
     The one validation of a conversion: :func:`convert_checkpoint` runs it before the slow
@@ -79,43 +80,46 @@ def check_conversion(spec: AttentionSpec, to: str, *, kv_heads=None, latent_head
     if spec.kind not in ("mha", "mqa", "gqa"):
         raise ValueError(f"unsupported source attention kind {spec.kind!r}: converters read MHA/MQA/GQA checkpoints")
     if to == "gqa":
+        if fit != "bkv":
+            raise ValueError(f"--fit {fit} applies to mla, gla and gta; --to gqa mean-pools")
         check_gqa_target(spec, kv_heads)
     elif to == "gta":
-        check_gta_target(spec, freqfold=freqfold, state=gta_state)
+        check_gta_target(spec, freqfold=freqfold, state=gta_state, fit=fit)
     else:
         if kv_lora_rank is None:
             raise ValueError(f"--to {to} needs --kv-lora-rank (latent dim per latent head)")
         h_c = 1 if to == "mla" else latent_heads
         if h_c is None:
             raise ValueError("--to gla needs --latent-heads")
-        check_latent_target(spec, h_c, kv_lora_rank, rope_dim, method, freqfold)
+        check_latent_target(spec, h_c, kv_lora_rank, rope_dim, method, freqfold, fit)
 
 
 def _run(model: Transformer, to: str, moments, *, kv_heads, latent_heads, kv_lora_rank, rope_dim, freqfold, method,
-         gta_state, progress) -> tuple[Transformer, dict]:
+         gta_state, fit, progress) -> tuple[Transformer, dict]:
     """Convert a model whose target :func:`check_conversion` accepted."""
     stats: dict = {}
     if to == "gqa":
         return mha_to_gqa(model, num_kv_heads=kv_heads), stats
     if to == "gta":
-        return fit_gta(model, moments, state=gta_state, freqfold=freqfold, progress=progress, stats=stats), stats
+        return fit_gta(model, moments, state=gta_state, freqfold=freqfold, fit=fit, progress=progress,
+                       stats=stats), stats
     h_c = 1 if to == "mla" else latent_heads
     out = fit_latent(model, moments, latent_heads=h_c, latent_dim=kv_lora_rank, rope_dim=rope_dim,
-                     freqfold=freqfold, method=method, progress=progress, stats=stats)
+                     freqfold=freqfold, method=method, fit=fit, progress=progress, stats=stats)
     return out, stats
 
 
 def convert_model(model: Transformer, to: str, *, calib: torch.Tensor | None = None, moments=None,
                   kv_heads: int | None = None, latent_heads: int | None = None, kv_lora_rank: int | None = None,
                   rope_dim: int = 64, freqfold: int | None = None, method: str = "transmla",
-                  gta_state: str = "joint", progress: bool = True) -> tuple[Transformer, dict]:
+                  gta_state: str = "joint", fit: str = "bkv", progress: bool = True) -> tuple[Transformer, dict]:
     """Convert an in-memory kvslim Transformer; returns (new model, diagnostics).
 
     ``moments`` (per-layer ``E[x̃x̃ᵀ]`` from ``attention_input_moments``) or ``calib`` token
     windows are needed for every target but ``gqa``.
     """
     opts = dict(kv_heads=kv_heads, latent_heads=latent_heads, kv_lora_rank=kv_lora_rank, rope_dim=rope_dim,
-                freqfold=freqfold, method=method, gta_state=gta_state)
+                freqfold=freqfold, method=method, gta_state=gta_state, fit=fit)
     check_conversion(model.spec, to, **opts)
     if to != "gqa" and moments is None:
         if calib is None:
@@ -152,7 +156,8 @@ def convert_checkpoint(*, model_dir: str | os.PathLike, out: str | os.PathLike, 
                        kv_lora_rank: int | None = None, rope_dim: int = 64, freqfold: int | None = None,
                        method: str = "transmla", calib_samples: int = 32, calib_seq_len: int = 256,
                        calib_text: str = "sotu", calib_tokens: torch.Tensor | None = None, seed: int = 0,
-                       dtype: str = "float32", gta_state: str = "joint", progress: bool = True) -> ConvertResult:
+                       dtype: str = "float32", gta_state: str = "joint", fit: str = "bkv",
+                       progress: bool = True) -> ConvertResult:
     """Convert the checkpoint in ``model_dir`` and write it to ``out`` (atomically).
 
     Args:
@@ -167,12 +172,17 @@ def convert_checkpoint(*, model_dir: str | os.PathLike, out: str | os.PathLike, 
         kv_lora_rank: latent dim per latent head (mla/gla).
         rope_dim: ``d_R`` of the shared RoPE key (mla/gla; gta uses d_h/2).
         freqfold, method: see ``gqa_to_latent`` (freqfold None = smallest valid, r/d_R).
-        calib_samples, calib_seq_len, calib_text, seed: calibration windows (real text, calib split).
+        calib_samples, calib_seq_len, seed: calibration windows (real text, calib splits).
+        calib_text: a ``--calib`` spec (calib.py ``CALIB_GRAMMAR``): one source or a weighted
+            mixture, e.g. ``sotu:0.25,moby-dick:0.25,shakespeare:0.25,code:0.25``.
         calib_tokens: ``[N, T]`` token windows to use instead of ``calib_text`` (tests, custom data).
         dtype: output weight dtype: float32, bfloat16 or float16.
+        fit: ``bkv`` (TransMLA's balanced PCA) or ``output`` (the output-aware metric, latent.py).
     """
     t0 = time.time()
     model_dir, out = Path(model_dir), Path(out)
+    if to != "gqa" and calib_tokens is None:
+        parse_calib_spec(calib_text)  # a bad --calib fails before anything is read or written
     read_config(model_dir)
     if not any(model_dir.glob("*.safetensors")):
         raise ValueError(f"model_dir {model_dir} has no .safetensors files")
@@ -198,7 +208,7 @@ def convert_checkpoint(*, model_dir: str | os.PathLike, out: str | os.PathLike, 
     n_params = sum(v.numel() for v in model.state_dict().values())
     check_output(out, force=force, sources=(model_dir,), expected_bytes=n_params * DTYPES[dtype].itemsize)
     opts = dict(kv_heads=kv_heads, latent_heads=latent_heads, kv_lora_rank=kv_lora_rank, rope_dim=rope_dim,
-                freqfold=freqfold, method=method, gta_state=gta_state)
+                freqfold=freqfold, method=method, gta_state=gta_state, fit=fit)
     check_conversion(spec, to, **opts)
     if fmt == "deepseek":
         mla_layout(_target_spec(spec, to, latent_heads=latent_heads, kv_lora_rank=kv_lora_rank, rope_dim=rope_dim),

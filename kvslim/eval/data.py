@@ -29,6 +29,8 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from kvslim.eval.local import LOCAL_GENRES, local_documents, local_split
+
 __all__ = [
     "CORPORA",
     "SPLITS",
@@ -249,8 +251,9 @@ def load_text(path_or_name: str | os.PathLike, split: str | None = None, *, clea
     """Text of a named corpus (optionally one split) or of a UTF-8 text file.
 
     Args:
-        path_or_name: a corpus name ("sotu", "moby-dick", "shakespeare"), optionally with a
-            split suffix ("sotu:eval", "moby-dick:calib"), or a path to a text file.
+        path_or_name: a corpus name ("sotu", "moby-dick", "shakespeare") or a local genre of
+            local.py ("code", "pyref", "legal", "docs"), optionally with a split suffix
+            ("sotu:eval", "code:calib"), or a path to a text file.
         split: "calib" or "eval" for a named corpus; None = the whole corpus.
         clean: for a file, normalise it as the corpora are (CRLF -> LF, no BOM, at most one
             blank line in a row, no leading/trailing whitespace); by default a file's text is
@@ -258,6 +261,11 @@ def load_text(path_or_name: str | os.PathLike, split: str | None = None, *, clea
     """
     s = os.fspath(path_or_name)
     name, _, suffix = s.partition(":")
+    if name in LOCAL_GENRES and not os.path.isfile(s):  # (a directory such as ./docs is never a text file)
+        split = split or suffix or None
+        if split not in (None, "calib", "eval"):
+            raise ValueError(f"split must be 'calib' or 'eval', got {split!r}")
+        return DOC_SEP.join(local_documents(name).values()) if split is None else local_split(name)[split]
     if name in CORPORA and not os.path.exists(s):
         split = split or suffix or None
         if split is None:
@@ -270,7 +278,7 @@ def load_text(path_or_name: str | os.PathLike, split: str | None = None, *, clea
     p = Path(s)
     if not p.is_file():
         raise ValueError(
-            f"text source must be one of {sorted(CORPORA)} (optionally ':calib'/':eval') "
+            f"text source must be one of {sorted(CORPORA) + list(LOCAL_GENRES)} (optionally ':calib'/':eval') "
             f"or an existing file, got {s!r}"
         )
     try:
