@@ -10,8 +10,8 @@ tokens/s and its speed-up over k = 0, and whether the tokens equal k = 0's exact
 Prefix caching: N requests sharing a long system prompt (a Moby-Dick excerpt as reference text)
 with different questions, prefix caching off vs on: prefill tokens, hit rate, wall time.
 
-Usage: ``python -m benchmarks.spec_prefix [--device cuda] [--k 3,5] [--max-tokens 128]``
-(CPU by default, ~5 minutes on 2 shared cores). Writes benchmarks/results/spec_prefix_<device>.md.
+Usage: ``python -m benchmarks.spec_prefix [--device cuda] [--k 3,5] [--max-tokens 96]``
+(CPU by default, one thread, ~6 minutes on a shared 2-core machine). Writes benchmarks/results/spec_prefix_<device>.md.
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ CODE_SOURCE = Path(__file__).resolve().parents[1] / "kvslim" / "engine" / "specu
 
 def _chat(tok, user: str, system: str | None = None) -> list[int]:
     msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
-    return tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+    text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    return list(tok(text, add_special_tokens=False)["input_ids"])
 
 
 def spec_prompts(tok, n_words: int) -> dict[str, list[int]]:
@@ -138,13 +139,17 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--k", default="3,5", help="speculative tokens to compare with k=0 (default 3,5)")
-    ap.add_argument("--max-tokens", type=int, default=128, help="new tokens per speculation prompt (default 128)")
-    ap.add_argument("--words", type=int, default=350, help="words of the SOTU excerpt (default 350)")
-    ap.add_argument("--requests", type=int, default=16, help="requests sharing the system prompt (default 16)")
-    ap.add_argument("--system-words", type=int, default=400, help="words of the system prompt (default 400)")
+    ap.add_argument("--max-tokens", type=int, default=96, help="new tokens per speculation prompt (default 96)")
+    ap.add_argument("--words", type=int, default=250, help="words of the SOTU excerpt (default 250)")
+    ap.add_argument("--requests", type=int, default=12, help="requests sharing the system prompt (default 12)")
+    ap.add_argument("--system-words", type=int, default=300, help="words of the system prompt (default 300)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (default 1: on a shared 2-core machine more threads ran 10x slower)")
     ap.add_argument("--out", type=Path, help="markdown file (default benchmarks/results/spec_prefix_<device>.md)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
     model = Transformer.from_pretrained(smollm2_dir()).to(device).eval()
     tok = load_tokenizer(smollm2_dir())
     name = platform.processor() or platform.machine() if device.type == "cpu" else torch.cuda.get_device_name(device)
