@@ -199,11 +199,30 @@ def test_rejected_proposals_roll_back_exactly(monkeypatch):
         return [(tokens[-1] * 7 + i) % 97 for i in range(k)]  # a k-token guess, almost never right
 
     monkeypatch.setattr(scheduler_mod, "propose_ngram", bad)
+
+    def run(eng):
+        step, checked = eng.step, []
+
+        def checked_step():  # after every step no decoding sequence holds more pages than its tokens need
+            out = step()
+            for q in eng.scheduler.running:
+                if q.pending == 1:
+                    checked.append(len(q.pages) <= eng.allocator.pages_for(q.num_tokens))
+            return out
+
+        eng.step = checked_step
+        return eng.generate(prompts, SamplingParams(max_tokens=14), arrival_steps=[0, 0, 1, 2, 3]), checked
+
     eng = _engine(model, num_pages=20, num_speculative_tokens=7)  # tight: proposals need and free pages
-    assert eng.generate(prompts, SamplingParams(max_tokens=14), arrival_steps=[0, 0, 1, 2, 3]) == ref
+    out, checked = run(eng)
+    assert out == ref and checked and all(checked)
     s = eng.stats()
     assert s["spec_proposed_tokens"] > 5 * s["spec_accepted_tokens"]
     assert eng.allocator.num_free == eng.allocator.num_usable and eng.allocator.num_used == 0
+    # the page check can fail: without trimming, pages taken for rejected proposals stay held
+    monkeypatch.setattr(scheduler_mod.Scheduler, "trim", lambda self, seq: None)
+    out, checked = run(_engine(model, num_pages=64, num_speculative_tokens=7))
+    assert out == ref and not all(checked)
 
 
 def test_a_wrong_acceptance_rule_is_caught(monkeypatch):
@@ -237,6 +256,9 @@ def test_propose_ngram():
     (dict(max_num_batched_tokens=0), "max_num_batched_tokens"),
     (dict(max_batch=-2), "max_batch"),
     (dict(enable_prefix_caching="yes"), "enable_prefix_caching"),
+    (dict(enable_prefix_caching=True, num_pages=1), "num_pages"),
+    (dict(num_pages=0), "num_pages"),
+    (dict(page_size=0), "page_size"),
 ])
 def test_bad_config_names_the_field(bad, field):
     with pytest.raises(ValueError, match=field):
