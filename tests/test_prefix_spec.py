@@ -178,15 +178,46 @@ def test_speculation_takes_fewer_steps_and_works_with_fp8_and_eos():
 def test_mixed_greedy_and_sampled_batch():
     model = tiny_model(tiny_spec("gta-2"))
     prompts = _repetitive_prompts(seed=2)
-    greedy, sampled = SamplingParams(max_tokens=12), SamplingParams(max_tokens=12, temperature=0.8, seed=11)
+    # the tiny model's logits are flat: a low temperature makes proposals likely enough to be accepted
+    greedy, sampled = SamplingParams(max_tokens=12), SamplingParams(max_tokens=12, temperature=0.01, seed=11)
     params = [greedy, sampled, greedy, sampled, greedy]
-    plain = _engine(model).generate(prompts, params)
     eng = _engine(model, num_speculative_tokens=3)
     out = eng.generate(prompts, params)
-    assert out == plain  # greedy ones verified, sampled ones decoded normally with their own generator
     ref = model.generate(prompts, max_new_tokens=12)
-    assert [out[i] for i in (0, 2, 4)] == [ref[i] for i in (0, 2, 4)]
+    assert [out[i] for i in (0, 2, 4)] == [ref[i] for i in (0, 2, 4)]  # greedy ones: exact
     assert eng.stats()["spec_accepted_tokens"] > 0
+    again = _engine(model, num_speculative_tokens=3).generate(prompts, params)
+    assert again == out  # seeded sampled requests are reproducible with speculation too
+    assert all(len(o) == 12 and all(0 <= t < 97 for t in o) for o in out)
+    assert eng.allocator.num_free == eng.allocator.num_usable
+    sampled_only = _engine(model, num_speculative_tokens=3)
+    sampled_only.generate(prompts, SamplingParams(max_tokens=12, temperature=0.01, seed=3))
+    assert sampled_only.stats()["spec_accepted_tokens"] > 0  # sampled requests are verified too
+
+
+def _wrong_rejection_sample(draft, probs, generator):
+    """A plausible bug: a rejected position is drawn from p itself instead of the residual p - q."""
+    u = torch.rand(len(draft), generator=generator).tolist()
+    for i, d in enumerate(draft):
+        if u[i] >= float(probs[i, d]):
+            return draft[:i] + [int(torch.multinomial(probs[i], 1, generator=generator))]
+    return draft + [int(torch.multinomial(probs[len(draft)], 1, generator=generator))]
+
+
+@pytest.mark.parametrize("fn,ok", [(speculative.rejection_sample, True), (_wrong_rejection_sample, False)])
+def test_rejection_sampling_keeps_the_target_distribution(fn, ok):
+    """Emitted tokens follow p at every position (and the test tells a wrong residual apart)."""
+    probs = torch.tensor([[0.5, 0.3, 0.2, 0.0], [0.1, 0.2, 0.3, 0.4], [0.25, 0.25, 0.25, 0.25]])
+    gen = torch.Generator().manual_seed(0)
+    n = 12000
+    first, second = torch.zeros(4), torch.zeros(4)
+    for _ in range(n):
+        out = fn([1, 2], probs, gen)
+        first[out[0]] += 1
+        if len(out) > 1:  # the first proposal accepted: out[1] is the second position's token
+            second[out[1]] += 1
+    err = max((first / n - probs[0]).abs().max().item(), (second / second.sum() - probs[1]).abs().max().item())
+    assert (err < 0.03) if ok else (err > 0.1), err
 
 
 def test_rejected_proposals_roll_back_exactly(monkeypatch):

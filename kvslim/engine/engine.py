@@ -26,7 +26,7 @@ from kvslim.engine.prefix import PrefixCachingAllocator
 from kvslim.engine.runner import ModelRunner
 from kvslim.engine.scheduler import FINISHED, SamplingParams, Scheduler, Sequence
 from kvslim.rows import RowFormat, kv_dtype_name
-from kvslim.sampling import sample
+from kvslim.sampling import probabilities, sample
 
 Listener = Callable[[Sequence, "int | None"], None]
 log = logging.getLogger("kvslim.engine")
@@ -202,7 +202,8 @@ class LLMEngine:
 
     def _verify(self, entries: list[tuple[Sequence, list[int]]]) -> list[Sequence]:
         """Speculative steps: feed each sequence's last token + its proposals, accept the longest
-        prefix the model agrees with plus its own next token (``kvslim/engine/speculative.py``)."""
+        prefix the model agrees with plus its own next token (greedy), or rejection-sample them
+        (temperature > 0; ``kvslim/engine/speculative.py``)."""
         groups: dict[int, list[tuple[Sequence, list[int]]]] = {}
         for seq, draft in entries:  # one forward per q_len: the model takes one T per forward
             groups.setdefault(len(draft), []).append((seq, draft))
@@ -216,7 +217,8 @@ class LLMEngine:
             try:
                 if self.tp is not None:
                     self.tp.send("verify", chunks, starts, pages)
-                vals, idx = self.runner.verify(chunks, starts, pages).max(-1)
+                logits = self.runner.verify(chunks, starts, pages)
+                vals, idx = logits.max(-1)
                 finite = torch.isfinite(vals).all(-1).tolist()
                 targets = idx.tolist()
             except Exception as e:  # noqa: BLE001 - fail this forward's sequences, not the server
@@ -224,17 +226,28 @@ class LLMEngine:
                 touched += seqs
                 continue
             now = time.monotonic()
-            for (s, draft), target, ok in zip(group, targets, finite):
+            for i, ((s, draft), target, ok) in enumerate(zip(group, targets, finite)):
                 touched.append(s)
                 if not ok:
                     self._fail(s, "the model produced non-finite logits (NaN or inf) for this request")
                     continue
-                a = speculative.accepted_prefix(draft, target)
+                p = s.params
+                if p.temperature == 0:
+                    a = speculative.accepted_prefix(draft, target)
+                    new = draft[:a] + [target[a]]
+                else:
+                    try:
+                        probs = probabilities(logits[i], temperature=p.temperature, top_k=p.top_k, top_p=p.top_p)
+                        new = speculative.rejection_sample(draft, probs, s.generator or self.rng)
+                    except Exception as e:  # noqa: BLE001 - one request's sampling fails only that request
+                        self._fail(s, f"sampling failed: {type(e).__name__}: {e}")
+                        continue
+                    a = len(new) - 1
                 c["spec_verifies"] += 1
                 c["spec_proposed_tokens"] += len(draft)
                 c["spec_accepted_tokens"] += a
                 reason = None
-                for tok in draft[:a] + [target[a]]:
+                for tok in new:
                     reason = self._push(s, tok, now)
                     if reason is not None:
                         break
@@ -249,7 +262,7 @@ class LLMEngine:
         return touched
 
     def _push(self, seq: Sequence, tok: int, now: float) -> str | None:
-        """Append one verified greedy token to ``seq`` and notify; returns the finish reason it causes."""
+        """Append one verified token to ``seq`` and notify; returns the finish reason it causes."""
         p = seq.params
         if seq.first_token_time is None:
             seq.first_token_time = now

@@ -262,10 +262,10 @@ class Scheduler:
                 seq.table_len = 0  # the decode row is rewritten (and cleared) at the next decode
 
     def _propose(self, seq: Sequence, n: int, room: int) -> list[int]:
-        """An n-gram proposal for greedy ``seq`` of ``n`` tokens that fits ``room`` tokens of budget."""
+        """An n-gram proposal for ``seq`` of ``n`` tokens that fits ``room`` tokens of budget."""
         p = seq.params
         k = min(self.num_spec, room, p.max_tokens - len(seq.output) - 1, self.max_model_len - n - 1)
-        if p.temperature != 0 or k <= 0:
+        if k <= 0:
             return []
         draft = propose_ngram(seq.tokens, k, *self.ngram)
         if draft and not self._grow(seq, n + len(draft)):

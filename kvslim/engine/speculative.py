@@ -10,6 +10,14 @@ tokens is accepted, plus the model's own token after it (the *bonus*), so a step
 tokens and the output equals plain greedy decoding exactly (up to the arithmetic of a q_len > 1
 kernel call, which equals q_len = 1 calls to rounding).
 
+Sampled requests (temperature > 0) are verified by rejection sampling (Leviathan et al. 2023,
+Chen et al. 2023) with the n-gram proposal as a point-mass draft distribution q = 1[x = d]:
+proposal d is accepted with probability p(d) (p: the request's own temperature / top-k / top-p
+distribution at that position); on rejection the token is drawn from the residual
+max(p - q, 0) = p without d, renormalised, and the step ends; if all are accepted a bonus token is
+drawn from p at the last position. Every emitted token is then distributed exactly as under plain
+sampling (the draws differ, so a seeded request's tokens are not the same as without speculation).
+
 Rows written for rejected proposals sit past the sequence's ``num_computed``: they are never read
 (attention reads ``seq_len`` rows) and the next forward overwrites them; pages allocated only
 for them are freed by the scheduler (``Scheduler.trim``).
@@ -18,6 +26,7 @@ for them are freed by the scheduler (``Scheduler.trim``).
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 MAX_SPECULATIVE_TOKENS = 7  # q_len = 1 + k <= 8, the kernels' limit
 
@@ -53,3 +62,27 @@ def accepted_prefix(draft: list[int], target: list[int]) -> int:
             break
         a += 1
     return a
+
+
+def rejection_sample(draft: list[int], probs: torch.Tensor, generator: torch.Generator | None) -> list[int]:
+    """Tokens emitted for point-mass proposals ``draft`` given target ``probs [len(draft) + 1, V]``.
+
+    Returns the accepted proposals followed by one token drawn from the residual (on a rejection) or
+    from the last position (all accepted), so ``len(result) - 1`` proposals were accepted.
+    """
+    u = torch.rand(len(draft), generator=generator, device=probs.device).tolist()
+    out = []
+    for i, d in enumerate(draft):
+        p = probs[i]
+        if u[i] < float(p[d]):
+            out.append(d)
+            continue
+        residual = p.clone()
+        residual[d] = 0
+        if not float(residual.sum()) > 0:  # p(d) rounded below 1 with no other mass: d is the only token
+            out.append(d)
+            continue
+        out.append(int(torch.multinomial(residual, 1, generator=generator)))
+        return out
+    out.append(int(torch.multinomial(probs[len(draft)], 1, generator=generator)))
+    return out
