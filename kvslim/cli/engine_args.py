@@ -48,7 +48,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
                    help="turn prefix caching off")
     g.add_argument("--num-speculative-tokens", type=int, default=0, metavar="K",
-                   help="n-gram (prompt lookup) proposals verified per greedy decode step, 0-7 (default 0 = off)")
+                   help="n-gram (prompt lookup) proposals verified per decode step, 0-7 (default 0 = off)")
     g.add_argument("--prompt-lookup-min", type=int, default=1, help="shortest n-gram matched (default 1)")
     g.add_argument("--prompt-lookup-max", type=int, default=3, help="longest n-gram matched (default 3)")
 

@@ -62,7 +62,8 @@ class EngineConfig:
         enable_prefix_caching: share the cached pages of equal prompt prefixes between requests
             (``kvslim/engine/prefix.py``; on by default, as in vLLM: exact, and its cost is one
             hash per full page).
-        num_speculative_tokens: n-gram (prompt lookup) proposals verified per greedy decode step,
+        num_speculative_tokens: n-gram (prompt lookup) proposals verified per decode step (greedy:
+            longest agreeing prefix; sampled: rejection sampling),
             0 = off, at most 7 (q_len = 1 + k <= 8); ``kvslim/engine/speculative.py``.
         prompt_lookup_min, prompt_lookup_max: n-gram lengths matched against the sequence's own
             tokens (longest first).

@@ -18,7 +18,7 @@ With prefix caching (``kvslim/engine/prefix.py``) admission first looks up the l
 prefix of full pages of the sequence's tokens, shares those pages (reference counts) and
 reserves pages only for the rest, which is all that is prefilled; ``commit`` names each page
 once it is full and computed. With speculative decoding (``kvslim/engine/speculative.py``) a
-greedy decode that finds an n-gram proposal of k tokens and the pages for them becomes a
+decode that finds an n-gram proposal of k tokens and the pages for them becomes a
 *verify* entry (q_len = 1 + k); ``trim`` frees the pages only rejected proposals needed.
 
 Every running sequence holds a *slot* in ``[0, max_batch)``: the row of the runner's
@@ -151,7 +151,7 @@ class Scheduler:
         allocator: the page allocator of the pool.
         max_batch: running sequences at most (the largest decode batch).
         max_num_batched_tokens: tokens fed per step at most (decode + prefill chunks).
-        num_speculative_tokens: n-gram proposals per greedy decode (0 = off).
+        num_speculative_tokens: n-gram proposals per decode (0 = off).
         ngram: (min, max) n-gram lengths of the proposals.
         max_model_len: tokens a sequence may reach (proposals never go past it).
 
