@@ -1,4 +1,4 @@
-"""Speculative decoding without a draft model: n-gram prompt lookup proposals and greedy verification.
+"""Speculative decoding without a draft model: n-gram prompt lookup proposals, greedy and sampled verification.
 
 Proposal (prompt lookup decoding, Saxena 2023; vLLM's ``ngram`` method): for n from
 ``ngram_max`` down to ``ngram_min``, find the most recent earlier occurrence of the sequence's
