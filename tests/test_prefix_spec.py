@@ -85,6 +85,20 @@ def test_prefix_caching_prefills_fewer_tokens_than_without():
     assert saved >= stats[True]["prefix_hit_tokens"] - len(prompts)  # at most one token per prompt goes to decode
 
 
+@pytest.mark.parametrize("budget", [64, 8])
+def test_requests_arriving_together_wait_for_the_shared_prefix(budget):
+    """Requests queued behind one that is prefilling their common prefix reuse it instead of recomputing."""
+    model = tiny_model(tiny_spec("gla-2"))
+    g = torch.Generator().manual_seed(7)
+    system = torch.randint(0, 97, (20,), generator=g).tolist()
+    prompts = [system + torch.randint(0, 97, (n,), generator=g).tolist() for n in (2, 5, 3, 7)]
+    ref = model.generate(prompts, max_new_tokens=6)
+    eng = _engine(model, max_num_batched_tokens=budget)  # 8: the first prompt's prefill takes 3 steps
+    assert eng.generate(prompts, SamplingParams(max_tokens=6)) == ref
+    assert eng.stats()["prefix_hit_tokens"] == 3 * 20  # 5 pages of 4, computed once
+    assert eng.allocator.num_free == eng.allocator.num_usable
+
+
 @pytest.mark.parametrize("length", [16, 17])
 def test_entirely_cached_prompt_still_computes_one_token(length):
     model = tiny_model(tiny_spec("mla"))

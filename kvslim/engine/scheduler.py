@@ -17,7 +17,9 @@ already generated are prefilled again (recompute), which reproduces its cache ex
 With prefix caching (``kvslim/engine/prefix.py``) admission first looks up the longest cached
 prefix of full pages of the sequence's tokens, shares those pages (reference counts) and
 reserves pages only for the rest, which is all that is prefilled; ``commit`` names each page
-once it is full and computed. With speculative decoding (``kvslim/engine/speculative.py``) a
+once it is full and computed. When the next page of the head's prefix is being prefilled by a
+running sequence (requests arriving together with one system prompt), the head waits for it
+instead of computing the same rows again. With speculative decoding (``kvslim/engine/speculative.py``) a
 decode that finds an n-gram proposal of k tokens and the pages for them becomes a
 *verify* entry (q_len = 1 + k); ``trim`` frees the pages only rejected proposals needed.
 
@@ -169,6 +171,7 @@ class Scheduler:
         self.max_model_len = max_model_len or allocator.num_usable * allocator.page_size
         self.prefix_queried_tokens = 0  # tokens of admitted sequences looked up in the prefix cache
         self.prefix_hit_tokens = 0  # of which found cached (not prefilled)
+        self._inflight: dict[bytes, Sequence] = {}  # digests of pages a running sequence is still prefilling
         self.max_batch = max_batch
         self.max_tokens_per_step = max(max_num_batched_tokens, max_batch)
         self.waiting: deque[Sequence] = deque()
@@ -177,6 +180,10 @@ class Scheduler:
         self._free_slots = list(range(max_batch - 1, -1, -1))
 
     def _release(self, seq: Sequence) -> None:
+        if self._inflight:
+            for d in seq.digests[seq.num_named :]:
+                if self._inflight.get(d) is seq:
+                    del self._inflight[d]
         self.alloc.free(seq.pages)
         seq.pages = []
         if seq.slot >= 0:
@@ -226,7 +233,10 @@ class Scheduler:
             return self._grow(seq, seq.num_tokens)
         a, ps, tokens = self.alloc, self.alloc.page_size, seq.tokens
         usable = (len(tokens) - 1) // ps  # at least one token is computed: its logits pick the next token
-        hit = a.match(extend_digests(seq.digests, tokens, ps, usable)[:usable])
+        digests = extend_digests(seq.digests, tokens, ps, usable)[:usable]
+        hit = a.match(digests)
+        if len(hit) < usable and digests[len(hit)] in self._inflight:
+            return False  # a running sequence is computing the next pages of this prefix: wait for them
         need = a.pages_for(len(tokens)) - len(hit)
         if need > a.num_free - a.num_evictable(hit):
             return False
@@ -236,6 +246,8 @@ class Scheduler:
         seq.num_computed = len(hit) * ps
         self.prefix_queried_tokens += len(tokens)
         self.prefix_hit_tokens += len(hit) * ps
+        for d in digests[len(hit) :]:
+            self._inflight.setdefault(d, seq)
         return True
 
     def commit(self, seqs: list[Sequence]) -> None:
@@ -250,6 +262,8 @@ class Scheduler:
             digests = extend_digests(seq.digests, seq.tokens, ps, full)
             for i in range(seq.num_named, full):
                 a.register(seq.pages[i], digests[i])
+                if self._inflight.get(digests[i]) is seq:
+                    del self._inflight[digests[i]]
             seq.num_named = full
 
     def trim(self, seq: Sequence) -> None:
