@@ -282,8 +282,13 @@ class Scheduler:
         if k <= 0:
             return []
         draft = propose_ngram(seq.tokens, k, *self.ngram)
-        if draft and not self._grow(seq, n + len(draft)):
+        if not draft:
             return []
+        # proposals take pages only with a page to spare per running sequence: never a preemption
+        extra = self.alloc.pages_for(n + len(draft)) - len(seq.pages)
+        if extra > 0 and self.alloc.num_free - extra < len(self.running):
+            return []
+        self._grow(seq, n + len(draft))
         return draft
 
     def schedule(self) -> StepPlan:
