@@ -39,6 +39,13 @@ def sample(logits: torch.Tensor, *, temperature: float = 0.0, top_k: int | None 
     check_sampling(temperature, top_k, top_p)
     if temperature == 0:
         return logits.argmax(dim=-1)
+    probs = probabilities(logits, temperature=temperature, top_k=top_k, top_p=top_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def probabilities(logits: torch.Tensor, *, temperature: float, top_k: int | None = None,
+                  top_p: float | None = None) -> torch.Tensor:
+    """logits ``[..., V]`` -> the distribution :func:`sample` draws from (fp32, temperature > 0)."""
     x = logits.float()
     x = x - x.amax(dim=-1, keepdim=True)  # max 0, the rest <= 0: no overflow, no inf - inf
     # float64 division: x / t is 0 at the max and <= 0 (possibly -inf) elsewhere for any t > 0;
@@ -53,5 +60,4 @@ def sample(logits: torch.Tensor, *, temperature: float = 0.0, top_k: int | None 
         drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix with mass >= top_p
         sorted_x = sorted_x.masked_fill(drop, float("-inf"))
         x = torch.full_like(x, float("-inf")).scatter(-1, idx, sorted_x)
-    probs = x.softmax(-1)  # the max entry is exp(0) = 1 before normalising: the sum is >= 1
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return x.softmax(-1)  # the max entry is exp(0) = 1 before normalising: the sum is >= 1

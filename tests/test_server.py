@@ -194,6 +194,9 @@ def test_metrics(server):
     assert int(vals["kvslim_kv_pages_total"]) == 255
     assert float(vals["kvslim_generation_tokens_total"]) >= 0
     assert "kvslim_time_to_first_token_seconds_count" in vals
+    assert float(vals["kvslim_prefix_cache_hit_tokens_total"]) <= float(vals["kvslim_prefix_cache_queried_tokens_total"])
+    assert 0 <= float(vals["kvslim_prefix_cache_hit_rate"]) <= 1
+    assert float(vals["kvslim_spec_decode_accepted_tokens_total"]) == 0  # speculation is off by default
 
 
 def _cancel_stream(srv, after_events: int, max_tokens: int, errors: list) -> None:

@@ -46,6 +46,14 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="torch.compile the decode step (fuses norms, RoPE, casts around the kernels; "
                         "slower start-up)")
     g.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (default 1)")
+    g.add_argument("--enable-prefix-caching", dest="prefix_caching", action="store_true", default=True,
+                   help="share the cached pages of equal prompt prefixes between requests (default on)")
+    g.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
+                   help="turn prefix caching off")
+    g.add_argument("--num-speculative-tokens", type=int, default=0, metavar="K",
+                   help="n-gram (prompt lookup) proposals verified per decode step, 0-7 (default 0 = off)")
+    g.add_argument("--prompt-lookup-min", type=int, default=1, help="shortest n-gram matched (default 1)")
+    g.add_argument("--prompt-lookup-max", type=int, default=3, help="longest n-gram matched (default 3)")
 
 
 def add_server_args(p: argparse.ArgumentParser, *, network: bool = True) -> None:
@@ -86,6 +94,9 @@ def engine_config_from_args(args) -> EngineConfig:
         compile=args.compile,
         kv_dtype=None if args.kv_dtype == "auto" else args.kv_dtype,
         device=args.device or "auto", dtype=args.dtype, tp=args.tp,
+        enable_prefix_caching=getattr(args, "prefix_caching", True),
+        num_speculative_tokens=getattr(args, "num_speculative_tokens", 0),
+        prompt_lookup_min=getattr(args, "prompt_lookup_min", 1), prompt_lookup_max=getattr(args, "prompt_lookup_max", 3),
     )
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields, replace
 
 import torch
 
+from kvslim.engine.speculative import MAX_SPECULATIVE_TOKENS
 from kvslim.rows import kv_dtype_name
 from kvslim.runtime import DTYPES
 
@@ -61,6 +62,14 @@ class EngineConfig:
         dtype: model dtype name (None: bfloat16 on CUDA, float32 on CPU).
         tp: tensor-parallel ranks.
         device_offset: first GPU of this engine (data-parallel replicas use disjoint GPUs).
+        enable_prefix_caching: share the cached pages of equal prompt prefixes between requests
+            (``kvslim/engine/prefix.py``; on by default, as in vLLM: exact, and its cost is one
+            hash per full page).
+        num_speculative_tokens: n-gram (prompt lookup) proposals verified per decode step (greedy:
+            longest agreeing prefix; sampled: rejection sampling),
+            0 = off, at most 7 (q_len = 1 + k <= 8); ``kvslim/engine/speculative.py``.
+        prompt_lookup_min, prompt_lookup_max: n-gram lengths matched against the sequence's own
+            tokens (longest first).
     """
 
     num_pages: int | None = None
@@ -79,6 +88,10 @@ class EngineConfig:
     dtype: str | None = None
     tp: int = 1
     device_offset: int = 0
+    enable_prefix_caching: bool = True
+    num_speculative_tokens: int = 0
+    prompt_lookup_min: int = 1
+    prompt_lookup_max: int = 3
 
     def __post_init__(self) -> None:
         _int("num_pages", self.num_pages, 2, optional=True)
@@ -105,6 +118,17 @@ class EngineConfig:
             raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
         _int("tp", self.tp)
         _int("device_offset", self.device_offset, 0)
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise ValueError(f"enable_prefix_caching must be a bool, got {self.enable_prefix_caching!r}")
+        _int("num_speculative_tokens", self.num_speculative_tokens, 0)
+        if self.num_speculative_tokens > MAX_SPECULATIVE_TOKENS:
+            raise ValueError(f"num_speculative_tokens must be <= {MAX_SPECULATIVE_TOKENS} (q_len = 1 + k <= 8), "
+                             f"got {self.num_speculative_tokens}")
+        _int("prompt_lookup_min", self.prompt_lookup_min)
+        _int("prompt_lookup_max", self.prompt_lookup_max)
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise ValueError(f"prompt_lookup_min ({self.prompt_lookup_min}) must be <= prompt_lookup_max "
+                             f"({self.prompt_lookup_max})")
 
     @property
     def resolved_device(self) -> str:

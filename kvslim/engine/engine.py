@@ -5,7 +5,9 @@ step (a decode batch and/or prefill chunks) and samples. ``EngineLoop`` in
 ``kvslim/engine/loop.py`` (a thread) or ``EngineProcess`` in ``kvslim/engine/process.py``
 (a process) drives it for the HTTP server; ``generate`` drives it offline. Under tensor
 parallelism this object lives on rank 0 and mirrors every forward to the other ranks
-through a ``tp.TPSession`` (``kvslim/engine/tp.py``).
+through a ``tp.TPSession`` (``kvslim/engine/tp.py``), verification forwards of speculative
+decoding included (they carry their page lists, as prefill does, so prefix-cache sharing needs
+nothing more from the followers: they mirror the leader's page decisions).
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ from collections.abc import Callable
 
 import torch
 
+from kvslim.engine import speculative
 from kvslim.engine.allocator import BlockAllocator, free_device_memory, num_pages_for_memory
 from kvslim.engine.config import EngineConfig
+from kvslim.engine.prefix import PrefixCachingAllocator
 from kvslim.engine.runner import ModelRunner
 from kvslim.engine.scheduler import FINISHED, SamplingParams, Scheduler, Sequence
 from kvslim.rows import RowFormat, kv_dtype_name
-from kvslim.sampling import sample
+from kvslim.sampling import probabilities, sample
 
 Listener = Callable[[Sequence, "int | None"], None]
 log = logging.getLogger("kvslim.engine")
@@ -76,11 +80,15 @@ class LLMEngine:
                 kv_memory = free_device_memory(self.device, config.mem_util)
             num_pages = num_pages_for_memory(spec, self.config.num_layers, kv_memory, page_size=page_size,
                                              dtype=self.kv_format.kv_dtype, tp_size=tp_size)
-        self.allocator = BlockAllocator(num_pages, page_size)
+        alloc_cls = PrefixCachingAllocator if config.enable_prefix_caching else BlockAllocator
+        self.allocator = alloc_cls(num_pages, page_size)
         limit = self.allocator.num_usable * page_size
         self.max_model_len = min(config.max_model_len or self.config.max_position_embeddings, limit)
         self.scheduler = Scheduler(self.allocator, max_batch=config.max_batch,
-                                   max_num_batched_tokens=config.max_num_batched_tokens)
+                                   max_num_batched_tokens=config.max_num_batched_tokens,
+                                   num_speculative_tokens=config.num_speculative_tokens,
+                                   ngram=(config.prompt_lookup_min, config.prompt_lookup_max),
+                                   max_model_len=self.max_model_len)
         self.eos_token_id = eos_token_id
         self.tp = tp
         runner_kw = dict(num_pages=num_pages, page_size=page_size,
@@ -96,7 +104,8 @@ class LLMEngine:
         self.listeners: dict[str, Listener] = {}
         self.last_step = (0, 0)
         self.counters = dict(prompt_tokens=0, generation_tokens=0, requests_finished=0, requests_aborted=0,
-                             requests_failed=0, steps=0)
+                             requests_failed=0, steps=0, prefill_tokens=0, spec_verifies=0, spec_proposed_tokens=0,
+                             spec_accepted_tokens=0)
 
     def validate(self, prompt, params: SamplingParams) -> None:
         """Raise ValueError if the request can never run (bad ids, too long)."""
@@ -140,7 +149,10 @@ class LLMEngine:
         plan = self.scheduler.schedule()
         self.counters["steps"] += 1
         self.last_step = (len(plan.decode), sum(n for _, n in plan.prefill))  # (decode batch, prefill tokens)
+        self.counters["prefill_tokens"] += self.last_step[1]
         touched: list[Sequence] = []
+        if plan.verify:
+            touched += self._verify(plan.verify)
         if plan.decode:
             seqs = plan.decode
             toks = [s.output[-1] if s.output else s.prompt[-1] for s in seqs]
@@ -158,6 +170,7 @@ class LLMEngine:
                 logits = self.runner.decode(toks, starts, slots, updates)
                 for s in seqs:
                     s.num_computed += 1
+                self.scheduler.commit(seqs)
                 self._sample(seqs, logits)
             except Exception as e:  # noqa: BLE001 - fail this forward's sequences, not the server
                 self._fail_forward(seqs, "decode", e)
@@ -178,6 +191,7 @@ class LLMEngine:
                     s.num_computed += n
                     if s.pending == 0:
                         done.append(i)
+                self.scheduler.commit(seqs)
                 if done:
                     self._sample([seqs[i] for i in done], logits[done])
                     touched += [seqs[i] for i in done]
@@ -185,6 +199,84 @@ class LLMEngine:
                 self._fail_forward(seqs, "prefill", e)
                 touched += seqs
         return touched
+
+    def _verify(self, entries: list[tuple[Sequence, list[int]]]) -> list[Sequence]:
+        """Speculative steps: feed each sequence's last token + its proposals, accept the longest
+        prefix the model agrees with plus its own next token (greedy), or rejection-sample them
+        (temperature > 0; ``kvslim/engine/speculative.py``)."""
+        groups: dict[int, list[tuple[Sequence, list[int]]]] = {}
+        for seq, draft in entries:  # one forward per q_len: the model takes one T per forward
+            groups.setdefault(len(draft), []).append((seq, draft))
+        touched = []
+        c = self.counters
+        for group in groups.values():
+            seqs = [s for s, _ in group]
+            chunks = [[s.tokens[-1], *d] for s, d in group]
+            starts = [s.num_computed for s in seqs]
+            pages = [s.pages for s in seqs]
+            try:
+                if self.tp is not None:
+                    self.tp.send("verify", chunks, starts, pages)
+                logits = self.runner.verify(chunks, starts, pages)
+                vals, idx = logits.max(-1)
+                finite = torch.isfinite(vals).all(-1).tolist()
+                targets = idx.tolist()
+            except Exception as e:  # noqa: BLE001 - fail this forward's sequences, not the server
+                self._fail_forward(seqs, "verify", e)
+                touched += seqs
+                continue
+            now = time.monotonic()
+            for i, ((s, draft), target, ok) in enumerate(zip(group, targets, finite)):
+                touched.append(s)
+                if not ok:
+                    self._fail(s, "the model produced non-finite logits (NaN or inf) for this request")
+                    continue
+                p = s.params
+                if p.temperature == 0:
+                    a = speculative.accepted_prefix(draft, target)
+                    new = draft[:a] + [target[a]]
+                else:
+                    try:
+                        probs = probabilities(logits[i], temperature=p.temperature, top_k=p.top_k, top_p=p.top_p)
+                        new = speculative.rejection_sample(draft, probs, s.generator or self.rng)
+                    except Exception as e:  # noqa: BLE001 - one request's sampling fails only that request
+                        self._fail(s, f"sampling failed: {type(e).__name__}: {e}")
+                        continue
+                    a = len(new) - 1
+                c["spec_verifies"] += 1
+                c["spec_proposed_tokens"] += len(draft)
+                c["spec_accepted_tokens"] += a
+                reason = None
+                for tok in new:
+                    reason = self._push(s, tok, now)
+                    if reason is not None:
+                        break
+                # rows of the fed token and the accepted proposals are valid; the rest get overwritten
+                s.num_computed = min(s.num_computed + a + 1, s.num_tokens)
+                self.scheduler.commit([s])  # before a finish frees them: finished requests leave pages cached
+                if reason is not None:
+                    self._finish(s, reason)
+                    c["requests_finished"] += 1
+                else:
+                    self.scheduler.trim(s)
+        return touched
+
+    def _push(self, seq: Sequence, tok: int, now: float) -> str | None:
+        """Append one verified token to ``seq`` and notify; returns the finish reason it causes."""
+        p = seq.params
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+        seq.output.append(tok)
+        self.counters["generation_tokens"] += 1
+        reason = None
+        if tok in p.stop_token_ids or (tok == self.eos_token_id and not p.ignore_eos):
+            reason = "stop"
+        elif len(seq.output) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            reason = "length"
+        listener = self.listeners.get(seq.request_id)
+        if listener is not None:
+            listener(seq, tok)
+        return reason
 
     def _fail_forward(self, seqs: list[Sequence], what: str, e: Exception) -> None:
         if self.tp is not None:
@@ -279,12 +371,19 @@ class LLMEngine:
         return [s.output for s in seqs]
 
     def stats(self) -> dict:
-        a, s = self.allocator, self.scheduler
+        a, s, c = self.allocator, self.scheduler, self.counters
+        extra = dict(prefix_caching=s.prefix_caching, prefix_queried_tokens=s.prefix_queried_tokens,
+                     prefix_hit_tokens=s.prefix_hit_tokens,
+                     prefix_hit_rate=s.prefix_hit_tokens / max(1, s.prefix_queried_tokens),
+                     prefix_cached_pages=getattr(a, "num_cached", 0), prefix_evictions=getattr(a, "evictions", 0),
+                     num_speculative_tokens=s.num_spec,
+                     spec_acceptance_rate=c["spec_accepted_tokens"] / max(1, c["spec_proposed_tokens"]),
+                     spec_mean_accepted=c["spec_accepted_tokens"] / max(1, c["spec_verifies"]))
         return dict(num_pages=a.num_usable, free_pages=a.num_free, page_size=a.page_size,
                     running=len(s.running), waiting=len(s.waiting), preemptions=s.num_preemptions,
                     max_model_len=self.max_model_len, cuda_graphs=self.runner.use_graphs,
                     kv_dtype=self.kv_format.kv_dtype, kv_bytes_per_token=self.kv_format.row_bytes * self.config.num_layers,
-                    **self.counters)
+                    **self.counters, **extra)
 
 
 __all__ = ["LLMEngine", "SamplingParams", "Sequence", "FINISHED", "validate_request"]

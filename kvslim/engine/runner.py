@@ -16,7 +16,11 @@ the check's host sync would break graph capture), so the model code is untouched
   0 clears the row), so building the inputs costs O(new pages), not O(batch x pages).
   Tokens, starts and slots go to the device in one copy; the rows of the batch are
   gathered from the device copy of the table on the device. The last row of the table
-  is all zeros: the scratch page.
+  is all zeros: the scratch page;
+* ``verify(chunks, starts, pages)``: speculative verification, chunks of one length
+  q_len = 1 + k <= 8 (the last sampled token and k proposals) through the kernels, returning
+  the logits of every position. It always runs eagerly (no CUDA graph): graphs are captured
+  for q_len = 1 only, so the graph path of plain decode is untouched.
 
 On CUDA, decode is captured in CUDA graphs for a set of batch sizes; a batch is padded
 to the next captured size with rows whose slot is the scratch row (token 0, start 0), so
@@ -107,14 +111,18 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _forward(self, tokens: torch.Tensor, start: torch.Tensor, block_table: torch.Tensor,
-                 decode: bool = False) -> torch.Tensor:
-        """tokens ``[B, T]``, start ``[B]`` int32, block_table ``[B, P]`` int32 -> last-position logits ``[B, V]``.
+                 decode: bool = False, every_position: bool = False) -> torch.Tensor:
+        """tokens ``[B, T]``, start ``[B]`` int32, block_table ``[B, P]`` int32 -> last-position logits ``[B, V]``
+        (``[B, T, V]`` with ``every_position``).
 
         ``decode``: through the decode function (compiled when the runner was built with ``compile``).
         """
-        return (self._decode_fn if decode else self._run)(tokens, start, block_table)
+        if decode:
+            return self._decode_fn(tokens, start, block_table)
+        return self._run(tokens, start, block_table, every_position)
 
-    def _run(self, tokens: torch.Tensor, start: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
+    def _run(self, tokens: torch.Tensor, start: torch.Tensor, block_table: torch.Tensor,
+             every_position: bool = False) -> torch.Tensor:
         m = self.model
         T = tokens.shape[1]
         positions = start.long()[:, None] + torch.arange(T, device=tokens.device)[None, :]
@@ -123,6 +131,8 @@ class ModelRunner:
             cache = LayerCache(pool, block_table, start, check_bounds=False, fmt=self.layer_fmt,
                                write_impl=self.write_impl)
             x = layer(x, positions, cache)
+        if every_position:
+            return m.lm_head(m.model.norm(x)).float()
         x = m.model.norm(x[:, -1:])
         return m.lm_head(x)[:, 0].float()
 
@@ -133,6 +143,13 @@ class ModelRunner:
         s = torch.tensor(starts, dtype=torch.int32, device=dev)
         with sdpa_kernel(PREFILL_SDPA):
             return self._forward(t, s, self._table(page_lists).to(dev))
+
+    def verify(self, chunks: list[list[int]], starts: list[int], page_lists: list[list[int]]) -> torch.Tensor:
+        """Chunks of equal length q_len <= 8 at ``starts[i]`` -> logits of every position ``[B, q_len, V]`` (eager)."""
+        dev = self.device
+        t = torch.tensor(chunks, dtype=torch.long, device=dev)
+        s = torch.tensor(starts, dtype=torch.int32, device=dev)
+        return self._forward(t, s, self._table(page_lists).to(dev), every_position=True)
 
     @staticmethod
     def _table(page_lists: list[list[int]]) -> torch.Tensor:

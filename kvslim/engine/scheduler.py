@@ -14,6 +14,15 @@ none are free preempts the most recently admitted running sequence: its pages ar
 and it goes back to the *front* of the queue; on readmission its prompt and the tokens it
 already generated are prefilled again (recompute), which reproduces its cache exactly.
 
+With prefix caching (``kvslim/engine/prefix.py``) admission first looks up the longest cached
+prefix of full pages of the sequence's tokens, shares those pages (reference counts) and
+reserves pages only for the rest, which is all that is prefilled; ``commit`` names each page
+once it is full and computed. When the next page of the head's prefix is being prefilled by a
+running sequence (requests arriving together with one system prompt), the head waits for it
+instead of computing the same rows again. With speculative decoding (``kvslim/engine/speculative.py``) a
+decode that finds an n-gram proposal of k tokens and the pages for them becomes a
+*verify* entry (q_len = 1 + k); ``trim`` frees the pages only rejected proposals needed.
+
 Every running sequence holds a *slot* in ``[0, max_batch)``: the row of the runner's
 persistent decode block table that holds its pages (``table_len`` of them are written
 there; the engine sends the runner only the pages added since).
@@ -30,6 +39,8 @@ from dataclasses import dataclass, field
 import torch
 
 from kvslim.engine.allocator import BlockAllocator
+from kvslim.engine.prefix import PrefixCachingAllocator, extend_digests
+from kvslim.engine.speculative import propose_ngram
 from kvslim.sampling import check_sampling
 
 WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
@@ -98,6 +109,8 @@ class Sequence:
     num_preemptions: int = 0
     slot: int = -1  # row of the runner's decode block table while running, else -1
     table_len: int = 0  # pages of ``pages`` already written to that row
+    digests: list[bytes] = field(default_factory=list, repr=False)  # prefix digests of its first full pages
+    num_named: int = 0  # pages of ``pages`` already offered to the prefix cache
 
     def __post_init__(self):
         if not self.request_id:
@@ -126,10 +139,11 @@ class StepPlan:
     decode: list[Sequence]
     prefill: list[tuple[Sequence, int]]  # (sequence, tokens to feed this step)
     preempted: list[Sequence]
+    verify: list[tuple[Sequence, list[int]]] = field(default_factory=list)  # (sequence, proposed tokens)
 
     @property
     def empty(self) -> bool:
-        return not self.decode and not self.prefill
+        return not self.decode and not self.prefill and not self.verify
 
 
 class Scheduler:
@@ -139,12 +153,25 @@ class Scheduler:
         allocator: the page allocator of the pool.
         max_batch: running sequences at most (the largest decode batch).
         max_num_batched_tokens: tokens fed per step at most (decode + prefill chunks).
+        num_speculative_tokens: n-gram proposals per decode (0 = off).
+        ngram: (min, max) n-gram lengths of the proposals.
+        max_model_len: tokens a sequence may reach (proposals never go past it).
+
+    Prefix caching is on when ``allocator`` is a :class:`~kvslim.engine.prefix.PrefixCachingAllocator`.
     """
 
-    def __init__(self, allocator: BlockAllocator, *, max_batch: int = 64, max_num_batched_tokens: int = 512):
+    def __init__(self, allocator: BlockAllocator, *, max_batch: int = 64, max_num_batched_tokens: int = 512,
+                 num_speculative_tokens: int = 0, ngram: tuple[int, int] = (1, 3), max_model_len: int | None = None):
         if max_batch < 1 or max_num_batched_tokens < 1:
             raise ValueError("max_batch and max_num_batched_tokens must be >= 1")
         self.alloc = allocator
+        self.prefix_caching = isinstance(allocator, PrefixCachingAllocator)
+        self.num_spec = num_speculative_tokens
+        self.ngram = ngram
+        self.max_model_len = max_model_len or allocator.num_usable * allocator.page_size
+        self.prefix_queried_tokens = 0  # tokens of admitted sequences looked up in the prefix cache
+        self.prefix_hit_tokens = 0  # of which found cached (not prefilled)
+        self._inflight: dict[bytes, Sequence] = {}  # digests of pages a running sequence is still prefilling
         self.max_batch = max_batch
         self.max_tokens_per_step = max(max_num_batched_tokens, max_batch)
         self.waiting: deque[Sequence] = deque()
@@ -153,6 +180,10 @@ class Scheduler:
         self._free_slots = list(range(max_batch - 1, -1, -1))
 
     def _release(self, seq: Sequence) -> None:
+        if self._inflight:
+            for d in seq.digests[seq.num_named :]:
+                if self._inflight.get(d) is seq:
+                    del self._inflight[d]
         self.alloc.free(seq.pages)
         seq.pages = []
         if seq.slot >= 0:
@@ -181,6 +212,7 @@ class Scheduler:
         self.running.remove(seq)
         self._release(seq)
         seq.num_computed = 0
+        seq.num_named = 0
         seq.status = WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
@@ -195,10 +227,76 @@ class Scheduler:
         seq.pages.extend(self.alloc.allocate(need))
         return True
 
+    def _admit_pages(self, seq: Sequence) -> bool:
+        """Reserve the pages of ``seq``'s tokens, sharing its longest cached prefix; False if they do not fit."""
+        if not self.prefix_caching:
+            return self._grow(seq, seq.num_tokens)
+        a, ps, tokens = self.alloc, self.alloc.page_size, seq.tokens
+        usable = (len(tokens) - 1) // ps  # at least one token is computed: its logits pick the next token
+        digests = extend_digests(seq.digests, tokens, ps, usable)[:usable]
+        hit = a.match(digests)
+        if len(hit) < usable and digests[len(hit)] in self._inflight:
+            return False  # a running sequence is computing the next pages of this prefix: wait for them
+        need = a.pages_for(len(tokens)) - len(hit)
+        if need > a.num_free - a.num_evictable(hit):
+            return False
+        a.share(hit)
+        seq.pages = hit + a.allocate(need)
+        seq.num_named = len(hit)
+        seq.num_computed = len(hit) * ps
+        self.prefix_queried_tokens += len(tokens)
+        self.prefix_hit_tokens += len(hit) * ps
+        for d in digests[len(hit) :]:
+            self._inflight.setdefault(d, seq)
+        return True
+
+    def commit(self, seqs: list[Sequence]) -> None:
+        """Offer the pages of ``seqs`` that became full and computed to the prefix cache."""
+        if not self.prefix_caching:
+            return
+        a, ps = self.alloc, self.alloc.page_size
+        for seq in seqs:
+            full = seq.num_computed // ps
+            if full <= seq.num_named or seq.status != RUNNING:
+                continue
+            digests = extend_digests(seq.digests, seq.tokens, ps, full)
+            for i in range(seq.num_named, full):
+                a.register(seq.pages[i], digests[i])
+                if self._inflight.get(digests[i]) is seq:
+                    del self._inflight[digests[i]]
+            seq.num_named = full
+
+    def trim(self, seq: Sequence) -> None:
+        """Free the pages past what ``seq``'s tokens need (after rejected proposals)."""
+        keep = self.alloc.pages_for(seq.num_tokens)
+        if len(seq.pages) > keep:
+            self.alloc.free(seq.pages[keep:])
+            del seq.pages[keep:]
+            if seq.table_len > keep:
+                seq.table_len = 0  # the decode row is rewritten (and cleared) at the next decode
+
+    def _propose(self, seq: Sequence, n: int, room: int) -> list[int]:
+        """An n-gram proposal for ``seq`` of ``n`` tokens that fits ``room`` tokens of budget."""
+        p = seq.params
+        k = min(self.num_spec, room, p.max_tokens - len(seq.output) - 1, self.max_model_len - n - 1)
+        if k <= 0:
+            return []
+        draft = propose_ngram(seq.tokens, k, *self.ngram)
+        if not draft:
+            return []
+        # proposals take pages only with a page to spare per running sequence: never a preemption
+        extra = self.alloc.pages_for(n + len(draft)) - len(seq.pages)
+        if extra > 0 and self.alloc.num_free - extra < len(self.running):
+            return []
+        self._grow(seq, n + len(draft))
+        return draft
+
     def schedule(self) -> StepPlan:
         preempted: list[Sequence] = []
         decode: list[Sequence] = []
         partial: list[Sequence] = []  # running, still being prefilled
+        verify: list[tuple[Sequence, list[int]]] = []
+        spec_tokens = 0
         page_size = self.alloc.page_size
         for seq in list(self.running):  # hot loop at large batches: the properties are inlined
             if seq.status != RUNNING:
@@ -209,6 +307,13 @@ class Scheduler:
                 if pending > 1:
                     partial.append(seq)
                 continue
+            if self.num_spec:
+                room = self.max_tokens_per_step - len(self.running) - spec_tokens
+                draft = self._propose(seq, n, room)
+                if draft:
+                    verify.append((seq, draft))
+                    spec_tokens += len(draft)
+                    continue
             if len(seq.pages) * page_size < n:
                 while not self._grow(seq, n):
                     victim = self.running[-1]
@@ -218,7 +323,7 @@ class Scheduler:
                         break
             if seq.status == RUNNING:
                 decode.append(seq)
-        budget = self.max_tokens_per_step - len(decode)
+        budget = self.max_tokens_per_step - len(decode) - len(verify) - spec_tokens
         prefill: list[tuple[Sequence, int]] = []
         for seq in partial:
             if budget <= 0:
@@ -229,7 +334,7 @@ class Scheduler:
                 budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_batch and not preempted:
             seq = self.waiting[0]
-            if not self._grow(seq, seq.num_tokens):
+            if not self._admit_pages(seq):
                 break  # FIFO: the head waits for pages, nobody overtakes it
             self.waiting.popleft()
             seq.status = RUNNING
@@ -238,4 +343,4 @@ class Scheduler:
             n = min(seq.pending, budget)
             prefill.append((seq, n))
             budget -= n
-        return StepPlan(decode, prefill, preempted)
+        return StepPlan(decode, prefill, preempted, verify)

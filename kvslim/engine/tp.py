@@ -145,6 +145,8 @@ def _follower_main(rank: int, size: int, port: int, backend: str, device: str, d
                 runner.decode(*args)
             elif op == "prefill":
                 runner.prefill(*args)
+            elif op == "verify":
+                runner.verify(*args)
     finally:
         dist.destroy_process_group()
 
