@@ -21,11 +21,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import statistics
 import time
 from pathlib import Path
 
 import torch
+
+from benchmarks.timing import event_median
 
 OUT = Path(__file__).resolve().parent / "results"
 CATEGORIES = ("attention", "gemm", "cache write", "other")
@@ -48,30 +49,14 @@ def copy_bandwidth() -> float:
     for _ in range(3):
         b.copy_(a)
     torch.cuda.synchronize()
-    ts = []
-    for _ in range(10):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        b.copy_(a)
-        e1.record()
-        e1.synchronize()
-        ts.append(e0.elapsed_time(e1) * 1e-3)
-    return 2 * a.numel() / statistics.median(ts)
+    return 2 * a.numel() / event_median(lambda: b.copy_(a), 10)
 
 
 def replay_time(graph, reps: int) -> float:
     for _ in range(3):
         graph.replay()
     torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        graph.replay()
-        e1.record()
-        e1.synchronize()
-        ts.append(e0.elapsed_time(e1) * 1e-3)
-    return statistics.median(ts)
+    return event_median(graph.replay, reps)
 
 
 def breakdown(runner, b: int) -> dict[str, float]:

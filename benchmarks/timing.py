@@ -54,17 +54,20 @@ def bench_graph(fn, n=10, reps=7):
         torch.cuda.synchronize()
         print(f"  graph capture failed ({type(e).__name__}: {str(e)[:80]}); timing with do_bench", flush=True)
         return bench(fn)
-    times = []
-    for g in graphs:
-        ts = []
-        for _ in range(reps):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            g.replay()
-            b.record()
-            b.synchronize()
-            ts.append(a.elapsed_time(b) * 1e-3)
-        ts.sort()
-        times.append(ts[len(ts) // 2])
+    times = [event_median(g.replay, reps) for g in graphs]
     del graphs
     return max(times[0] - times[1], 1e-9) / n
+
+
+def event_median(fn, reps: int) -> float:
+    """Median seconds of ``fn()`` timed one call at a time by CUDA events (the upper median for even ``reps``)."""
+    ts = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b) * 1e-3)
+    ts.sort()
+    return ts[len(ts) // 2]
