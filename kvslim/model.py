@@ -17,7 +17,7 @@ from torch import nn
 from kvslim.attention import build_attention
 from kvslim.cache import KVCache, LayerCache
 from kvslim.checkpoint import FORMAT, load_tensors, read_config, state_dict_for_save, write_model_dir
-from kvslim.layers import MLP, RMSNorm
+from kvslim.layers import MLP, RMSNorm, fuse_linears
 from kvslim.rope import Rotary
 from kvslim.sampling import check_sampling, sample
 from kvslim.spec import AttentionSpec, hf_int
@@ -129,6 +129,14 @@ class Transformer(nn.Module):
                 attn.impl = impl
             if kv_dtype is not None:
                 attn.kv_roundtrip = fmt
+
+    def fuse_projections(self) -> None:
+        """One GEMM for the layer input's projections (q/k/v, or q + latent down-projection) and one
+        for gate+up, in every layer (``kvslim.layers.fuse_linears``: same weights, same state dict).
+        Call it once the model has its final device and dtype."""
+        for layer in self.model.layers:
+            fuse_linears(layer.self_attn, layer.self_attn.FUSE)
+            fuse_linears(layer.mlp, ("gate_proj", "up_proj"))
 
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, *,
                 return_hidden: bool = False) -> torch.Tensor:

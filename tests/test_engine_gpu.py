@@ -1,5 +1,11 @@
-"""Engine features on a real GPU (skipped without CUDA): compiled decode, prefix caching and n-gram
-speculation give the same greedy tokens as the plain engine, with CUDA graphs, bf16."""
+"""Engine features on a real GPU (skipped without CUDA): compiled decode, fused projections, prefix
+caching and n-gram speculation give the same greedy tokens as the plain engine, with CUDA graphs.
+
+fp32: identical tokens. bf16: every feature changes rounding (Inductor keeps fused elementwise
+chains in fp32; a cached prefix is attended from the pool instead of the prefill's SDPA), so
+greedy paths may part at a near-tie; the test then checks, with an fp32 forward of the same
+weights, that the two tokens at the first divergence are within bf16 noise of each other.
+"""
 
 from __future__ import annotations
 
@@ -28,15 +34,43 @@ def run(model, **kw):
     return eng.generate(prompts(), SamplingParams(max_tokens=24, ignore_eos=True)), eng.stats()
 
 
+def near_tie_gaps(model32, got, want) -> list[float]:
+    """For each output pair that differs: the fp32 logit gap between the two tokens at the first
+    divergence, in units of that position's logit standard deviation."""
+    gaps = []
+    for p, a, b in zip(prompts(), got, want):
+        i = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+        if i is None:
+            continue
+        ctx = torch.tensor([p + b[:i]], device="cuda")
+        with torch.no_grad():
+            logits = model32(ctx)[0, -1].float()
+        gaps.append(float((logits[b[i]] - logits[a[i]]).abs() / logits.std()))
+    return gaps
+
+
+def same_or_near_tie(model32, got, want, dtype, what):
+    if dtype == torch.float32:
+        assert got == want, what
+        return
+    gaps = near_tie_gaps(model32, got, want)
+    print(f"{what}: {len(gaps)} of {len(want)} outputs part; fp32 gaps (logit std) {[round(g, 4) for g in gaps]}")
+    assert all(g < 0.05 for g in gaps), f"{what}: divergence at a non-tie: gaps {gaps}"
+
+
 @pytest.mark.parametrize("preset", ["gqa-2", "gta-2", "mla", "gla-2"])
-@pytest.mark.parametrize("dtype", [torch.float32])  # bf16: not exact (2026-12-03 H200: gqa-2 differed)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_engine_features_same_tokens(preset, dtype):
+    model32 = random_model(preset, "tiny", device="cuda")
     model = random_model(preset, "tiny", device="cuda").to(dtype)
-    base, _ = run(model, enable_prefix_caching=False)
+    base, _ = run(model, enable_prefix_caching=False, fuse_projections=False)
+    model = random_model(preset, "tiny", device="cuda").to(dtype)  # unfused copy for the next runs
+    fused, _ = run(model, enable_prefix_caching=False)
+    same_or_near_tie(model32, fused, base, dtype, f"{preset} fused")
     comp, _ = run(model, enable_prefix_caching=False, compile=True)
-    assert comp == base
+    same_or_near_tie(model32, comp, base, dtype, f"{preset} compiled")
     cached, st = run(model, enable_prefix_caching=True)
-    assert cached == base
+    same_or_near_tie(model32, cached, fused, dtype, f"{preset} prefix cache")
     if dtype == torch.float32:  # q_len > 1 verify vs q_len = 1 decode: exact argmax only in fp32
         spec, st = run(model, enable_prefix_caching=False, num_speculative_tokens=4)
-        assert spec == base
+        assert spec == fused

@@ -12,10 +12,13 @@ from torch import nn
 
 from kvslim.attention.base import AttentionBase, shard_state
 from kvslim.kernels import decode_separate
+from kvslim.layers import linears
 from kvslim.rope import apply_rope
 
 
 class GroupedQueryAttention(AttentionBase):
+    FUSE = ("q_proj", "k_proj", "v_proj")
+
     def __init__(self, spec, *, tp_rank: int = 0, tp_size: int = 1):
         super().__init__(spec, tp_rank=tp_rank, tp_size=tp_size)
         if spec.kind not in ("mha", "mqa", "gqa"):
@@ -35,9 +38,9 @@ class GroupedQueryAttention(AttentionBase):
     def project(self, x, cos, sin):
         B, T, _ = x.shape
         loc, d = self.local, self.spec.head_dim
-        q = self._rope(self.q_proj(x).view(B, T, loc.num_heads, d), cos, sin)
-        k = self._rope(self.k_proj(x).view(B, T, loc.num_kv_heads, d), cos, sin)
-        v = self.v_proj(x)
+        q, k, v = linears(self, self.FUSE, x)
+        q = self._rope(q.view(B, T, loc.num_heads, d), cos, sin)
+        k = self._rope(k.view(B, T, loc.num_kv_heads, d), cos, sin)
         rows = torch.cat([k.reshape(B, T, -1), v], dim=-1)
         return q, rows
 

@@ -20,10 +20,13 @@ from torch import nn
 
 from kvslim.attention.base import AttentionBase, shard_state
 from kvslim.kernels import decode_tied
+from kvslim.layers import linears
 from kvslim.rope import apply_rope
 
 
 class GroupedTiedAttention(AttentionBase):
+    FUSE = ("q_proj", "kv_proj", "k_rope_proj")
+
     def __init__(self, spec, *, tp_rank: int = 0, tp_size: int = 1):
         super().__init__(spec, tp_rank=tp_rank, tp_size=tp_size)
         if spec.kind != "gta":
@@ -38,10 +41,10 @@ class GroupedTiedAttention(AttentionBase):
         B, T, _ = x.shape
         loc, d = self.local, self.spec.head_dim
         half = d // 2
-        q = self.q_proj(x).view(B, T, loc.num_heads, d)
+        q, state, k_rope = linears(self, self.FUSE, x)
+        q = q.view(B, T, loc.num_heads, d)
         q = torch.cat([q[..., :half], apply_rope(q[..., half:], cos, sin)], dim=-1)
-        k_rope = apply_rope(self.k_rope_proj(x), cos, sin)  # [B, T, d/2]
-        rows = torch.cat([self.kv_proj(x), k_rope], dim=-1)
+        rows = torch.cat([state, apply_rope(k_rope, cos, sin)], dim=-1)  # [B, T, h*d + d/2]
         return q, rows
 
     def expand(self, rows):

@@ -28,7 +28,7 @@ from torch import nn
 
 from kvslim.attention.base import AttentionBase, shard_rows, shard_state
 from kvslim.kernels import decode_tied
-from kvslim.layers import RMSNorm
+from kvslim.layers import RMSNorm, linears
 from kvslim.rope import apply_rope
 
 
@@ -70,18 +70,24 @@ class LatentAttention(AttentionBase):
         w = self.kv_b_proj.weight.view(self.local.num_heads, s.head_dim + s.v_head_dim, s.latent_dim)
         return w[:, : s.head_dim], w[:, s.head_dim :]
 
+    @property
+    def FUSE(self) -> tuple[str, str]:
+        """The two projections of the layer input (one GEMM once fused)."""
+        return ("q_a_proj" if self.spec.q_lora_rank else "q_proj", "kv_a_proj_with_mqa")
+
     def _query(self, x):
+        q, kv = linears(self, self.FUSE, x)
         if self.spec.q_lora_rank:
-            return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-        return self.q_proj(x)
+            q = self.q_b_proj(self.q_a_layernorm(q))
+        return q, kv
 
     def project(self, x, cos, sin):
         B, T, _ = x.shape
         s, loc = self.spec, self.local
         d_n, d_r, d_c, S = s.head_dim, s.rope_dim, s.latent_dim, loc.num_latent_heads
-        q = self._query(x).view(B, T, loc.num_heads, d_n + d_r)
+        q, kv = self._query(x)
+        q = q.view(B, T, loc.num_heads, d_n + d_r)
         q = torch.cat([q[..., :d_n], apply_rope(q[..., d_n:], cos, sin)], dim=-1)
-        kv = self.kv_a_proj_with_mqa(x)
         c = self._norm_latent(kv[..., : S * d_c].view(B, T, S, d_c)).reshape(B, T, S * d_c)
         k_rope = apply_rope(kv[..., S * d_c :], cos, sin)
         return q, torch.cat([c, k_rope], dim=-1)

@@ -55,6 +55,8 @@ class EngineConfig:
         compile: run the decode step through ``torch.compile`` (Inductor fuses the elementwise work
             around the kernels, which stay custom ops; compiled before graph capture, so it costs
             start-up time once).
+        fuse_projections: one GEMM for q/k/v (or q + latent down-projection) and one for gate+up
+            in every layer (``Transformer.fuse_projections``; same weights, no extra memory).
         kv_dtype: KV cache dtype: ``bf16``, ``fp16``, ``fp32`` or ``fp8`` (packed e4m3 rows with
             per-token tile scales, ``kvslim.rows``); None: the model's dtype.
         seed: seed of the engine RNG for requests without a seed of their own.
@@ -82,6 +84,7 @@ class EngineConfig:
     cuda_graphs: bool | None = None
     graph_batches: tuple[int, ...] = DEFAULT_GRAPH_BATCHES
     compile: bool = False
+    fuse_projections: bool = True
     kv_dtype: str | None = None
     seed: int | None = None
     device: str = "auto"
@@ -105,6 +108,8 @@ class EngineConfig:
             raise ValueError(f"cuda_graphs must be None, True or False, got {self.cuda_graphs!r}")
         if not isinstance(self.compile, bool):
             raise ValueError(f"compile must be True or False, got {self.compile!r}")
+        if not isinstance(self.fuse_projections, bool):
+            raise ValueError(f"fuse_projections must be True or False, got {self.fuse_projections!r}")
         batches = tuple(self.graph_batches)
         for b in batches:
             _int("graph_batches entries", b)

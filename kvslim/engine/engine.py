@@ -94,7 +94,8 @@ class LLMEngine:
         runner_kw = dict(num_pages=num_pages, page_size=page_size,
                          max_pages_per_seq=self.allocator.pages_for(self.max_model_len), max_batch=config.max_batch,
                          kv_format=self.kv_format, cuda_graphs=config.cuda_graphs,
-                         graph_batches=config.graph_batches, compile=config.compile)
+                         graph_batches=config.graph_batches, compile=config.compile,
+                         fuse_projections=config.fuse_projections)
         if tp is not None:
             tp.send("init", runner_kw)
         self.runner = ModelRunner(model, **runner_kw)

@@ -60,12 +60,16 @@ class ModelRunner:
         graph_batches: batch sizes to capture (clipped to ``max_batch``).
         compile: run decode through ``torch.compile`` (one graph over all layers, the kernels as
             custom ops, ``kvslim.kernels.ops``; compiled for a dynamic batch before capture).
+        fuse_projections: fuse each layer's input projections and gate+up into one GEMM each
+            (``Transformer.fuse_projections``, done in place on ``model``).
     """
 
     def __init__(self, model, *, num_pages: int, page_size: int, max_pages_per_seq: int, max_batch: int,
                  kv_format: RowFormat | None = None, cuda_graphs: bool | None = None,
-                 graph_batches=DEFAULT_GRAPH_BATCHES, compile: bool = False):
+                 graph_batches=DEFAULT_GRAPH_BATCHES, compile: bool = False, fuse_projections: bool = False):
         self.model = model
+        if fuse_projections:
+            model.fuse_projections()
         self.compiled = compile
         self._decode_fn = torch.compile(self._run, dynamic=True) if compile else self._run
         # the cache write takes the attention's kernel choice (impl="triton" also under TRITON_INTERPRET)
