@@ -65,9 +65,9 @@ def test_engine_features_same_tokens(preset, dtype):
     model = random_model(preset, "tiny", device="cuda").to(dtype)
     base, _ = run(model, enable_prefix_caching=False, fuse_projections=False)
     model = random_model(preset, "tiny", device="cuda").to(dtype)  # unfused copy for the next runs
-    fused, _ = run(model, enable_prefix_caching=False)
+    fused, _ = run(model, enable_prefix_caching=False, fuse_projections=True)
     same_or_near_tie(model32, fused, base, dtype, f"{preset} fused")
-    comp, _ = run(model, enable_prefix_caching=False, compile=True)
+    comp, _ = run(model, enable_prefix_caching=False, compile=True)  # the model stays fused
     same_or_near_tie(model32, comp, base, dtype, f"{preset} compiled")
     cached, st = run(model, enable_prefix_caching=True)
     same_or_near_tie(model32, cached, fused, dtype, f"{preset} prefix cache")

@@ -45,8 +45,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (fuses norms, RoPE, casts around the kernels; "
                         "slower start-up)")
-    g.add_argument("--no-fuse-projections", action="store_true",
-                   help="run q/k/v and gate/up as separate GEMMs (default: one GEMM each)")
+    g.add_argument("--fuse-projections", action="store_true",
+                   help="one GEMM for q/k/v (or q + latent down-projection) and one for gate/up per layer")
     g.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (default 1)")
     g.add_argument("--enable-prefix-caching", dest="prefix_caching", action="store_true", default=True,
                    help="share the cached pages of equal prompt prefixes between requests (default on)")
@@ -93,7 +93,7 @@ def engine_config_from_args(args) -> EngineConfig:
         num_pages=args.num_pages, kv_memory_gib=args.kv_memory, mem_util=args.mem_util, page_size=args.page_size,
         max_batch=args.max_batch, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len, cuda_graphs=False if args.no_cuda_graphs else None,
-        compile=args.compile, fuse_projections=not getattr(args, "no_fuse_projections", False),
+        compile=args.compile, fuse_projections=getattr(args, "fuse_projections", False),
         kv_dtype=None if args.kv_dtype == "auto" else args.kv_dtype,
         device=args.device or "auto", dtype=args.dtype, tp=args.tp,
         enable_prefix_caching=getattr(args, "prefix_caching", True),

@@ -56,7 +56,9 @@ class EngineConfig:
             around the kernels, which stay custom ops; compiled before graph capture, so it costs
             start-up time once).
         fuse_projections: one GEMM for q/k/v (or q + latent down-projection) and one for gate+up
-            in every layer (``Transformer.fuse_projections``; same weights, no extra memory).
+            in every layer (``Transformer.fuse_projections``; same weights, no extra memory). Off by
+            default: on the H200 (2026-12-03, ``1b`` shape) it changed the decode step by -2..+2 %
+            (``benchmarks/results/engine_roofline_NVIDIA_H200_fuse.md``).
         kv_dtype: KV cache dtype: ``bf16``, ``fp16``, ``fp32`` or ``fp8`` (packed e4m3 rows with
             per-token tile scales, ``kvslim.rows``); None: the model's dtype.
         seed: seed of the engine RNG for requests without a seed of their own.
@@ -84,7 +86,7 @@ class EngineConfig:
     cuda_graphs: bool | None = None
     graph_batches: tuple[int, ...] = DEFAULT_GRAPH_BATCHES
     compile: bool = False
-    fuse_projections: bool = True
+    fuse_projections: bool = False
     kv_dtype: str | None = None
     seed: int | None = None
     device: str = "auto"
