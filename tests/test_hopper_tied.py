@@ -65,7 +65,8 @@ CASES = [
     (2, 1, 64, 1, 512, 64, 64, [65, 2000], 4, torch.float16),  # MLA h_q 64
     (3, 1, 128, 2, 256, 64, 64, [64, 1, 999], 1, torch.bfloat16),  # GLA-2
     (2, 2, 128, 2, 256, 64, 16, [130, 1600], 2, torch.float16),
-    (2, 4, 64, 4, 256, 64, 48, [77, 640], 3, torch.bfloat16),  # GLA-4, group 16 < 64/q_len
+    (2, 2, 64, 4, 256, 64, 48, [77, 640], 3, torch.bfloat16),  # GLA-4: group 16 < 64/q_len = 32 rows
+    (2, 4, 128, 2, 256, 64, 64, [2, 3000], 2, torch.float16),  # GLA-2 q_len 4
     (2, 1, 128, 4, 256, 64, 64, [4096, 31], None, torch.bfloat16),  # heuristic splits
 ]
 

@@ -105,11 +105,13 @@ def decode_tied_hopper(
     num_splits: int | None = None,
     out: tuple[torch.Tensor, torch.Tensor] | None = None,
     kv_format=None,
+    config: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Tied-state decode on Hopper; same contract as :func:`kvslim.kernels.decode_tied`.
 
     Inputs are validated by ``kvslim.kernels`` (shapes, dtypes, devices); this raises
     ``ValueError`` for problems the kernel does not take (:func:`unsupported_reason`).
+    ``config`` overrides :func:`hopper_config` (``BLOCK_N`` 32/64, ``STAGES`` >= 2), for tuning.
 
     Returns:
         ``o [B, q_len, h_q, v_dim]`` in q's dtype and ``lse [B, q_len, h_q]`` fp32.
@@ -130,7 +132,11 @@ def decode_tied_hopper(
     block_h = BLOCK_M // q_len
     hb_per_s = cdiv(g, block_h)
     page_size, max_pages = cache.shape[1], block_table.shape[1]
-    cfg = hopper_config(state_dim, rope_dim)
+    cfg = {**hopper_config(state_dim, rope_dim), **(config or {})}
+    if cfg["BLOCK_N"] not in (32, 64) or cfg["STAGES"] < 2:
+        raise ValueError(f"impl='hopper': config needs BLOCK_N in (32, 64) and STAGES >= 2, got {cfg}")
+    if smem_bytes(state_dim, rope_dim, cfg["BLOCK_N"], cfg["STAGES"]) + SMEM_SLACK > SMEM_LIMIT:
+        raise ValueError(f"impl='hopper': config {cfg} needs more than {SMEM_LIMIT} B of shared memory")
     if num_splits is None:
         # smem holds one program per SM; shapes only (graph-safe)
         num_splits = pick_num_splits(B * num_state_heads * hb_per_s, max_pages * page_size, num_sms(q.device), 8, 1)
