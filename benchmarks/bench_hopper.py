@@ -26,6 +26,7 @@ import torch  # noqa: E402
 from benchmarks.decode_problem import Problem, check, measure_ceilings, spec_for  # noqa: E402
 from benchmarks.timing import bench_graph  # noqa: E402
 from kvslim.kernels import decode_tied  # noqa: E402
+from kvslim.kernels.hopper_tied import decode_tied_hopper  # noqa: E402
 from kvslim.kernels.reference import decode_tied_ref  # noqa: E402
 
 SHAPES = [("mla", 1), ("mla", 2), ("mla", 4), ("gla-2", 1), ("gla-2", 2)]
@@ -112,6 +113,9 @@ def main() -> None:
         p = Problem(spec_for(name, 128), args.B, args.L, q_len, 64)
         kw = kw_of(p)
         cands = [(impl, ours(p, kw, impl)) for impl in ("hopper", "triton")]
+        if name == "mla" and q_len == 1:  # the other tile config that fits MLA's shared memory
+            cands.insert(1, ("hopper-bn32x3", lambda p=p, kw=kw: decode_tied_hopper(
+                p.q, p.cache, p.block_table, p.seq_lens, config={"BLOCK_N": 32, "STAGES": 3}, **kw)))
         if fi is not None and p.S == 1:
             for vname, build in fi.variants(p):
                 if vname.endswith("fa3"):

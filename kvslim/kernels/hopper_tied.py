@@ -33,7 +33,7 @@ from kvslim.kernels.launch import LOG2E, alloc_outputs
 
 BLOCK_M = 64
 STATE_DIMS = (256, 512)
-ROPE_DIMS = (16, 32, 64, 128, 256)
+ROPE_DIMS = (32, 64, 128)
 SMEM_LIMIT = 227 * 1024  # sm_90 dynamic shared memory per block
 SMEM_SLACK = 2048  # barriers and the softmax's cross-warp reduction scratch
 
