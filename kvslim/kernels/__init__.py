@@ -210,8 +210,8 @@ def decode_tied(
                              and not torch.compiler.is_compiling()):
         from kvslim.kernels import hopper_tied
 
-        if which == "hopper" or hopper_tied.unsupported_reason(q, cache, **{k: v for k, v in kw.items()
-                                                                              if k != "softmax_scale"}) is None:
+        shape = {k: v for k, v in kw.items() if k != "softmax_scale"}
+        if which == "hopper" or hopper_tied.unsupported_reason(q, cache, **shape) is None:
             if torch.compiler.is_compiling():
                 raise ValueError("impl='hopper' is not yet wrapped as a torch.compile op; use impl='auto'")
             return hopper_tied.decode_tied_hopper(q, cache, block_table, seq_lens, num_splits=num_splits, **kw)

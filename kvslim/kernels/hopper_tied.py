@@ -25,6 +25,8 @@ without a GPU); :func:`unsupported_reason` says why a call cannot run here.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from kvslim.kernels.combine import combine_splits
@@ -51,6 +53,7 @@ def hopper_config(state_dim: int, rope_dim: int) -> dict:
     raise ValueError(f"no Hopper tile fits shared memory for state_dim={state_dim}, rope_dim={rope_dim}")
 
 
+@functools.cache
 def gluon_available() -> bool:
     """Whether this Triton has the Gluon Hopper API the kernel is written for (3.6)."""
     try:
@@ -77,12 +80,18 @@ def shape_problem(q, cache, *, num_state_heads, state_dim, nope_dim, rope_dim, v
     return None
 
 
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
 def unsupported_reason(q, cache, **shape) -> str | None:
     """Why ``impl='hopper'`` cannot run this call here (None: it can): device, Gluon, then shapes."""
     if q.device.type != "cuda":
         return f"needs CUDA tensors, got {q.device}"
-    if torch.cuda.get_device_capability(q.device) != (9, 0):
-        return f"needs an sm_90 GPU, got sm_{''.join(map(str, torch.cuda.get_device_capability(q.device)))}"
+    cap = _capability(q.device.index if q.device.index is not None else torch.cuda.current_device())
+    if cap != (9, 0):
+        return f"needs an sm_90 GPU, got sm_{cap[0]}{cap[1]}"
     if not gluon_available():
         import triton
 
