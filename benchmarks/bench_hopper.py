@@ -30,6 +30,11 @@ from kvslim.kernels.hopper_tied import decode_tied_hopper  # noqa: E402
 from kvslim.kernels.reference import decode_tied_ref  # noqa: E402
 
 SHAPES = [("mla", 1), ("mla", 2), ("mla", 4), ("gla-2", 1), ("gla-2", 2)]
+# hopper_tied configs timed besides the default (PIPE: async wgmma, the softmax overlaps PV)
+_MLA = [("hopper-bn32x3", {"BLOCK_N": 32, "STAGES": 3}),
+        ("hopper-pipe-bn32x4", {"BLOCK_N": 32, "STAGES": 4, "PIPE": True})]
+_GLA = [("hopper-pipe-bn64x4", {"BLOCK_N": 64, "STAGES": 4, "PIPE": True})]
+EXTRA = {("mla", 1): _MLA, ("mla", 2): _MLA[1:], ("mla", 4): _MLA[1:], ("gla-2", 1): _GLA, ("gla-2", 2): _GLA}
 
 
 def kw_of(p):
@@ -113,9 +118,9 @@ def main() -> None:
         p = Problem(spec_for(name, 128), args.B, args.L, q_len, 64)
         kw = kw_of(p)
         cands = [(impl, ours(p, kw, impl)) for impl in ("hopper", "triton")]
-        if name == "mla" and q_len == 1:  # the other tile config that fits MLA's shared memory
-            cands.insert(1, ("hopper-bn32x3", lambda p=p, kw=kw: decode_tied_hopper(
-                p.q, p.cache, p.block_table, p.seq_lens, config={"BLOCK_N": 32, "STAGES": 3}, **kw)))
+        for i, (vname, cfg) in enumerate(EXTRA.get((name, q_len), [])):  # other configs that fit
+            cands.insert(1 + i, (vname, lambda p=p, kw=kw, cfg=cfg: decode_tied_hopper(
+                p.q, p.cache, p.block_table, p.seq_lens, config=cfg, **kw)))
         if fi is not None and p.S == 1:
             for vname, build in fi.variants(p):
                 if vname.endswith("fa3"):

@@ -82,6 +82,29 @@ def test_hopper_matches_fp64_oracle(case):
     check(o, lse, q, cache, bt, sl, kw)
 
 
+# the other configs: (B, q_len, h_q, S, state_dim, page, lens, splits, config)
+CONFIGS = [
+    (3, 1, 128, 1, 512, 64, [1, 700, 1500], 1, {"BLOCK_N": 32, "STAGES": 3}),
+    (3, 2, 128, 1, 512, 48, [2, 333, 1025], 2, {"BLOCK_N": 32, "STAGES": 4, "PIPE": True}),
+    (2, 1, 128, 1, 512, 64, [31, 2000], 1, {"BLOCK_N": 32, "STAGES": 3, "PIPE": True}),
+    (3, 1, 128, 2, 256, 64, [64, 1, 999], 1, {"BLOCK_N": 64, "STAGES": 4, "PIPE": True}),
+    (2, 4, 64, 4, 256, 16, [130, 1600], 3, {"BLOCK_N": 64, "STAGES": 3, "PIPE": True}),
+    (2, 2, 128, 2, 256, 64, [1, 64], 4, {"BLOCK_N": 64, "STAGES": 2}),  # empty splits
+    (2, 1, 128, 2, 256, 64, [1, 64], 4, {"BLOCK_N": 64, "STAGES": 3, "PIPE": True}),
+]
+
+
+@needs_hopper
+@pytest.mark.parametrize("case", CONFIGS)
+def test_hopper_configs_match_fp64_oracle(case):
+    B, q_len, h_q, S, sd, page, lens, splits, config = case
+    q, cache, bt, sl = make_poisoned(B, q_len, h_q, S, sd, 64, page, lens, torch.bfloat16,
+                                     zlib.crc32(str(case).encode()))
+    kw = kwargs(S, sd, 64)
+    o, lse = hopper_tied.decode_tied_hopper(q, cache, bt, sl, num_splits=splits, config=config, **kw)
+    check(o, lse, q, cache, bt, sl, kw)
+
+
 @needs_hopper
 def test_hopper_split_invariance_and_tl_agreement():
     q, cache, bt, sl = make_poisoned(2, 2, 128, 1, 512, 64, 64, [1000, 257], torch.bfloat16, 5)
@@ -137,6 +160,10 @@ def test_hopper_rejects_shapes_it_does_not_take():
     with pytest.raises(ValueError, match="state_dim must be one of"):
         decode_tied(q, cache, bt, sl, impl="hopper", **kwargs(1, 128, 64))
     q, cache, bt, sl = make_poisoned(1, 1, 16, 2, 64, 0, 16, [40], torch.bfloat16, 9)
+    q2, c2, bt2, sl2 = make_poisoned(1, 1, 16, 1, 512, 64, 16, [40], torch.bfloat16, 11)
+    for bad in ({"BLOCK_N": 16}, {"STAGES": 3}, {"PIPE": True}):  # MLA: 3 x 64-token slots do not fit
+        with pytest.raises(ValueError, match="impl='hopper': config"):
+            hopper_tied.decode_tied_hopper(q2, c2, bt2, sl2, config=bad, **kwargs(1, 512, 64))
     with pytest.raises(ValueError, match="impl='hopper'"):  # GTA: nope_dim = d_h/2
         decode_tied(q[..., :64], cache, bt, sl, impl="hopper", num_state_heads=2, state_dim=64, nope_dim=64,
                     rope_dim=0, v_dim=64, softmax_scale=0.125)
@@ -159,5 +186,5 @@ def test_cpu_module_imports_and_hopper_refuses_cpu():
                                                   if k != "softmax_scale"}) is None
     assert "fp8" in hopper_tied.shape_problem(q, cache.view(torch.uint8), num_state_heads=1, state_dim=512,
                                               nope_dim=512, rope_dim=64, v_dim=512)
-    assert hopper_tied.hopper_config(512, 64) == {"BLOCK_N": 64, "STAGES": 2}
-    assert hopper_tied.hopper_config(256, 64) == {"BLOCK_N": 64, "STAGES": 3}
+    assert hopper_tied.hopper_config(512, 64) == {"BLOCK_N": 64, "STAGES": 2, "PIPE": False}
+    assert hopper_tied.hopper_config(256, 64) == {"BLOCK_N": 64, "STAGES": 3, "PIPE": False}

@@ -9,7 +9,12 @@ from __future__ import annotations
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import async_copy, fence_async_shared, warpgroup_mma
+from triton.experimental.gluon.language.nvidia.hopper import (
+    async_copy,
+    fence_async_shared,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
 
 BLOCK_M = gl.constexpr(64)  # rows (new tokens x query heads) of one program: one wgmma M
 
@@ -33,6 +38,18 @@ def _issue_tile(Cache, bt_row, kv_buf, kr_buf, n0, end, col_s, col_r, offs_n_s, 
     row_r = (pg_r * PAGE + n_r % PAGE) * ROW + ROPE_COL
     async_copy.async_copy_global_to_shared(kr_buf, Cache + row_r[:, None] + col_r[None, :], mask=ok_r[:, None])
     async_copy.commit_group()
+
+
+@gluon.jit
+def _softmax_step(s, m_i, l_i, n_abs, pos, end, sm_scale_log2):
+    """Mask (causal + split end), scale to log2 units, online-softmax update: ``(p, alpha, m, l)``."""
+    keep = (n_abs[None, :] <= pos[:, None]) & (n_abs < end)[None, :]
+    s = gl.where(keep, s * sm_scale_log2, float("-inf"))
+    m_new = gl.maximum(m_i, gl.max(s, 1))
+    m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = gl.exp2(m_i - m_safe)
+    p = gl.exp2(s - m_safe[:, None])
+    return p, alpha, m_new, l_i * alpha + gl.sum(p, 1)
 
 
 @gluon.jit
@@ -67,6 +84,7 @@ def hopper_tied_kernel(
     HB_PER_S: gl.constexpr,
     NUM_SPLITS: gl.constexpr,
     STAGES: gl.constexpr,
+    PIPE: gl.constexpr,  # async wgmma: PV of tile i-1 overlaps the softmax of tile i (STAGES >= 3)
 ):
     pid_h = gl.program_id(0)
     b = gl.program_id(1).to(gl.int64)
@@ -113,7 +131,7 @@ def hopper_tied_kernel(
 
     kv_ring = gl.allocate_shared_memory(dt, [STAGES, BLOCK_N, D], kv_sl)
     kr_ring = gl.allocate_shared_memory(dt, [STAGES, BLOCK_N, R], kr_sl)
-    p_smem = gl.allocate_shared_memory(dt, [BLOCK_M, BLOCK_N], p_sl)
+    p_bufs = gl.allocate_shared_memory(dt, [1, BLOCK_M, BLOCK_N], p_sl)
 
     # This split's token range (as kvslim.kernels.blocks.split_range).
     seq_len = gl.minimum(gl.load(SeqLens + b), max_pages * PAGE)
@@ -138,34 +156,62 @@ def hopper_tied_kernel(
     l_i = gl.full([BLOCK_M], 0.0, gl.float32, gl.SliceLayout(1, s_layout))
     acc = gl.zeros([BLOCK_M, D], gl.float32, o_layout)
     s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
-    for it in range(n_tiles):
-        slot = it % STAGES
-        # Tile `it` landed (its group is the oldest outstanding one); publish it to the
-        # async proxy (wgmma) and to every warp. The barrier also means every warp is done
-        # with iteration it-1, so its ring slot and P are free.
-        async_copy.wait_group(STAGES - 2)
-        fence_async_shared()
-        gl.thread_barrier()
-        nxt = it + STAGES - 1
-        _issue_tile(Cache, bt_row, kv_ring.index(nxt % STAGES), kr_ring.index(nxt % STAGES),
-                    start + nxt * BLOCK_N, end, c_s, col_r, offs_n_s, offs_n_r, PAGE, ROW, ROPE_COL)
-        kv = kv_ring.index(slot)
-        s = warpgroup_mma(q_smem, kv.permute((1, 0)), s_zero, use_acc=False)
-        s = warpgroup_mma(qr_smem, kr_ring.index(slot).permute((1, 0)), s)
-        n_abs = start + it * BLOCK_N + offs_n
-        keep = (n_abs[None, :] <= pos[:, None]) & (n_abs < end)[None, :]
-        s = gl.where(keep, s * sm_scale_log2, float("-inf"))
-        m_new = gl.maximum(m_i, gl.max(s, 1))
-        m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = gl.exp2(m_i - m_safe)
-        p = gl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + gl.sum(p, 1)
-        m_i = m_new
-        p_smem.store(p.to(dt))
+    if PIPE:
+        # FlashAttention-3's intra-warpgroup overlap: iteration `it` issues S of tile it, then
+        # PV of tile it-1 (P from the previous softmax), and runs the softmax of tile it while
+        # that PV is on the tensor cores. Both wgmma groups retire by the iteration's end
+        # (ptxas serializes wgmma whose accumulators are touched across an open stage).
+        # Slots live: it-1 (PV), it (S) and the prefetch, so STAGES >= 3.
+        p_smem = p_bufs.index(0)
+        p_smem.store(gl.zeros([BLOCK_M, BLOCK_N], dt, s_layout))  # tile "-1": P = 0
+        alpha = gl.full([BLOCK_M], 1.0, gl.float32, gl.SliceLayout(1, s_layout))
+        for it in range(n_tiles):
+            async_copy.wait_group(STAGES - 2)  # tile it landed
+            fence_async_shared()
+            gl.thread_barrier()
+            acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]  # before any wgmma:
+            kv = kv_ring.index(it % STAGES)  # ptxas would otherwise inject a wait for S here
+            s_tok = warpgroup_mma(q_smem, kv.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            s_tok = warpgroup_mma(qr_smem, kr_ring.index(it % STAGES).permute((1, 0)), s_tok, is_async=True)
+            v_prev = kv_ring.index(gl.maximum(it - 1, 0) % STAGES)  # it = 0: P = 0 over landed tile 0
+            acc_tok = warpgroup_mma(p_smem, v_prev, acc, is_async=True)
+            s = warpgroup_mma_wait(1, deps=[s_tok])
+            p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, start + it * BLOCK_N + offs_n, pos, end, sm_scale_log2)
+            acc = warpgroup_mma_wait(0, deps=[acc_tok])
+            gl.thread_barrier()  # every warp is done with P of tile it-1 and the slot of tile it-1
+            p_smem.store(p.to(dt))
+            fence_async_shared()
+            nxt = it + STAGES - 1
+            _issue_tile(Cache, bt_row, kv_ring.index(nxt % STAGES), kr_ring.index(nxt % STAGES),
+                        start + nxt * BLOCK_N, end, c_s, col_r, offs_n_s, offs_n_r, PAGE, ROW, ROPE_COL)
+        # PV of the last tile (no tile: P = 0 over the zero-filled tile 0)
+        async_copy.wait_group(0)
         fence_async_shared()
         gl.thread_barrier()
         acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
-        acc = warpgroup_mma(p_smem, kv, acc)
+        acc = warpgroup_mma(p_smem, kv_ring.index(gl.maximum(n_tiles - 1, 0) % STAGES), acc)
+    else:
+        p_smem = p_bufs.index(0)
+        for it in range(n_tiles):
+            slot = it % STAGES
+            # Tile `it` landed (its group is the oldest outstanding one); publish it to the
+            # async proxy (wgmma) and to every warp. The barrier also means every warp is done
+            # with iteration it-1, so its ring slot and P are free.
+            async_copy.wait_group(STAGES - 2)
+            fence_async_shared()
+            gl.thread_barrier()
+            nxt = it + STAGES - 1
+            _issue_tile(Cache, bt_row, kv_ring.index(nxt % STAGES), kr_ring.index(nxt % STAGES),
+                        start + nxt * BLOCK_N, end, c_s, col_r, offs_n_s, offs_n_r, PAGE, ROW, ROPE_COL)
+            kv = kv_ring.index(slot)
+            s = warpgroup_mma(q_smem, kv.permute((1, 0)), s_zero, use_acc=False)
+            s = warpgroup_mma(qr_smem, kr_ring.index(slot).permute((1, 0)), s)
+            p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, start + it * BLOCK_N + offs_n, pos, end, sm_scale_log2)
+            p_smem.store(p.to(dt))
+            fence_async_shared()
+            gl.thread_barrier()
+            acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+            acc = warpgroup_mma(p_smem, kv, acc)
     async_copy.wait_group(0)
 
     # Epilogue: normalise, write (o, lse) or this split's fp32 partials.

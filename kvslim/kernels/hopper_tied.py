@@ -46,10 +46,12 @@ def smem_bytes(state_dim: int, rope_dim: int, block_n: int, stages: int) -> int:
 
 
 def hopper_config(state_dim: int, rope_dim: int) -> dict:
-    """``BLOCK_N`` and ring depth: 64-token tiles with the deepest ring that fits (MLA: 2 slots)."""
+    """``BLOCK_N``, ring depth and ``PIPE``: 64-token tiles with the deepest ring that fits (MLA: 2
+    slots), synchronous wgmma. ``PIPE`` (FA3-style overlap of the softmax with PV, needs 3+ slots:
+    MLA only at ``BLOCK_N=32``) is opt-in through ``config`` until measured."""
     for block_n, stages in ((64, 3), (64, 2), (32, 3), (32, 2)):
         if smem_bytes(state_dim, rope_dim, block_n, stages) + SMEM_SLACK <= SMEM_LIMIT:
-            return dict(BLOCK_N=block_n, STAGES=stages)
+            return dict(BLOCK_N=block_n, STAGES=stages, PIPE=False)
     raise ValueError(f"no Hopper tile fits shared memory for state_dim={state_dim}, rope_dim={rope_dim}")
 
 
@@ -120,7 +122,8 @@ def decode_tied_hopper(
 
     Inputs are validated by ``kvslim.kernels`` (shapes, dtypes, devices); this raises
     ``ValueError`` for problems the kernel does not take (:func:`unsupported_reason`).
-    ``config`` overrides :func:`hopper_config` (``BLOCK_N`` 32/64, ``STAGES`` >= 2), for tuning.
+    ``config`` overrides :func:`hopper_config` (``BLOCK_N`` 32/64, ``STAGES`` >= 2, ``PIPE`` with
+    ``STAGES`` >= 3), for tuning.
 
     Returns:
         ``o [B, q_len, h_q, v_dim]`` in q's dtype and ``lse [B, q_len, h_q]`` fp32.
@@ -142,8 +145,8 @@ def decode_tied_hopper(
     hb_per_s = cdiv(g, block_h)
     page_size, max_pages = cache.shape[1], block_table.shape[1]
     cfg = {**hopper_config(state_dim, rope_dim), **(config or {})}
-    if cfg["BLOCK_N"] not in (32, 64) or cfg["STAGES"] < 2:
-        raise ValueError(f"impl='hopper': config needs BLOCK_N in (32, 64) and STAGES >= 2, got {cfg}")
+    if cfg["BLOCK_N"] not in (32, 64) or cfg["STAGES"] < (3 if cfg["PIPE"] else 2):
+        raise ValueError(f"impl='hopper': config needs BLOCK_N in (32, 64) and STAGES >= 2 (3 with PIPE), got {cfg}")
     if smem_bytes(state_dim, rope_dim, cfg["BLOCK_N"], cfg["STAGES"]) + SMEM_SLACK > SMEM_LIMIT:
         raise ValueError(f"impl='hopper': config {cfg} needs more than {SMEM_LIMIT} B of shared memory")
     if num_splits is None:
@@ -157,7 +160,7 @@ def decode_tied_hopper(
         block_table.stride(0), max_pages, softmax_scale * LOG2E,
         H_Q=h_q, S=num_state_heads, G=g, Q_LEN=q_len, D=state_dim, R=rope_dim, PAGE=page_size,
         ROW=cache.shape[2], BLOCK_H=block_h, BLOCK_N=cfg["BLOCK_N"], HB_PER_S=hb_per_s,
-        NUM_SPLITS=num_splits, STAGES=cfg["STAGES"], num_warps=8,
+        NUM_SPLITS=num_splits, STAGES=cfg["STAGES"], PIPE=bool(cfg["PIPE"]), num_warps=8,
     )
     if num_splits > 1:
         combine_splits(o_part, lse_part, o, lse)
