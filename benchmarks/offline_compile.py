@@ -76,6 +76,20 @@ def resource_usage(compiled) -> str:
             f"LDGSTS={sass.count('LDGSTS')}")
 
 
+def ptxas_advisories(compiled) -> list[str]:
+    """ptxas's wgmma performance notes on the kernel's PTX (serialized wgmma, injected waits)."""
+    import triton
+
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ptx")
+        with open(src, "w") as f:
+            f.write(compiled.asm["ptx"])
+        r = subprocess.run([ptxas, "-arch=sm_90a", "-v", src, "-o", os.path.join(d, "k.cubin")],
+                           capture_output=True, text=True)
+    return [line.strip() for line in (r.stdout + r.stderr).splitlines() if "(C75" in line]
+
+
 def _load_hopper_kernel():
     """The Gluon kernel, loaded from its file (no kvslim/torch import: the Triton 3.6 venv has no torch)."""
     import importlib.util
@@ -100,6 +114,8 @@ def main() -> None:
         from kvslim.kernels.separate import _separate_kernel as kernel
     c = compile_kernel(kernel, json.loads(sys.argv[2]), gluon)
     print(f"shared {c.metadata.shared} B | {resource_usage(c)}")
+    for note in ptxas_advisories(c) if gluon else ():
+        print("  ptxas: " + note)
     for line in c.asm["ttgir"].splitlines():
         if "warp_group_dot " in line or "local_alloc" in line:
             print("  " + line.strip()[:200])
