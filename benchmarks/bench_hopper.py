@@ -8,7 +8,8 @@ each timed shape, with the fp32 oracle on two sequences. Markdown + JSON to ``--
 
     python3 benchmarks/bench_hopper.py --out $OUT [--no-flashinfer]
 
-Runs in well under 2 minutes on an H200 (FlashInfer's FA3 MLA JIT build aside, if not cached).
+Runs in well under 2 minutes on an H200, FlashInfer's FA3 MLA JIT build aside (minutes when not
+cached: pass ``--no-flashinfer`` to skip it). Each row is printed as soon as it is measured.
 """
 
 from __future__ import annotations
@@ -142,6 +143,7 @@ def main() -> None:
                      TFLOPs=round(p.flops / t / 1e12, 1), pct_copy=round(100 * p.bytes / t / copy_bw, 1),
                      pct_gemm=round(100 * p.flops / t / gemm, 1), rel_err=err)
             rows.append(r)
+            log(f"  {name} q_len={q_len} {kname}: {r['us']} us, {r['TFLOPs']} TFLOP/s, err {err}")
         del p
         torch.cuda.empty_cache()
     log("")
