@@ -6,19 +6,23 @@ Two entry points cover all six variants (DESIGN.md §1):
 * :func:`decode_tied` — GTA / absorbed MLA / absorbed GLA, row ``[state heads | rope key]``.
 
 ``impl="auto"`` runs the Triton kernel on CUDA tensors and the torch reference
-elsewhere; an explicit ``impl`` never falls back silently. Both take the packed fp8 row of
+elsewhere; an explicit ``impl`` never falls back silently. ``impl="hopper"`` (tied only) is the
+Gluon sm_90a kernel of :mod:`kvslim.kernels.hopper_tied`; ``auto`` picks it only with
+``KVSLIM_HOPPER=1`` in the environment, on sm_90, for the shapes it takes. Both take the packed fp8 row of
 :mod:`kvslim.rows` (a uint8 cache plus its ``kv_format``): values are dequantized on load
 and everything after is the same fp32-accumulated attention.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from kvslim.kernels.reference import decode_separate_ref, decode_tied_ref
 from kvslim.rows import RowFormat
 
-IMPLS = ("auto", "triton", "torch")
+IMPLS = ("auto", "triton", "torch", "hopper")
 MAX_Q_LEN = 8
 
 
@@ -63,11 +67,10 @@ def _check_common(q, cache, block_table, seq_lens, row_dim, q_dim, impl, kv_form
     for name, t in (("cache", cache), ("block_table", block_table), ("seq_lens", seq_lens)):
         if t.device != q.device:
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
-    if impl == "triton" and q.device.type != "cuda":
-        import os
-
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError("impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1)")
+    if impl == "hopper":
+        return "hopper"  # device, Gluon and shape checks: kvslim.kernels.hopper_tied
+    if impl == "triton" and q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1)")
     which = "triton" if impl == "triton" or (impl == "auto" and q.device.type == "cuda") else "torch"
     if which == "torch" or (q.device.type != "cuda" and not torch.compiler.is_compiling()):
         # Value checks need the lengths on the host: free for CPU tensors and on the
@@ -114,6 +117,8 @@ def decode_separate(
     Returns:
         ``o [B, q_len, h_q, d_h]`` in q's dtype and ``lse [B, q_len, h_q]`` fp32.
     """
+    if impl == "hopper":
+        raise ValueError("impl='hopper' is a tied-state kernel (decode_tied); decode_separate takes auto/triton/torch")
     if q.dim() == 4 and q.shape[2] % num_kv_heads:
         raise ValueError(f"num_kv_heads={num_kv_heads} must divide h_q={q.shape[2]}")
     which = _check_common(q, cache, block_table, seq_lens, 2 * num_kv_heads * head_dim, head_dim, impl,
@@ -175,6 +180,8 @@ def decode_tied(
         v_dim: value dims read from the state (GTA: d_h, MLA/GLA: d_c).
         softmax_scale: scale of the original q.k (e.g. ``1/sqrt(d_nope + d_R)`` for MLA).
         kv_format: for a packed fp8 cache, its ``RowFormat`` (states e4m3, RoPE key bf16).
+        impl: ``auto``, ``triton``, ``torch`` or ``hopper`` (the Gluon sm_90a kernel; a clear
+            ``ValueError`` where it cannot run; ``auto`` uses it only with ``KVSLIM_HOPPER=1``).
 
     Returns:
         ``o [B, q_len, h_q, v_dim]`` in q's dtype and ``lse [B, q_len, h_q]`` fp32.
@@ -199,6 +206,15 @@ def decode_tied(
     )
     if which == "torch":
         return decode_tied_ref(q, cache, block_table, seq_lens, **kw)
+    if which == "hopper" or (impl == "auto" and os.environ.get("KVSLIM_HOPPER") == "1"
+                             and not torch.compiler.is_compiling()):
+        from kvslim.kernels import hopper_tied
+
+        shape = {k: v for k, v in kw.items() if k != "softmax_scale"}
+        if which == "hopper" or hopper_tied.unsupported_reason(q, cache, **shape) is None:
+            if torch.compiler.is_compiling():
+                raise ValueError("impl='hopper' is not yet wrapped as a torch.compile op; use impl='auto'")
+            return hopper_tied.decode_tied_hopper(q, cache, block_table, seq_lens, num_splits=num_splits, **kw)
     if torch.compiler.is_compiling():
         from kvslim.kernels.ops import decode_tied_op, fmt_args
 
