@@ -17,7 +17,12 @@ from __future__ import annotations
 
 import torch
 
-from kvslim.kernels.reference import decode_separate_ref, decode_tied_ref, prefill_separate_ref, prefill_tied_ref
+from kvslim.kernels.reference import (
+    decode_separate_ref,
+    decode_tied_ref,
+    prefill_separate_ref,
+    prefill_tied_ref,
+)
 from kvslim.rows import RowFormat
 
 IMPLS = ("auto", "triton", "torch")
