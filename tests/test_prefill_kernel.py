@@ -64,8 +64,10 @@ def check(o, lse, ref, kw, q, cache, bt, sl, fmt, dtype):
     assert_close(lse, rl, baseline=bl, atol=ATOL[dtype], msg="lse:")
 
 
+GPU = torch.cuda.is_available()
+
 # (B, T, h_q, h_kv, d_h, page, lens, dtype, config)
-SEPARATE = [
+SEPARATE_CPU = [
     (2, 9, 3, 3, 16, 16, [9, 40], torch.bfloat16, None),  # MHA; row 0's chunk is its whole sequence
     (3, 17, 6, 2, 32, 5, [17, 90, 30], torch.float16, None),  # GQA-3, page 5 (not a power of two)
     (2, 70, 5, 1, 16, 64, [70, 100], torch.float32, None),  # MQA, 5 heads, page 64 > tile
@@ -73,7 +75,15 @@ SEPARATE = [
     (2, 130, 4, 2, 16, 16, [130, 171], torch.bfloat16, None),  # long chunk
     (2, 20, 6, 3, 24, 5, [20, 47], torch.float16, {"BLOCK_M": 16, "BLOCK_N": 16}),  # d_h 24, unmasked tiles
     (2, 33, 8, 1, 16, 16, [33, 97], torch.float32, {"BLOCK_H": 4, "BLOCK_M": 16, "BLOCK_N": 16}),  # head blocks
+    (2, 9, 4, 2, 16, 1, [9, 20], torch.bfloat16, None),  # page size 1
 ]
+SEPARATE_GPU = [
+    (4, 512, 32, 8, 128, 16, [512, 3000, 777, 4096], torch.bfloat16, None),  # GQA g_q 4
+    (2, 1000, 28, 4, 128, 64, [1000, 2500], torch.float16, None),
+    (3, 77, 16, 16, 64, 1, [77, 300, 1111], torch.bfloat16, None),  # MHA, page 1
+    (2, 300, 24, 3, 96, 48, [300, 513], torch.float32, None),
+]
+SEPARATE = SEPARATE_GPU if GPU else SEPARATE_CPU
 
 
 @pytest.mark.parametrize("case", SEPARATE)
@@ -87,7 +97,7 @@ def test_prefill_separate_matches_oracle(case):
 
 
 # (B, T, h_q, S, state_dim, nope, rope, v_dim, page, lens, dtype, config)
-TIED = [
+TIED_CPU = [
     (2, 17, 4, 2, 16, 8, 8, 16, 5, [17, 60], torch.bfloat16, None),  # GTA-2
     (2, 70, 8, 1, 32, 32, 16, 32, 16, [70, 110], torch.float16, None),  # MLA: one latent head
     (2, 9, 8, 2, 32, 32, 16, 32, 64, [9, 75], torch.float32, None),  # GLA-2
@@ -95,6 +105,13 @@ TIED = [
     (1, 200, 4, 1, 32, 32, 16, 32, 16, [260], torch.bfloat16, None),  # long chunk over a history
     (2, 21, 8, 1, 32, 32, 16, 32, 5, [21, 66], torch.float16, {"BLOCK_H": 4, "BLOCK_M": 16, "BLOCK_N": 16}),
 ]
+TIED_GPU = [
+    (3, 300, 32, 8, 128, 64, 64, 128, 16, [300, 1234, 4096], torch.bfloat16, None),  # GTA-8
+    (2, 700, 16, 1, 512, 512, 64, 512, 64, [700, 3000], torch.bfloat16, None),  # MLA h_q 16
+    (1, 257, 128, 1, 512, 512, 64, 512, 64, [2000], torch.bfloat16, None),  # MLA h_q 128 (2 head blocks)
+    (2, 400, 32, 2, 256, 256, 64, 256, 16, [400, 1500], torch.float16, None),  # GLA-2
+]
+TIED = TIED_GPU if GPU else TIED_CPU
 
 
 @pytest.mark.parametrize("case", TIED)
@@ -174,16 +191,18 @@ def test_prefill_public_api_torch_equals_triton_and_auto_is_torch_on_cpu():
 
 def test_prefill_bad_inputs_raise_clear_errors():
     cache, bt, sl, g = paged(2, [12, 30], 16, 2 * 16, torch.float32, 3)
-    q = torch.randn(2, 12, 2, 16, generator=g)
+    q = torch.randn(2, 12, 2, 16, generator=g).to(DEVICE)
     kw = dict(num_kv_heads=1, head_dim=16, impl="triton")
+    host = dict(kw, impl="torch")  # the length checks need the lengths on the host (not on the CUDA path)
     with pytest.raises(ValueError, match="q must be a 4-D"):
         prefill_separate(q[0], cache, bt, sl, **kw)
     with pytest.raises(ValueError, match="q_len .* >= 1"):
         prefill_separate(q[:, :0], cache, bt, sl, **kw)
     with pytest.raises(ValueError, match="every seq_len must be >= q_len=12"):
-        prefill_separate(q, cache, bt, torch.tensor([11, 30], dtype=torch.int32), **kw)
+        prefill_separate(q, cache, bt, torch.tensor([11, 30], dtype=torch.int32, device=DEVICE), **host)
     with pytest.raises(ValueError, match="exceeds block_table capacity"):
-        prefill_separate(q, cache, bt, torch.tensor([12, 16 * bt.shape[1] + 1], dtype=torch.int32), **kw)
+        prefill_separate(q, cache, bt, torch.tensor([12, 16 * bt.shape[1] + 1], dtype=torch.int32, device=DEVICE),
+                         **host)
     with pytest.raises(ValueError, match="block_table must be int32"):
         prefill_separate(q, cache, bt.long(), sl, **kw)
     with pytest.raises(ValueError, match="impl must be one of"):
@@ -206,9 +225,9 @@ def test_prefill_bad_inputs_raise_clear_errors():
 def test_prefill_clamps_seq_len_to_the_block_table_without_reading_past_it():
     """The kernel path never reads the lengths on the host: a seq_len past the block table is clamped."""
     cache, bt, sl, g = paged(1, [20], 16, 2 * 16, torch.float32, 5)
-    q = torch.randn(1, 9, 2, 16, generator=g)
-    big = torch.tensor([10_000], dtype=torch.int32)
-    cap = torch.tensor([16 * bt.shape[1]], dtype=torch.int32)
+    q = torch.randn(1, 9, 2, 16, generator=g).to(DEVICE)
+    big = torch.tensor([10_000], dtype=torch.int32, device=DEVICE)
+    cap = torch.tensor([16 * bt.shape[1]], dtype=torch.int32, device=DEVICE)
     o, lse = prefill_separate_triton(q, cache.nan_to_num(0.0), bt, big, num_kv_heads=1, head_dim=16,
                                      softmax_scale=0.25)
     ro, rl = prefill_separate_ref(q, cache.nan_to_num(0.0), bt, cap, num_kv_heads=1, head_dim=16, softmax_scale=0.25)
@@ -227,13 +246,14 @@ def test_model_prefill_chunk_on_kernel_matches_cpu_path(kind, kv_dtype, page, mo
     logits of the CPU path (SDPA over the gathered cache) and never takes that path itself."""
     from kvslim.attention.base import AttentionBase
 
-    model = tiny_model(tiny_spec(kind))
+    model = tiny_model(tiny_spec(kind)).to(DEVICE)
     g = torch.Generator().manual_seed(zlib.crc32(kind.encode()))
-    prompt = torch.randint(0, 97, (2, 30), generator=g)
-    chunk = torch.randint(0, 97, (2, 40), generator=g)
+    prompt = torch.randint(0, 97, (2, 30), generator=g).to(DEVICE)
+    chunk = torch.randint(0, 97, (2, 40), generator=g).to(DEVICE)
+    cpu_path = "torch" if GPU else "auto"  # SDPA over fresh / gathered rows (on CUDA 'auto' is the kernel)
     logits = {}
-    for impl in ("auto", "triton"):
-        model.set_attention_options(impl="auto")
+    for impl in (cpu_path, "triton"):
+        model.set_attention_options(impl=cpu_path)
         cache = model.new_cache(2, 80, page_size=page, kv_dtype=kv_dtype)
         with torch.no_grad():
             model(prompt, cache)
@@ -245,4 +265,20 @@ def test_model_prefill_chunk_on_kernel_matches_cpu_path(kind, kv_dtype, page, mo
                     m.setattr(AttentionBase, "_attend_fresh", _no_fallback)
                 logits[impl] = model(chunk, cache)
         assert cache.seq_lens.tolist() == [70, 63]
-    assert_close(logits["triton"], logits["auto"], atol=2e-4, rtol=2e-4, msg=kind)
+    assert_close(logits["triton"], logits[cpu_path], atol=2e-4, rtol=2e-4, msg=kind)
+
+
+@pytest.mark.skipif(not GPU, reason="CUDA graphs need CUDA")
+def test_prefill_is_cuda_graph_capturable():
+    """No host sync in the launch: capture it, change the lengths in place, replay."""
+    cache, bt, sl, g = paged(2, [100, 300], 16, 2 * 8 * 128, torch.bfloat16, 11)
+    q = torch.randn(2, 64, 32, 128, generator=g).to(torch.bfloat16).to(DEVICE)
+    kw = dict(num_kv_heads=8, head_dim=128, impl="triton")
+    prefill_separate(q, cache, bt, sl, **kw)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        o, lse = prefill_separate(q, cache, bt, sl, **kw)
+    sl.copy_(torch.tensor([64, 250], dtype=torch.int32))
+    graph.replay()
+    ro, rl = prefill_separate(q, cache, bt, sl, **kw)
+    assert torch.equal(o, ro) and torch.equal(lse, rl)
