@@ -98,7 +98,7 @@ def test_prefill_separate_matches_oracle(case):
 
 # (B, T, h_q, S, state_dim, nope, rope, v_dim, page, lens, dtype, config)
 TIED_CPU = [
-    (2, 17, 4, 2, 16, 8, 8, 16, 5, [17, 60], torch.bfloat16, None),  # GTA-2
+    (2, 17, 4, 2, 32, 16, 16, 32, 5, [17, 60], torch.bfloat16, None),  # GTA-2 (separate key tile)
     (2, 70, 8, 1, 32, 32, 16, 32, 16, [70, 110], torch.float16, None),  # MLA: one latent head
     (2, 9, 8, 2, 32, 32, 16, 32, 64, [9, 75], torch.float32, None),  # GLA-2
     (3, 1, 4, 2, 16, 8, 8, 16, 16, [1, 30, 7], torch.bfloat16, None),  # T = 1
@@ -125,20 +125,22 @@ def test_prefill_tied_matches_oracle(case):
     check(o, lse, prefill_tied_ref, kw, q, cache, bt, sl, None, dtype)
 
 
-# (kind, B, T, h_q, S, width, page, lens, dtype): width = d_h (separate) or the state (tied);
-# "gta": key = half the state + a RoPE key of width / 2
+# (kind, B, T, h_q, S, width, page, lens, dtype, tile): width = d_h (separate) or the state (tied);
+# "gta": key = half the state + a RoPE key of width / 2; tile None = RowFormat.for_spec's
 FP8 = [
-    ("separate", 2, 17, 4, 2, 32, 5, [17, 50], torch.bfloat16),
-    ("separate", 2, 40, 3, 3, 48, 16, [40, 41], torch.float16),  # MHA, tile 48 (not a power of two)
-    ("tied", 2, 40, 4, 1, 32, 16, [40, 90], torch.float16),  # MLA-like
-    ("tied", 2, 12, 8, 2, 32, 64, [12, 70], torch.float32),  # GLA-like
-    ("gta", 2, 9, 4, 2, 32, 64, [9, 70], torch.bfloat16),
+    ("separate", 2, 17, 4, 2, 32, 5, [17, 50], torch.bfloat16, None),
+    ("separate", 2, 40, 3, 3, 48, 16, [40, 41], torch.float16, None),  # MHA, tile 48 (not a power of two)
+    ("tied", 2, 40, 4, 1, 32, 16, [40, 90], torch.float16, None),  # MLA-like
+    ("tied", 2, 12, 8, 2, 32, 64, [12, 70], torch.float32, None),  # GLA-like
+    ("gta", 2, 9, 4, 2, 32, 64, [9, 70], torch.bfloat16, None),  # key narrower than a tile: no key tile
+    ("gta", 2, 11, 4, 2, 48, 5, [11, 30], torch.float16, None),  # separate key tile, tile 48
+    ("gta", 2, 10, 4, 2, 32, 16, [10, 45], torch.bfloat16, 16),  # separate key tile of one 16-wide scale tile
 ]
 
 
 @pytest.mark.parametrize("case", FP8)
 def test_prefill_fp8_rows_match_oracle(case):
-    kind, B, T, h_q, S, width, page, lens, dtype = case
+    kind, B, T, h_q, S, width, page, lens, dtype, tile = case
     if kind == "separate":
         spec = SimpleNamespace(is_tied=False, head_dim=width, rope_dim=0, row_dim_per_rank=lambda tp: 2 * S * width)
         d_qk = width
@@ -153,6 +155,8 @@ def test_prefill_fp8_rows_match_oracle(case):
                   softmax_scale=d_qk**-0.5)
         fn, ref = prefill_tied, prefill_tied_ref
     fmt = RowFormat.for_spec(spec, "fp8")
+    if tile is not None:
+        fmt = RowFormat("fp8", fmt.row_dim, quant=fmt.quant, plain=fmt.plain, tile=tile)
     cache, bt, sl, g = paged(B, lens, page, None, None, zlib.crc32(str(case).encode()), fmt)
     q = torch.randn(B, T, h_q, d_qk, generator=g).to(dtype).to(DEVICE)
     o, lse = fn(q, cache, bt, sl, impl="triton", kv_format=fmt, **kw)

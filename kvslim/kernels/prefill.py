@@ -143,18 +143,27 @@ def _prefill_separate_kernel(
 
 
 @triton.jit
-def _tied_step(acc, m_i, l_i, q_n, q_r, Cache, bt_row, n0, end, pos, s_col, s_ok, r_col, r_ok, s_t0, t_ok,
-               sm_scale_log2, dt: tl.constexpr, PAGE: tl.constexpr, ROW: tl.constexpr, BLOCK_N: tl.constexpr,
-               FP8: tl.constexpr, SCALES: tl.constexpr, PLAIN: tl.constexpr, TILE: tl.constexpr,
-               NTB: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, MASK: tl.constexpr):
-    """One state tile of the tied kernel: it is both key (with the rope tile) and value."""
+def _tied_step(acc, m_i, l_i, q_n, q_r, Cache, bt_row, n0, end, pos, s_col, s_ok, k_col, k_ok, r_col, r_ok, s_t0,
+               t_ok, k_tok, sm_scale_log2, dt: tl.constexpr, PAGE: tl.constexpr, ROW: tl.constexpr,
+               BLOCK_N: tl.constexpr, FP8: tl.constexpr, SCALES: tl.constexpr, PLAIN: tl.constexpr,
+               TILE: tl.constexpr, NTB: tl.constexpr, NTB_K: tl.constexpr, SPLIT_K: tl.constexpr,
+               UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, MASK: tl.constexpr):
+    """One state tile of the tied kernel: it is both key (with the rope tile) and value.
+
+    ``SPLIT_K`` (GTA: the key takes half the state): the key's ``[BLOCK_N, BLOCK_K]`` columns are
+    loaded again as their own narrower tile (an L1/L2 hit), so ``QKᵀ`` does not multiply zeros."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
     n_ok = offs_n < end
     tile, rows = tile_rows(Cache, bt_row, n0, offs_n, n_ok, PAGE, ROW, BLOCK_N)
     kr = load_plain(tile, rows, r_col, n_ok[:, None] & r_ok[None, :], dt, FP8, PLAIN, UPCAST)  # [BLOCK_N, BLOCK_R]
     st = load_elements(tile, rows, s_col, n_ok[:, None] & s_ok[None, :], n_ok, s_t0, t_ok, dt, FP8, SCALES, TILE,
                        NTB, UPCAST)  # [BLOCK_N, BLOCK_DS]
-    s = tl.dot(q_n, tl.trans(st), input_precision=DOT_PREC)
+    if SPLIT_K:
+        kn = load_elements(tile, rows, k_col, n_ok[:, None] & k_ok[None, :], n_ok, s_t0, k_tok, dt, FP8, SCALES,
+                           TILE, NTB_K, UPCAST)  # [BLOCK_N, BLOCK_K]
+        s = tl.dot(q_n, tl.trans(kn), input_precision=DOT_PREC)
+    else:
+        s = tl.dot(q_n, tl.trans(st), input_precision=DOT_PREC)
     s = tl.dot(q_r, tl.trans(kr), s, input_precision=DOT_PREC) * sm_scale_log2  # [BLOCK_M, BLOCK_N]
     if MASK:
         s = tl.where((offs_n[None, :] <= pos[:, None]) & n_ok[None, :], s, float("-inf"))
@@ -179,6 +188,7 @@ def _prefill_tied_kernel(
     H_Q: tl.constexpr, S: tl.constexpr, G: tl.constexpr, STATE_DIM: tl.constexpr, NOPE: tl.constexpr,
     ROPE: tl.constexpr, DV: tl.constexpr,
     BLOCK_DS: tl.constexpr,  # pow2 >= max(NOPE, DV)
+    BLOCK_K: tl.constexpr,  # pow2 >= NOPE: the key's state columns (< BLOCK_DS: SPLIT_K)
     BLOCK_R: tl.constexpr,  # pow2 >= ROPE
     PAGE: tl.constexpr, ROW: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HB_PER_S: tl.constexpr, STAGES: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
@@ -198,8 +208,11 @@ def _prefill_tied_kernel(
     USED: tl.constexpr = NOPE if NOPE > DV else DV
     s_ok = offs_s < USED
     q_base = Q + b * stride_qb + t[:, None].to(tl.int64) * stride_qt + head[:, None] * stride_qh
-    # the no-RoPE query is zero past its NOPE columns, so one dot over the state tile gives q_nope.k_nope
-    q_n = tl.load(q_base + offs_s[None, :], mask=row_ok[:, None] & (offs_s < NOPE)[None, :], other=0.0)
+    # the no-RoPE query is zero past its NOPE columns, so one dot over the state (or key) tile gives q_nope.k_nope
+    SPLIT_K: tl.constexpr = BLOCK_K < BLOCK_DS
+    offs_k = tl.arange(0, BLOCK_K)
+    k_ok = offs_k < NOPE
+    q_n = tl.load(q_base + offs_k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
     q_r = tl.load(q_base + NOPE + offs_r[None, :], mask=row_ok[:, None] & r_ok[None, :], other=0.0)
     if UPCAST:
         q_n = q_n.to(tl.float32)
@@ -212,19 +225,23 @@ def _prefill_tied_kernel(
         r_col = offs_r  # bf16 elements after the scales
     else:
         r_col = S * STATE_DIM + offs_r
-    NTB: tl.constexpr = BLOCK_DS // TILE if (TILE & (TILE - 1)) == 0 else 1
+    POW2: tl.constexpr = (TILE & (TILE - 1)) == 0
+    NTB: tl.constexpr = BLOCK_DS // TILE if POW2 else 1
+    NTB_K: tl.constexpr = BLOCK_K // TILE if POW2 else 1  # the launcher keeps BLOCK_K >= TILE for fp8
     s_t0 = sh * (STATE_DIM // TILE)
     t_ok = tl.arange(0, NTB) * TILE < USED
+    k_tok = tl.arange(0, NTB_K) * TILE < NOPE
+    k_col = sh * STATE_DIM + offs_k
     dt = Q.dtype.element_ty
     bt_row = BlockTable + b * stride_bt
     for n0 in tl.range(0, full_end, BLOCK_N, num_stages=STAGES):
-        acc, m_i, l_i = _tied_step(acc, m_i, l_i, q_n, q_r, Cache, bt_row, n0, end, pos, s_col, s_ok, r_col, r_ok,
-                                   s_t0, t_ok, sm_scale_log2, dt, PAGE, ROW, BLOCK_N, FP8, SCALES, PLAIN, TILE, NTB,
-                                   UPCAST, DOT_PREC, False)
+        acc, m_i, l_i = _tied_step(acc, m_i, l_i, q_n, q_r, Cache, bt_row, n0, end, pos, s_col, s_ok, k_col, k_ok,
+                                   r_col, r_ok, s_t0, t_ok, k_tok, sm_scale_log2, dt, PAGE, ROW, BLOCK_N, FP8, SCALES,
+                                   PLAIN, TILE, NTB, NTB_K, SPLIT_K, UPCAST, DOT_PREC, False)
     for n0 in tl.range(full_end, end, BLOCK_N):
-        acc, m_i, l_i = _tied_step(acc, m_i, l_i, q_n, q_r, Cache, bt_row, n0, end, pos, s_col, s_ok, r_col, r_ok,
-                                   s_t0, t_ok, sm_scale_log2, dt, PAGE, ROW, BLOCK_N, FP8, SCALES, PLAIN, TILE, NTB,
-                                   UPCAST, DOT_PREC, True)
+        acc, m_i, l_i = _tied_step(acc, m_i, l_i, q_n, q_r, Cache, bt_row, n0, end, pos, s_col, s_ok, k_col, k_ok,
+                                   r_col, r_ok, s_t0, t_ok, k_tok, sm_scale_log2, dt, PAGE, ROW, BLOCK_N, FP8, SCALES,
+                                   PLAIN, TILE, NTB, NTB_K, SPLIT_K, UPCAST, DOT_PREC, True)
     _store(acc, m_i, l_i, O, Lse, b, t, head, offs_s[None, :], row_ok[:, None] & (offs_s < DV)[None, :], row_ok,
            q_len, stride_ob, stride_ot, stride_oh, H_Q)
 
@@ -339,10 +356,13 @@ def prefill_tied_triton(
     g = h_q // num_state_heads
     fp8 = kv_format is not None and kv_format.is_fp8
     block_ds = max(16, next_pow2(max(nope_dim, v_dim)))
+    block_k = max(16, next_pow2(nope_dim))
+    if fp8 and not kv_format.tile & (kv_format.tile - 1) and block_k < kv_format.tile:
+        block_k = block_ds  # a key narrower than one scale tile: no separate key tile
     cfg = {**prefill_config(group=g, state_block=block_ds, dtype=q.dtype, fp8=fp8), **(config or {})}
     fm = _fmt_meta(kv_format)
     meta = dict(H_Q=h_q, S=num_state_heads, G=g, STATE_DIM=state_dim, NOPE=nope_dim, ROPE=rope_dim, DV=v_dim,
-                BLOCK_DS=block_ds, BLOCK_R=max(16, next_pow2(max(rope_dim, 1))), HB_PER_S=cdiv(g, cfg["BLOCK_H"]),
+                BLOCK_DS=block_ds, BLOCK_K=block_k, BLOCK_R=max(16, next_pow2(max(rope_dim, 1))), HB_PER_S=cdiv(g, cfg["BLOCK_H"]),
                 PLAIN=kv_format.plain_offset if fm["FP8"] else 0, **fm)
     return _launch(_prefill_tied_kernel, q, cache, block_table, seq_lens, d_v=v_dim, group=g,
                    num_kv=num_state_heads, softmax_scale=softmax_scale, meta=meta, cfg=cfg, out=out)
