@@ -17,7 +17,8 @@ kernel's q / K / V, K/V repeated to every query head), with the first of the fla
 efficient backends that accepts the shape (named in the table); for MLA/GLA also SDPA on the
 expanded per-head K/V (``d_qk = d_h + d_R``, ``d_v = d_h``), what the module's CPU path runs.
 
-    export PYTHONPATH=$PWD; python3 benchmarks/bench_prefill.py [--out DIR] [--only gqa-8,mla-128]
+    export PYTHONPATH=$PWD; python3 benchmarks/bench_prefill.py [--out DIR] [--only gqa,"h_q 128"]
+        [--config '{"BLOCK_N": 64, "num_warps": 4}'] [--no-sdpa]
 
 Writes ``prefill_<date>_<GPU>.{md,json}`` into ``--out`` (default benchmarks/results/).
 """
@@ -40,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.timing import bench  # noqa: E402
 from kvslim.kernels import prefill_separate, prefill_tied  # noqa: E402
+from kvslim.kernels.prefill import prefill_separate_triton, prefill_tied_triton  # noqa: E402
 from kvslim.kernels.reference import prefill_separate_ref, prefill_tied_ref  # noqa: E402
 from kvslim.spec import AttentionSpec  # noqa: E402
 
@@ -66,8 +68,9 @@ def gemm_peak() -> float:
 class Problem:
     """One shape: random bf16 rows in a paged pool (shuffled pages), queries for the last T tokens."""
 
-    def __init__(self, spec: AttentionSpec, B: int, T: int, L: int, page: int, seed: int = 0):
-        self.spec, self.B, self.T, self.L, self.page = spec, B, T, L, page
+    def __init__(self, spec: AttentionSpec, B: int, T: int, L: int, page: int, seed: int = 0,
+                 config: dict | None = None):
+        self.spec, self.B, self.T, self.L, self.page, self.config = spec, B, T, L, page, config
         g = torch.Generator(device="cuda").manual_seed(seed)
         row = spec.row_dim_per_rank(1)
         pages_per_seq = -(-L // page)
@@ -86,6 +89,9 @@ class Problem:
         self.q = torch.randn(B, T, spec.num_heads, self.dqk, device="cuda", dtype=DT, generator=g) * 0.5
 
     def run(self):
+        if self.config:  # the launcher itself, with block overrides (tuning)
+            fn = prefill_tied_triton if self.tied else prefill_separate_triton
+            return fn(self.q, self.cache, self.bt, self.sl, config=self.config, **self.kw)
         fn = prefill_tied if self.tied else prefill_separate
         return fn(self.q, self.cache, self.bt, self.sl, impl="triton", **self.kw)
 
@@ -150,14 +156,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     ap.add_argument("--only", default="", help="comma-separated substrings of variant labels")
+    ap.add_argument("--config", default="", help='block overrides for every variant, JSON, e.g. '
+                    '\'{"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}\'')
+    ap.add_argument("--no-sdpa", action="store_true", help="skip the SDPA peers")
     args = ap.parse_args()
+    config = json.loads(args.config) if args.config else None
     if not torch.cuda.is_available():
         raise SystemExit("bench_prefill needs a CUDA GPU")
     t_start = time.time()
     peak = gemm_peak()
     env = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               gemm_peak_tflops=peak / 1e12)
+               gemm_peak_tflops=peak / 1e12, config=config)
     print(f"{env['gpu']}  torch {env['torch']}  triton {env['triton']}  bf16 GEMM peak {peak / 1e12:.0f} TFLOP/s",
           flush=True)
     rows = []
@@ -168,7 +178,7 @@ def main() -> None:
         spec = AttentionSpec.preset(preset, num_heads=h_q)
         for case, B, T, L in CASES:
             for page in PAGES:
-                p = Problem(spec, B, T, L, page)
+                p = Problem(spec, B, T, L, page, config=config)
                 err = p.check()
                 t = bench(p.run)
                 kflops = p.flops(p.dqk, p.dv)
@@ -179,7 +189,7 @@ def main() -> None:
                 rows.append(r)
                 print(f"{label:24s} {case:5s} B={B} T={T} L={L} page={page:2d}: {t * 1e3:8.3f} ms "
                       f"{r['tflops']:6.1f} TFLOP/s ({100 * r['frac_peak']:4.1f} % of peak)", flush=True)
-            if case != "fresh":
+            if case != "fresh" or args.no_sdpa:
                 continue
             k, v = p.contiguous_kv()
             q = p.q.transpose(1, 2).contiguous()

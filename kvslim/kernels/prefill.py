@@ -283,6 +283,14 @@ def _launch(kernel, q, cache, block_table, seq_lens, *, d_v, group, num_kv, soft
     return o, lse
 
 
+def _config(cfg: dict, overrides: dict | None) -> dict:
+    """The heuristic blocks with ``overrides``; a smaller BLOCK_M alone also caps BLOCK_H."""
+    out = {**cfg, **(overrides or {})}
+    if overrides and "BLOCK_H" not in overrides:
+        out["BLOCK_H"] = min(out["BLOCK_H"], out["BLOCK_M"])
+    return out
+
+
 def _fmt_meta(kv_format: RowFormat | None) -> dict:
     fp8 = kv_format is not None and kv_format.is_fp8
     return dict(FP8=fp8, SCALES=kv_format.scale_offset if fp8 else 0, TILE=kv_format.tile if fp8 else 1)
@@ -316,8 +324,7 @@ def prefill_separate_triton(
     h_q = q.shape[2]
     g = h_q // num_kv_heads
     fp8 = kv_format is not None and kv_format.is_fp8
-    cfg = {**prefill_config(group=g, state_block=max(16, next_pow2(head_dim)), dtype=q.dtype, fp8=fp8),
-           **(config or {})}
+    cfg = _config(prefill_config(group=g, state_block=max(16, next_pow2(head_dim)), dtype=q.dtype, fp8=fp8), config)
     meta = dict(H_Q=h_q, H_KV=num_kv_heads, G=g, HEAD_DIM=head_dim, BLOCK_D=max(16, next_pow2(head_dim)),
                 HB_PER_KV=cdiv(g, cfg["BLOCK_H"]), **_fmt_meta(kv_format))
     return _launch(_prefill_separate_kernel, q, cache, block_table, seq_lens, d_v=head_dim, group=g,
@@ -359,7 +366,7 @@ def prefill_tied_triton(
     block_k = max(16, next_pow2(nope_dim))
     if fp8 and not kv_format.tile & (kv_format.tile - 1) and block_k < kv_format.tile:
         block_k = block_ds  # a key narrower than one scale tile: no separate key tile
-    cfg = {**prefill_config(group=g, state_block=block_ds, dtype=q.dtype, fp8=fp8), **(config or {})}
+    cfg = _config(prefill_config(group=g, state_block=block_ds, dtype=q.dtype, fp8=fp8), config)
     fm = _fmt_meta(kv_format)
     meta = dict(H_Q=h_q, S=num_state_heads, G=g, STATE_DIM=state_dim, NOPE=nope_dim, ROPE=rope_dim, DV=v_dim,
                 BLOCK_DS=block_ds, BLOCK_K=block_k, BLOCK_R=max(16, next_pow2(max(rope_dim, 1))), HB_PER_S=cdiv(g, cfg["BLOCK_H"]),
