@@ -104,12 +104,16 @@ TIED_CPU = [
     (3, 1, 4, 2, 16, 8, 8, 16, 16, [1, 30, 7], torch.bfloat16, None),  # T = 1
     (1, 200, 4, 1, 32, 32, 16, 32, 16, [260], torch.bfloat16, None),  # long chunk over a history
     (2, 21, 8, 1, 32, 32, 16, 32, 5, [21, 66], torch.float16, {"BLOCK_H": 4, "BLOCK_M": 16, "BLOCK_N": 16}),
+    (2, 19, 8, 1, 32, 32, 16, 32, 16, [19, 50], torch.bfloat16, {"DV_SPLIT": 2}),  # MLA, value columns split
+    (2, 12, 8, 2, 64, 64, 16, 48, 5, [12, 40], torch.float32, {"DV_SPLIT": 4}),  # GLA-like, d_v < state
+    (2, 10, 4, 2, 32, 16, 16, 32, 16, [10, 33], torch.float16, {"DV_SPLIT": 2}),  # GTA + split
 ]
 TIED_GPU = [
     (3, 300, 32, 8, 128, 64, 64, 128, 16, [300, 1234, 4096], torch.bfloat16, None),  # GTA-8
     (2, 700, 16, 1, 512, 512, 64, 512, 64, [700, 3000], torch.bfloat16, None),  # MLA h_q 16
     (1, 257, 128, 1, 512, 512, 64, 512, 64, [2000], torch.bfloat16, None),  # MLA h_q 128 (2 head blocks)
     (2, 400, 32, 2, 256, 256, 64, 256, 16, [400, 1500], torch.float16, None),  # GLA-2
+    (1, 333, 128, 1, 512, 512, 64, 512, 64, [1500], torch.bfloat16, {"DV_SPLIT": 2}),  # MLA h_q 128, split d_v
 ]
 TIED = TIED_GPU if GPU else TIED_CPU
 
@@ -135,11 +139,15 @@ FP8 = [
     ("gta", 2, 9, 4, 2, 32, 64, [9, 70], torch.bfloat16, None),  # key narrower than a tile: no key tile
     ("gta", 2, 11, 4, 2, 48, 5, [11, 30], torch.float16, None),  # separate key tile, tile 48
     ("gta", 2, 10, 4, 2, 32, 16, [10, 45], torch.bfloat16, 16),  # separate key tile of one 16-wide scale tile
+    ("tied", 2, 14, 4, 1, 64, 16, [14, 40], torch.bfloat16, 16),  # + DV_SPLIT 2 (config below)
+    ("tied", 2, 14, 4, 2, 48, 5, [14, 29], torch.float16, None),  # + DV_SPLIT 2, tile 48 (per-column scales)
 ]
+FP8_CONFIG = {7: {"DV_SPLIT": 2}, 8: {"DV_SPLIT": 2}}  # FP8 index -> launcher config
 
 
-@pytest.mark.parametrize("case", FP8)
-def test_prefill_fp8_rows_match_oracle(case):
+@pytest.mark.parametrize("i", range(len(FP8)))
+def test_prefill_fp8_rows_match_oracle(i):
+    case = FP8[i]
     kind, B, T, h_q, S, width, page, lens, dtype, tile = case
     if kind == "separate":
         spec = SimpleNamespace(is_tied=False, head_dim=width, rope_dim=0, row_dim_per_rank=lambda tp: 2 * S * width)
@@ -159,7 +167,10 @@ def test_prefill_fp8_rows_match_oracle(case):
         fmt = RowFormat("fp8", fmt.row_dim, quant=fmt.quant, plain=fmt.plain, tile=tile)
     cache, bt, sl, g = paged(B, lens, page, None, None, zlib.crc32(str(case).encode()), fmt)
     q = torch.randn(B, T, h_q, d_qk, generator=g).to(dtype).to(DEVICE)
-    o, lse = fn(q, cache, bt, sl, impl="triton", kv_format=fmt, **kw)
+    if i in FP8_CONFIG:
+        o, lse = prefill_tied_triton(q, cache, bt, sl, kv_format=fmt, config=FP8_CONFIG[i], **kw)
+    else:
+        o, lse = fn(q, cache, bt, sl, impl="triton", kv_format=fmt, **kw)
     check(o, lse, ref, kw, q, cache, bt, sl, fmt, dtype)
 
 
@@ -219,6 +230,9 @@ def test_prefill_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="nope_dim=24 and v_dim=8 must be <= state_dim=16"):
         prefill_tied(q, cache, bt, sl, num_state_heads=1, state_dim=16, nope_dim=24, rope_dim=16, v_dim=8,
                      softmax_scale=0.1, impl="triton")
+    with pytest.raises(ValueError, match="DV_SPLIT=3 must be a power of two"):
+        prefill_tied_triton(q, cache, bt, sl, num_state_heads=1, state_dim=16, nope_dim=8, rope_dim=16, v_dim=16,
+                            softmax_scale=0.1, config={"DV_SPLIT": 3})
     with pytest.raises(ValueError, match="BLOCK_H=3 must be a power of two"):
         prefill_separate_triton(q, cache, bt, sl, num_kv_heads=1, head_dim=16, softmax_scale=0.25,
                                 config={"BLOCK_H": 3})

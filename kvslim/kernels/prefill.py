@@ -144,22 +144,23 @@ def _prefill_separate_kernel(
 
 @triton.jit
 def _tied_step(acc, m_i, l_i, q_n, q_r, Cache, bt_row, n0, end, pos, s_col, s_ok, k_col, k_ok, r_col, r_ok, s_t0,
-               t_ok, k_tok, sm_scale_log2, dt: tl.constexpr, PAGE: tl.constexpr, ROW: tl.constexpr,
+               t_ok, k_t0, k_tok, sm_scale_log2, dt: tl.constexpr, PAGE: tl.constexpr, ROW: tl.constexpr,
                BLOCK_N: tl.constexpr, FP8: tl.constexpr, SCALES: tl.constexpr, PLAIN: tl.constexpr,
                TILE: tl.constexpr, NTB: tl.constexpr, NTB_K: tl.constexpr, SPLIT_K: tl.constexpr,
                UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, MASK: tl.constexpr):
     """One state tile of the tied kernel: it is both key (with the rope tile) and value.
 
-    ``SPLIT_K`` (GTA: the key takes half the state): the key's ``[BLOCK_N, BLOCK_K]`` columns are
-    loaded again as their own narrower tile (an L1/L2 hit), so ``QKᵀ`` does not multiply zeros."""
+    ``SPLIT_K`` (GTA: the key takes half the state; or a program owning only part of the value
+    columns, ``DV_SPLIT``): the key's ``[BLOCK_N, BLOCK_K]`` columns are loaded as their own tile
+    (the same rows: an L1/L2 hit), so ``QKᵀ`` does not multiply zeros."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
     n_ok = offs_n < end
     tile, rows = tile_rows(Cache, bt_row, n0, offs_n, n_ok, PAGE, ROW, BLOCK_N)
     kr = load_plain(tile, rows, r_col, n_ok[:, None] & r_ok[None, :], dt, FP8, PLAIN, UPCAST)  # [BLOCK_N, BLOCK_R]
     st = load_elements(tile, rows, s_col, n_ok[:, None] & s_ok[None, :], n_ok, s_t0, t_ok, dt, FP8, SCALES, TILE,
-                       NTB, UPCAST)  # [BLOCK_N, BLOCK_DS]
+                       NTB, UPCAST)  # [BLOCK_N, BLOCK_DV]: the program's value columns
     if SPLIT_K:
-        kn = load_elements(tile, rows, k_col, n_ok[:, None] & k_ok[None, :], n_ok, s_t0, k_tok, dt, FP8, SCALES,
+        kn = load_elements(tile, rows, k_col, n_ok[:, None] & k_ok[None, :], n_ok, k_t0, k_tok, dt, FP8, SCALES,
                            TILE, NTB_K, UPCAST)  # [BLOCK_N, BLOCK_K]
         s = tl.dot(q_n, tl.trans(kn), input_precision=DOT_PREC)
     else:
@@ -188,6 +189,7 @@ def _prefill_tied_kernel(
     H_Q: tl.constexpr, S: tl.constexpr, G: tl.constexpr, STATE_DIM: tl.constexpr, NOPE: tl.constexpr,
     ROPE: tl.constexpr, DV: tl.constexpr,
     BLOCK_DS: tl.constexpr,  # pow2 >= max(NOPE, DV)
+    DV_SPLIT: tl.constexpr,  # programs sharing one (state head, head block, token block), each BLOCK_DS/DV_SPLIT value cols
     BLOCK_K: tl.constexpr,  # pow2 >= NOPE: the key's state columns (< BLOCK_DS: SPLIT_K)
     BLOCK_R: tl.constexpr,  # pow2 >= ROPE
     PAGE: tl.constexpr, ROW: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -197,19 +199,21 @@ def _prefill_tied_kernel(
     pid_h = tl.program_id(0)
     tb = num_tb - 1 - tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    sh = pid_h // HB_PER_S
-    hb = pid_h % HB_PER_S
+    sh = pid_h // (HB_PER_S * DV_SPLIT)
+    hb = pid_h // DV_SPLIT % HB_PER_S
+    dvs = pid_h % DV_SPLIT  # value-column split of neighbouring programs (the same tiles, via L2)
     t, j, row_ok, pos, full_end, end = _rows_of_program(SeqLens, b, tb, hb, q_len, max_pages, G, PAGE, BLOCK_H,
                                                         BLOCK_M, BLOCK_N)
     head = sh * G + j
-    offs_s = tl.arange(0, BLOCK_DS)
+    BLOCK_DV: tl.constexpr = BLOCK_DS // DV_SPLIT
+    offs_s = dvs * BLOCK_DV + tl.arange(0, BLOCK_DV)  # the program's state (value) columns
     offs_r = tl.arange(0, BLOCK_R)
     r_ok = offs_r < ROPE
     USED: tl.constexpr = NOPE if NOPE > DV else DV
-    s_ok = offs_s < USED
     q_base = Q + b * stride_qb + t[:, None].to(tl.int64) * stride_qt + head[:, None] * stride_qh
     # the no-RoPE query is zero past its NOPE columns, so one dot over the state (or key) tile gives q_nope.k_nope
-    SPLIT_K: tl.constexpr = BLOCK_K < BLOCK_DS
+    SPLIT_K: tl.constexpr = BLOCK_K < BLOCK_DS or DV_SPLIT > 1
+    s_ok = offs_s < (DV if SPLIT_K else USED)
     offs_k = tl.arange(0, BLOCK_K)
     k_ok = offs_k < NOPE
     q_n = tl.load(q_base + offs_k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
@@ -219,28 +223,29 @@ def _prefill_tied_kernel(
         q_r = q_r.to(tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_DS], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     s_col = sh * STATE_DIM + offs_s
     if FP8:
         r_col = offs_r  # bf16 elements after the scales
     else:
         r_col = S * STATE_DIM + offs_r
     POW2: tl.constexpr = (TILE & (TILE - 1)) == 0
-    NTB: tl.constexpr = BLOCK_DS // TILE if POW2 else 1
+    NTB: tl.constexpr = BLOCK_DV // TILE if POW2 else 1
     NTB_K: tl.constexpr = BLOCK_K // TILE if POW2 else 1  # the launcher keeps BLOCK_K >= TILE for fp8
-    s_t0 = sh * (STATE_DIM // TILE)
-    t_ok = tl.arange(0, NTB) * TILE < USED
+    k_t0 = sh * (STATE_DIM // TILE)
+    s_t0 = k_t0 + dvs * BLOCK_DV // TILE  # (power-of-two tiles; others index their scales per column)
+    t_ok = dvs * BLOCK_DV + tl.arange(0, NTB) * TILE < USED
     k_tok = tl.arange(0, NTB_K) * TILE < NOPE
     k_col = sh * STATE_DIM + offs_k
     dt = Q.dtype.element_ty
     bt_row = BlockTable + b * stride_bt
     for n0 in tl.range(0, full_end, BLOCK_N, num_stages=STAGES):
         acc, m_i, l_i = _tied_step(acc, m_i, l_i, q_n, q_r, Cache, bt_row, n0, end, pos, s_col, s_ok, k_col, k_ok,
-                                   r_col, r_ok, s_t0, t_ok, k_tok, sm_scale_log2, dt, PAGE, ROW, BLOCK_N, FP8, SCALES,
+                                   r_col, r_ok, s_t0, t_ok, k_t0, k_tok, sm_scale_log2, dt, PAGE, ROW, BLOCK_N, FP8, SCALES,
                                    PLAIN, TILE, NTB, NTB_K, SPLIT_K, UPCAST, DOT_PREC, False)
     for n0 in tl.range(full_end, end, BLOCK_N):
         acc, m_i, l_i = _tied_step(acc, m_i, l_i, q_n, q_r, Cache, bt_row, n0, end, pos, s_col, s_ok, k_col, k_ok,
-                                   r_col, r_ok, s_t0, t_ok, k_tok, sm_scale_log2, dt, PAGE, ROW, BLOCK_N, FP8, SCALES,
+                                   r_col, r_ok, s_t0, t_ok, k_t0, k_tok, sm_scale_log2, dt, PAGE, ROW, BLOCK_N, FP8, SCALES,
                                    PLAIN, TILE, NTB, NTB_K, SPLIT_K, UPCAST, DOT_PREC, True)
     _store(acc, m_i, l_i, O, Lse, b, t, head, offs_s[None, :], row_ok[:, None] & (offs_s < DV)[None, :], row_ok,
            q_len, stride_ob, stride_ot, stride_oh, H_Q)
@@ -354,7 +359,8 @@ def prefill_tied_triton(
             ``[num_pages, page_size, S*state_dim + rope_dim]`` contiguous (or packed fp8 rows with
             ``kv_format``); block_table, seq_lens as in :func:`prefill_separate_triton`.
         out: optional preallocated ``(o [B, T, h_q, v_dim], lse [B, T, h_q] fp32 contiguous)``.
-        config: overrides of the heuristic blocks (BLOCK_H, BLOCK_M, BLOCK_N, num_warps, num_stages).
+        config: overrides of the heuristic blocks (BLOCK_H, BLOCK_M, BLOCK_N, num_warps, num_stages, and
+            DV_SPLIT: programs splitting the value columns of one head block, each recomputing QKᵀ).
 
     Returns:
         ``(o, lse)``.
@@ -367,9 +373,14 @@ def prefill_tied_triton(
     if fp8 and not kv_format.tile & (kv_format.tile - 1) and block_k < kv_format.tile:
         block_k = block_ds  # a key narrower than one scale tile: no separate key tile
     cfg = _config(prefill_config(group=g, state_block=block_ds, dtype=q.dtype, fp8=fp8), config)
+    dvs = cfg.get("DV_SPLIT", 1)
+    min_dv = kv_format.tile if fp8 and not kv_format.tile & (kv_format.tile - 1) else 16
+    if dvs < 1 or dvs & (dvs - 1) or block_ds // dvs < min_dv:
+        raise ValueError(f"config: DV_SPLIT={dvs} must be a power of two leaving >= {min_dv} of the "
+                         f"{block_ds} state columns per program")
     fm = _fmt_meta(kv_format)
     meta = dict(H_Q=h_q, S=num_state_heads, G=g, STATE_DIM=state_dim, NOPE=nope_dim, ROPE=rope_dim, DV=v_dim,
-                BLOCK_DS=block_ds, BLOCK_K=block_k, BLOCK_R=max(16, next_pow2(max(rope_dim, 1))), HB_PER_S=cdiv(g, cfg["BLOCK_H"]),
-                PLAIN=kv_format.plain_offset if fm["FP8"] else 0, **fm)
+                BLOCK_DS=block_ds, DV_SPLIT=dvs, BLOCK_K=block_k, BLOCK_R=max(16, next_pow2(max(rope_dim, 1))),
+                HB_PER_S=cdiv(g, cfg["BLOCK_H"]), PLAIN=kv_format.plain_offset if fm["FP8"] else 0, **fm)
     return _launch(_prefill_tied_kernel, q, cache, block_table, seq_lens, d_v=v_dim, group=g,
-                   num_kv=num_state_heads, softmax_scale=softmax_scale, meta=meta, cfg=cfg, out=out)
+                   num_kv=num_state_heads * dvs, softmax_scale=softmax_scale, meta=meta, cfg=cfg, out=out)
