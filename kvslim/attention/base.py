@@ -6,7 +6,12 @@ A variant only says how to
   cache rows ``[B, T, row]`` of the new tokens (RoPE already applied);
 * ``expand(rows)`` -> naive keys/values ``[B, L, H_kv, d_qk]``, ``[B, L, H_kv, d_v]`` from
   rows (up-projected for MLA/GLA), used for prefill and the naive decode path;
-* ``decode(q, cache, seq_lens)`` -> ``[B, T, H, d_v]`` through one of the two kernels.
+* ``decode(q, cache, seq_lens)`` -> ``[B, T, H, d_v]`` through one of the two kernels (their decode
+  entry point for ``T <= MAX_Q_LEN``, their prefill one beyond: :meth:`AttentionBase.kernel_for`).
+
+A cached chunk longer than ``MAX_Q_LEN`` runs on the prefill kernel on CUDA (or with
+``impl='triton'``), with no host sync; on CPU it stays on SDPA over the fresh rows or the
+gathered cache.
 
 Tensor parallelism (seed 000 §3.3): a module built with ``tp_rank/tp_size`` holds the
 heads of one rank; ``o_proj`` is row-parallel, so the per-rank outputs sum to the full
@@ -62,8 +67,8 @@ class AttentionBase(nn.Module):
         else:
             cache.write(rows)
             seq_lens = cache.start + T
-            if T <= MAX_Q_LEN and self.use_kernel_path():
-                o = self.decode(q, cache, seq_lens)
+            if self.use_kernel_path() and (T <= MAX_Q_LEN or self.prefill_on_kernel(q)):
+                o = self.decode(q, cache, seq_lens)  # T > MAX_Q_LEN: the prefill kernel, no host sync
             elif int(cache.start.max()) == 0:
                 o = self._attend_fresh(q, cache.roundtrip(rows))  # what the decode steps will read back
             else:
@@ -74,7 +79,18 @@ class AttentionBase(nn.Module):
         return out
 
     def use_kernel_path(self) -> bool:
+        """Whether ``decode`` (the kernels) serves cached forwards; latent attention says no when not absorbing."""
         return True
+
+    def prefill_on_kernel(self, q: torch.Tensor) -> bool:
+        """Whether a chunk longer than MAX_Q_LEN runs on the Triton prefill kernel (CUDA, or impl='triton'
+        under the interpreter) rather than SDPA over fresh / gathered rows (the CPU path)."""
+        return self.impl == "triton" or (self.impl == "auto" and q.is_cuda)
+
+    @staticmethod
+    def kernel_for(q: torch.Tensor, decode_fn, prefill_fn):
+        """The decode entry point for ``q_len <= MAX_Q_LEN``, the prefill one (same arguments) beyond."""
+        return decode_fn if q.shape[1] <= MAX_Q_LEN else prefill_fn
 
     @staticmethod
     def kernel_inputs(q: torch.Tensor, cache: LayerCache) -> tuple[torch.Tensor, dict]:

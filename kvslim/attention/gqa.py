@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from kvslim.attention.base import AttentionBase, shard_state
-from kvslim.kernels import decode_separate
+from kvslim.kernels import decode_separate, prefill_separate
 from kvslim.layers import linears
 from kvslim.rope import apply_rope
 
@@ -53,7 +53,7 @@ class GroupedQueryAttention(AttentionBase):
 
     def decode(self, q, cache, seq_lens):
         qk, fmt = self.kernel_inputs(q, cache)
-        o, _ = decode_separate(
+        o, _ = self.kernel_for(q, decode_separate, prefill_separate)(
             qk, cache.pool, cache.block_table, seq_lens,
             num_kv_heads=self.local.num_kv_heads, head_dim=self.spec.head_dim,
             softmax_scale=self.spec.softmax_scale, impl=self.impl, **fmt,

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from kvslim.attention.base import AttentionBase, shard_state
-from kvslim.kernels import decode_tied
+from kvslim.kernels import decode_tied, prefill_tied
 from kvslim.layers import linears
 from kvslim.rope import apply_rope
 
@@ -58,7 +58,7 @@ class GroupedTiedAttention(AttentionBase):
     def decode(self, q, cache, seq_lens):
         d = self.spec.head_dim
         qk, fmt = self.kernel_inputs(q, cache)
-        o, _ = decode_tied(
+        o, _ = self.kernel_for(q, decode_tied, prefill_tied)(
             qk, cache.pool, cache.block_table, seq_lens,
             num_state_heads=self.local.num_kv_heads, state_dim=d, nope_dim=d // 2,
             rope_dim=d // 2, v_dim=d, softmax_scale=self.spec.softmax_scale, impl=self.impl, **fmt,

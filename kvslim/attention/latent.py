@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from kvslim.attention.base import AttentionBase, shard_rows, shard_state
-from kvslim.kernels import decode_tied
+from kvslim.kernels import decode_tied, prefill_tied
 from kvslim.layers import RMSNorm, linears
 from kvslim.rope import apply_rope
 
@@ -112,7 +112,7 @@ class LatentAttention(AttentionBase):
         q_lat = torch.einsum("bthn,hnc->bthc", q[..., : s.head_dim], w_uk.to(q.dtype))
         q_abs = torch.cat([q_lat, q[..., s.head_dim :]], dim=-1)
         qk, fmt = self.kernel_inputs(q_abs, cache)
-        o_lat, _ = decode_tied(
+        o_lat, _ = self.kernel_for(q, decode_tied, prefill_tied)(
             qk, cache.pool, cache.block_table, seq_lens,
             num_state_heads=loc.num_latent_heads, state_dim=s.latent_dim, nope_dim=s.latent_dim,
             rope_dim=s.rope_dim, v_dim=s.latent_dim, softmax_scale=s.softmax_scale, impl=self.impl, **fmt,

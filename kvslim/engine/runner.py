@@ -6,8 +6,8 @@ with a :class:`~kvslim.cache.LayerCache` over the pools and the allocator's bloc
 the check's host sync would break graph capture), so the model code is untouched. Two kinds of forward:
 
 * ``prefill(chunks, starts, pages)``: chunks of one length T of several sequences, each
-  at its own start (T may exceed the kernels' q_len limit; the attention modules then
-  take their SDPA path);
+  at its own start (T may exceed the decode kernels' q_len limit; the attention modules then
+  take the prefill kernels on CUDA, ``kvslim.kernels.prefill``, and their SDPA path on CPU);
 * ``decode(tokens [B], starts [B], slots [B], updates)``: one new token per running
   sequence, each at its own length, through ``kvslim.kernels`` (Triton on CUDA, torch
   reference on CPU). Sequence ``i``'s pages are row ``slots[i]`` of a persistent host

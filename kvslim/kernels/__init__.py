@@ -3,7 +3,9 @@
 Two entry points cover all six variants (DESIGN.md §1):
 
 * :func:`decode_separate` — MHA / MQA / GQA, row ``[K heads | V heads]``;
-* :func:`decode_tied` — GTA / absorbed MLA / absorbed GLA, row ``[state heads | rope key]``.
+* :func:`decode_tied` — GTA / absorbed MLA / absorbed GLA, row ``[state heads | rope key]``;
+* :func:`prefill_separate` / :func:`prefill_tied` — the same rows and contract for a chunk of any
+  length (prefill / "extend" over a cached history, ``kvslim.kernels.prefill``).
 
 ``impl="auto"`` runs the Triton kernel on CUDA tensors and the torch reference
 elsewhere; an explicit ``impl`` never falls back silently. ``impl="hopper"`` (tied only) is the
@@ -19,14 +21,19 @@ import os
 
 import torch
 
-from kvslim.kernels.reference import decode_separate_ref, decode_tied_ref
+from kvslim.kernels.reference import (
+    decode_separate_ref,
+    decode_tied_ref,
+    prefill_separate_ref,
+    prefill_tied_ref,
+)
 from kvslim.rows import RowFormat
 
 IMPLS = ("auto", "triton", "torch", "hopper")
 MAX_Q_LEN = 8
 
 
-def _check_common(q, cache, block_table, seq_lens, row_dim, q_dim, impl, kv_format=None):
+def _check_common(q, cache, block_table, seq_lens, row_dim, q_dim, impl, kv_format=None, max_q_len=MAX_Q_LEN):
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if not isinstance(q, torch.Tensor) or q.dim() != 4:
@@ -34,8 +41,10 @@ def _check_common(q, cache, block_table, seq_lens, row_dim, q_dim, impl, kv_form
     B, q_len, _, d = q.shape
     if d != q_dim:
         raise ValueError(f"q.shape[-1] must be {q_dim}, got {d}")
-    if not 1 <= q_len <= MAX_Q_LEN:
-        raise ValueError(f"q_len must be in [1, {MAX_Q_LEN}], got {q_len}")
+    if max_q_len is not None and not 1 <= q_len <= max_q_len:
+        raise ValueError(f"q_len must be in [1, {max_q_len}] (longer chunks: kvslim.kernels.prefill_*), got {q_len}")
+    if q_len < 1:
+        raise ValueError(f"q_len (q.shape[1]) must be >= 1, got {q_len}")
     if cache.dim() != 3:
         raise ValueError(f"cache must be [num_pages, page_size, row], got shape {tuple(cache.shape)}")
     fp8 = kv_format is not None and kv_format.is_fp8
@@ -86,6 +95,32 @@ def _check_common(q, cache, block_table, seq_lens, row_dim, q_dim, impl, kv_form
     return which
 
 
+def _check_separate(q, cache, block_table, seq_lens, num_kv_heads, head_dim, impl, kv_format, max_q_len):
+    """Validation of the separate-KV kernels' arguments; returns the backend (``triton`` / ``torch``)."""
+    if q.dim() == 4 and q.shape[2] % num_kv_heads:
+        raise ValueError(f"num_kv_heads={num_kv_heads} must divide h_q={q.shape[2]}")
+    which = _check_common(q, cache, block_table, seq_lens, 2 * num_kv_heads * head_dim, head_dim, impl,
+                          kv_format, max_q_len)
+    if kv_format is not None and kv_format.is_fp8 and (kv_format.plain or head_dim % kv_format.tile):
+        raise ValueError(f"kv_format {kv_format.describe()} does not fit K/V heads of {head_dim}")
+    return which
+
+
+def _check_tied(q, cache, block_table, seq_lens, num_state_heads, state_dim, nope_dim, rope_dim, v_dim, impl,
+                kv_format, max_q_len):
+    """Validation of the tied-state kernels' arguments; returns the backend (``triton`` / ``torch``)."""
+    if q.dim() == 4 and q.shape[2] % num_state_heads:
+        raise ValueError(f"num_state_heads={num_state_heads} must divide h_q={q.shape[2]}")
+    if nope_dim > state_dim or v_dim > state_dim:
+        raise ValueError(f"nope_dim={nope_dim} and v_dim={v_dim} must be <= state_dim={state_dim}")
+    row = num_state_heads * state_dim + rope_dim
+    which = _check_common(q, cache, block_table, seq_lens, row, nope_dim + rope_dim, impl, kv_format, max_q_len)
+    if kv_format is not None and kv_format.is_fp8 and (kv_format.plain != rope_dim or state_dim % kv_format.tile):
+        raise ValueError(f"kv_format {kv_format.describe()} does not fit {num_state_heads} state heads of "
+                         f"{state_dim} + a RoPE key of {rope_dim}")
+    return which
+
+
 def decode_separate(
     q: torch.Tensor,
     cache: torch.Tensor,
@@ -119,12 +154,7 @@ def decode_separate(
     """
     if impl == "hopper":
         raise ValueError("impl='hopper' is a tied-state kernel (decode_tied); decode_separate takes auto/triton/torch")
-    if q.dim() == 4 and q.shape[2] % num_kv_heads:
-        raise ValueError(f"num_kv_heads={num_kv_heads} must divide h_q={q.shape[2]}")
-    which = _check_common(q, cache, block_table, seq_lens, 2 * num_kv_heads * head_dim, head_dim, impl,
-                          kv_format)
-    if kv_format is not None and kv_format.is_fp8 and (kv_format.plain or head_dim % kv_format.tile):
-        raise ValueError(f"kv_format {kv_format.describe()} does not fit K/V heads of {head_dim}")
+    which = _check_separate(q, cache, block_table, seq_lens, num_kv_heads, head_dim, impl, kv_format, MAX_Q_LEN)
     scale = head_dim**-0.5 if softmax_scale is None else softmax_scale
     if which == "torch":
         return decode_separate_ref(
@@ -186,15 +216,8 @@ def decode_tied(
     Returns:
         ``o [B, q_len, h_q, v_dim]`` in q's dtype and ``lse [B, q_len, h_q]`` fp32.
     """
-    if q.dim() == 4 and q.shape[2] % num_state_heads:
-        raise ValueError(f"num_state_heads={num_state_heads} must divide h_q={q.shape[2]}")
-    if nope_dim > state_dim or v_dim > state_dim:
-        raise ValueError(f"nope_dim={nope_dim} and v_dim={v_dim} must be <= state_dim={state_dim}")
-    row = num_state_heads * state_dim + rope_dim
-    which = _check_common(q, cache, block_table, seq_lens, row, nope_dim + rope_dim, impl, kv_format)
-    if kv_format is not None and kv_format.is_fp8 and (kv_format.plain != rope_dim or state_dim % kv_format.tile):
-        raise ValueError(f"kv_format {kv_format.describe()} does not fit {num_state_heads} state heads of "
-                         f"{state_dim} + a RoPE key of {rope_dim}")
+    which = _check_tied(q, cache, block_table, seq_lens, num_state_heads, state_dim, nope_dim, rope_dim, v_dim,
+                        impl, kv_format, MAX_Q_LEN)
     kw = dict(
         num_state_heads=num_state_heads,
         state_dim=state_dim,
@@ -225,4 +248,86 @@ def decode_tied(
     return decode_tied_triton(q, cache, block_table, seq_lens, num_splits=num_splits, **kw)
 
 
-__all__ = ["IMPLS", "MAX_Q_LEN", "decode_separate", "decode_tied"]
+def prefill_separate(
+    q: torch.Tensor,
+    cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    num_kv_heads: int,
+    head_dim: int,
+    softmax_scale: float | None = None,
+    impl: str = "auto",
+    kv_format: RowFormat | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prefill ("extend") attention for MHA/MQA/GQA over a paged cache: a chunk of any length.
+
+    Sequence ``b``'s ``T`` new tokens sit at positions ``seq_lens[b]-T … seq_lens[b]-1`` (their rows
+    already in the cache) and attend causally to every cached token up to their own position.
+
+    Args:
+        q: ``[B, T, h_q, d_h]`` fp16/bf16/fp32, any ``T >= 1`` (the kernel is compiled once for all T).
+        cache, block_table, seq_lens, num_kv_heads, head_dim, softmax_scale, impl, kv_format:
+            as in :func:`decode_separate` (``seq_lens >= T``).
+
+    Returns:
+        ``o [B, T, h_q, d_h]`` in q's dtype and ``lse [B, T, h_q]`` fp32.
+    """
+    if impl == "hopper":
+        raise ValueError("impl='hopper' is a decode kernel (decode_tied); prefill_separate takes auto/triton/torch")
+    which = _check_separate(q, cache, block_table, seq_lens, num_kv_heads, head_dim, impl, kv_format, None)
+    scale = head_dim**-0.5 if softmax_scale is None else softmax_scale
+    if which == "torch":
+        return prefill_separate_ref(q, cache, block_table, seq_lens, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                                    softmax_scale=scale, kv_format=kv_format)
+    from kvslim.kernels.prefill import prefill_separate_triton
+
+    return prefill_separate_triton(q, cache, block_table, seq_lens, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                                   softmax_scale=scale, kv_format=kv_format)
+
+
+def prefill_tied(
+    q: torch.Tensor,
+    cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    num_state_heads: int,
+    state_dim: int,
+    nope_dim: int,
+    rope_dim: int,
+    v_dim: int,
+    softmax_scale: float,
+    impl: str = "auto",
+    kv_format: RowFormat | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prefill ("extend") attention for GTA and absorbed MLA/GLA over a paged tied-state cache.
+
+    Positions and causality as in :func:`prefill_separate`. For MLA/GLA this is the absorbed form
+    over the latent: per query token, head and visible key ``2 * (d_c + d_R + d_c)`` FLOPs (MLA,
+    d_c = 512, d_R = 64: 2176) instead of the expanded form's ``2 * (d_nope + d_R + d_v)`` (DeepSeek
+    128 + 64 + 128: 640): exact, 3.4x the attention FLOPs, but no up-projection of the cached
+    latents to per-head K/V and no expanded K/V in memory.
+
+    Args:
+        q: ``[B, T, h_q, nope_dim + rope_dim]``, any ``T >= 1``.
+        cache, block_table, seq_lens, num_state_heads, state_dim, nope_dim, rope_dim, v_dim,
+        softmax_scale, impl, kv_format: as in :func:`decode_tied` (``seq_lens >= T``).
+
+    Returns:
+        ``o [B, T, h_q, v_dim]`` in q's dtype and ``lse [B, T, h_q]`` fp32.
+    """
+    if impl == "hopper":
+        raise ValueError("impl='hopper' is a decode kernel (decode_tied); prefill_tied takes auto/triton/torch")
+    which = _check_tied(q, cache, block_table, seq_lens, num_state_heads, state_dim, nope_dim, rope_dim, v_dim,
+                        impl, kv_format, None)
+    kw = dict(num_state_heads=num_state_heads, state_dim=state_dim, nope_dim=nope_dim, rope_dim=rope_dim,
+              v_dim=v_dim, softmax_scale=softmax_scale, kv_format=kv_format)
+    if which == "torch":
+        return prefill_tied_ref(q, cache, block_table, seq_lens, **kw)
+    from kvslim.kernels.prefill import prefill_tied_triton
+
+    return prefill_tied_triton(q, cache, block_table, seq_lens, **kw)
+
+
+__all__ = ["IMPLS", "MAX_Q_LEN", "decode_separate", "decode_tied", "prefill_separate", "prefill_tied"]

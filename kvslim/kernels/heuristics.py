@@ -190,3 +190,25 @@ def tied_config(
     return dict(
         BLOCK_H=block_h, BLOCK_M=block_m, BLOCK_N=block_n, SPG=spg, num_warps=warps, num_stages=stages
     )
+
+
+def prefill_config(*, group: int, state_block: int, dtype: torch.dtype, fp8: bool = False) -> dict:
+    """Blocks for the prefill kernels (``kvslim.kernels.prefill``), from shapes only.
+
+    M = (new tokens x query heads of one KV / state head): ``BLOCK_H`` heads of the group (all of
+    them up to the M budget) times ``BLOCK_M / BLOCK_H`` tokens. Narrow heads (d <= 128) take
+    M = 128 rows over 8 warps (the FlashAttention-2 forward shape on Hopper); wide latent
+    states (256-512) M = 64 and 32-token tiles for the ``[M, d_v]`` fp32 accumulator (offline
+    sm_90a compile: GLA's 256 fits, MLA's 512 spills; ``DV_SPLIT=2`` in the tied launcher's
+    ``config`` removes the spill). ``fp8`` is accepted for symmetry with the decode configs (same
+    blocks). Not yet tuned on a GPU (``benchmarks/bench_prefill.py``).
+    """
+    block_m = 64 if state_block >= 256 else 128
+    block_h = min(next_pow2(group), block_m)
+    if state_block >= 256:
+        block_n, warps, stages = 32, 8, 2
+    else:
+        block_n, warps, stages = 64, 8, 3
+    if dtype == torch.float32:
+        block_n, stages = min(block_n, 32), 2
+    return dict(BLOCK_H=block_h, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)

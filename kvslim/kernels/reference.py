@@ -1,6 +1,7 @@
-"""Torch oracles for the two decode kernels (DESIGN.md "Kernel contract").
+"""Torch oracles for the two decode kernels and the two prefill kernels (DESIGN.md "Kernel contract").
 
-Plain, loop-over-sequences code in fp32: the Triton kernels are tested against these
+Plain, loop-over-sequences code in fp32 (``acc_dtype``: fp64 for the tests' oracle); they take any
+``q_len``, so the decode oracles are the prefill ones too (``prefill_*_ref``): the Triton kernels are tested against these
 and never import them. They are also the CPU path of the attention modules.
 
 Layout shared by both kernels: a paged cache ``[num_pages, page_size, row]`` where a
@@ -52,22 +53,24 @@ def decode_separate_ref(
     head_dim: int,
     softmax_scale: float,
     kv_format: RowFormat | None = None,
+    acc_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """MHA/MQA/GQA decode. Row = ``[K (h_kv*d_h) | V (h_kv*d_h)]`` (fp8: packed, dequantized on read).
+    """MHA/MQA/GQA decode (any q_len: also the prefill oracle). Row = ``[K (h_kv*d_h) | V (h_kv*d_h)]`` (fp8: packed, dequantized on read).
 
-    q ``[B, q_len, h_q, d_h]`` -> o ``[B, q_len, h_q, d_h]`` (q.dtype), lse ``[B, q_len, h_q]`` fp32.
+    q ``[B, q_len, h_q, d_h]`` -> o ``[B, q_len, h_q, d_h]`` (q.dtype), lse ``[B, q_len, h_q]`` (fp32, or
+    ``acc_dtype`` when wider).
     """
     B, q_len, h_q, _ = q.shape
     g = h_q // num_kv_heads
-    o = torch.empty(B, q_len, h_q, head_dim, dtype=torch.float32, device=q.device)
-    lse = torch.empty(B, q_len, h_q, dtype=torch.float32, device=q.device)
+    o = torch.empty(B, q_len, h_q, head_dim, dtype=acc_dtype, device=q.device)
+    lse = torch.empty(B, q_len, h_q, dtype=acc_dtype, device=q.device)
     kd = num_kv_heads * head_dim
     for b in range(B):
         L = int(seq_lens[b])
-        rows = gather_rows(cache, block_table, L, b, kv_format).float()
+        rows = gather_rows(cache, block_table, L, b, kv_format).to(acc_dtype)
         k = rows[:, :kd].reshape(L, num_kv_heads, head_dim).repeat_interleave(g, dim=1)
         v = rows[:, kd : 2 * kd].reshape(L, num_kv_heads, head_dim).repeat_interleave(g, dim=1)
-        o[b], lse[b] = _attend(q[b].float(), k, v, softmax_scale, L)
+        o[b], lse[b] = _attend(q[b].to(acc_dtype), k, v, softmax_scale, L)
     return o.to(q.dtype), lse
 
 
@@ -84,8 +87,9 @@ def decode_tied_ref(
     v_dim: int,
     softmax_scale: float,
     kv_format: RowFormat | None = None,
+    acc_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """GTA / absorbed MLA / absorbed GLA decode. Row = ``[state (S*state_dim) | rope (d_R)]`` (fp8: packed).
+    """GTA / absorbed MLA / absorbed GLA decode (any q_len: also the prefill oracle). Row = ``[state (S*state_dim) | rope (d_R)]`` (fp8: packed).
 
     Query head ``h`` reads state head ``h // (h_q / S)``; its key is
     ``concat(state[:nope_dim], rope)`` and its value ``state[:v_dim]``.
@@ -94,20 +98,24 @@ def decode_tied_ref(
     B, q_len, h_q, _ = q.shape
     S = num_state_heads
     g = h_q // S
-    o = torch.empty(B, q_len, h_q, v_dim, dtype=torch.float32, device=q.device)
-    lse = torch.empty(B, q_len, h_q, dtype=torch.float32, device=q.device)
+    o = torch.empty(B, q_len, h_q, v_dim, dtype=acc_dtype, device=q.device)
+    lse = torch.empty(B, q_len, h_q, dtype=acc_dtype, device=q.device)
     sd = S * state_dim
     for b in range(B):
         L = int(seq_lens[b])
-        rows = gather_rows(cache, block_table, L, b, kv_format).float()
+        rows = gather_rows(cache, block_table, L, b, kv_format).to(acc_dtype)
         state = rows[:, :sd].reshape(L, S, state_dim)
         rope = rows[:, sd : sd + rope_dim]
         k = torch.cat([state[..., :nope_dim], rope[:, None, :].expand(L, S, rope_dim)], dim=-1)
         v = state[..., :v_dim]
         k = k.repeat_interleave(g, dim=1)
         v = v.repeat_interleave(g, dim=1)
-        o[b], lse[b] = _attend(q[b].float(), k, v, softmax_scale, L)
+        o[b], lse[b] = _attend(q[b].to(acc_dtype), k, v, softmax_scale, L)
     return o.to(q.dtype), lse
+
+
+prefill_separate_ref = decode_separate_ref
+prefill_tied_ref = decode_tied_ref
 
 
 def combine_splits_ref(o_part: torch.Tensor, lse_part: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
