@@ -519,3 +519,93 @@ def test_row_write_kernel_matches_the_torch_write_bit_for_bit(kind, page, dtype)
         raise AssertionError(f"{(a != b).sum().item()} bytes differ, in {where}; dequantized max diff {deq:.3e}")
     assert torch.equal(a, b)
     assert pools[0].view(torch.uint8).any()
+
+
+def _tied_fp8_problem(S, width, nope, rope, tile, h_q, q_len, page, lens, dtype, seed):
+    """A packed fp8 tied-state cache (tiles of ``tile`` channels, NaN-poisoned bytes outside the
+    sequences) and a query, plus the kernel kwargs."""
+    from kvslim.rows import RowFormat
+
+    fmt = RowFormat("fp8", S * width + rope, quant=S * width, plain=rope, tile=tile)
+    cache, bt, sl = _fp8_cache(len(lens), page, lens, fmt, seed)
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(len(lens), q_len, h_q, nope + rope, generator=g).to(dtype).to(DEVICE)
+    kw = dict(num_state_heads=S, state_dim=width, nope_dim=nope, rope_dim=rope, v_dim=width,
+              softmax_scale=(nope + rope) ** -0.5, kv_format=fmt)
+    return q, cache, bt, sl, kw
+
+
+def _check_fp8_tied(q, cache, bt, sl, kw, config=None, splits=None):
+    from kvslim.rows import dequantize_rows
+
+    fmt = kw["kv_format"]
+    o, lse = decode_tied_triton(q, cache, bt, sl, num_splits=splits, config=config, **kw)
+    ro, rl = decode_tied_ref(q.float(), cache, bt, sl, **kw)
+    plain = {k: v for k, v in kw.items() if k != "kv_format"}
+    bo, bl = decode_tied_ref(q, dequantize_rows(cache, fmt, q.dtype), bt, sl, **plain)
+    assert_close(o, ro, baseline=bo, atol=ATOL[q.dtype], msg=f"fp8 o {config}:")
+    assert_close(lse, rl, baseline=bl, atol=ATOL[q.dtype], msg=f"fp8 lse {config}:")
+
+
+# (name, S, width, nope, rope, tile, h_q, q_len, page, lens, FP8_PATH, GATHER, BLOCK_N): several 128-channel
+# scale tiles per state head scaled down (tile 32): MLA-like 4 tiles, GLA-like 2 latents x 2 tiles, GTA rows
+# (nope = width / 2, two state heads per program: 2 tiles); pages 16 (per-page gathers) and 5 (BLOCK_N not a
+# multiple: the per-row gather)
+FP8_PATHS = [
+    ("mla", 1, 128, 128, 16, 32, 16, 1, 16, [7, 70], 2, 1, None),
+    ("mla", 1, 128, 128, 16, 32, 16, 1, 16, [7, 70], 1, 0, None),
+    ("mla", 1, 128, 128, 16, 32, 8, 2, 5, [3, 61], 2, 1, 32),
+    ("mla", 1, 128, 128, 16, 32, 16, 3, 16, [40, 9], 0, 1, 32),
+    ("gla", 2, 64, 64, 16, 32, 16, 1, 16, [33, 66], 2, 1, 32),
+    ("gla", 2, 64, 64, 16, 32, 32, 2, 5, [66, 12], 2, 0, None),
+    ("gta", 4, 32, 16, 16, 32, 8, 2, 16, [50, 17], 2, 1, None),
+    ("gta", 4, 32, 16, 16, 32, 8, 4, 1, [5, 29], 1, 1, None),
+]
+
+
+@pytest.mark.parametrize("case", FP8_PATHS, ids=lambda c: "-".join(map(str, c[:1] + c[6:9] + c[10:])))
+def test_fp8_tied_paths_match_reference(case):
+    """Each fp8 code path of the tied kernel (FP8_PATH 0 element-wise dequantization, 1 scales folded into
+    S = Q K^T, 2 folded into S^T = K Q^T) and each gather of tiles spanning pages, vs the fp32 oracle."""
+    name, S, width, nope, rope, tile, h_q, q_len, page, lens, path, gather, block_n = case
+    seed = zlib.crc32(str(case).encode())
+    q, cache, bt, sl, kw = _tied_fp8_problem(S, width, nope, rope, tile, h_q, q_len, page, lens, torch.bfloat16,
+                                             seed)
+    config = {"FP8_PATH": path, "GATHER": gather}
+    if block_n:
+        config["BLOCK_N"] = block_n
+    _check_fp8_tied(q, cache, bt, sl, kw, config, splits=2 if q_len == 3 else None)
+
+
+@pytest.mark.parametrize("group,q_len", [(8, 1), (8, 3), (16, 1), (16, 2)])
+def test_small_groups_use_small_blocks(group, q_len):
+    """Per-rank head counts (8 or 16 query heads per state head, as under TP=8/16): no program computes
+    more than next_pow2(G * q_len) rows (>= 16, tl.dot's minimum), and the kernels are exact there."""
+    from kvslim.kernels.heuristics import next_pow2, separate_config, tied_config
+
+    want = max(16, next_pow2(group * q_len))
+    assert separate_config(group=group, q_len=q_len, head_dim=128, dtype=torch.bfloat16)["BLOCK_M"] <= want
+    for sb, fp8 in ((512, True), (256, True), (256, False), (128, False)):
+        cfg = tied_config(group=group, q_len=q_len, state_block=sb, num_state_heads=2, dtype=torch.bfloat16,
+                          fp8=fp8)
+        assert cfg["BLOCK_M"] <= max(want, cfg["SPG"] * want), (sb, fp8, cfg)
+    seed = zlib.crc32(f"small{group}{q_len}".encode())
+    lens = [19, 45]
+    # GLA-2-like latents with `group` query heads each, fp8 (2 tiles per latent) and bf16
+    q, cache, bt, sl, kw = _tied_fp8_problem(2, 64, 64, 16, 32, 2 * group, q_len, 16, lens, torch.bfloat16, seed)
+    _check_fp8_tied(q, cache, bt, sl, kw)
+    h_kv, d = 2, 32
+    q, cache, bt, sl = make_inputs(2, q_len, h_kv * group, d, 2 * h_kv * d, 16, lens, torch.bfloat16, seed)
+    o, lse = decode_separate_triton(q, cache, bt, sl, num_kv_heads=h_kv, head_dim=d, softmax_scale=d**-0.5)
+    ro, rl = decode_separate_ref(q.float(), cache, bt, sl, num_kv_heads=h_kv, head_dim=d, softmax_scale=d**-0.5)
+    bo, bl = lowp_separate(q, cache, bt, sl, h_kv, d, d**-0.5)
+    assert_close(o, ro, baseline=bo, atol=ATOL[torch.bfloat16], msg="separate o:")
+    assert_close(lse, rl, baseline=bl, atol=ATOL[torch.bfloat16], msg="separate lse:")
+
+
+def test_kernel_config_keys_are_checked():
+    q, cache, bt, sl, kw = _tied_fp8_problem(1, 32, 32, 16, 32, 4, 1, 4, [5], torch.bfloat16, 1)
+    with pytest.raises(ValueError, match="unknown keys"):
+        decode_tied_triton(q, cache, bt, sl, config={"BLOCK_Q": 16}, **kw)
+    with pytest.raises(ValueError, match="FP8_PATH"):
+        decode_tied_triton(q, cache, bt, sl, config={"FP8_PATH": 3}, **kw)

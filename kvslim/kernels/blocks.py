@@ -40,6 +40,22 @@ def tile_rows(Cache, bt_row, n0, offs_n, n_ok, PAGE: tl.constexpr, ROW: tl.const
 
 
 @triton.jit
+def tile_rows_paged(Cache, bt_row, n0, offs_n, n_ok, end, PAGE: tl.constexpr, ROW: tl.constexpr,
+                    BLOCK_N: tl.constexpr, GATHER: tl.constexpr):
+    """:func:`tile_rows` with a choice for tiles that span pages (``PAGE < BLOCK_N``, ``GATHER == 1``,
+    ``BLOCK_N % PAGE == 0``): the tile's ``BLOCK_N / PAGE`` page ids are loaded once each and the row
+    offsets built as a ``[pages, PAGE]`` block (one 64-bit product per page, not per row) instead of
+    one page-id gather and 64-bit product per row (``GATHER == 0``, :func:`tile_rows`)."""
+    if GATHER == 1 and PAGE < BLOCK_N and BLOCK_N % PAGE == 0:
+        NP: tl.constexpr = BLOCK_N // PAGE
+        first = n0 + tl.arange(0, NP) * PAGE  # [NP] first token of each page of the tile
+        page = tl.load(bt_row + first // PAGE, mask=first < end, other=0).to(tl.int64)
+        rows = (page[:, None] * PAGE + tl.arange(0, PAGE)[None, :]) * ROW  # [NP, PAGE]
+        return Cache, tl.reshape(rows, (BLOCK_N,))
+    return tile_rows(Cache, bt_row, n0, offs_n, n_ok, PAGE, ROW, BLOCK_N)
+
+
+@triton.jit
 def load_elements(tile, rows, col, mask, n_ok, t0, t_ok, dtype: tl.constexpr, FP8: tl.constexpr,
                   SCALES: tl.constexpr, TILE: tl.constexpr, NTB: tl.constexpr, UPCAST: tl.constexpr):
     """Elements ``[BLOCK_N, C]`` at columns ``col [C]`` of the rows, in the dot dtype.
@@ -82,6 +98,27 @@ def load_fp8(tile, rows, col, mask, dtype: tl.constexpr, UPCAST: tl.constexpr):
     if UPCAST:
         return x.to(tl.float32)
     return x.to(dtype)
+
+
+@triton.jit
+def load_fp8_again(tile, rows, col, mask, dtype: tl.constexpr, UPCAST: tl.constexpr):
+    """:func:`load_fp8` as a second, separate load of the same bytes (its masked elements read 1, not 0,
+    so the compiler cannot merge the two): Triton pipelines an fp8 tile that feeds one dot, but not one
+    feeding two dots that need different shared-memory swizzles (8-bit operands: the score dot
+    contracts over channels, the PV dot over tokens). The repeat is an L2 hit, not DRAM traffic.
+    Callers must make the masked elements irrelevant (zero probability or an unstored column)."""
+    x = tl.load(tile.to(tl.pointer_type(tl.float8e4nv)) + rows[:, None] + col[None, :], mask=mask, other=1.0)
+    if UPCAST:
+        return x.to(tl.float32)
+    return x.to(dtype)
+
+
+@triton.jit
+def fp8_value_tile(tile, rows, n_ok, c0, t: tl.constexpr, TILE: tl.constexpr, USED: tl.constexpr,
+                   ddt: tl.constexpr, UPCAST: tl.constexpr):
+    """Tile ``t`` of :func:`fp8_state_tile` loaded once more, for the PV dot (:func:`load_fp8_again`)."""
+    offs = t * TILE + tl.arange(0, TILE)
+    return load_fp8_again(tile, rows, c0 + offs, n_ok[:, None] & (offs < USED)[None, :], ddt, UPCAST)
 
 
 @triton.jit
@@ -142,6 +179,19 @@ def softmax_update(s, m_i, l_i):
     alpha = tl.exp2(m_i - m_safe)
     p = tl.exp2(s - m_safe[:, None])
     return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
+def softmax_update_t(s, m_i, l_i):
+    """:func:`softmax_update` for transposed scores ``s [BLOCK_N, BLOCK_M]`` (keys along axis 0).
+
+    Returns ``(p [BLOCK_N, BLOCK_M], alpha [BLOCK_M], m_new, l_new)``.
+    """
+    m_new = tl.maximum(m_i, tl.max(s, 0))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[None, :])
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 0)
 
 
 @triton.jit

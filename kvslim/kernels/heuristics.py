@@ -187,6 +187,9 @@ def tied_config(
         # fp8 latents: one accumulator per 128-channel tile; 32-token tiles over 8 warps fit without
         # spills (offline sm_90a compile: MLA h_q=16 185 registers, GLA-8 134; 64 x 4 warps spilled)
         block_n, warps = 32, 8
+    # FP8_PATH 2 / GATHER 1: the transposed-score fp8 path and per-page gathers (tied.py), the
+    # 2026-12-03 rewrite for issue 15; not yet timed on a GPU: 1 / 0 are the kernels measured before
     return dict(
-        BLOCK_H=block_h, BLOCK_M=block_m, BLOCK_N=block_n, SPG=spg, num_warps=warps, num_stages=stages
+        BLOCK_H=block_h, BLOCK_M=block_m, BLOCK_N=block_n, SPG=spg, num_warps=warps, num_stages=stages,
+        FP8_PATH=2, GATHER=1,
     )
