@@ -316,7 +316,7 @@ def test_offline_compile_reports_resources_and_names_missing_constexprs():
     root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
     cx = dict(H_Q=32, H_KV=8, G=4, Q_LEN=1, HEAD_DIM=64, BLOCK_D=64, PAGE=16, ROW=1024, BLOCK_H=4, BLOCK_M=16,
               BLOCK_N=16, HB_PER_KV=1, NUM_SPLITS=1, STAGES=2, DOT_PREC="tf32", UPCAST=False, FP8=False,
-              SCALES=0, TILE=1, F16=True, num_warps=4, num_stages=2)
+              SCALES=0, TILE=1, F16=True, FP8_PATH=2, GATHER=1, num_warps=4, num_stages=2)
 
     def run(c):  # its own process: the script compiles real (not interpreted) kernels
         return subprocess.run([sys.executable, "-m", "benchmarks.offline_compile", "separate", json.dumps(c)],
@@ -566,7 +566,9 @@ FP8_PATHS = [
 @pytest.mark.parametrize("case", FP8_PATHS, ids=lambda c: "-".join(map(str, c[:1] + c[6:9] + c[10:])))
 def test_fp8_tied_paths_match_reference(case):
     """Each fp8 code path of the tied kernel (FP8_PATH 0 element-wise dequantization, 1 scales folded into
-    S = Q K^T, 2 folded into S^T = K Q^T) and each gather of tiles spanning pages, vs the fp32 oracle."""
+    scores and probabilities, 2 folded with each tile converted once where loaded: under the interpreter
+    its conversion is a plain cast, on a GPU an inline asm) and each gather of tiles spanning pages, vs
+    the fp32 oracle."""
     name, S, width, nope, rope, tile, h_q, q_len, page, lens, path, gather, block_n = case
     seed = zlib.crc32(str(case).encode())
     q, cache, bt, sl, kw = _tied_fp8_problem(S, width, nope, rope, tile, h_q, q_len, page, lens, torch.bfloat16,
@@ -609,3 +611,32 @@ def test_kernel_config_keys_are_checked():
         decode_tied_triton(q, cache, bt, sl, config={"BLOCK_Q": 16}, **kw)
     with pytest.raises(ValueError, match="FP8_PATH"):
         decode_tied_triton(q, cache, bt, sl, config={"FP8_PATH": 3}, **kw)
+    qs, cs, bts, sls = make_inputs(1, 1, 4, 16, 64, 4, [5], torch.bfloat16, 1)
+    with pytest.raises(ValueError, match="GATHER"):
+        decode_separate_triton(qs, cs, bts, sls, num_kv_heads=2, head_dim=16, softmax_scale=0.25,
+                               config={"GATHER": 2})
+    with pytest.raises(ValueError, match="unknown keys"):
+        decode_separate_triton(qs, cs, bts, sls, num_kv_heads=2, head_dim=16, softmax_scale=0.25,
+                               config={"SPG": 2})
+
+
+@pytest.mark.parametrize("path,gather,page", [(1, 0, 16), (2, 1, 16), (0, 1, 5), (2, 1, 1)])
+def test_fp8_separate_paths_match_reference(path, gather, page):
+    """The separate-KV kernel's fp8 paths and gathers (GQA, 32-wide heads: one scale per head) vs the oracle."""
+    from types import SimpleNamespace
+
+    from kvslim.rows import RowFormat, dequantize_rows
+
+    h_kv, d, lens = 2, 32, [9, 70, 41]
+    spec = SimpleNamespace(is_tied=False, head_dim=d, rope_dim=0, row_dim_per_rank=lambda tp: 2 * h_kv * d)
+    fmt = RowFormat.for_spec(spec, "fp8")
+    seed = zlib.crc32(f"sep{path}{gather}{page}".encode())
+    cache, bt, sl = _fp8_cache(len(lens), page, lens, fmt, seed)
+    q = torch.randn(len(lens), 2, 8, d, generator=torch.Generator().manual_seed(seed)).bfloat16().to(DEVICE)
+    kw = dict(num_kv_heads=h_kv, head_dim=d, softmax_scale=d**-0.5)
+    o, lse = decode_separate_triton(q, cache, bt, sl, kv_format=fmt, config={"FP8_PATH": path, "GATHER": gather,
+                                                                             "BLOCK_N": 32}, **kw)
+    ro, rl = decode_separate_ref(q.float(), cache, bt, sl, kv_format=fmt, **kw)
+    bo, bl = decode_separate_ref(q, dequantize_rows(cache, fmt, q.dtype), bt, sl, **kw)
+    assert_close(o, ro, baseline=bo, atol=ATOL[q.dtype], msg="fp8 separate o:")
+    assert_close(lse, rl, baseline=bl, atol=ATOL[q.dtype], msg="fp8 separate lse:")

@@ -101,24 +101,14 @@ def load_fp8(tile, rows, col, mask, dtype: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def load_fp8_again(tile, rows, col, mask, dtype: tl.constexpr, UPCAST: tl.constexpr):
-    """:func:`load_fp8` as a second, separate load of the same bytes (its masked elements read 1, not 0,
-    so the compiler cannot merge the two): Triton pipelines an fp8 tile that feeds one dot, but not one
-    feeding two dots that need different shared-memory swizzles (8-bit operands: the score dot
-    contracts over channels, the PV dot over tokens). The repeat is an L2 hit, not DRAM traffic.
-    Callers must make the masked elements irrelevant (zero probability or an unstored column)."""
-    x = tl.load(tile.to(tl.pointer_type(tl.float8e4nv)) + rows[:, None] + col[None, :], mask=mask, other=1.0)
-    if UPCAST:
-        return x.to(tl.float32)
-    return x.to(dtype)
-
-
-@triton.jit
-def fp8_value_tile(tile, rows, n_ok, c0, t: tl.constexpr, TILE: tl.constexpr, USED: tl.constexpr,
-                   ddt: tl.constexpr, UPCAST: tl.constexpr):
-    """Tile ``t`` of :func:`fp8_state_tile` loaded once more, for the PV dot (:func:`load_fp8_again`)."""
-    offs = t * TILE + tl.arange(0, TILE)
-    return load_fp8_again(tile, rows, c0 + offs, n_ok[:, None] & (offs < USED)[None, :], ddt, UPCAST)
+def e4m3_to_f16_in_registers(x):
+    """e4m3 -> fp16 (exact, ``cvt.rn.f16x2.e4m3x2``) where the tile was loaded, written as a non-pure inline
+    asm so that Triton cannot move it: its layout pass otherwise rematerializes the conversion in each
+    dot's operand layout, i.e. after a shared-memory stage of the 8-bit tile, where every warp converts
+    (and an operand contracted over tokens gathers) the whole tile byte by byte. Converted once, the
+    16-bit tile is staged for both dots like a bf16 cache's. GPU only (no interpreter)."""
+    return tl.inline_asm_elementwise("cvt.rn.f16x2.e4m3x2 $0, $1;", "=r,h", [x.to(tl.uint8, bitcast=True)],
+                                     dtype=tl.float16, is_pure=False, pack=2)
 
 
 @triton.jit
@@ -135,6 +125,32 @@ def fp8_state_tile(tile, rows, n_ok, c0, t: tl.constexpr, s_t0, TILE: tl.constex
     offs = t * TILE + tl.arange(0, TILE)
     st = load_fp8(tile, rows, c0 + offs, n_ok[:, None] & (offs < USED)[None, :], ddt, UPCAST)
     return st, load_row_scale(tile, rows, n_ok, s_t0 + t, SCALES)
+
+
+@triton.jit
+def load_fp8_raw(tile, rows, col, mask):
+    """Raw e4m3 values ``[BLOCK_N, C]`` of an fp8 row (bytes ``col``), unconverted."""
+    return tl.load(tile.to(tl.pointer_type(tl.float8e4nv)) + rows[:, None] + col[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def fp8_state_tile_raw(tile, rows, n_ok, c0, t: tl.constexpr, s_t0, TILE: tl.constexpr, USED: tl.constexpr,
+                       SCALES: tl.constexpr):
+    """:func:`fp8_state_tile` unconverted: the e4m3 values ``[BLOCK_N, TILE]`` and the scales ``[BLOCK_N]``."""
+    offs = t * TILE + tl.arange(0, TILE)
+    x = load_fp8_raw(tile, rows, c0 + offs, n_ok[:, None] & (offs < USED)[None, :])
+    return x, load_row_scale(tile, rows, n_ok, s_t0 + t, SCALES)
+
+
+@triton.jit
+def fp8_state_tile_f16(tile, rows, n_ok, c0, t: tl.constexpr, s_t0, TILE: tl.constexpr, USED: tl.constexpr,
+                       SCALES: tl.constexpr, UPCAST: tl.constexpr):
+    """:func:`fp8_state_tile` with the values converted to fp16 once, where loaded
+    (:func:`e4m3_to_f16_in_registers`; fp32 under the interpreter)."""
+    x, sc = fp8_state_tile_raw(tile, rows, n_ok, c0, t, s_t0, TILE, USED, SCALES)
+    if UPCAST:
+        return x.to(tl.float32), sc
+    return e4m3_to_f16_in_registers(x), sc
 
 
 @triton.jit
@@ -179,19 +195,6 @@ def softmax_update(s, m_i, l_i):
     alpha = tl.exp2(m_i - m_safe)
     p = tl.exp2(s - m_safe[:, None])
     return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
-
-
-@triton.jit
-def softmax_update_t(s, m_i, l_i):
-    """:func:`softmax_update` for transposed scores ``s [BLOCK_N, BLOCK_M]`` (keys along axis 0).
-
-    Returns ``(p [BLOCK_N, BLOCK_M], alpha [BLOCK_M], m_new, l_new)``.
-    """
-    m_new = tl.maximum(m_i, tl.max(s, 0))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m_i - m_safe)
-    p = tl.exp2(s - m_safe[None, :])
-    return p, alpha, m_new, l_i * alpha + tl.sum(p, 0)
 
 
 @triton.jit

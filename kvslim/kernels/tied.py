@@ -16,12 +16,11 @@ import triton.language as tl
 
 from kvslim.kernels.blocks import (
     fp8_state_tile,
-    fp8_value_tile,
+    fp8_state_tile_f16,
     load_elements,
     load_plain,
     round_p,
     softmax_update,
-    softmax_update_t,
     split_range,
     store_output,
     tile_rows_paged,
@@ -78,7 +77,7 @@ def _tied_kernel(
     PLAIN: tl.constexpr,  # fp8: byte offset of the bf16 RoPE key in a row
     TILE: tl.constexpr,  # fp8: channels per scale
     F16: tl.constexpr,  # fp8 fast path: dot in fp16 (16-bit queries); else in fp32
-    FP8_PATH: tl.constexpr,  # fp8: 0 dequantize elements, 1 fold scales (S = Q K^T), 2 fold (S^T = K Q^T)
+    FP8_PATH: tl.constexpr,  # fp8: 0 dequantize elements, 1 fold scales, 2 fold + convert once where loaded
     GATHER: tl.constexpr,  # tiles spanning pages: 0 one page id per row, 1 one per page ([pages, PAGE])
 ):
     # Head blocks of one sequence are neighbours in launch order, so the programs sharing
@@ -138,7 +137,6 @@ def _tied_kernel(
     # tile's scores and probabilities instead of every element. One accumulator per tile (MLA's
     # 512 = 4 x 128, GLA's 256 = 2 x 128, GTA's SPG heads), the query split alike.
     FAST: tl.constexpr = FP8 and (TILE & (TILE - 1)) == 0 and NTB <= 4 and FP8_PATH >= 1
-    TRANS: tl.constexpr = FAST and FP8_PATH == 2
     if F16:
         ddt = tl.float16
     else:
@@ -155,78 +153,46 @@ def _tied_kernel(
             q3 = load_q_tile(q_base, u, row_ok, 3, TILE, STATE_DIM, NOPE, ddt, UPCAST)
             acc2 = tl.zeros([BLOCK_M, TILE], dtype=tl.float32)
             acc3 = tl.zeros([BLOCK_M, TILE], dtype=tl.float32)
-    if TRANS:
-        # the transposed-score path: S^T = K Q^T, so the tile is the A operand of the score dot and the
-        # B operand of the PV dot, both untransposed (see the FP8_PATH note in decode_tied_triton)
-        q0t = tl.trans(q0)  # [TILE, BLOCK_M]
-        q_rt = tl.trans(q_r)  # [BLOCK_R, BLOCK_M]
-        if NTB > 1:
-            q1t = tl.trans(q1)
-        if NTB > 2:
-            q2t = tl.trans(q2)
-            q3t = tl.trans(q3)
     for n0 in tl.range(start, end, BLOCK_N, num_stages=STAGES):  # cp.async pipeline
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < end
         tile, rows = tile_rows_paged(Cache, bt_row, n0, offs_n, n_ok, end, PAGE, ROW, BLOCK_N, GATHER)
         kr = load_plain(tile, rows, r_col, n_ok[:, None] & (offs_r < ROPE)[None, :], dt, FP8, PLAIN, UPCAST)
-        if TRANS:
-            st0, sc0 = fp8_state_tile(tile, rows, n_ok, c0, 0, s_t0, TILE, USED, SCALES, ddt, UPCAST)
-            s = tl.dot(st0, q0t, input_precision=DOT_PREC) * sc0[:, None]  # [BLOCK_N, BLOCK_M]
+        if FAST:
+            st0, sc0 = _state_tile(tile, rows, n_ok, c0, 0, s_t0, TILE, USED, SCALES, ddt, UPCAST, FP8_PATH)
+            s = tl.dot(q0, tl.trans(st0), input_precision=DOT_PREC) * sc0[None, :]
             if NTB > 1:
-                st1, sc1 = fp8_state_tile(tile, rows, n_ok, c0, 1, s_t0, TILE, USED, SCALES, ddt, UPCAST)
-                s += tl.dot(st1, q1t, input_precision=DOT_PREC) * sc1[:, None]
+                st1, sc1 = _state_tile(tile, rows, n_ok, c0, 1, s_t0, TILE, USED, SCALES, ddt, UPCAST, FP8_PATH)
+                s += tl.dot(q1, tl.trans(st1), input_precision=DOT_PREC) * sc1[None, :]
             if NTB > 2:
-                st2, sc2 = fp8_state_tile(tile, rows, n_ok, c0, 2, s_t0, TILE, USED, SCALES, ddt, UPCAST)
-                st3, sc3 = fp8_state_tile(tile, rows, n_ok, c0, 3, s_t0, TILE, USED, SCALES, ddt, UPCAST)
-                s += tl.dot(st2, q2t, input_precision=DOT_PREC) * sc2[:, None]
-                s += tl.dot(st3, q3t, input_precision=DOT_PREC) * sc3[:, None]
-            s = tl.dot(kr, q_rt, s, input_precision=DOT_PREC) * sm_scale_log2
-            keep = (offs_n[:, None] <= pos[None, :]) & n_ok[:, None]
-            s = tl.where(keep, s, float("-inf"))
-            p, alpha, m_i, l_i = softmax_update_t(s, m_i, l_i)  # p [BLOCK_N, BLOCK_M]
-            acc0 = _pv_t(acc0, alpha, p, sc0, tile, rows, n_ok, c0, 0, TILE, USED, ddt, UPCAST, DOT_PREC)
-            if NTB > 1:
-                acc1 = _pv_t(acc1, alpha, p, sc1, tile, rows, n_ok, c0, 1, TILE, USED, ddt, UPCAST, DOT_PREC)
-            if NTB > 2:
-                acc2 = _pv_t(acc2, alpha, p, sc2, tile, rows, n_ok, c0, 2, TILE, USED, ddt, UPCAST, DOT_PREC)
-                acc3 = _pv_t(acc3, alpha, p, sc3, tile, rows, n_ok, c0, 3, TILE, USED, ddt, UPCAST, DOT_PREC)
+                st2, sc2 = _state_tile(tile, rows, n_ok, c0, 2, s_t0, TILE, USED, SCALES, ddt, UPCAST, FP8_PATH)
+                st3, sc3 = _state_tile(tile, rows, n_ok, c0, 3, s_t0, TILE, USED, SCALES, ddt, UPCAST, FP8_PATH)
+                s += tl.dot(q2, tl.trans(st2), input_precision=DOT_PREC) * sc2[None, :]
+                s += tl.dot(q3, tl.trans(st3), input_precision=DOT_PREC) * sc3[None, :]
         else:
-            if FAST:
-                st0, sc0 = fp8_state_tile(tile, rows, n_ok, c0, 0, s_t0, TILE, USED, SCALES, ddt, UPCAST)
-                s = tl.dot(q0, tl.trans(st0), input_precision=DOT_PREC) * sc0[None, :]
-                if NTB > 1:
-                    st1, sc1 = fp8_state_tile(tile, rows, n_ok, c0, 1, s_t0, TILE, USED, SCALES, ddt, UPCAST)
-                    s += tl.dot(q1, tl.trans(st1), input_precision=DOT_PREC) * sc1[None, :]
-                if NTB > 2:
-                    st2, sc2 = fp8_state_tile(tile, rows, n_ok, c0, 2, s_t0, TILE, USED, SCALES, ddt, UPCAST)
-                    st3, sc3 = fp8_state_tile(tile, rows, n_ok, c0, 3, s_t0, TILE, USED, SCALES, ddt, UPCAST)
-                    s += tl.dot(q2, tl.trans(st2), input_precision=DOT_PREC) * sc2[None, :]
-                    s += tl.dot(q3, tl.trans(st3), input_precision=DOT_PREC) * sc3[None, :]
-            else:
-                st = load_elements(tile, rows, s_col, n_ok[:, None] & s_ok[None, :], n_ok, s_t0, t_ok, dt, FP8, SCALES,
-                                   TILE, NTB, UPCAST)
-                # st [BLOCK_N, BLOCK_DS] is both key (first NOPE cols) and value (first DV cols)
-                s = tl.dot(q_n, tl.trans(st), input_precision=DOT_PREC)
-            s = tl.dot(q_r, tl.trans(kr), s, input_precision=DOT_PREC)
-            s = s * sm_scale_log2  # [BLOCK_M, BLOCK_N]
-            keep = (offs_n[None, :] <= pos[:, None]) & n_ok[None, :]
-            s = tl.where(keep, s, float("-inf"))
-            p, alpha, m_i, l_i = softmax_update(s, m_i, l_i)  # p [BLOCK_M, BLOCK_N]
-            if FAST:
-                acc0 = acc0 * alpha[:, None] + tl.dot(round_p(p * sc0[None, :], ddt, UPCAST), st0,
+            st = load_elements(tile, rows, s_col, n_ok[:, None] & s_ok[None, :], n_ok, s_t0, t_ok, dt, FP8, SCALES,
+                               TILE, NTB, UPCAST)
+            # st [BLOCK_N, BLOCK_DS] is both key (first NOPE cols) and value (first DV cols)
+            s = tl.dot(q_n, tl.trans(st), input_precision=DOT_PREC)
+        s = tl.dot(q_r, tl.trans(kr), s, input_precision=DOT_PREC)
+        s = s * sm_scale_log2  # [BLOCK_M, BLOCK_N]
+        keep = (offs_n[None, :] <= pos[:, None]) & n_ok[None, :]
+        s = tl.where(keep, s, float("-inf"))
+        p, alpha, m_i, l_i = softmax_update(s, m_i, l_i)  # p [BLOCK_M, BLOCK_N]
+        if FAST:
+            acc0 = acc0 * alpha[:, None] + tl.dot(round_p(p * sc0[None, :], ddt, UPCAST), st0,
+                                                  input_precision=DOT_PREC)
+            if NTB > 1:
+                acc1 = acc1 * alpha[:, None] + tl.dot(round_p(p * sc1[None, :], ddt, UPCAST), st1,
                                                       input_precision=DOT_PREC)
-                if NTB > 1:
-                    acc1 = acc1 * alpha[:, None] + tl.dot(round_p(p * sc1[None, :], ddt, UPCAST), st1,
-                                                          input_precision=DOT_PREC)
-                if NTB > 2:
-                    acc2 = acc2 * alpha[:, None] + tl.dot(round_p(p * sc2[None, :], ddt, UPCAST), st2,
-                                                          input_precision=DOT_PREC)
-                    acc3 = acc3 * alpha[:, None] + tl.dot(round_p(p * sc3[None, :], ddt, UPCAST), st3,
-                                                          input_precision=DOT_PREC)
-            else:
-                pv = tl.dot(round_p(p, dt, UPCAST), st, input_precision=DOT_PREC)
-                acc = acc * alpha[:, None] + pv
+            if NTB > 2:
+                acc2 = acc2 * alpha[:, None] + tl.dot(round_p(p * sc2[None, :], ddt, UPCAST), st2,
+                                                      input_precision=DOT_PREC)
+                acc3 = acc3 * alpha[:, None] + tl.dot(round_p(p * sc3[None, :], ddt, UPCAST), st3,
+                                                      input_precision=DOT_PREC)
+        else:
+            pv = tl.dot(round_p(p, dt, UPCAST), st, input_precision=DOT_PREC)
+            acc = acc * alpha[:, None] + pv
 
     if FAST:
         _store_tile(acc0, m_i, l_i, O, Lse, OPart, LsePart, b, t_q, head, split, u, row_ok, 0, stride_ob, stride_ot,
@@ -246,13 +212,13 @@ def _tied_kernel(
 
 
 @triton.jit
-def _pv_t(acc, alpha, p, sc, tile, rows, n_ok, c0, t: tl.constexpr, TILE: tl.constexpr, USED: tl.constexpr,
-          ddt: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
-    """``acc [BLOCK_M, TILE]`` rescaled by ``alpha`` plus this tile's ``P V``: transposed probabilities
-    ``p [BLOCK_N, BLOCK_M]`` times the token scales ``sc``, against tile ``t`` loaded once more."""
-    v = fp8_value_tile(tile, rows, n_ok, c0, t, TILE, USED, ddt, UPCAST)  # [BLOCK_N, TILE]
-    pv = tl.dot(tl.trans(round_p(p * sc[:, None], ddt, UPCAST)), v, input_precision=DOT_PREC)
-    return acc * alpha[:, None] + pv
+def _state_tile(tile, rows, n_ok, c0, t: tl.constexpr, s_t0, TILE: tl.constexpr, USED: tl.constexpr,
+                SCALES: tl.constexpr, ddt: tl.constexpr, UPCAST: tl.constexpr, FP8_PATH: tl.constexpr):
+    """Tile ``t`` of the state and its token scales for the S = Q K^T fold: converted where the dots need it
+    (FP8_PATH 1, as Triton places it) or once, where loaded (2, with fp16 dots)."""
+    if FP8_PATH == 2 and ddt == tl.float16:
+        return fp8_state_tile_f16(tile, rows, n_ok, c0, t, s_t0, TILE, USED, SCALES, UPCAST)
+    return fp8_state_tile(tile, rows, n_ok, c0, t, s_t0, TILE, USED, SCALES, ddt, UPCAST)
 
 
 @triton.jit
@@ -305,10 +271,10 @@ def decode_tied_triton(
         out: optional preallocated ``(o [B, q_len, h_q, v_dim], lse [B, q_len, h_q] fp32)``.
         config: overrides of the heuristic blocks (BLOCK_H, BLOCK_N, SPG, num_warps, num_stages, maxnreg)
             and code paths: ``FP8_PATH`` (fp8 rows: 0 dequantizes every element in fp32; 1 folds each
-            128-channel tile's per-token scale into the scores and probabilities, S = Q K^T; 2, the
-            default, folds them with transposed scores S^T = K Q^T, so both dots read the converted
-            tile untransposed: Triton does not pipeline an fp8 tile feeding a transposed and an
-            untransposed dot, and builds the transposed operand from byte-wide shared-memory loads),
+            128-channel tile's per-token scale into the scores and probabilities, converting e4m3 where the
+            dots read it; 2, the default, folds likewise but converts each tile once, where loaded, and
+            stages the fp16 tile for both dots: under 1 Triton converts in each dot's operand layout, so
+            every warp converts the whole tile, and the tile's loads are not pipelined),
             ``GATHER`` (tiles spanning pages: 0 one page id per row, 1 one per page).
         kv_format: the packed fp8 row of a uint8 ``cache`` (``kvslim.rows.RowFormat``); None for a
             cache of q's dtype.
