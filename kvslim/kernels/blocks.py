@@ -107,8 +107,9 @@ def e4m3_to_f16_in_registers(x):
     dot's operand layout, i.e. after a shared-memory stage of the 8-bit tile, where every warp converts
     (and an operand contracted over tokens gathers) the whole tile byte by byte. Converted once, the
     16-bit tile is staged for both dots like a bf16 cache's. GPU only (no interpreter)."""
-    return tl.inline_asm_elementwise("cvt.rn.f16x2.e4m3x2 $0, $1;", "=r,h", [x.to(tl.uint8, bitcast=True)],
-                                     dtype=tl.float16, is_pure=False, pack=2)
+    return tl.inline_asm_elementwise(  # 4 bytes in, 2 x f16x2 out: no byte shuffles to build 16-bit pairs
+        "{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $2; cvt.rn.f16x2.e4m3x2 $0, lo; cvt.rn.f16x2.e4m3x2 $1, hi; }",
+        "=r,=r,r", [x.to(tl.uint8, bitcast=True)], dtype=tl.float16, is_pure=False, pack=4)
 
 
 @triton.jit
