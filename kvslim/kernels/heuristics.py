@@ -134,8 +134,8 @@ def separate_config(*, group: int, q_len: int, head_dim: int, dtype: torch.dtype
     if dtype == torch.float32:
         block_n = min(block_n, 32)
     # FP8_PATH 2 / GATHER 1: see tied_config. fp8 rows with FP8_PATH 2 (tiles converted where loaded and
-    # staged through shared memory): 4 warps (offline sm_90a compile, GQA-8: 125 registers, 43 warp
-    # instructions per token vs 52 at 8 warps); FP8_PATH 1 was measured with 8 warps
+    # staged through shared memory): 4 warps (offline sm_90a compile, GQA-8: 133 registers, 26 warp
+    # instructions per token in the loop vs 37 at 8 warps; bf16: 24); FP8_PATH 1 was measured with 8 warps
     return dict(BLOCK_H=block_h, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=3, FP8_PATH=2,
                 GATHER=1)
 
@@ -187,8 +187,9 @@ def tied_config(
         block_n, stages = 16, 2
     if fp8 and state_block >= 256 and block_m < 64:
         # fp8 latents: one accumulator per 128-channel tile, 64-token tiles over 8 warps (offline sm_90a
-        # compile, MLA h_q=16, FP8_PATH 2: 175 registers, no spills, 155 warp instructions per KB of cache
-        # in the loop vs 224 with 32-token tiles; FP8_PATH 1 was measured with 32 x 8: 185 registers, 304)
+        # compile, MLA h_q=16, FP8_PATH 2: 175 registers, no spills, 67 warp instructions per token in the
+        # loop vs 112 with 32-token tiles, 52 + spills with 4 warps; bf16: 57. FP8_PATH 1 was measured
+        # with 32 x 8: 185 registers, 195 per token)
         block_n, warps = 64, 8
     elif fp8 and state_block < 256:
         # fp8 GTA states: 4 warps (offline sm_90a, GTA-8 FP8_PATH 2: 168 registers, no spills; 2 warps: 255
