@@ -640,3 +640,37 @@ def test_fp8_separate_paths_match_reference(path, gather, page):
     bo, bl = decode_separate_ref(q, dequantize_rows(cache, fmt, q.dtype), bt, sl, **kw)
     assert_close(o, ro, baseline=bo, atol=ATOL[q.dtype], msg="fp8 separate o:")
     assert_close(lse, rl, baseline=bl, atol=ATOL[q.dtype], msg="fp8 separate lse:")
+
+
+def test_fp8_tiles_are_pipelined_and_converted_once_offline():
+    """sm_90a compile of the default fp8 tied kernel (MLA h_q=16 shape): the e4m3 tiles are cp.async stages
+    (async copies of 8-bit tensors in the TTGIR), never gathered byte by byte from shared memory (LDS.U8,
+    what FP8_PATH=1 compiles to) and nothing spills. Guards the issue-15 finding on a machine without a GPU."""
+    import json
+    import subprocess
+    import sys
+
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    cx = dict(H_Q=16, S=1, G=16, Q_LEN=1, STATE_DIM=512, NOPE=512, ROPE=64, DV=512, BLOCK_DS=512, BLOCK_R=64,
+              PAGE=64, ROW=656, BLOCK_H=16, BLOCK_M=16, BLOCK_N=64, HB_PER_S=1, SPG=1, NUM_SPLITS=1, STAGES=3,
+              DOT_PREC="tf32", UPCAST=False, FP8=True, SCALES=512, PLAIN=528, TILE=128, F16=True, FP8_PATH=2,
+              GATHER=1, num_warps=8, num_stages=3)
+    code = (
+        "import json, os, subprocess, sys, tempfile\n"
+        "import benchmarks.offline_compile as oc\n"
+        "from kvslim.kernels.tied import _tied_kernel\n"
+        "import triton\n"
+        "c = oc.compile_kernel(_tied_kernel, json.loads(sys.argv[1]))\n"
+        "tool = os.path.join(os.path.dirname(triton.__file__), 'backends', 'nvidia', 'bin', 'cuobjdump')\n"
+        "f = tempfile.NamedTemporaryFile(suffix='.cubin', delete=False); f.write(c.asm['cubin']); f.close()\n"
+        "sass = subprocess.run([tool, '-sass', f.name], capture_output=True, text=True).stdout\n"
+        "ir = c.asm['ttgir']\n"
+        "n8 = sum('async_copy_global_to_local' in l and 'f8E4M3' in l for l in ir.splitlines())\n"
+        "print(json.dumps(dict(async8=n8, u8=sass.count('LDS.U8'), stl=sass.count('STL'))))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", code, json.dumps(cx)], cwd=root, capture_output=True, text=True,
+                       timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["async8"] > 0 and got["u8"] == 0 and got["stl"] == 0, got
