@@ -160,7 +160,7 @@ def main(argv=None) -> None:
              "|---|---:|---:|---|---|---:|---:|---:|---:|---|"]
     for r in rows:
         lines.append(f"| {r['variant'].split('+')[0]} h_q={r['h_q']} B={r['B']} | {r['G']} | {r['page']} | "
-                     f"{r['kv_dtype']} | {r['config']} | {r['us']} | {r['vs_bf16']}x | {r['TBps']} | "
+                     f"{r['kv_dtype']} | {r['config']} | {r['us']} | {'-' if r['vs_bf16'] is None else r['vs_bf16']}x | {r['TBps']} | "
                      f"{r['pct_copy']} | {r['note']} |")
     (out / "fp8_decode.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
