@@ -8,6 +8,8 @@ data, and prints one JSON line per (shape, config); the driver prints a table of
     python -m benchmarks.ab_kernels --trees .,.ab/707486c --shapes gla-8:128,mla:16
     python -m benchmarks.ab_kernels --trees . --shapes gta-8:32 \
         --configs 'BLOCK_N=64,num_warps=2,num_stages=2;BLOCK_N=128,num_warps=4,num_stages=3'
+    python -m benchmarks.ab_kernels --trees . --kv-dtype fp8 --shapes mla:16,gla-8:128:1:16 --graph \
+        --configs 'default;FP8_PATH=1,GATHER=0,BLOCK_N=32,num_warps=8;BLOCK_N=32'
 
 Shapes are ``variant:h_q[:q_len[:page]]`` at ``--batch`` x ``--seq-len`` (d_h = 128). Times:
 ``triton.testing.do_bench`` median (warm L2 between calls) and, with ``--graph``, CUDA-graph
@@ -37,7 +39,8 @@ def parse_config(text: str) -> dict | None:
     out = {}
     for kv in text.split(","):
         k, v = kv.split("=")
-        out[k.strip()] = int(v)
+        v = v.strip()
+        out[k.strip()] = int(v) if v.lstrip("-").isdigit() else v
     return out
 
 
@@ -82,6 +85,12 @@ def child(args) -> None:
         torch.manual_seed(0)
         npages = B * (-(-L // page))
         cache = torch.randn(npages, page, spec.row_dim, device="cuda", dtype=dt).mul_(0.5)
+        fmt_kw, row_bytes = {}, spec.row_dim * 2
+        if args.kv_dtype == "fp8":  # the packed rows of kvslim.rows (trees from before it cannot run these)
+            from kvslim.rows import quantize_rows
+
+            fmt = spec.row_format("fp8")
+            cache, fmt_kw, row_bytes = quantize_rows(cache, fmt), {"kv_format": fmt}, fmt.row_bytes
         bt = torch.randperm(npages, device="cuda").to(torch.int32).view(B, -1).contiguous()
         sl = torch.full((B,), L, dtype=torch.int32, device="cuda")
         if spec.is_tied:
@@ -89,10 +98,10 @@ def child(args) -> None:
         else:
             dqk = spec.head_dim
         q = torch.randn(B, q_len, h_q, dqk, device="cuda", dtype=dt)
-        nbytes = B * L * spec.row_dim * 2
+        nbytes = B * L * row_bytes
         for ctext in args.configs.split(";"):
             cfg = parse_config(ctext) or {}
-            kw = dict(num_splits=cfg.pop("num_splits", args.num_splits))
+            kw = dict(num_splits=cfg.pop("num_splits", args.num_splits), **fmt_kw)
             if cfg:
                 kw["config"] = cfg
             if spec.is_tied:
@@ -160,6 +169,7 @@ def main() -> None:
         "--configs", default="default", help="';'-separated config overrides, e.g. BLOCK_N=64,num_warps=4"
     )
     ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--kv-dtype", choices=("bf16", "fp8"), default="bf16", help="cache rows (fp8: kvslim.rows)")
     ap.add_argument("--seq-len", type=int, default=8192)
     ap.add_argument("--num-splits", type=int, default=None)
     ap.add_argument("--graph", action="store_true", help="also time CUDA-graph replays with an L2 flush")
@@ -191,6 +201,8 @@ def main() -> None:
             str(args.batch),
             "--seq-len",
             str(args.seq_len),
+            "--kv-dtype",
+            args.kv_dtype,
             *extra,
         ]
         if args.num_splits:

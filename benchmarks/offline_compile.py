@@ -54,7 +54,8 @@ def compile_kernel(kernel, constexprs: dict, gluon: bool = False):
     missing = [n for n in names if n[:1].isupper() and n not in cx and n not in POINTERS]
     if missing:
         raise ValueError(f"constexprs missing: {missing}")
-    sig = {n: "constexpr" if n in cx else POINTERS.get(n, "fp32" if n == "sm_scale_log2" else "i32") for n in names}
+    pointers = dict(POINTERS, Cache="*u8") if cx.get("FP8") else POINTERS  # packed fp8 rows are bytes
+    sig = {n: "constexpr" if n in cx else pointers.get(n, "fp32" if n == "sm_scale_log2" else "i32") for n in names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n not in cx and n != "sm_scale_log2"}
     src = ASTSource(fn=kernel, signature=sig, constexprs={(names.index(n),): v for n, v in cx.items()},
                     attrs=attrs)

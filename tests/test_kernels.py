@@ -316,7 +316,7 @@ def test_offline_compile_reports_resources_and_names_missing_constexprs():
     root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
     cx = dict(H_Q=32, H_KV=8, G=4, Q_LEN=1, HEAD_DIM=64, BLOCK_D=64, PAGE=16, ROW=1024, BLOCK_H=4, BLOCK_M=16,
               BLOCK_N=16, HB_PER_KV=1, NUM_SPLITS=1, STAGES=2, DOT_PREC="tf32", UPCAST=False, FP8=False,
-              SCALES=0, TILE=1, F16=True, num_warps=4, num_stages=2)
+              SCALES=0, TILE=1, F16=True, FP8_PATH=2, GATHER=1, num_warps=4, num_stages=2)
 
     def run(c):  # its own process: the script compiles real (not interpreted) kernels
         return subprocess.run([sys.executable, "-m", "benchmarks.offline_compile", "separate", json.dumps(c)],
@@ -519,3 +519,158 @@ def test_row_write_kernel_matches_the_torch_write_bit_for_bit(kind, page, dtype)
         raise AssertionError(f"{(a != b).sum().item()} bytes differ, in {where}; dequantized max diff {deq:.3e}")
     assert torch.equal(a, b)
     assert pools[0].view(torch.uint8).any()
+
+
+def _tied_fp8_problem(S, width, nope, rope, tile, h_q, q_len, page, lens, dtype, seed):
+    """A packed fp8 tied-state cache (tiles of ``tile`` channels, NaN-poisoned bytes outside the
+    sequences) and a query, plus the kernel kwargs."""
+    from kvslim.rows import RowFormat
+
+    fmt = RowFormat("fp8", S * width + rope, quant=S * width, plain=rope, tile=tile)
+    cache, bt, sl = _fp8_cache(len(lens), page, lens, fmt, seed)
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(len(lens), q_len, h_q, nope + rope, generator=g).to(dtype).to(DEVICE)
+    kw = dict(num_state_heads=S, state_dim=width, nope_dim=nope, rope_dim=rope, v_dim=width,
+              softmax_scale=(nope + rope) ** -0.5, kv_format=fmt)
+    return q, cache, bt, sl, kw
+
+
+def _check_fp8_tied(q, cache, bt, sl, kw, config=None, splits=None):
+    from kvslim.rows import dequantize_rows
+
+    fmt = kw["kv_format"]
+    o, lse = decode_tied_triton(q, cache, bt, sl, num_splits=splits, config=config, **kw)
+    ro, rl = decode_tied_ref(q.float(), cache, bt, sl, **kw)
+    plain = {k: v for k, v in kw.items() if k != "kv_format"}
+    bo, bl = decode_tied_ref(q, dequantize_rows(cache, fmt, q.dtype), bt, sl, **plain)
+    assert_close(o, ro, baseline=bo, atol=ATOL[q.dtype], msg=f"fp8 o {config}:")
+    assert_close(lse, rl, baseline=bl, atol=ATOL[q.dtype], msg=f"fp8 lse {config}:")
+
+
+# (name, S, width, nope, rope, tile, h_q, q_len, page, lens, FP8_PATH, GATHER, BLOCK_N): several 128-channel
+# scale tiles per state head scaled down (tile 32): MLA-like 4 tiles, GLA-like 2 latents x 2 tiles, GTA rows
+# (nope = width / 2, two state heads per program: 2 tiles); pages 16 (per-page gathers) and 5 (BLOCK_N not a
+# multiple: the per-row gather)
+FP8_PATHS = [
+    ("mla", 1, 128, 128, 16, 32, 16, 1, 16, [7, 70], 2, 1, None),
+    ("mla", 1, 128, 128, 16, 32, 16, 1, 16, [7, 70], 1, 0, None),
+    ("mla", 1, 128, 128, 16, 32, 8, 2, 5, [3, 61], 2, 1, 32),
+    ("mla", 1, 128, 128, 16, 32, 16, 3, 16, [40, 9], 0, 1, 32),
+    ("gla", 2, 64, 64, 16, 32, 16, 1, 16, [33, 66], 2, 1, 32),
+    ("gla", 2, 64, 64, 16, 32, 32, 2, 5, [66, 12], 2, 0, None),
+    ("gta", 4, 32, 16, 16, 32, 8, 2, 16, [50, 17], 2, 1, None),
+    ("gta", 4, 32, 16, 16, 32, 8, 4, 1, [5, 29], 1, 1, None),
+]
+
+
+@pytest.mark.parametrize("case", FP8_PATHS, ids=lambda c: "-".join(map(str, c[:1] + c[6:9] + c[10:])))
+def test_fp8_tied_paths_match_reference(case):
+    """Each fp8 code path of the tied kernel (FP8_PATH 0 element-wise dequantization, 1 scales folded into
+    scores and probabilities, 2 folded with each tile converted once where loaded: under the interpreter
+    its conversion is a plain cast, on a GPU an inline asm) and each gather of tiles spanning pages, vs
+    the fp32 oracle."""
+    name, S, width, nope, rope, tile, h_q, q_len, page, lens, path, gather, block_n = case
+    seed = zlib.crc32(str(case).encode())
+    q, cache, bt, sl, kw = _tied_fp8_problem(S, width, nope, rope, tile, h_q, q_len, page, lens, torch.bfloat16,
+                                             seed)
+    config = {"FP8_PATH": path, "GATHER": gather}
+    if block_n:
+        config["BLOCK_N"] = block_n
+    _check_fp8_tied(q, cache, bt, sl, kw, config, splits=2 if q_len == 3 else None)
+
+
+@pytest.mark.parametrize("group,q_len", [(8, 1), (8, 3), (16, 1), (16, 2)])
+def test_small_groups_use_small_blocks(group, q_len):
+    """Per-rank head counts (8 or 16 query heads per state head, as under TP=8/16): no program computes
+    more than next_pow2(G * q_len) rows (>= 16, tl.dot's minimum), and the kernels are exact there."""
+    from kvslim.kernels.heuristics import next_pow2, separate_config, tied_config
+
+    want = max(16, next_pow2(group * q_len))
+    assert separate_config(group=group, q_len=q_len, head_dim=128, dtype=torch.bfloat16)["BLOCK_M"] <= want
+    for sb, fp8 in ((512, True), (256, True), (256, False), (128, False)):
+        cfg = tied_config(group=group, q_len=q_len, state_block=sb, num_state_heads=2, dtype=torch.bfloat16,
+                          fp8=fp8)
+        assert cfg["BLOCK_M"] <= max(want, cfg["SPG"] * want), (sb, fp8, cfg)
+    seed = zlib.crc32(f"small{group}{q_len}".encode())
+    lens = [19, 45]
+    # GLA-2-like latents with `group` query heads each, fp8 (2 tiles per latent) and bf16
+    q, cache, bt, sl, kw = _tied_fp8_problem(2, 64, 64, 16, 32, 2 * group, q_len, 16, lens, torch.bfloat16, seed)
+    _check_fp8_tied(q, cache, bt, sl, kw)
+    h_kv, d = 2, 32
+    q, cache, bt, sl = make_inputs(2, q_len, h_kv * group, d, 2 * h_kv * d, 16, lens, torch.bfloat16, seed)
+    o, lse = decode_separate_triton(q, cache, bt, sl, num_kv_heads=h_kv, head_dim=d, softmax_scale=d**-0.5)
+    ro, rl = decode_separate_ref(q.float(), cache, bt, sl, num_kv_heads=h_kv, head_dim=d, softmax_scale=d**-0.5)
+    bo, bl = lowp_separate(q, cache, bt, sl, h_kv, d, d**-0.5)
+    assert_close(o, ro, baseline=bo, atol=ATOL[torch.bfloat16], msg="separate o:")
+    assert_close(lse, rl, baseline=bl, atol=ATOL[torch.bfloat16], msg="separate lse:")
+
+
+def test_kernel_config_keys_are_checked():
+    q, cache, bt, sl, kw = _tied_fp8_problem(1, 32, 32, 16, 32, 4, 1, 4, [5], torch.bfloat16, 1)
+    with pytest.raises(ValueError, match="unknown keys"):
+        decode_tied_triton(q, cache, bt, sl, config={"BLOCK_Q": 16}, **kw)
+    with pytest.raises(ValueError, match="FP8_PATH"):
+        decode_tied_triton(q, cache, bt, sl, config={"FP8_PATH": 3}, **kw)
+    qs, cs, bts, sls = make_inputs(1, 1, 4, 16, 64, 4, [5], torch.bfloat16, 1)
+    with pytest.raises(ValueError, match="GATHER"):
+        decode_separate_triton(qs, cs, bts, sls, num_kv_heads=2, head_dim=16, softmax_scale=0.25,
+                               config={"GATHER": 2})
+    with pytest.raises(ValueError, match="unknown keys"):
+        decode_separate_triton(qs, cs, bts, sls, num_kv_heads=2, head_dim=16, softmax_scale=0.25,
+                               config={"SPG": 2})
+
+
+@pytest.mark.parametrize("path,gather,page", [(1, 0, 16), (2, 1, 16), (0, 1, 5), (2, 1, 1)])
+def test_fp8_separate_paths_match_reference(path, gather, page):
+    """The separate-KV kernel's fp8 paths and gathers (GQA, 32-wide heads: one scale per head) vs the oracle."""
+    from types import SimpleNamespace
+
+    from kvslim.rows import RowFormat, dequantize_rows
+
+    h_kv, d, lens = 2, 32, [9, 70, 41]
+    spec = SimpleNamespace(is_tied=False, head_dim=d, rope_dim=0, row_dim_per_rank=lambda tp: 2 * h_kv * d)
+    fmt = RowFormat.for_spec(spec, "fp8")
+    seed = zlib.crc32(f"sep{path}{gather}{page}".encode())
+    cache, bt, sl = _fp8_cache(len(lens), page, lens, fmt, seed)
+    q = torch.randn(len(lens), 2, 8, d, generator=torch.Generator().manual_seed(seed)).bfloat16().to(DEVICE)
+    kw = dict(num_kv_heads=h_kv, head_dim=d, softmax_scale=d**-0.5)
+    o, lse = decode_separate_triton(q, cache, bt, sl, kv_format=fmt, config={"FP8_PATH": path, "GATHER": gather,
+                                                                             "BLOCK_N": 32}, **kw)
+    ro, rl = decode_separate_ref(q.float(), cache, bt, sl, kv_format=fmt, **kw)
+    bo, bl = decode_separate_ref(q, dequantize_rows(cache, fmt, q.dtype), bt, sl, **kw)
+    assert_close(o, ro, baseline=bo, atol=ATOL[q.dtype], msg="fp8 separate o:")
+    assert_close(lse, rl, baseline=bl, atol=ATOL[q.dtype], msg="fp8 separate lse:")
+
+
+def test_fp8_tiles_are_pipelined_and_converted_once_offline():
+    """sm_90a compile of the default fp8 tied kernel (MLA h_q=16 shape): the e4m3 tiles are cp.async stages
+    (async copies of 8-bit tensors in the TTGIR), never gathered byte by byte from shared memory (LDS.U8,
+    what FP8_PATH=1 compiles to) and nothing spills. Guards the issue-15 finding on a machine without a GPU."""
+    import json
+    import subprocess
+    import sys
+
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    cx = dict(H_Q=16, S=1, G=16, Q_LEN=1, STATE_DIM=512, NOPE=512, ROPE=64, DV=512, BLOCK_DS=512, BLOCK_R=64,
+              PAGE=64, ROW=656, BLOCK_H=16, BLOCK_M=16, BLOCK_N=64, HB_PER_S=1, SPG=1, NUM_SPLITS=1, STAGES=3,
+              DOT_PREC="tf32", UPCAST=False, FP8=True, SCALES=512, PLAIN=528, TILE=128, F16=True, FP8_PATH=2,
+              GATHER=1, num_warps=8, num_stages=3)
+    code = (
+        "import json, os, subprocess, sys, tempfile\n"
+        "import benchmarks.offline_compile as oc\n"
+        "from kvslim.kernels.tied import _tied_kernel\n"
+        "import triton\n"
+        "c = oc.compile_kernel(_tied_kernel, json.loads(sys.argv[1]))\n"
+        "tool = os.path.join(os.path.dirname(triton.__file__), 'backends', 'nvidia', 'bin', 'cuobjdump')\n"
+        "f = tempfile.NamedTemporaryFile(suffix='.cubin', delete=False); f.write(c.asm['cubin']); f.close()\n"
+        "sass = subprocess.run([tool, '-sass', f.name], capture_output=True, text=True).stdout\n"
+        "ir = c.asm['ttgir']\n"
+        "n8 = sum('async_copy_global_to_local' in l and 'f8E4M3' in l for l in ir.splitlines())\n"
+        "print(json.dumps(dict(async8=n8, u8=sass.count('LDS.U8'), stl=sass.count('STL'))))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", code, json.dumps(cx)], cwd=root, capture_output=True, text=True,
+                       timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["async8"] > 0 and got["u8"] == 0 and got["stl"] == 0, got

@@ -40,6 +40,22 @@ def tile_rows(Cache, bt_row, n0, offs_n, n_ok, PAGE: tl.constexpr, ROW: tl.const
 
 
 @triton.jit
+def tile_rows_paged(Cache, bt_row, n0, offs_n, n_ok, end, PAGE: tl.constexpr, ROW: tl.constexpr,
+                    BLOCK_N: tl.constexpr, GATHER: tl.constexpr):
+    """:func:`tile_rows` with a choice for tiles that span pages (``PAGE < BLOCK_N``, ``GATHER == 1``,
+    ``BLOCK_N % PAGE == 0``): the tile's ``BLOCK_N / PAGE`` page ids are loaded once each and the row
+    offsets built as a ``[pages, PAGE]`` block (one 64-bit product per page, not per row) instead of
+    one page-id gather and 64-bit product per row (``GATHER == 0``, :func:`tile_rows`)."""
+    if GATHER == 1 and PAGE < BLOCK_N and BLOCK_N % PAGE == 0:
+        NP: tl.constexpr = BLOCK_N // PAGE
+        first = n0 + tl.arange(0, NP) * PAGE  # [NP] first token of each page of the tile
+        page = tl.load(bt_row + first // PAGE, mask=first < end, other=0).to(tl.int64)
+        rows = (page[:, None] * PAGE + tl.arange(0, PAGE)[None, :]) * ROW  # [NP, PAGE]
+        return Cache, tl.reshape(rows, (BLOCK_N,))
+    return tile_rows(Cache, bt_row, n0, offs_n, n_ok, PAGE, ROW, BLOCK_N)
+
+
+@triton.jit
 def load_elements(tile, rows, col, mask, n_ok, t0, t_ok, dtype: tl.constexpr, FP8: tl.constexpr,
                   SCALES: tl.constexpr, TILE: tl.constexpr, NTB: tl.constexpr, UPCAST: tl.constexpr):
     """Elements ``[BLOCK_N, C]`` at columns ``col [C]`` of the rows, in the dot dtype.
@@ -85,6 +101,18 @@ def load_fp8(tile, rows, col, mask, dtype: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def e4m3_to_f16_in_registers(x):
+    """e4m3 -> fp16 (exact, ``cvt.rn.f16x2.e4m3x2``) where the tile was loaded, written as a non-pure inline
+    asm so that Triton cannot move it: its layout pass otherwise rematerializes the conversion in each
+    dot's operand layout, i.e. after a shared-memory stage of the 8-bit tile, where every warp converts
+    (and an operand contracted over tokens gathers) the whole tile byte by byte. Converted once, the
+    16-bit tile is staged for both dots like a bf16 cache's. GPU only (no interpreter)."""
+    return tl.inline_asm_elementwise(  # 4 bytes in, 2 x f16x2 out: no byte shuffles to build 16-bit pairs
+        "{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $2; cvt.rn.f16x2.e4m3x2 $0, lo; cvt.rn.f16x2.e4m3x2 $1, hi; }",
+        "=r,=r,r", [x.to(tl.uint8, bitcast=True)], dtype=tl.float16, is_pure=False, pack=4)
+
+
+@triton.jit
 def load_row_scale(tile, rows, n_ok, t, SCALES: tl.constexpr):
     """The fp32 scale of tile ``t`` of every row: ``[BLOCK_N]`` (0 for rows past the end)."""
     return tl.load((tile + SCALES).to(tl.pointer_type(tl.float32)) + rows // 4 + t, mask=n_ok, other=0.0)
@@ -98,6 +126,32 @@ def fp8_state_tile(tile, rows, n_ok, c0, t: tl.constexpr, s_t0, TILE: tl.constex
     offs = t * TILE + tl.arange(0, TILE)
     st = load_fp8(tile, rows, c0 + offs, n_ok[:, None] & (offs < USED)[None, :], ddt, UPCAST)
     return st, load_row_scale(tile, rows, n_ok, s_t0 + t, SCALES)
+
+
+@triton.jit
+def load_fp8_raw(tile, rows, col, mask):
+    """Raw e4m3 values ``[BLOCK_N, C]`` of an fp8 row (bytes ``col``), unconverted."""
+    return tl.load(tile.to(tl.pointer_type(tl.float8e4nv)) + rows[:, None] + col[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def fp8_state_tile_raw(tile, rows, n_ok, c0, t: tl.constexpr, s_t0, TILE: tl.constexpr, USED: tl.constexpr,
+                       SCALES: tl.constexpr):
+    """:func:`fp8_state_tile` unconverted: the e4m3 values ``[BLOCK_N, TILE]`` and the scales ``[BLOCK_N]``."""
+    offs = t * TILE + tl.arange(0, TILE)
+    x = load_fp8_raw(tile, rows, c0 + offs, n_ok[:, None] & (offs < USED)[None, :])
+    return x, load_row_scale(tile, rows, n_ok, s_t0 + t, SCALES)
+
+
+@triton.jit
+def fp8_state_tile_f16(tile, rows, n_ok, c0, t: tl.constexpr, s_t0, TILE: tl.constexpr, USED: tl.constexpr,
+                       SCALES: tl.constexpr, UPCAST: tl.constexpr):
+    """:func:`fp8_state_tile` with the values converted to fp16 once, where loaded
+    (:func:`e4m3_to_f16_in_registers`; fp32 under the interpreter)."""
+    x, sc = fp8_state_tile_raw(tile, rows, n_ok, c0, t, s_t0, TILE, USED, SCALES)
+    if UPCAST:
+        return x.to(tl.float32), sc
+    return e4m3_to_f16_in_registers(x), sc
 
 
 @triton.jit

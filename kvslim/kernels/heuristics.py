@@ -133,9 +133,11 @@ def separate_config(*, group: int, q_len: int, head_dim: int, dtype: torch.dtype
     block_n = 64 if block_d <= 128 else 32
     if dtype == torch.float32:
         block_n = min(block_n, 32)
-    # fp8 rows are converted in registers (their loads are not staged through shared memory):
-    # 8 warps keep more loads in flight (offline sm_90a compile, GQA-8: 105 registers, no spills)
-    return dict(BLOCK_H=block_h, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=8 if fp8 else 4, num_stages=3)
+    # FP8_PATH 2 / GATHER 1: see tied_config. fp8 rows with FP8_PATH 2 (tiles converted where loaded and
+    # staged through shared memory): 4 warps (offline sm_90a compile, GQA-8: 133 registers, 26 warp
+    # instructions per token in the loop vs 37 at 8 warps; bf16: 24); FP8_PATH 1 was measured with 8 warps
+    return dict(BLOCK_H=block_h, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=3, FP8_PATH=2,
+                GATHER=1)
 
 
 def tied_config(
@@ -184,11 +186,20 @@ def tied_config(
     if dtype == torch.float32:
         block_n, stages = 16, 2
     if fp8 and state_block >= 256 and block_m < 64:
-        # fp8 latents: one accumulator per 128-channel tile; 32-token tiles over 8 warps fit without
-        # spills (offline sm_90a compile: MLA h_q=16 185 registers, GLA-8 134; 64 x 4 warps spilled)
-        block_n, warps = 32, 8
+        # fp8 latents: one accumulator per 128-channel tile, 64-token tiles over 8 warps (offline sm_90a
+        # compile, MLA h_q=16, FP8_PATH 2: 175 registers, no spills, 67 warp instructions per token in the
+        # loop vs 112 with 32-token tiles, 52 + spills with 4 warps; bf16: 57. FP8_PATH 1 was measured
+        # with 32 x 8: 185 registers, 195 per token)
+        block_n, warps = 64, 8
+    elif fp8 and state_block < 256:
+        # fp8 GTA states: 4 warps (offline sm_90a, GTA-8 FP8_PATH 2: 168 registers, no spills; 2 warps: 255
+        # registers + 16 B of spills, FP8_PATH 1 at 2 warps 624 B)
+        warps = max(warps, 4)
+    # FP8_PATH 2 / GATHER 1: fp8 tiles converted once where loaded and per-page gathers (tied.py), the
+    # 2026-12-03 rewrite for issue 15, not yet timed on a GPU; 1 / 0 are the kernels measured before
     return dict(
-        BLOCK_H=block_h, BLOCK_M=block_m, BLOCK_N=block_n, SPG=spg, num_warps=warps, num_stages=stages
+        BLOCK_H=block_h, BLOCK_M=block_m, BLOCK_N=block_n, SPG=spg, num_warps=warps, num_stages=stages,
+        FP8_PATH=2, GATHER=1,
     )
 
 

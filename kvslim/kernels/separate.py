@@ -13,18 +13,22 @@ import triton
 import triton.language as tl
 
 from kvslim.kernels.blocks import (
+    e4m3_to_f16_in_registers,
     load_elements,
     load_fp8,
+    load_fp8_raw,
     load_row_scale,
     round_p,
     softmax_update,
     split_range,
     store_output,
-    tile_rows,
+    tile_rows_paged,
 )
 from kvslim.kernels.heuristics import cdiv, next_pow2, separate_config
 from kvslim.kernels.launch import launch_decode
 from kvslim.rows import RowFormat
+
+CONFIG_KEYS = {"BLOCK_H", "BLOCK_N", "num_warps", "num_stages", "maxnreg", "FP8_PATH", "GATHER"}
 
 
 @triton.jit
@@ -66,6 +70,8 @@ def _separate_kernel(
     SCALES: tl.constexpr,  # fp8: byte offset of the fp32 scales in a row
     TILE: tl.constexpr,  # fp8: channels per scale
     F16: tl.constexpr,  # fp8 fast path: dot in fp16 (16-bit queries); else in fp32
+    FP8_PATH: tl.constexpr,  # fp8: 0 dequantize elements, 1 fold scales, 2 fold + convert once where loaded
+    GATHER: tl.constexpr,  # tiles spanning pages: 0 one page id per row, 1 one per page ([pages, PAGE])
 ):
     # Head blocks of one sequence are neighbours in launch order, so the programs sharing
     # a sequence's tiles (rope key, latent of several head blocks) hit them in L2.
@@ -108,17 +114,22 @@ def _separate_kernel(
     else:
         ddt = tl.float32
     q16 = q if UPCAST else q.to(ddt)
+    FOLD: tl.constexpr = FP8 and NTB == 1 and (TILE & (TILE - 1)) == 0 and FP8_PATH >= 1
     bt_row = BlockTable + b * stride_bt
     for n0 in tl.range(start, end, BLOCK_N, num_stages=STAGES):  # cp.async pipeline
         offs_n = n0 + tl.arange(0, BLOCK_N)  # [BLOCK_N] token positions
         n_ok = offs_n < end
-        tile, rows = tile_rows(Cache, bt_row, n0, offs_n, n_ok, PAGE, ROW, BLOCK_N)
+        tile, rows = tile_rows_paged(Cache, bt_row, n0, offs_n, n_ok, end, PAGE, ROW, BLOCK_N, GATHER)
         kv_mask = n_ok[:, None] & d_ok[None, :]
-        if FP8 and NTB == 1 and (TILE & (TILE - 1)) == 0:
+        if FOLD:
             # one scale per token per head: fold it into the scores (K) and probabilities (V), so
             # the tile itself is only converted, not multiplied element by element
-            k = load_fp8(tile, rows, k_col, kv_mask, ddt, UPCAST)  # [BLOCK_N, BLOCK_D]
-            v = load_fp8(tile, rows, v_col, kv_mask, ddt, UPCAST)
+            if FP8_PATH == 2 and F16 and not UPCAST:  # converted once, where loaded (see tied.py)
+                k = e4m3_to_f16_in_registers(load_fp8_raw(tile, rows, k_col, kv_mask))  # [BLOCK_N, BLOCK_D]
+                v = e4m3_to_f16_in_registers(load_fp8_raw(tile, rows, v_col, kv_mask))
+            else:
+                k = load_fp8(tile, rows, k_col, kv_mask, ddt, UPCAST)  # [BLOCK_N, BLOCK_D]
+                v = load_fp8(tile, rows, v_col, kv_mask, ddt, UPCAST)
             ks = load_row_scale(tile, rows, n_ok, k_t0, SCALES)  # [BLOCK_N]
             vs = load_row_scale(tile, rows, n_ok, v_t0, SCALES)
             s = tl.dot(q16, tl.trans(k), input_precision=DOT_PREC) * (ks * sm_scale_log2)[None, :]
@@ -129,7 +140,7 @@ def _separate_kernel(
         keep = (offs_n[None, :] <= pos[:, None]) & n_ok[None, :]
         s = tl.where(keep, s, float("-inf"))
         p, alpha, m_i, l_i = softmax_update(s, m_i, l_i)  # p [BLOCK_M, BLOCK_N]
-        if FP8 and NTB == 1 and (TILE & (TILE - 1)) == 0:
+        if FOLD:
             pv = tl.dot(round_p(p * vs[None, :], ddt, UPCAST), v, input_precision=DOT_PREC)
         else:
             pv = tl.dot(round_p(p, dt, UPCAST), v, input_precision=DOT_PREC)
@@ -162,7 +173,9 @@ def decode_separate_triton(
         num_splits: KV splits; None picks one from shapes (host-side, graph-safe).
         out: optional preallocated ``(o [B, q_len, h_q, d_h] q.dtype, lse [B, q_len, h_q] fp32)``;
             lse must be contiguous.
-        config: overrides of the heuristic blocks (BLOCK_H, BLOCK_N, num_warps, num_stages, maxnreg).
+        config: overrides of the heuristic blocks (BLOCK_H, BLOCK_N, num_warps, num_stages, maxnreg) and
+            code paths ``FP8_PATH`` (0, 1, 2) and ``GATHER`` (0, 1), as in
+            :func:`kvslim.kernels.tied.decode_tied_triton`.
         kv_format: the packed fp8 row of a uint8 ``cache`` (``kvslim.rows.RowFormat``); None for a
             cache of q's dtype.
 
@@ -175,8 +188,14 @@ def decode_separate_triton(
     g = h_q // num_kv_heads
     cfg = separate_config(group=g, q_len=q_len, head_dim=head_dim, dtype=q.dtype, fp8=fp8)
     if config:
+        bad = set(config) - CONFIG_KEYS
+        if bad:
+            raise ValueError(f"config: unknown keys {sorted(bad)}, expected some of {sorted(CONFIG_KEYS)}")
         cfg.update(config)
         cfg["BLOCK_M"] = max(16, next_pow2(cfg["BLOCK_H"] * q_len))
+    if cfg["FP8_PATH"] not in (0, 1, 2) or cfg["GATHER"] not in (0, 1):
+        raise ValueError(f"config: FP8_PATH must be 0, 1 or 2 and GATHER 0 or 1, got {cfg['FP8_PATH']}, "
+                         f"{cfg['GATHER']}")
     hb_per_kv = cdiv(g, cfg["BLOCK_H"])
     meta = dict(
         H_Q=h_q,
@@ -191,6 +210,8 @@ def decode_separate_triton(
         SCALES=fmt.scale_offset if fp8 else 0,
         TILE=fmt.tile if fp8 else 1,
         F16=q.dtype != torch.float32,
+        FP8_PATH=cfg["FP8_PATH"],
+        GATHER=cfg["GATHER"],
         BLOCK_H=cfg["BLOCK_H"],
         BLOCK_M=cfg["BLOCK_M"],
         BLOCK_N=cfg["BLOCK_N"],

@@ -16,17 +16,20 @@ import triton.language as tl
 
 from kvslim.kernels.blocks import (
     fp8_state_tile,
+    fp8_state_tile_f16,
     load_elements,
     load_plain,
     round_p,
     softmax_update,
     split_range,
     store_output,
-    tile_rows,
+    tile_rows_paged,
 )
 from kvslim.kernels.heuristics import cdiv, next_pow2, tied_config
 from kvslim.kernels.launch import launch_decode
 from kvslim.rows import RowFormat
+
+CONFIG_KEYS = {"BLOCK_H", "BLOCK_N", "SPG", "num_warps", "num_stages", "maxnreg", "FP8_PATH", "GATHER"}
 
 
 @triton.jit
@@ -74,6 +77,8 @@ def _tied_kernel(
     PLAIN: tl.constexpr,  # fp8: byte offset of the bf16 RoPE key in a row
     TILE: tl.constexpr,  # fp8: channels per scale
     F16: tl.constexpr,  # fp8 fast path: dot in fp16 (16-bit queries); else in fp32
+    FP8_PATH: tl.constexpr,  # fp8: 0 dequantize elements, 1 fold scales, 2 fold + convert once where loaded
+    GATHER: tl.constexpr,  # tiles spanning pages: 0 one page id per row, 1 one per page ([pages, PAGE])
 ):
     # Head blocks of one sequence are neighbours in launch order, so the programs sharing
     # a sequence's tiles (rope key, latent of several head blocks) hit them in L2.
@@ -131,7 +136,7 @@ def _tied_kernel(
     # converted (to fp16, one instruction per two values); its per-token scale multiplies that
     # tile's scores and probabilities instead of every element. One accumulator per tile (MLA's
     # 512 = 4 x 128, GLA's 256 = 2 x 128, GTA's SPG heads), the query split alike.
-    FAST: tl.constexpr = FP8 and (TILE & (TILE - 1)) == 0 and NTB <= 4
+    FAST: tl.constexpr = FP8 and (TILE & (TILE - 1)) == 0 and NTB <= 4 and FP8_PATH >= 1
     if F16:
         ddt = tl.float16
     else:
@@ -151,17 +156,17 @@ def _tied_kernel(
     for n0 in tl.range(start, end, BLOCK_N, num_stages=STAGES):  # cp.async pipeline
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < end
-        tile, rows = tile_rows(Cache, bt_row, n0, offs_n, n_ok, PAGE, ROW, BLOCK_N)
+        tile, rows = tile_rows_paged(Cache, bt_row, n0, offs_n, n_ok, end, PAGE, ROW, BLOCK_N, GATHER)
         kr = load_plain(tile, rows, r_col, n_ok[:, None] & (offs_r < ROPE)[None, :], dt, FP8, PLAIN, UPCAST)
         if FAST:
-            st0, sc0 = fp8_state_tile(tile, rows, n_ok, c0, 0, s_t0, TILE, USED, SCALES, ddt, UPCAST)
+            st0, sc0 = _state_tile(tile, rows, n_ok, c0, 0, s_t0, TILE, USED, SCALES, ddt, UPCAST, FP8_PATH)
             s = tl.dot(q0, tl.trans(st0), input_precision=DOT_PREC) * sc0[None, :]
             if NTB > 1:
-                st1, sc1 = fp8_state_tile(tile, rows, n_ok, c0, 1, s_t0, TILE, USED, SCALES, ddt, UPCAST)
+                st1, sc1 = _state_tile(tile, rows, n_ok, c0, 1, s_t0, TILE, USED, SCALES, ddt, UPCAST, FP8_PATH)
                 s += tl.dot(q1, tl.trans(st1), input_precision=DOT_PREC) * sc1[None, :]
             if NTB > 2:
-                st2, sc2 = fp8_state_tile(tile, rows, n_ok, c0, 2, s_t0, TILE, USED, SCALES, ddt, UPCAST)
-                st3, sc3 = fp8_state_tile(tile, rows, n_ok, c0, 3, s_t0, TILE, USED, SCALES, ddt, UPCAST)
+                st2, sc2 = _state_tile(tile, rows, n_ok, c0, 2, s_t0, TILE, USED, SCALES, ddt, UPCAST, FP8_PATH)
+                st3, sc3 = _state_tile(tile, rows, n_ok, c0, 3, s_t0, TILE, USED, SCALES, ddt, UPCAST, FP8_PATH)
                 s += tl.dot(q2, tl.trans(st2), input_precision=DOT_PREC) * sc2[None, :]
                 s += tl.dot(q3, tl.trans(st3), input_precision=DOT_PREC) * sc3[None, :]
         else:
@@ -204,6 +209,16 @@ def _tied_kernel(
         store_output(acc, m_i, l_i, O, Lse, OPart, LsePart, b, t_q, head, split, col,
                      row_ok[:, None] & (col >= 0) & (col < DV), row_ok, stride_ob, stride_ot, stride_oh, H_Q, Q_LEN,
                      DV, NUM_SPLITS)
+
+
+@triton.jit
+def _state_tile(tile, rows, n_ok, c0, t: tl.constexpr, s_t0, TILE: tl.constexpr, USED: tl.constexpr,
+                SCALES: tl.constexpr, ddt: tl.constexpr, UPCAST: tl.constexpr, FP8_PATH: tl.constexpr):
+    """Tile ``t`` of the state and its token scales for the S = Q K^T fold: converted where the dots need it
+    (FP8_PATH 1, as Triton places it) or once, where loaded (2, with fp16 dots)."""
+    if FP8_PATH == 2 and ddt == tl.float16:
+        return fp8_state_tile_f16(tile, rows, n_ok, c0, t, s_t0, TILE, USED, SCALES, UPCAST)
+    return fp8_state_tile(tile, rows, n_ok, c0, t, s_t0, TILE, USED, SCALES, ddt, UPCAST)
 
 
 @triton.jit
@@ -254,7 +269,13 @@ def decode_tied_triton(
             ``[B, max_pages]`` int32; seq_lens ``[B]`` int32.
         num_splits: KV splits; None picks one from shapes (host-side, graph-safe).
         out: optional preallocated ``(o [B, q_len, h_q, v_dim], lse [B, q_len, h_q] fp32)``.
-        config: overrides of the heuristic blocks (BLOCK_H, BLOCK_N, num_warps, num_stages, maxnreg).
+        config: overrides of the heuristic blocks (BLOCK_H, BLOCK_N, SPG, num_warps, num_stages, maxnreg)
+            and code paths: ``FP8_PATH`` (fp8 rows: 0 dequantizes every element in fp32; 1 folds each
+            128-channel tile's per-token scale into the scores and probabilities, converting e4m3 where the
+            dots read it; 2, the default, folds likewise but converts each tile once, where loaded, and
+            stages the fp16 tile for both dots: under 1 Triton converts in each dot's operand layout, so
+            every warp converts the whole tile, and the tile's loads are not pipelined),
+            ``GATHER`` (tiles spanning pages: 0 one page id per row, 1 one per page).
         kv_format: the packed fp8 row of a uint8 ``cache`` (``kvslim.rows.RowFormat``); None for a
             cache of q's dtype.
 
@@ -276,8 +297,14 @@ def decode_tied_triton(
         fp8=fp8,
     )
     if config:
+        bad = set(config) - CONFIG_KEYS
+        if bad:
+            raise ValueError(f"config: unknown keys {sorted(bad)}, expected some of {sorted(CONFIG_KEYS)}")
         cfg = {"SPG": 1, **cfg, **config}
         cfg["BLOCK_M"] = max(16, next_pow2(cfg["SPG"] * cfg["BLOCK_H"] * q_len))
+    if cfg["FP8_PATH"] not in (0, 1, 2) or cfg["GATHER"] not in (0, 1):
+        raise ValueError(f"config: FP8_PATH must be 0, 1 or 2 and GATHER 0 or 1, got {cfg['FP8_PATH']}, "
+                         f"{cfg['GATHER']}")
     spg = cfg["SPG"]
     if num_state_heads % spg or (spg > 1 and cfg["BLOCK_H"] < g):
         raise ValueError(f"SPG={spg} must divide num_state_heads={num_state_heads} and cover whole groups")
@@ -301,6 +328,8 @@ def decode_tied_triton(
         PLAIN=fmt.plain_offset if fp8 else 0,
         TILE=fmt.tile if fp8 else 1,
         F16=q.dtype != torch.float32,
+        FP8_PATH=cfg["FP8_PATH"],
+        GATHER=cfg["GATHER"],
         BLOCK_H=cfg["BLOCK_H"],
         BLOCK_M=cfg["BLOCK_M"],
         BLOCK_N=cfg["BLOCK_N"],
