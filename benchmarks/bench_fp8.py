@@ -8,7 +8,7 @@ Shapes (L = 8192, q_len 1):
   h_q = 8 / 16 and GLA-2 with h_q = 16 / 32, B = 64 and 128, page 64.
 
 Configs, side by side in one process: ``new`` = the launchers' defaults (fp8 tiles converted once
-where loaded, ``FP8_PATH=2``; per-page gathers for tiles spanning pages, ``GATHER=1``); ``old`` = the
+where loaded, ``FP8_PATH=2``; per-row page ids, ``GATHER=0``: the per-page gather ``GATHER=1`` measured slower at page 16); ``old`` = the
 kernels measured on 2026-12-02 (``FP8_PATH=1``, ``GATHER=0`` and that day's fp8 tile configs), for
 the fp8 rows and, at page 16, for bf16; ``page-tile`` (bf16 GLA-8 at page 16): one page per tile,
 4 stages. Each row: checked against the fp32 oracle on the dequantized rows, timed as CUDA-graph
@@ -154,7 +154,7 @@ def main(argv=None) -> None:
              f"{meta['date']}, {meta['gpu']}, torch {meta['torch']}, triton {meta['triton']}; copy "
              f"{meta['copy_TBps']} TB/s and bf16 GEMM {meta['gemm_TFLOPs']} TFLOP/s measured in the same run; "
              "CUDA-graph replays with L2 flush; `python3 benchmarks/bench_fp8.py`. `new` = defaults "
-             "(FP8_PATH=2, GATHER=1), `old` = the 2026-12-02 kernels (FP8_PATH=1, GATHER=0, that day's fp8 "
+             "(FP8_PATH=2, GATHER=0), `old` = the 2026-12-02 kernels (FP8_PATH=1, GATHER=0, that day's fp8 "
              "tiles); vs bf16 = bf16 `new` time / this time; % copy counts this format's bytes.", "",
              "| shape | G | page | kv | config | µs | vs bf16 | TB/s | % copy | check |",
              "|---|---:|---:|---|---|---:|---:|---:|---:|---|"]

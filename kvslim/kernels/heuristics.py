@@ -136,8 +136,10 @@ def separate_config(*, group: int, q_len: int, head_dim: int, dtype: torch.dtype
     # FP8_PATH 2 / GATHER 1: see tied_config. fp8 rows with FP8_PATH 2 (tiles converted where loaded and
     # staged through shared memory): 4 warps (offline sm_90a compile, GQA-8: 133 registers, 26 warp
     # instructions per token in the loop vs 37 at 8 warps; bf16: 24); FP8_PATH 1 was measured with 8 warps
+    # GATHER 0: the per-page gather (GATHER 1) measured 1.9x slower at page 16 (H200 2026-12-03, GQA-8 bf16
+    # 961 vs 494 us, benchmarks/results/fp8_decode.md); FP8_PATH 2: fp8 GQA-8 557 vs 586 us (path 1)
     return dict(BLOCK_H=block_h, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=3, FP8_PATH=2,
-                GATHER=1)
+                GATHER=0)
 
 
 def tied_config(
@@ -195,11 +197,13 @@ def tied_config(
         # fp8 GTA states: 4 warps (offline sm_90a, GTA-8 FP8_PATH 2: 168 registers, no spills; 2 warps: 255
         # registers + 16 B of spills, FP8_PATH 1 at 2 warps 624 B)
         warps = max(warps, 4)
-    # FP8_PATH 2 / GATHER 1: fp8 tiles converted once where loaded and per-page gathers (tied.py), the
-    # 2026-12-03 rewrite for issue 15, not yet timed on a GPU; 1 / 0 are the kernels measured before
+    # FP8_PATH 2 (fp8 tiles converted once where loaded, tied.py): H200 2026-12-03, B=64 L=8K page 64,
+    # MLA h_q=16 287 vs 564 us (path 1), GLA-8 h_q=128 1339 vs 2589 us; still slower than bf16 (162 / 582 us).
+    # GATHER 0: the per-page gather (GATHER 1) measured slower at page 16 (bf16 MLA h_q=16 409 vs 173 us,
+    # GLA-8 1235 vs 731 us; benchmarks/results/fp8_decode.md)
     return dict(
         BLOCK_H=block_h, BLOCK_M=block_m, BLOCK_N=block_n, SPG=spg, num_warps=warps, num_stages=stages,
-        FP8_PATH=2, GATHER=1,
+        FP8_PATH=2, GATHER=0,
     )
 
 
