@@ -123,9 +123,9 @@ class LazyCheckpoint:
         sd = {"model.layers.0." + k[len(pre):]: v
               for k, v in self.tensors([k for k in self.shapes if k.startswith(pre)]).items()}
         D = cfg.hidden_size
-        sd.update({"model.embed_tokens.weight": torch.zeros(1, D), "model.norm.weight": torch.ones(D)})
-        if not cfg.tie_word_embeddings:
-            sd["lm_head.weight"] = torch.zeros(1, D)
+        emb = torch.zeros(1, D)
+        sd.update({"model.embed_tokens.weight": emb, "model.norm.weight": torch.ones(D),
+                   "lm_head.weight": emb if cfg.tie_word_embeddings else torch.zeros(1, D)})
         shell.load_state_dict(sd, strict=True, assign=True)
         if cfg.tie_word_embeddings:
             shell.lm_head.weight = shell.model.embed_tokens.weight
