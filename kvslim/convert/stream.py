@@ -180,7 +180,9 @@ def _open(staging, src: LazyCheckpoint, new: Transformer, tensors: dict, info: d
     try:
         for name, (s, factor) in ends.items():
             t = src.tensors([s])[s]
-            t = (t.double() * factor if factor is not None else t).to(dtype).contiguous()
+            if factor is not None:  # as deepseek_state: float64, times the factor, cast (in place: one copy)
+                t = t.double().mul_(factor)
+            t = t.to(dtype).contiguous()
             writer.write(name, t)
             if fmt == "deepseek":
                 state["fp16"] = max(state["fp16"], fp16_error(t))

@@ -16,6 +16,7 @@ is byte-identical to one saved from the whole state dict (tested).
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -23,9 +24,10 @@ import torch
 
 from kvslim.checkpoint import FORMAT, read_config
 from kvslim.model import ModelConfig, Transformer, config_from_hf, hf_rope_interleaved
-from kvslim.rope import Rotary
 
 __all__ = ["LazyCheckpoint", "SafetensorsWriter", "safetensors_layout"]
+
+_EMB, _NORM, _HEAD, _PRE = "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight", "model.layers.0."
 
 # safetensors' Dtype enum position (its save sorts by it, descending) for the dtypes written here
 _DTYPES = {torch.float16: ("F16", 11), torch.bfloat16: ("BF16", 12), torch.int32: ("I32", 13),
@@ -72,12 +74,16 @@ class LazyCheckpoint:
                 raise ValueError(f"{f} repeats tensors of another file: {sorted(dup)[:3]}")
             shapes.update(part)
             self._file.update(dict.fromkeys(part, f))
-        with torch.device("meta"):
-            meta = Transformer(self.config)
-        want = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
-        self.num_params = sum(v.numel() for v in meta.state_dict().values())
-        if self.config.tie_word_embeddings:
-            want.pop("lm_head.weight")
+        # expected names and shapes from a one-layer, one-token model (the meta device would import
+        # torch._dynamo: +150 MB resident, more than a SmolLM2 layer)
+        D, V, L = self.config.hidden_size, self.config.vocab_size, self.config.num_layers
+        layer = {k[len(_PRE):]: tuple(v.shape) for k, v in self._shell().state_dict().items() if k.startswith(_PRE)}
+        want = {f"model.layers.{i}.{k}": s for i in range(L) for k, s in layer.items()}
+        want.update({_EMB: (V, D), _NORM: (D,), _HEAD: (V, D)})
+        self.num_params = sum(math.prod(s) for s in want.values())  # lm_head counted even when tied, as state_dict
+        if self.config.tie_word_embeddings:  # a tied checkpoint may still hold lm_head: it is not read
+            want.pop(_HEAD)
+            shapes.pop(_HEAD, None)
         missing = set(want) - set(shapes)
         unexpected = {k for k in set(shapes) - set(want) if not k.endswith("rotary_emb.inv_freq")}
         if missing or unexpected:
@@ -108,6 +114,15 @@ class LazyCheckpoint:
         """One tensor (float32), or None if the checkpoint has no such tensor."""
         return self.tensors([name])[name] if name in self.shapes else None
 
+    def _shell(self) -> Transformer:
+        """A one-layer, one-token-vocabulary model of this config (float32, randomly initialised)."""
+        cfg = ModelConfig(**{**self.config.to_dict(), "num_layers": 1, "vocab_size": 1})
+        shell = Transformer(cfg)
+        ends = {k for k in shell.state_dict() if not k.startswith(_PRE)}
+        if ends != {_EMB, _NORM, _HEAD}:
+            raise ValueError(f"internal: the model has tensors outside its layers that streaming does not know: {ends}")
+        return shell
+
     def layer(self, i: int) -> Transformer:
         """A one-layer, one-token-vocabulary Transformer holding source layer ``i`` (float32).
 
@@ -116,22 +131,12 @@ class LazyCheckpoint:
         """
         if self.interleaved:
             raise ValueError("streaming reads grouped-attention sources; this is an interleaved-RoPE DeepSeek one")
-        cfg = ModelConfig(**{**self.config.to_dict(), "num_layers": 1, "vocab_size": 1})
-        with torch.device("meta"):
-            shell = Transformer(cfg)
+        shell = self._shell()
         pre = f"model.layers.{i}."
-        sd = {"model.layers.0." + k[len(pre):]: v
-              for k, v in self.tensors([k for k in self.shapes if k.startswith(pre)]).items()}
-        D = cfg.hidden_size
-        emb = torch.zeros(1, D)
-        sd.update({"model.embed_tokens.weight": emb, "model.norm.weight": torch.ones(D),
-                   "lm_head.weight": emb if cfg.tie_word_embeddings else torch.zeros(1, D)})
-        shell.load_state_dict(sd, strict=True, assign=True)
-        if cfg.tie_word_embeddings:
-            shell.lm_head.weight = shell.model.embed_tokens.weight
-        for m in shell.modules():
-            if isinstance(m, Rotary):
-                m.reset_tables()
+        sd = {_PRE + k[len(pre):]: v for k, v in self.tensors([k for k in self.shapes if k.startswith(pre)]).items()}
+        missing, unexpected = shell.load_state_dict(sd, strict=False, assign=True)  # placeholders stay
+        if unexpected or set(missing) - {_EMB, _NORM, _HEAD}:
+            raise ValueError(f"internal: layer {i} did not fill the shell: {sorted(missing)[:3]} {unexpected[:3]}")
         return shell.eval()
 
 
