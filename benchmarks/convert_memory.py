@@ -8,7 +8,8 @@ before converting (torch + kvslim imported: the floor every run pays). Cases:
 * random models of SmolLM2's width (D=576, 9 heads, 3 KV heads, d_h=64, FFN 1536, vocab 49152,
   tied embeddings) with 8/16/32/64 layers, written to a temporary directory (random calibration
   tokens), same conversion;
-* optionally (``--qwen``) Qwen2.5-0.5B (biases: kvslim format) if it is in the kvslim cache.
+* optionally (``--qwen``) Qwen2.5-Coder-0.5B (biases: kvslim format; random calibration tokens) if it
+  is in the kvslim cache.
 
 Streaming's peak should stay flat with depth (embeddings + one layer + calibration activations);
 the in-memory path's grows with the parameter count. Results: ``results/convert_memory.{md,json}``.
@@ -177,7 +178,8 @@ def main(argv=None) -> None:
         cases += [(_synthetic(tmp, int(d)), mla, tmp / "calib-random.pt") for d in args.layers.split(",")]
         qwen = cache_dir() / "models" / "qwen2.5-coder-0.5b-instruct"
         if args.qwen and (qwen / "model.safetensors").is_file():
-            torch.save(calibration_tokens(qwen, num_samples=n, seq_len=T), tmp / "calib-qwen.pt")
+            vocab = json.loads((qwen / "config.json").read_text())["vocab_size"]  # random windows: no 2nd tokenizer pass
+            torch.save(torch.randint(0, vocab, (n, T), generator=torch.Generator().manual_seed(0)), tmp / "calib-qwen.pt")
             cases.append((qwen, dict(mla, fmt="kvslim"), tmp / "calib-qwen.pt"))
         for model, opts, calib_file in cases:
             for mode in ("stream", "memory"):

@@ -28,8 +28,9 @@ from kvslim.testing import tiny_model, tiny_spec
 ENV = dict(os.environ, TRITON_INTERPRET="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
 
 
-def _hf_llama(path: Path, layers: int = 4) -> Path:
-    """A tiny random SmolLM2-like (tied embeddings, GQA-3, eps 1e-5) Hugging Face Llama directory."""
+def _hf_llama(path: Path, layers: int = 4, shard: str | None = None) -> Path:
+    """A tiny random SmolLM2-like (tied embeddings, GQA-3, eps 1e-5) Hugging Face Llama directory
+    (``shard``: ``max_shard_size``, for a multi-file source with an index)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -41,7 +42,7 @@ def _hf_llama(path: Path, layers: int = 4) -> Path:
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.copy_(1 + 0.1 * torch.randn_like(p))
-    model.save_pretrained(path, safe_serialization=True)
+    model.save_pretrained(path, safe_serialization=True, **({"max_shard_size": shard} if shard else {}))
     return path
 
 
@@ -49,13 +50,15 @@ def _hf_llama(path: Path, layers: int = 4) -> Path:
 def sources(tmp_path_factory):
     root = tmp_path_factory.mktemp("stream-src")
     hf = _hf_llama(root / "hf")
+    sharded = _hf_llama(root / "sharded", shard="60KB")
+    assert len(list(sharded.glob("*.safetensors"))) > 2
     qwen = tiny_model(tiny_spec("gqa-2", qkv_bias=True), layers=3, tie=False)
     with torch.no_grad():  # Qwen2-like: non-zero q/k/v biases
         for name, p in qwen.named_parameters():
             if name.endswith("proj.bias"):
                 p.copy_(0.1 * torch.randn_like(p))
     qwen.save_pretrained(root / "qwen")
-    return {"hf": hf, "qwen": root / "qwen"}
+    return {"hf": hf, "sharded": sharded, "qwen": root / "qwen"}
 
 
 def _hidden(parent: Path) -> list[str]:
@@ -70,6 +73,7 @@ CASES = [  # (source, to, options)
     ("hf", "gta", dict()),
     ("hf", "gta", dict(fmt="deepseek", gta_state="key")),
     ("hf", "gqa", dict(kv_heads=1, fmt="hf")),
+    ("sharded", "mla", dict(kv_lora_rank=16, rope_dim=8)),
     ("qwen", "mla", dict(kv_lora_rank=16, rope_dim=8, fmt="kvslim")),
     ("qwen", "gqa", dict(kv_heads=1)),
 ]
