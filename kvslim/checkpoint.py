@@ -30,6 +30,7 @@ import shutil
 import signal
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -338,16 +339,20 @@ def _fsync(p: Path) -> None:
             os.close(fd)
 
 
-def write_model_dir(path: str | os.PathLike, *, tensors: dict[str, torch.Tensor], config: dict,
-                    tokenizer_from: str | os.PathLike | None = None, files: dict[str, str | bytes] | None = None,
-                    keep: tuple[str, ...] = (), force: bool = False, sources=(), check: bool = True,
-                    write_files=None) -> Path:
+def write_model_dir(path: str | os.PathLike, *, tensors: dict[str, torch.Tensor] | None = None,
+                    config: dict | Callable[[], dict], tokenizer_from: str | os.PathLike | None = None,
+                    files: dict[str, str | bytes] | None = None, keep: tuple[str, ...] = (), force: bool = False,
+                    sources=(), check: bool = True, write_files=None, write_weights=None) -> Path:
     """Write a model directory atomically (module docstring).
 
     Args:
         path: the output directory.
         tensors: the state dict (saved as ``model.safetensors``; tensors must be contiguous CPU).
-        config: ``config.json`` contents.
+        config: ``config.json`` contents, or a function returning them, called once the weights
+            are written (a streaming writer learns some of them on the way).
+        write_weights: instead of ``tensors``, ``fn(staging_dir)`` writing the ``*.safetensors``
+            files itself (streaming conversion writes one layer at a time); an exception in it
+            leaves nothing behind, as any failure before the swap.
         tokenizer_from: copy these tokenizer files (:data:`TOKENIZER_FILES`) from this directory.
         files: more files, name -> text or bytes.
         keep: sub-directories of an existing ``path`` carried into the new one (``run``).
@@ -357,6 +362,8 @@ def write_model_dir(path: str | os.PathLike, *, tensors: dict[str, torch.Tensor]
     """
     from safetensors.torch import save_file
 
+    if (tensors is None) == (write_weights is None):
+        raise ValueError("write_model_dir: pass exactly one of tensors and write_weights")
     if check:
         out = check_output(path, force=force, sources=sources, keep=keep)
     else:
@@ -369,9 +376,14 @@ def write_model_dir(path: str | os.PathLike, *, tensors: dict[str, torch.Tensor]
     partial.mkdir()
     swapped = False
     try:
-        save_file(tensors, os.fspath(partial / "model.safetensors"), metadata={"format": "pt"})
+        if tensors is not None:
+            save_file(tensors, os.fspath(partial / "model.safetensors"), metadata={"format": "pt"})
+        else:
+            write_weights(partial)
+            if not any(partial.glob("*.safetensors")):
+                raise ValueError("internal: write_weights wrote no .safetensors file")
         _failpoint("partial")
-        (partial / "config.json").write_text(json.dumps(config, indent=2))
+        (partial / "config.json").write_text(json.dumps(config() if callable(config) else config, indent=2))
         if tokenizer_from is not None:
             for name in TOKENIZER_FILES:
                 src = Path(tokenizer_from) / name

@@ -50,6 +50,10 @@ def add(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="output weight dtype (default float32)")
+    p.add_argument("--in-memory", action="store_true",
+                   help="load the whole source model before converting; by default conversion streams layer by "
+                   "layer (peak memory about the embeddings + one layer + the calibration activations), with a "
+                   "byte-identical output")
     p.set_defaults(func=run)
 
 
@@ -62,6 +66,7 @@ def run(args) -> int:
         kv_heads=args.kv_heads, latent_heads=args.latent_heads, kv_lora_rank=args.kv_lora_rank,
         rope_dim=args.rope_dim, freqfold=args.freqfold, method=args.method, fit=args.fit, calib_samples=args.calib_samples,
         calib_seq_len=args.calib_seq_len, calib_text=args.calib, seed=args.seed, dtype=args.dtype,
+        stream=not args.in_memory,
     )
     print(kv_table(res.source, res.target, res.num_layers))
     if res.export:

@@ -35,8 +35,8 @@ from tqdm.auto import tqdm
 from kvslim.eval.perplexity import _as_token_ids
 from kvslim.eval.tokenizer import tokenize
 
-__all__ = ["CALIB_GRAMMAR", "CalibSource", "attention_input_moments", "calibration_batches", "calibration_tokens",
-           "parse_calib_spec", "window_counts"]
+__all__ = ["CALIB_GRAMMAR", "CalibSource", "add_moment", "attention_input_moments", "calibration_batches",
+           "calibration_tokens", "check_calibration_batches", "parse_calib_spec", "window_counts"]
 
 
 def calibration_batches(
@@ -94,21 +94,16 @@ def attention_input_moments(model, batches: torch.Tensor, *, batch_size: int = 4
     Returns:
         ``num_layers`` float64 tensors ``[D+1, D+1]`` (means over all N·T tokens).
     """
-    if not isinstance(batches, torch.Tensor) or batches.dim() != 2 or batches.dtype != torch.long:
-        raise ValueError("calibration batches must be an int64 tensor [num_samples, seq_len]")
-    if batches.numel() == 0:
-        raise ValueError("calibration batches are empty")
+    check_calibration_batches(batches, model.config.vocab_size)
     D = model.config.hidden_size
     sums = [torch.zeros(D + 1, D + 1, dtype=torch.float64) for _ in model.model.layers]
     count = [0]
 
     def hook(i):
         def fn(module, args):
-            x = args[0].detach().reshape(-1, D).float().cpu()
-            x = torch.cat([x, torch.ones(x.shape[0], 1)], 1)
-            sums[i] += (x.T @ x).double()  # fp32 per batch (fast), fp64 across batches
+            n = add_moment(sums[i], args[0])
             if i == 0:
-                count[0] += x.shape[0]
+                count[0] += n
         return fn
 
     handles = [layer.self_attn.register_forward_pre_hook(hook(i)) for i, layer in enumerate(model.model.layers)]
@@ -121,6 +116,28 @@ def attention_input_moments(model, batches: torch.Tensor, *, batch_size: int = 4
         for h in handles:
             h.remove()
     return [s / count[0] for s in sums]
+
+
+def check_calibration_batches(batches, vocab_size: int | None = None) -> None:
+    """Raise ValueError unless ``batches`` is a non-empty int64 ``[N, T]`` of ids below ``vocab_size``."""
+    if not isinstance(batches, torch.Tensor) or batches.dim() != 2 or batches.dtype != torch.long:
+        raise ValueError("calibration batches must be an int64 tensor [num_samples, seq_len]")
+    if batches.numel() == 0:
+        raise ValueError("calibration batches are empty")
+    if vocab_size is not None and (int(batches.min()) < 0 or int(batches.max()) >= vocab_size):
+        raise ValueError(f"calibration batches: token ids must be in [0, {vocab_size}), got "
+                         f"[{int(batches.min())}, {int(batches.max())}]")
+
+
+def add_moment(total: torch.Tensor, x: torch.Tensor) -> int:
+    """Add ``Σ x̃x̃ᵀ`` of attention inputs ``x [..., D]`` (``x̃ = [x; 1]``) to ``total``; returns the token count.
+
+    fp32 per batch (fast), fp64 across batches: the one accumulation every calibration pass uses.
+    """
+    x = x.detach().reshape(-1, total.shape[0] - 1).float().cpu()
+    x = torch.cat([x, torch.ones(x.shape[0], 1)], 1)
+    total += (x.T @ x).double()
+    return x.shape[0]
 
 
 CALIB_GRAMMAR = """\

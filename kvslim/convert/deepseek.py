@@ -47,7 +47,8 @@ from kvslim.model import ModelConfig, deinterleave_perm, permute_rope_rows
 from kvslim.runtime import dtype_name
 from kvslim.serving import mla_layout
 
-__all__ = ["LATENT_NORM_EPS", "deepseek_state", "hf_common", "save_deepseek"]
+__all__ = ["LATENT_NORM_EPS", "deepseek_config", "deepseek_ends", "deepseek_state", "fp16_check", "fp16_error", "hf_common",
+           "save_deepseek"]
 
 #: transformers' DeepseekV3 builds ``kv_a_layernorm`` with its RMSNorm default (not rms_norm_eps);
 #: the export declares this as ``rms_norm_eps`` so vLLM and SGLang use it too.
@@ -79,7 +80,7 @@ def hf_common(cfg, dtype: torch.dtype = torch.float32) -> dict:
     }
 
 
-def _fp16_error(t: torch.Tensor) -> float:
+def fp16_error(t: torch.Tensor) -> float:
     """Relative Frobenius error of casting ``t`` to fp16 (inf if any value overflows)."""
     h = t.half()
     if not bool(h.isfinite().all()):
@@ -137,7 +138,7 @@ def _split_scale(ln: torch.Tensor, lat: torch.Tensor, big: float, lat_scale: flo
     of the norm weight's and the latent rows' cast errors.
     """
     b_min = min(0, math.ceil(math.log2(max(big, 1e-30) / FP16_SAFE)))
-    errs = {b: max(_fp16_error(ln * 2.0**b), _fp16_error(lat * (lat_scale * 2.0**-b))) for b in range(b_min, 1)}
+    errs = {b: max(fp16_error(ln * 2.0**b), fp16_error(lat * (lat_scale * 2.0**-b))) for b in range(b_min, 1)}
     return min(errs, key=lambda b: (errs[b], -b))
 
 
@@ -166,9 +167,8 @@ def deepseek_state(model, *, target: str = "transformers", head_size: int | None
     _check_biases(sd, mla.spec, L)
     # 1. one eps: the residual stream scaled by lam keeps every norm's output under LATENT_NORM_EPS
     lam = math.sqrt(LATENT_NORM_EPS / cfg.rms_norm_eps)
-    emb = sd["model.embed_tokens.weight"]
-    sd["lm_head.weight"] = emb.clone() if cfg.tie_word_embeddings else sd["lm_head.weight"]
-    sd["model.embed_tokens.weight"] = emb * lam
+    src = dict(sd)
+    sd.update({name: src[s] * scale for name, (s, scale) in deepseek_ends(cfg).items()})
     a_all, b_all, nonlin = [], [], 0.0
     for i in range(L):
         pre = f"model.layers.{i}."
@@ -195,25 +195,52 @@ def deepseek_state(model, *, target: str = "transformers", head_size: int | None
     out_cfg = ModelConfig(**{**cfg.to_dict(), "attention": out_spec, "rms_norm_eps": LATENT_NORM_EPS,
                              "tie_word_embeddings": False})
     sd = permute_rope_rows(sd, out_cfg, torch.argsort(deinterleave_perm(d_r)))
-    hf = {
-        "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", **hf_common(out_cfg),
-        "num_key_value_heads": out_spec.num_heads, "kv_lora_rank": r, "q_lora_rank": None,
-        "qk_rope_head_dim": d_r, "qk_nope_head_dim": out_spec.head_dim, "v_head_dim": out_spec.v_head_dim,
-        "head_dim": d_r, "first_k_dense_replace": L, "n_routed_experts": 1, "n_shared_experts": 1,
-        "num_experts_per_tok": 1, "n_group": 1, "topk_group": 1, "moe_intermediate_size": cfg.intermediate_size,
-        "rope_interleave": True, "attention_bias": False, "mlp_bias": False,
-    }
     report = {
         "layout": layout, "cost": layout.cost(L), "residual_scale": lam, "source_rms_norm_eps": cfg.rms_norm_eps,
         "rms_norm_eps": LATENT_NORM_EPS, "norm_weight_log2": (min(a_all), max(a_all)),
         "input_norm_shift_log2": (min(b_all), max(b_all)), "latent_norm_nonlinearity": nonlin,
     }
+    return sd, deepseek_config(cfg, layout, target), report
+
+
+def deepseek_ends(cfg) -> dict[str, tuple[str, float]]:
+    """``{written name: (source name, factor)}`` of the tensors outside the layers (rule 1).
+
+    The embeddings carry the residual scale ``λ``; ``lm_head`` is always written untied, from
+    the unscaled embedding when the source ties them; the final norm is unchanged.
+    """
+    lam = math.sqrt(LATENT_NORM_EPS / cfg.rms_norm_eps)
+    emb = "model.embed_tokens.weight"
+    return {emb: (emb, lam), "lm_head.weight": (emb if cfg.tie_word_embeddings else "lm_head.weight", 1.0),
+            "model.norm.weight": ("model.norm.weight", 1.0)}
+
+
+def deepseek_config(cfg, layout, target: str) -> dict:
+    """The ``config.json`` of the DeepSeek-V3 export of a model of config ``cfg`` in ``layout``."""
+    L, out_spec = cfg.num_layers, layout.spec
+    lam = math.sqrt(LATENT_NORM_EPS / cfg.rms_norm_eps)
+    out_cfg = ModelConfig(**{**cfg.to_dict(), "attention": out_spec, "rms_norm_eps": LATENT_NORM_EPS,
+                             "tie_word_embeddings": False})
+    hf = {
+        "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", **hf_common(out_cfg),
+        "num_key_value_heads": out_spec.num_heads, "kv_lora_rank": layout.latent_dim, "q_lora_rank": None,
+        "qk_rope_head_dim": layout.rope_dim, "qk_nope_head_dim": out_spec.head_dim,
+        "v_head_dim": out_spec.v_head_dim, "head_dim": layout.rope_dim, "first_k_dense_replace": L,
+        "n_routed_experts": 1, "n_shared_experts": 1, "num_experts_per_tok": 1, "n_group": 1, "topk_group": 1,
+        "moe_intermediate_size": cfg.intermediate_size, "rope_interleave": True, "attention_bias": False,
+        "mlp_bias": False,
+    }
     hf["kvslim_export"] = {
-        "source_kind": spec.kind, "target": target, "natural_kv_lora_rank": r_nat, "padding_per_token": layout.padding,
-        "residual_scale": lam, "source_rms_norm_eps": cfg.rms_norm_eps,
+        "source_kind": cfg.attention.kind, "target": target, "natural_kv_lora_rank": layout.natural_latent,
+        "padding_per_token": layout.padding, "residual_scale": lam, "source_rms_norm_eps": cfg.rms_norm_eps,
         "note": "kvslim convert: kv_a_layernorm is exactly linear; residual stream rescaled so rms_norm_eps = 1e-6",
     }
-    return sd, hf, report
+    return hf
+
+
+def fp16_check(err: float, norm_weight_log2: tuple[int, int]) -> dict:
+    """The report's fp16 verdict from the worst cast error of the written weights (``save_deepseek``)."""
+    return {"fp16_cast_error": err, "fp16_ok": err <= 2.0**-9 and norm_weight_log2[1] <= NORM_EXP_MAX}
 
 
 def save_deepseek(model, path, *, dtype: torch.dtype = torch.float32, target: str = "transformers",
@@ -232,8 +259,7 @@ def save_deepseek(model, path, *, dtype: torch.dtype = torch.float32, target: st
     hf["torch_dtype"] = dtype_name(dtype)
     tensors = {k: v.to(dtype).contiguous() for k, v in sd.items()}
     del sd
-    err = max(_fp16_error(v) for v in tensors.values())  # of the weights as written
-    info.update(fp16_cast_error=err, fp16_ok=err <= 2.0**-9 and info["norm_weight_log2"][1] <= NORM_EXP_MAX)
+    info.update(fp16_check(max(fp16_error(v) for v in tensors.values()), info["norm_weight_log2"]))  # as written
     if report is not None:
         report.update(info)
     return write_model_dir(path, tensors=tensors, config=hf, **write)

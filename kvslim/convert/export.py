@@ -16,9 +16,25 @@ import torch
 from kvslim.checkpoint import FORMAT, state_dict_for_save, write_model_dir
 from kvslim.convert.deepseek import LATENT_NORM_EPS, hf_common, save_deepseek
 
-__all__ = ["LATENT_NORM_EPS", "save_deepseek", "save_hf_llama", "save_kvslim", "write_checkpoint"]
+__all__ = ["LATENT_NORM_EPS", "hf_llama_config", "kvslim_config", "save_deepseek", "save_hf_llama", "save_kvslim",
+           "write_checkpoint"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def kvslim_config(cfg) -> dict:
+    """The ``config.json`` of kvslim's format for a model of config ``cfg``."""
+    return {"format": FORMAT, **cfg.to_dict()}
+
+
+def hf_llama_config(cfg, dtype: torch.dtype = torch.float32) -> dict:
+    """The Hugging Face Llama ``config.json`` of a GQA/MQA/MHA model; ValueError if Llama cannot hold it."""
+    spec = cfg.attention
+    if spec.kind not in ("mha", "mqa", "gqa") or spec.rope_dim != spec.head_dim or spec.qkv_bias or cfg.mlp_bias:
+        raise ValueError("format 'hf' (Llama) needs a full-RoPE MHA/MQA/GQA model without biases; use format 'kvslim'")
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **hf_common(cfg, dtype),
+            "num_key_value_heads": spec.num_kv_heads, "head_dim": spec.head_dim, "attention_bias": False,
+            "mlp_bias": False}
 
 
 def save_kvslim(model, path, *, dtype: torch.dtype = torch.float32, **write) -> Path:
@@ -26,18 +42,13 @@ def save_kvslim(model, path, *, dtype: torch.dtype = torch.float32, **write) -> 
 
     ``write``: ``tokenizer_from``, ``force``, ``sources`` of :func:`kvslim.checkpoint.write_model_dir`.
     """
-    return write_model_dir(path, tensors=state_dict_for_save(model, dtype),
-                           config={"format": FORMAT, **model.config.to_dict()}, **write)
+    return write_model_dir(path, tensors=state_dict_for_save(model, dtype), config=kvslim_config(model.config),
+                           **write)
 
 
 def save_hf_llama(model, path, *, dtype: torch.dtype = torch.float32, **write) -> Path:
     """A GQA/MQA/MHA model as a Hugging Face Llama checkpoint (same weight names)."""
-    cfg, spec = model.config, model.spec
-    if spec.kind not in ("mha", "mqa", "gqa") or spec.rope_dim != spec.head_dim or spec.qkv_bias or cfg.mlp_bias:
-        raise ValueError("format 'hf' (Llama) needs a full-RoPE MHA/MQA/GQA model without biases; use format 'kvslim'")
-    hf = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **hf_common(cfg, dtype),
-          "num_key_value_heads": spec.num_kv_heads, "head_dim": spec.head_dim, "attention_bias": False,
-          "mlp_bias": False}
+    hf = hf_llama_config(model.config, dtype)
     return write_model_dir(path, tensors=state_dict_for_save(model, dtype), config=hf, **write)
 
 

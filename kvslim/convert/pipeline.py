@@ -15,11 +15,18 @@ from pathlib import Path
 import torch
 
 from kvslim.checkpoint import check_output, read_config
-from kvslim.convert.calib import attention_input_moments, calibration_tokens, parse_calib_spec
+from kvslim.convert.calib import (
+    attention_input_moments,
+    calibration_tokens,
+    check_calibration_batches,
+    parse_calib_spec,
+)
 from kvslim.convert.export import DTYPES, write_checkpoint
 from kvslim.convert.gqa_to_gta import check_gta_target, fit_gta
 from kvslim.convert.latent import check_latent_target, fit_latent
 from kvslim.convert.mha_to_gqa import check_gqa_target, mha_to_gqa
+from kvslim.convert.stream import CALIB_BATCH, stream_convert
+from kvslim.convert.tensorio import LazyCheckpoint
 from kvslim.model import Transformer
 from kvslim.serving import SERVE_TARGETS, mla_layout
 from kvslim.spec import AttentionSpec
@@ -140,12 +147,15 @@ def _target_spec(spec: AttentionSpec, to: str, *, latent_heads, kv_lora_rank, ro
                          rope_dim=rope_dim, v_head_dim=spec.head_dim, latent_norm=False, **base)
 
 
-def _check_deepseek_source(model: Transformer) -> None:
-    """Biases a DeepSeek-V3 export can never hold exactly, found in the source (before calibrating)."""
-    for i, layer in enumerate(model.model.layers):
+def _check_deepseek_source(bias, num_layers: int) -> None:
+    """Biases a DeepSeek-V3 export can never hold exactly, found in the source (before calibrating).
+
+    ``bias(i, name)``: layer ``i``'s ``name`` bias (None if it has none), from a model or read lazily.
+    """
+    for i in range(num_layers):
         for name, why in (("q_proj", "a query bias adds b_q·k to the scores, which varies with the key"),
                           ("v_proj", "a value bias adds a constant o_proj(b_v) to the attention output")):
-            b = getattr(layer.self_attn, name).bias
+            b = bias(i, name)
             if b is not None and bool(b.abs().max() > 0):
                 raise ValueError(f"layer {i} {name} has a bias; DeepSeek-V3 has no attention biases and {why}, "
                                  "so it is not exact without one; use --format kvslim")
@@ -157,7 +167,7 @@ def convert_checkpoint(*, model_dir: str | os.PathLike, out: str | os.PathLike, 
                        method: str = "transmla", calib_samples: int = 32, calib_seq_len: int = 256,
                        calib_text: str = "sotu", calib_tokens: torch.Tensor | None = None, seed: int = 0,
                        dtype: str = "float32", gta_state: str = "joint", fit: str = "bkv",
-                       progress: bool = True) -> ConvertResult:
+                       progress: bool = True, stream: bool = True) -> ConvertResult:
     """Convert the checkpoint in ``model_dir`` and write it to ``out`` (atomically).
 
     Args:
@@ -178,6 +188,8 @@ def convert_checkpoint(*, model_dir: str | os.PathLike, out: str | os.PathLike, 
         calib_tokens: ``[N, T]`` token windows to use instead of ``calib_text`` (tests, custom data).
         dtype: output weight dtype: float32, bfloat16 or float16.
         fit: ``bkv`` (TransMLA's balanced PCA) or ``output`` (the output-aware metric, latent.py).
+        stream: convert layer by layer, holding one layer at a time (stream.py; the default: its
+            output is byte-identical); False loads the whole source model first.
     """
     t0 = time.time()
     model_dir, out = Path(model_dir), Path(out)
@@ -203,9 +215,15 @@ def convert_checkpoint(*, model_dir: str | os.PathLike, out: str | os.PathLike, 
         raise ValueError("format 'deepseek' with float16: the exactly linear latent norm needs latent activations "
                          "~1e-7, below fp16's normal range; use bfloat16 or float32")
     target = target or "transformers"
-    model = Transformer.from_pretrained(model_dir, dtype=torch.float32)
-    spec = model.spec
-    n_params = sum(v.numel() for v in model.state_dict().values())
+    if stream:
+        src = LazyCheckpoint(model_dir)
+        cfg, n_params = src.config, src.num_params
+        bias = lambda i, name: src.get(f"model.layers.{i}.self_attn.{name}.bias")  # noqa: E731
+    else:
+        model = Transformer.from_pretrained(model_dir, dtype=torch.float32)
+        cfg, n_params = model.config, sum(v.numel() for v in model.state_dict().values())
+        bias = lambda i, name: getattr(model.model.layers[i].self_attn, name).bias  # noqa: E731
+    spec = cfg.attention
     check_output(out, force=force, sources=(model_dir,), expected_bytes=n_params * DTYPES[dtype].itemsize)
     opts = dict(kv_heads=kv_heads, latent_heads=latent_heads, kv_lora_rank=kv_lora_rank, rope_dim=rope_dim,
                 freqfold=freqfold, method=method, gta_state=gta_state, fit=fit)
@@ -213,9 +231,9 @@ def convert_checkpoint(*, model_dir: str | os.PathLike, out: str | os.PathLike, 
     if fmt == "deepseek":
         mla_layout(_target_spec(spec, to, latent_heads=latent_heads, kv_lora_rank=kv_lora_rank, rope_dim=rope_dim),
                    target, head_size)
-        if model.config.mlp_bias:
+        if cfg.mlp_bias:
             raise ValueError("DeepSeek-V3's MLP has no biases: a model with mlp_bias needs --format kvslim")
-        _check_deepseek_source(model)
+        _check_deepseek_source(bias, cfg.num_layers)
     calib = calib_tokens
     if to != "gqa" and calib is None:
         for name, v in (("calib_samples", calib_samples), ("calib_seq_len", calib_seq_len)):
@@ -223,11 +241,23 @@ def convert_checkpoint(*, model_dir: str | os.PathLike, out: str | os.PathLike, 
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         calib = calibration_tokens(model_dir, num_samples=calib_samples, seq_len=calib_seq_len,
                                    text=calib_text, seed=seed)
-    moments = None if to == "gqa" else attention_input_moments(model, calib, progress=progress)
-    new, stats = _run(model, to, moments, progress=progress, **opts)
+    if to == "gqa":
+        calib = None
+    else:
+        check_calibration_batches(calib, cfg.vocab_size)
     report: dict = {}
-    ds = dict(target=target, head_size=head_size, report=report) if fmt == "deepseek" else {}
-    write_checkpoint(new, out, fmt=fmt, dtype=DTYPES[dtype], tokenizer_from=model_dir, force=force,
-                     sources=(model_dir,), **ds)
-    return ConvertResult(source=spec, target=new.spec, num_layers=model.config.num_layers, out=out,
+    ds = dict(target=target, head_size=head_size) if fmt == "deepseek" else {}
+    write = dict(tokenizer_from=model_dir, force=force, sources=(model_dir,))
+    if stream:
+        def convert_layer(shell, moments):
+            return _run(shell, to, moments, progress=False, **opts)
+
+        new, stats, report = stream_convert(src, out, convert_layer=convert_layer, calib=calib, fmt=fmt,
+                                            dtype=DTYPES[dtype], progress=progress, **ds, **write)
+    else:
+        moments = None if calib is None else attention_input_moments(model, calib, batch_size=CALIB_BATCH,
+                                                                     progress=progress)
+        new, stats = _run(model, to, moments, progress=progress, **opts)
+        write_checkpoint(new, out, fmt=fmt, dtype=DTYPES[dtype], report=report, **ds, **write)
+    return ConvertResult(source=spec, target=new.spec, num_layers=cfg.num_layers, out=out,
                          seconds=time.time() - t0, stats=stats, export=report)

@@ -1,0 +1,193 @@
+"""Streaming conversion: one decoder layer in memory at a time (issue 16, "Scale").
+
+Peak memory is about the embeddings + one layer (with the converter's working copies of it) +
+the calibration hidden states ``[N, T, D]``, whatever the depth, so a 7-8B model converts on a
+machine that could not hold it in float32 (benchmarks/convert_memory.py measures it).
+
+**Why it is exact.** The in-memory conversion (pipeline.py) calibrates every layer on the
+*source* model's activations (one forward of the source with hooks, calib.py), then converts
+each layer from its own weights and its own input moment; the converters change attention
+only and copy (DeepSeek: rescale) the rest. So layer ``i`` of the result depends on source
+layers ``0..i`` alone, and streaming computes exactly that, in the same order:
+
+1. embed the calibration windows, in batches of ``CALIB_BATCH`` (the in-memory pass's);
+2. for each layer ``i``: read it (``LazyCheckpoint.layer``: a one-layer model around it), run
+   the hidden states through it (its attention input adds to ``Σ_i``, as calib.py's hook does),
+   convert that one-layer model with the same converter (``convert_layer``), write its tensors
+   under ``model.layers.i.`` and free it;
+3. the tensors outside the layers are read and written one at a time.
+
+The file is laid out as ``save_file`` would lay out the whole state dict, so the output is
+byte-identical to the in-memory conversion's (tests/test_convert_stream.py), through the
+same crash-safe writer (``write_model_dir`` with ``write_weights``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from kvslim.checkpoint import _failpoint, state_dict_for_save, write_model_dir
+from kvslim.convert.calib import add_moment
+from kvslim.convert.deepseek import deepseek_config, deepseek_ends, deepseek_state, fp16_check, fp16_error
+from kvslim.convert.export import hf_llama_config, kvslim_config
+from kvslim.convert.tensorio import LazyCheckpoint, SafetensorsWriter
+from kvslim.model import Transformer
+from kvslim.runtime import dtype_name
+
+__all__ = ["CALIB_BATCH", "stream_convert"]
+
+CALIB_BATCH = 4  # windows per forward, in both paths: the moments are then bit-identical
+_EMB, _NORM, _HEAD = "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"
+_PRE = "model.layers.0."
+
+
+def _layer_parts(new: Transformer, fmt: str, dtype: torch.dtype, target: str, head_size) -> tuple[dict, dict]:
+    """(layer-0 tensors as written, DeepSeek report or {}) of a converted one-layer model."""
+    if fmt == "deepseek":
+        sd, _, info = deepseek_state(new, target=target, head_size=head_size)
+    else:
+        sd, info = state_dict_for_save(new, dtype), {}
+    return {k: v.to(dtype).contiguous() for k, v in sd.items() if k.startswith(_PRE)}, info
+
+
+def _ends(fmt: str, cfg) -> dict[str, tuple[str, float | None]]:
+    """{written name: (source name, DeepSeek factor or None)} of the tensors outside the layers."""
+    if fmt == "deepseek":
+        return dict(deepseek_ends(cfg))
+    names = [_EMB, _NORM] + ([] if cfg.tie_word_embeddings else [_HEAD])
+    return {n: (n, None) for n in names}
+
+
+def _merge_report(infos: list[dict], num_layers: int, fp16_err: float) -> dict:
+    """One layer-by-layer DeepSeek report as :func:`deepseek_state` + ``save_deepseek`` give it for the model."""
+    rep = dict(infos[0])
+    rep["cost"] = rep["layout"].cost(num_layers)
+    for k in ("norm_weight_log2", "input_norm_shift_log2"):
+        rep[k] = (min(i[k][0] for i in infos), max(i[k][1] for i in infos))
+    rep["latent_norm_nonlinearity"] = max(i["latent_norm_nonlinearity"] for i in infos)
+    rep.update(fp16_check(fp16_err, rep["norm_weight_log2"]))
+    return rep
+
+
+def _calibrate(shell: Transformer, hidden: list[torch.Tensor], last: bool) -> torch.Tensor:
+    """``E[x̃x̃ᵀ]`` of the shell's attention input over ``hidden`` (advanced through the layer in place)."""
+    layer = shell.model.layers[0]
+    D = shell.config.hidden_size
+    total = torch.zeros(D + 1, D + 1, dtype=torch.float64)
+    count = [0]
+
+    def hook(module, args):
+        count[0] += add_moment(total, args[0])
+
+    handle = layer.self_attn.register_forward_pre_hook(hook)
+    try:
+        for b, x in enumerate(hidden):
+            if last:  # nothing reads the last layer's output: its attention input is enough
+                hook(None, (layer.input_layernorm(x),))
+                continue
+            B, T = x.shape[:2]
+            start = torch.zeros(B, dtype=torch.int32)
+            positions = start.long()[:, None] + torch.arange(T)[None, :]  # as Transformer.forward
+            hidden[b] = layer(x, positions, None)
+    finally:
+        handle.remove()
+    return total / count[0]
+
+
+@torch.no_grad()
+def stream_convert(src: LazyCheckpoint, out, *, convert_layer: Callable, calib: torch.Tensor | None, fmt: str,
+                   dtype: torch.dtype, target: str = "transformers", head_size: int | None = None,
+                   progress: bool = True, **write) -> tuple[Transformer, dict, dict]:
+    """Convert ``src`` layer by layer into ``out`` (module docstring); nothing is left at ``out`` on error.
+
+    Args:
+        src: the source, read lazily.
+        out: the output directory (checked by the caller; ``write`` = ``force``, ``sources``,
+            ``tokenizer_from`` of :func:`kvslim.checkpoint.write_model_dir`).
+        convert_layer: ``fn(model, moments) -> (converted model, stats)``, the in-memory
+            converter, applied to one-layer models (``moments``: a one-element list, or None).
+        calib: ``[N, T]`` calibration windows (None: the target needs none, e.g. gqa).
+        fmt, dtype, target, head_size: as ``write_checkpoint``.
+    Returns:
+        ``(converted layer 0 as a one-layer model, stats over all layers, DeepSeek report or {})``.
+    """
+    cfg = src.config
+    L = cfg.num_layers
+    ends = _ends(fmt, cfg)
+    state: dict = {"stats": {}, "infos": [], "fp16": 0.0}
+
+    def weights(staging):
+        t0 = time.time()
+        hidden = None
+        if calib is not None:
+            emb = src.tensors([_EMB])[_EMB]
+            hidden = [F.embedding(calib[s : s + CALIB_BATCH], emb) for s in range(0, calib.shape[0], CALIB_BATCH)]
+            del emb
+        writer = None
+        bar = tqdm(range(L), desc="convert (streaming)", unit="layer", disable=not progress)
+        try:
+            for i in bar:
+                shell = src.layer(i)
+                moments = None if hidden is None else [_calibrate(shell, hidden, last=i == L - 1)]
+                new, stats = convert_layer(shell, moments)
+                del shell, moments
+                tensors, info = _layer_parts(new, fmt, dtype, target, head_size)
+                if writer is None:
+                    state["layer0"] = new
+                    writer = _open(staging, src, new, tensors, info, ends, fmt, dtype, target, state)
+                del new
+                for k, v in tensors.items():
+                    writer.write(f"model.layers.{i}." + k[len(_PRE):], v)
+                    if fmt == "deepseek":
+                        state["fp16"] = max(state["fp16"], fp16_error(v))
+                del tensors
+                for k, v in stats.items():
+                    state["stats"].setdefault(k, []).extend(v)
+                if info:
+                    state["infos"].append(info)
+                bar.set_postfix_str(f"layer {i + 1}/{L} written, {time.time() - t0:.0f} s")
+                _failpoint(f"stream-layer-{i}")
+            writer.close()
+        finally:
+            bar.close()
+            if writer is not None:
+                writer.abort()
+
+    write_model_dir(out, write_weights=weights, config=lambda: state["config"], **write)
+    report = _merge_report(state["infos"], L, state["fp16"]) if fmt == "deepseek" else {}
+    return state["layer0"], state["stats"], report
+
+
+def _open(staging, src: LazyCheckpoint, new: Transformer, tensors: dict, info: dict, ends: dict, fmt: str,
+          dtype: torch.dtype, target: str, state: dict) -> SafetensorsWriter:
+    """Plan the whole file from layer 0's tensors, set the config, write the tensors outside the layers."""
+    cfg = src.config.with_attention(new.spec)  # what the in-memory conversion's model has
+    if fmt == "deepseek":
+        state["config"] = {**deepseek_config(cfg, info["layout"], target), "torch_dtype": dtype_name(dtype)}
+    elif fmt == "hf":
+        state["config"] = hf_llama_config(cfg, dtype)
+    else:
+        state["config"] = kvslim_config(cfg)
+    layout = {f"model.layers.{i}." + k[len(_PRE):]: (v.dtype, tuple(v.shape))
+              for i in range(cfg.num_layers) for k, v in tensors.items()}
+    layout.update({name: (dtype, src.shapes[s]) for name, (s, _) in ends.items()})
+    writer = SafetensorsWriter(staging / "model.safetensors", layout, {"format": "pt"})
+    try:
+        for name, (s, factor) in ends.items():
+            t = src.tensors([s])[s]
+            if factor is not None:  # as deepseek_state: float64, times the factor, cast (in place: one copy)
+                t = t.double().mul_(factor)
+            t = t.to(dtype).contiguous()
+            writer.write(name, t)
+            if fmt == "deepseek":
+                state["fp16"] = max(state["fp16"], fp16_error(t))
+            del t
+    except BaseException:
+        writer.abort()
+        raise
+    return writer
