@@ -212,3 +212,30 @@ def test_qwen_deepseek_export_is_refused_for_its_biases(qwen, tmp_path):
     with pytest.raises(ValueError, match="q_proj has a bias.*kvslim"):
         convert_checkpoint(model_dir=qwen, out=tmp_path / "out", to="mla", kv_lora_rank=64, fmt="deepseek", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_known_model_names_resolve_to_their_built_dirs(tmp_path, monkeypatch):
+    import kvslim.convert
+    from kvslim.cli import main
+    from kvslim.eval import models
+
+    built = tmp_path / "built-qwen"
+    monkeypatch.setattr(Q, "qwen_dir", lambda: built)
+    assert models.resolve_model_dir("qwen2.5-coder-0.5b") == str(built)
+    assert models.resolve_model_dir("some/dir") == "some/dir" and models.resolve_model_dir(None) is None
+    with pytest.raises(ValueError, match="model name must be one of"):
+        models.known_model_dir("qwen-7b")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "qwen2.5-coder-0.5b").mkdir()  # an existing directory of that name wins
+    assert models.resolve_model_dir("qwen2.5-coder-0.5b") == "qwen2.5-coder-0.5b"
+    (tmp_path / "qwen2.5-coder-0.5b").rmdir()
+    seen = {}
+
+    def fake_convert(**kw):
+        seen.update(kw)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(kvslim.convert, "convert_checkpoint", fake_convert)
+    assert main(["convert", "--model", "qwen2.5-coder-0.5b", "--to", "mla", "--kv-lora-rank", "64",
+                 "--out", str(tmp_path / "o")]) != 0  # the CLI reports the ValueError
+    assert seen["model_dir"] == str(built)
