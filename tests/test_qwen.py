@@ -239,3 +239,11 @@ def test_known_model_names_resolve_to_their_built_dirs(tmp_path, monkeypatch):
     assert main(["convert", "--model", "qwen2.5-coder-0.5b", "--to", "mla", "--kv-lora-rank", "64",
                  "--out", str(tmp_path / "o")]) != 0  # the CLI reports the ValueError
     assert seen["model_dir"] == str(built)
+    from kvslim.eval.tokenizer import open_tokenizer, resolve_tokenizer
+
+    calls = []
+    monkeypatch.setattr(Q, "qwen_dir", lambda: calls.append(1) or built)
+    built.mkdir()
+    assert open_tokenizer("qwen2.5-coder-0.5b") is None and calls  # the name reads the built dir (here empty)
+    with pytest.raises(ValueError, match=f"directory {built} has no tokenizer files"):
+        resolve_tokenizer("qwen2.5-coder-0.5b")

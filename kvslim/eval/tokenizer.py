@@ -173,10 +173,10 @@ def render_simple_chat(messages: list[dict]) -> str:
 
 
 def open_tokenizer(path: str | os.PathLike | None) -> TextTokenizer | None:
-    """The :class:`TextTokenizer` of a directory (None without a path or tokenizer files)."""
+    """The :class:`TextTokenizer` of a directory or known model name (None without a path or tokenizer files)."""
     if path is None:
         return None
-    path = os.fspath(path)
+    path = os.fspath(known_model_dir(path)) if is_known_model(path) else os.fspath(path)
     if not has_tokenizer(path):
         return None
     try:
