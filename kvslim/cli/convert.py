@@ -36,18 +36,20 @@ def add(subparsers) -> None:
                    help="mla/gla: adjacent RoPE frequencies per PCA (default: source rotary dims / d_R, e.g. 1)")
     p.add_argument("--method", choices=["transmla", "mha2mla"], default="transmla",
                    help="transmla: RoRoPE + BKV-PCA (default); mha2mla: norm-selected partial RoPE + weight SVD")
-    p.add_argument("--fit", choices=["bkv", "output"], default="bkv",
-                   help="mla/gla/gta latent fit: bkv = TransMLA's balanced PCA of [K_nope; V] (default); output = "
-                   "the same rank in the output-aware metric (key errors weighted by the calibrated query second "
-                   "moment, value errors by o_proj; see docs/convert.md)")
+    p.add_argument("--fit", choices=["bkv", "output"], default=None,
+                   help="mla/gla/gta latent fit: output = the rank-r fit in the output-aware metric (key errors "
+                   "weighted by the calibrated query second moment, value errors by o_proj; the default: better than "
+                   "bkv on every held-out genre measured, benchmarks/results/convert_matrix.md); bkv = TransMLA's "
+                   "balanced PCA of [K_nope; V] (the default with --method mha2mla and the only one for --to gqa; "
+                   "see docs/convert.md)")
     p.add_argument("--calib-samples", type=int, default=32, help="calibration windows (default 32)")
     p.add_argument("--calib-seq-len", type=int, default=256, help="tokens per calibration window (default 256)")
-    p.add_argument("--calib", "--calib-text", dest="calib", default="sotu", metavar="SPEC",
+    p.add_argument("--calib", "--calib-text", dest="calib", default="mix", metavar="SPEC",
                    help="calibration text: SOURCE[:WEIGHT][,SOURCE[:WEIGHT]...]; SOURCE = a corpus (sotu, "
                    "moby-dick, shakespeare) or local genre (code = the interpreter's stdlib sources, pyref, "
                    "legal, docs), whose calib split is used, or a UTF-8 text file; weights (default 1) are "
                    "normalised and split the windows, e.g. sotu:0.25,moby-dick:0.25,shakespeare:0.25,code:0.25 "
-                   "(default sotu; see docs/convert.md)")
+                   "(default mix = that four-genre mixture; see docs/convert.md)")
     p.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="output weight dtype (default float32)")
@@ -62,11 +64,12 @@ def run(args) -> int:
     from kvslim.convert import convert_checkpoint, export_summary, kv_table
     from kvslim.eval.models import resolve_model_dir
 
+    fit = args.fit or ("output" if args.to in ("mla", "gla", "gta") and args.method == "transmla" else "bkv")
     res = convert_checkpoint(
         model_dir=resolve_model_dir(args.model), out=args.out, to=args.to, fmt=args.format, target=args.target,
         head_size=args.mla_head_size, force=args.force,
         kv_heads=args.kv_heads, latent_heads=args.latent_heads, kv_lora_rank=args.kv_lora_rank,
-        rope_dim=args.rope_dim, freqfold=args.freqfold, method=args.method, fit=args.fit, calib_samples=args.calib_samples,
+        rope_dim=args.rope_dim, freqfold=args.freqfold, method=args.method, fit=fit, calib_samples=args.calib_samples,
         calib_seq_len=args.calib_seq_len, calib_text=args.calib, seed=args.seed, dtype=args.dtype,
         stream=not args.in_memory,
     )
