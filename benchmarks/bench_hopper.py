@@ -52,7 +52,7 @@ def small_check(log) -> bool:
     ok = True
     g = torch.Generator(device="cuda").manual_seed(0)
     for name, S, sd, q_len, splits in (("mla", 1, 512, 2, 1), ("mla", 1, 512, 1, 3), ("gla-2", 2, 256, 2, 2)):
-        page, lens, h_q = 48, [1, 333, 1200], 128
+        page, lens, h_q = 48, [q_len, 333, 1200], 128  # every seq_len >= q_len (the contract)
         npp = -(-max(lens) // page) + 1
         cache = torch.full((3 * npp + 2, page, S * sd + 64), float("nan"), device="cuda", dtype=torch.bfloat16)
         bt = torch.randperm(cache.shape[0], device="cuda", generator=g)[: 3 * npp].view(3, npp).to(torch.int32)

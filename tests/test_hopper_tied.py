@@ -66,7 +66,7 @@ CASES = [
     (3, 1, 128, 2, 256, 64, 64, [64, 1, 999], 1, torch.bfloat16),  # GLA-2
     (2, 2, 128, 2, 256, 64, 16, [130, 1600], 2, torch.float16),
     (2, 2, 64, 4, 256, 64, 48, [77, 640], 3, torch.bfloat16),  # GLA-4: group 16 < 64/q_len = 32 rows
-    (2, 4, 128, 2, 256, 64, 64, [2, 3000], 2, torch.float16),  # GLA-2 q_len 4
+    (2, 4, 128, 2, 256, 64, 64, [4, 3000], 2, torch.float16),  # GLA-2 q_len 4 (seq_len >= q_len)
     (2, 1, 128, 4, 256, 64, 64, [4096, 31], None, torch.bfloat16),  # heuristic splits
 ]
 
@@ -132,24 +132,32 @@ def test_hopper_cuda_graph_capture():
 
 
 @needs_hopper
-def test_hopper_auto_only_with_env_flag(monkeypatch):
+def test_hopper_auto_choice(monkeypatch):
+    """auto: the Hopper kernel for 512-wide latents with >= 64 query rows per state head (where it measured
+    faster), not for fewer rows; KVSLIM_HOPPER=0 never, =1 for every shape it takes."""
     from kvslim.kernels import hopper_tied as ht
 
     calls = []
     real = ht.decode_tied_hopper
     monkeypatch.setattr(ht, "decode_tied_hopper", lambda *a, **k: calls.append(1) or real(*a, **k))
-    q, cache, bt, sl = make_poisoned(1, 1, 128, 1, 512, 64, 64, [100], torch.bfloat16, 7)
     kw = kwargs(1, 512, 64)
+    q, cache, bt, sl = make_poisoned(1, 1, 128, 1, 512, 64, 64, [100], torch.bfloat16, 7)
+    small = make_poisoned(1, 1, 16, 1, 512, 64, 64, [100], torch.bfloat16, 9)
     monkeypatch.delenv("KVSLIM_HOPPER", raising=False)
     decode_tied(q, cache, bt, sl, **kw)
-    assert not calls
-    monkeypatch.setenv("KVSLIM_HOPPER", "1")
+    assert len(calls) == 1
+    decode_tied(*small, **kw)  # 16 rows per state head: the tl kernel
+    assert len(calls) == 1
+    monkeypatch.setenv("KVSLIM_HOPPER", "0")
     decode_tied(q, cache, bt, sl, **kw)
-    assert calls
+    assert len(calls) == 1
+    monkeypatch.setenv("KVSLIM_HOPPER", "1")
+    decode_tied(*small, **kw)
+    assert len(calls) == 2
     # a shape it does not take (fp32) stays on the tl kernel under auto, and raises when explicit
     q32, c32 = q.float(), cache.float()
     decode_tied(q32, c32, bt, sl, **kw)
-    assert len(calls) == 1
+    assert len(calls) == 2
     with pytest.raises(ValueError, match="impl='hopper'.*bfloat16 or float16"):
         decode_tied(q32, c32, bt, sl, impl="hopper", **kw)
 

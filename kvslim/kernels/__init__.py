@@ -9,8 +9,8 @@ Two entry points cover all six variants (DESIGN.md §1):
 
 ``impl="auto"`` runs the Triton kernel on CUDA tensors and the torch reference
 elsewhere; an explicit ``impl`` never falls back silently. ``impl="hopper"`` (tied only) is the
-Gluon sm_90a kernel of :mod:`kvslim.kernels.hopper_tied`; ``auto`` picks it only with
-``KVSLIM_HOPPER=1`` in the environment, on sm_90, for the shapes it takes. Both take the packed fp8 row of
+Gluon sm_90a kernel of :mod:`kvslim.kernels.hopper_tied`; ``auto`` picks it on sm_90 for 512-wide
+latents with >= 64 query rows per state head (where it measured faster; ``_auto_hopper``). Both take the packed fp8 row of
 :mod:`kvslim.rows` (a uint8 cache plus its ``kv_format``): values are dequantized on load
 and everything after is the same fp32-accumulated attention.
 """
@@ -181,6 +181,18 @@ def decode_separate(
     )
 
 
+def _auto_hopper(q: torch.Tensor, state_dim: int, num_state_heads: int) -> bool:
+    """Whether ``impl="auto"`` tries the Gluon Hopper kernel: where it measured faster than the ``tl`` one
+    (H200 2026-12-03, ``benchmarks/results/2026-12-03_hopper_NVIDIA_H200.md``: MLA h_q=128 B=64 L=8K
+    380 vs 599 us at q_len 1, 749 vs 1157 at 2; GLA-2's 256-wide latents: no faster), i.e. one 512-wide
+    latent per state head with a full 64-row tile (query heads per state head x q_len >= 64).
+    ``KVSLIM_HOPPER=0`` turns it off, ``=1`` allows it for every shape it takes."""
+    flag = os.environ.get("KVSLIM_HOPPER")
+    if flag == "0" or q.device.type != "cuda":
+        return False
+    return flag == "1" or (state_dim == 512 and q.shape[2] // num_state_heads * q.shape[1] >= 64)
+
+
 def decode_tied(
     q: torch.Tensor,
     cache: torch.Tensor,
@@ -211,7 +223,7 @@ def decode_tied(
         softmax_scale: scale of the original q.k (e.g. ``1/sqrt(d_nope + d_R)`` for MLA).
         kv_format: for a packed fp8 cache, its ``RowFormat`` (states e4m3, RoPE key bf16).
         impl: ``auto``, ``triton``, ``torch`` or ``hopper`` (the Gluon sm_90a kernel; a clear
-            ``ValueError`` where it cannot run; ``auto`` uses it only with ``KVSLIM_HOPPER=1``).
+            ``ValueError`` where it cannot run; ``auto`` uses it where it measured faster, see ``_auto_hopper``).
 
     Returns:
         ``o [B, q_len, h_q, v_dim]`` in q's dtype and ``lse [B, q_len, h_q]`` fp32.
@@ -229,8 +241,8 @@ def decode_tied(
     )
     if which == "torch":
         return decode_tied_ref(q, cache, block_table, seq_lens, **kw)
-    if which == "hopper" or (impl == "auto" and os.environ.get("KVSLIM_HOPPER") == "1"
-                             and not torch.compiler.is_compiling()):
+    if which == "hopper" or (impl == "auto" and not torch.compiler.is_compiling() and _auto_hopper(q, state_dim,
+                                                                                                   num_state_heads)):
         from kvslim.kernels import hopper_tied
 
         shape = {k: v for k, v in kw.items() if k != "softmax_scale"}
