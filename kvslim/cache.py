@@ -28,6 +28,7 @@ class LayerCache:
     check_bounds: bool = True  # False when the caller already checked capacity (saves a host sync)
     fmt: RowFormat | None = None  # the packed fp8 row; None: rows of the pool's dtype
     write_impl: str = "auto"  # how write() stores rows by default (see write)
+    fresh: bool = False  # known on the host: every start is 0 (a first prefill chunk), so no history to read
 
     @property
     def is_fp8(self) -> bool:

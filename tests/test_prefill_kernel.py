@@ -300,3 +300,27 @@ def test_prefill_is_cuda_graph_capturable():
     graph.replay()
     ro, rl = prefill_separate(q, cache, bt, sl, **kw)
     assert torch.equal(o, ro) and torch.equal(lse, rl)
+
+
+@pytest.mark.parametrize("kind", TINY_PRESETS)
+def test_runner_first_chunk_path(kind, monkeypatch):
+    """A first prefill chunk (every start 0, known on the host): latent attention runs SDPA on its own
+    expanded rows (``fresh_prefill_sdpa``), the others the prefill kernel; logits equal the cacheless forward."""
+    from kvslim.attention.base import AttentionBase
+    from kvslim.engine.runner import ModelRunner
+
+    model = tiny_model(tiny_spec(kind)).to(DEVICE)
+    model.set_attention_options(impl="triton")
+    latent = type(model.model.layers[0].self_attn).fresh_prefill_sdpa
+    runner = ModelRunner(model, num_pages=16, page_size=16, max_pages_per_seq=4, max_batch=2, cuda_graphs=False)
+    g = torch.Generator().manual_seed(zlib.crc32(kind.encode()))
+    prompts = torch.randint(0, 97, (2, 20), generator=g)
+    with monkeypatch.context() as m:
+        if latent:
+            m.setattr(type(model.model.layers[0].self_attn), "decode", _no_fallback)
+        else:
+            m.setattr(AttentionBase, "_attend_fresh", _no_fallback)
+        got = runner.prefill(prompts.tolist(), [0, 0], [[1, 2], [3, 4]])
+    with torch.no_grad():
+        want = model(prompts.to(DEVICE))[:, -1].float()
+    assert_close(got, want, atol=2e-4, rtol=2e-4, msg=kind)

@@ -67,7 +67,9 @@ class AttentionBase(nn.Module):
         else:
             cache.write(rows)
             seq_lens = cache.start + T
-            if self.use_kernel_path() and (T <= MAX_Q_LEN or self.prefill_on_kernel(q)):
+            if T > MAX_Q_LEN and cache.fresh and self.fresh_prefill_sdpa:
+                o = self._attend_fresh(q, cache.roundtrip(rows))  # expanded K/V + SDPA: no history, no sync
+            elif self.use_kernel_path() and (T <= MAX_Q_LEN or self.prefill_on_kernel(q)):
                 o = self.decode(q, cache, seq_lens)  # T > MAX_Q_LEN: the prefill kernel, no host sync
             elif int(cache.start.max()) == 0:
                 o = self._attend_fresh(q, cache.roundtrip(rows))  # what the decode steps will read back
@@ -77,6 +79,11 @@ class AttentionBase(nn.Module):
         if self.process_group is not None:
             torch.distributed.all_reduce(out, group=self.process_group)
         return out
+
+    #: whether a first chunk (``cache.fresh``) longer than MAX_Q_LEN runs SDPA on the expanded K/V of its own
+    #: rows instead of the prefill kernel (latent attention: its kernel runs the absorbed form, which on the
+    #: H200 took 9.6x cuDNN SDPA's time on expanded K/V for MLA, 2026-12-03, results/prefill_*.md)
+    fresh_prefill_sdpa = False
 
     def use_kernel_path(self) -> bool:
         """Whether ``decode`` (the kernels) serves cached forwards; latent attention says no when not absorbing."""

@@ -33,6 +33,8 @@ from kvslim.rope import apply_rope
 
 
 class LatentAttention(AttentionBase):
+    fresh_prefill_sdpa = True
+
     def __init__(self, spec, *, tp_rank: int = 0, tp_size: int = 1, norm_eps: float = 1e-6):
         super().__init__(spec, tp_rank=tp_rank, tp_size=tp_size)
         if spec.kind not in ("mla", "gla"):

@@ -115,25 +115,26 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _forward(self, tokens: torch.Tensor, start: torch.Tensor, block_table: torch.Tensor,
-                 decode: bool = False, every_position: bool = False) -> torch.Tensor:
+                 decode: bool = False, every_position: bool = False, fresh: bool = False) -> torch.Tensor:
         """tokens ``[B, T]``, start ``[B]`` int32, block_table ``[B, P]`` int32 -> last-position logits ``[B, V]``
         (``[B, T, V]`` with ``every_position``).
 
         ``decode``: through the decode function (compiled when the runner was built with ``compile``).
+        ``fresh``: every start is 0 (known on the host; lets latent attention prefill on expanded K/V).
         """
         if decode:
             return self._decode_fn(tokens, start, block_table)
-        return self._run(tokens, start, block_table, every_position)
+        return self._run(tokens, start, block_table, every_position, fresh)
 
     def _run(self, tokens: torch.Tensor, start: torch.Tensor, block_table: torch.Tensor,
-             every_position: bool = False) -> torch.Tensor:
+             every_position: bool = False, fresh: bool = False) -> torch.Tensor:
         m = self.model
         T = tokens.shape[1]
         positions = start.long()[:, None] + torch.arange(T, device=tokens.device)[None, :]
         x = m.model.embed_tokens(tokens)
         for layer, pool in zip(m.model.layers, self.pools):
             cache = LayerCache(pool, block_table, start, check_bounds=False, fmt=self.layer_fmt,
-                               write_impl=self.write_impl)
+                               write_impl=self.write_impl, fresh=fresh)
             x = layer(x, positions, cache)
         if every_position:
             return m.lm_head(m.model.norm(x)).float()
@@ -146,7 +147,7 @@ class ModelRunner:
         t = torch.tensor(chunks, dtype=torch.long, device=dev)
         s = torch.tensor(starts, dtype=torch.int32, device=dev)
         with sdpa_kernel(PREFILL_SDPA):
-            return self._forward(t, s, self._table(page_lists).to(dev))
+            return self._forward(t, s, self._table(page_lists).to(dev), fresh=max(starts) == 0)
 
     def verify(self, chunks: list[list[int]], starts: list[int], page_lists: list[list[int]]) -> torch.Tensor:
         """Chunks of equal length q_len <= 8 at ``starts[i]`` -> logits of every position ``[B, q_len, V]`` (eager)."""
