@@ -89,7 +89,7 @@ CONFIGS = [
     (2, 1, 128, 1, 512, 64, [31, 2000], 1, {"BLOCK_N": 32, "STAGES": 3, "PIPE": True}),
     (3, 1, 128, 2, 256, 64, [64, 1, 999], 1, {"BLOCK_N": 64, "STAGES": 4, "PIPE": True}),
     (2, 4, 64, 4, 256, 16, [130, 1600], 3, {"BLOCK_N": 64, "STAGES": 3, "PIPE": True}),
-    (2, 2, 128, 2, 256, 64, [1, 64], 4, {"BLOCK_N": 64, "STAGES": 2}),  # empty splits
+    (2, 2, 128, 2, 256, 64, [2, 64], 4, {"BLOCK_N": 64, "STAGES": 2}),  # empty splits (seq_len >= q_len)
     (2, 1, 128, 2, 256, 64, [1, 64], 4, {"BLOCK_N": 64, "STAGES": 3, "PIPE": True}),
 ]
 
