@@ -100,3 +100,15 @@ def test_local_genre_names_win_over_directories(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert load_text("docs:eval") == local_split("docs")["eval"]
     assert load_text("code", "calib") == local_split("code")["calib"]
+
+
+def test_calib_preset_mix_is_the_four_genre_mixture():
+    from kvslim.convert.calib import CALIB_PRESETS, DEFAULT_CALIB, parse_calib_spec
+
+    assert DEFAULT_CALIB == "mix"
+    mix = parse_calib_spec("mix")
+    assert mix == parse_calib_spec("sotu:0.25,moby-dick:0.25,shakespeare:0.25,code:0.25") == parse_calib_spec(
+        CALIB_PRESETS["mix"])
+    assert [c.source for c in mix] == ["sotu", "moby-dick", "shakespeare", "code"]
+    with pytest.raises(ValueError, match="unknown source"):
+        parse_calib_spec("mix,legal")  # a preset is a whole spec, not an item
