@@ -76,7 +76,7 @@ def breakdown(runner, b: int) -> dict[str, float]:
 
 
 def measure(preset: str, shape: str, batches: list[int], context: int, page_size: int, compile: bool,
-            kv_dtype: str | None, reps: int, fuse: bool = False) -> list[dict]:
+            kv_dtype: str | None, reps: int, fuse: bool = False, compile_mode: str | None = None) -> list[dict]:
     from kvslim.engine.runner import ModelRunner
     from kvslim.engine.source import random_model
     from kvslim.rows import RowFormat
@@ -89,7 +89,8 @@ def measure(preset: str, shape: str, batches: list[int], context: int, page_size
     t0 = time.perf_counter()
     runner = ModelRunner(model, num_pages=B * pages_per_seq + 1, page_size=page_size,
                          max_pages_per_seq=pages_per_seq, max_batch=B, kv_format=fmt, cuda_graphs=True,
-                         graph_batches=tuple(batches), compile=compile, fuse_projections=fuse)
+                         graph_batches=tuple(batches), compile=compile, fuse_projections=fuse,
+                         compile_mode=compile_mode if compile else None)
     t_build = time.perf_counter() - t0
     updates = [(i, 0, list(range(1 + i * pages_per_seq, 1 + (i + 1) * pages_per_seq))) for i in range(B)]
     runner.update_table(updates)
@@ -105,7 +106,8 @@ def measure(preset: str, shape: str, batches: list[int], context: int, page_size
         kv_bytes = b * (context + 1) * len(model.model.layers) * fmt.row_bytes
         cats = breakdown(runner, b)
         rows.append(dict(variant=preset + (f"+{kv_dtype}" if kv_dtype else ""), batch=b, context=context,
-                         page_size=page_size, compile=compile, fuse=fuse, step_ms=step * 1e3, weight_bytes=weight_bytes,
+                         page_size=page_size, compile=compile, fuse=fuse, compile_mode=compile_mode if compile else None,
+                         step_ms=step * 1e3, weight_bytes=weight_bytes,
                          kv_bytes=kv_bytes, build_s=t_build, **{f"{k}_ms": v * 1e3 for k, v in cats.items()}))
     del runner, model
     torch.cuda.empty_cache()
@@ -118,7 +120,8 @@ def main(argv=None) -> None:
     ap.add_argument("--shape", default="1b")
     ap.add_argument("--batch", default="64,256")
     ap.add_argument("--context", type=int, default=2560)
-    ap.add_argument("--page-size", type=int, default=16)
+    ap.add_argument("--page-size", default="16", help="comma-separated page sizes")
+    ap.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
     ap.add_argument("--compile", choices=("off", "on", "both"), default="both")
     ap.add_argument("--fuse", choices=("off", "on", "both"), default="on",
                     help="fused q/k/v and gate/up GEMMs (EngineConfig.fuse_projections)")
@@ -136,12 +139,15 @@ def main(argv=None) -> None:
     modes = {"off": [False], "on": [True], "both": [False, True]}
     rows = []
     for v in args.variants.split(","):
-        for c, f in [(c, f) for c in modes[args.compile] for f in modes[args.fuse]]:
-            for r in measure(v, args.shape, batches, args.context, args.page_size, c, args.kv_dtype, args.reps, f):
+        for c, f, page in [(c, f, p) for c in modes[args.compile] for f in modes[args.fuse]
+                           for p in (int(x) for x in args.page_size.split(","))]:
+            for r in measure(v, args.shape, batches, args.context, page, c, args.kv_dtype, args.reps, f,
+                             args.compile_mode):
                 r["roofline_ms"] = (r["weight_bytes"] + r["kv_bytes"]) / bw * 1e3
                 r["ratio"] = r["step_ms"] / r["roofline_ms"]
                 rows.append(r)
-                print(f"{r['variant']:8s} B={r['batch']:4d} compile={c!s:5s} fuse={f!s:5s} step {r['step_ms']:7.3f} ms  roofline "
+                print(f"{r['variant']:8s} B={r['batch']:4d} page={page:3d} compile={c!s:5s} fuse={f!s:5s} "
+                      f"step {r['step_ms']:7.3f} ms  roofline "
                       f"{r['roofline_ms']:6.3f} ms  = {r['ratio']:.2f}x  | attn {r['attention_ms']:.2f} gemm "
                       f"{r['gemm_ms']:.2f} write {r['cache write_ms']:.2f} other {r['other_ms']:.2f} ms "
                       f"(build {r['build_s']:.0f} s)", flush=True)
@@ -151,16 +157,17 @@ def main(argv=None) -> None:
     stem = out / f"engine_roofline_{gpu.replace(' ', '_')}{args.tag}"
     meta = dict(date=date, gpu=gpu, torch=torch.__version__, copy_tb_s=bw / 1e12, shape=args.shape)
     (stem.with_suffix(".json")).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    mode = f"; compile mode `{args.compile_mode}`" if args.compile_mode else ""
     lines = [f"# Engine decode step vs roofline ({gpu}, {date})", "",
              f"torch {torch.__version__}; `{args.shape}` random-weight shape in bf16, {args.context} cached tokens "
-             f"per sequence, page {args.page_size}, CUDA-graph replay of the engine runner's decode step "
+             f"per sequence, CUDA-graph replay of the engine runner's decode step "
              f"(median of {args.reps}); copy bandwidth {bw / 1e12:.2f} TB/s measured in the same run; roofline = "
              "(weight bytes + KV bytes) / copy bandwidth. Breakdown: device time per category in one profiled "
-             "non-graph step (sums may exceed the graph step: no overlap, profiler overhead).", "",
-             "| variant | B | compile | fused GEMMs | step ms | roofline ms | step / roofline | attention | GEMM "
-             "| cache write | other |", "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "non-graph step (sums may exceed the graph step: no overlap, profiler overhead)" + mode + ".", "",
+             "| variant | B | page | compile | fused GEMMs | step ms | roofline ms | step / roofline | attention | GEMM "
+             "| cache write | other |", "|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['variant']} | {r['batch']} | {'on' if r['compile'] else 'off'} | "
+        lines.append(f"| {r['variant']} | {r['batch']} | {r['page_size']} | {'on' if r['compile'] else 'off'} | "
                      f"{'on' if r['fuse'] else 'off'} | {r['step_ms']:.3f} | "
                      f"{r['roofline_ms']:.3f} | {r['ratio']:.2f}x | {r['attention_ms']:.2f} | {r['gemm_ms']:.2f} | "
                      f"{r['cache write_ms']:.2f} | {r['other_ms']:.2f} |")

@@ -1,4 +1,5 @@
-"""torch.compile of the engine's decode step: the kernels as custom ops (kvslim.kernels.ops), same tokens."""
+"""torch.compile of the engine's decode step and prefill forwards: the kernels as custom ops
+(kvslim.kernels.ops), same tokens."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from kvslim.kernels import ops
 from kvslim.rows import RowFormat
 from kvslim.testing import tiny_model, tiny_spec
 
-PROMPTS = [[1, 2, 3, 4, 5, 6, 7], [9, 8, 7, 6, 5, 4, 3, 2, 1, 11, 12]]
+# 11 and 19 tokens: chunks longer than MAX_Q_LEN run the prefill kernel (its custom op when compiled)
+PROMPTS = [[1, 2, 3, 4, 5, 6, 7], [9, 8, 7, 6, 5, 4, 3, 2, 1, 11, 12], list(range(3, 22))]
 
 
 @pytest.mark.parametrize("preset,kv", [("gqa-2", None), ("gla-2", "fp8")])
@@ -21,7 +23,7 @@ def test_compiled_decode_matches_eager(preset, kv):
     out = {}
     for comp in (False, True):
         cfg = EngineConfig(num_pages=64, page_size=4, max_batch=4, max_model_len=64, compile=comp, device="cpu",
-                           kv_dtype=kv)
+                           kv_dtype=kv, max_num_batched_tokens=16)  # 19 tokens: a fresh chunk, then a cached one
         eng = LLMEngine(model, cfg)
         assert eng.runner.compiled is comp
         out[comp] = eng.generate(PROMPTS, SamplingParams(max_tokens=6))
@@ -39,6 +41,11 @@ def test_ops_schema_and_fake():
     qt = torch.randn(2, 1, 4, 24)
     tc = torch.randn(6, 4, 2 * 16 + 8)
     torch.library.opcheck(ops.decode_tied_op, (qt, tc, bt, lens, 2, 16, 16, 8, 16, 0.2, 0, []),
+                          test_utils=("test_schema", "test_faketensor"))
+    qp = torch.randn(2, 5, 4, 16)
+    torch.library.opcheck(ops.prefill_separate_op, (qp, cache, bt, lens, 2, 16, 0.25, []),
+                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(ops.prefill_tied_op, (torch.randn(2, 5, 4, 24), tc, bt, lens, 2, 16, 16, 8, 16, 0.2, []),
                           test_utils=("test_schema", "test_faketensor"))
 
 

@@ -59,19 +59,25 @@ class ModelRunner:
         cuda_graphs: capture decode graphs (CUDA only; ``None`` = on CUDA).
         graph_batches: batch sizes to capture (clipped to ``max_batch``).
         compile: run decode through ``torch.compile`` (one graph over all layers, the kernels as
-            custom ops, ``kvslim.kernels.ops``; compiled for a dynamic batch before capture).
+            custom ops, ``kvslim.kernels.ops``; compiled for a dynamic batch before capture), and
+            prefill / verify forwards through a second compiled function (dynamic batch and length).
         fuse_projections: fuse each layer's input projections and gate+up into one GEMM each
             (``Transformer.fuse_projections``, done in place on ``model``).
+        compile_mode: ``torch.compile`` mode of the decode step (e.g. ``max-autotune-no-cudagraphs``:
+            Inductor times its Triton GEMM templates against cuBLAS for the skinny decode GEMMs).
     """
 
     def __init__(self, model, *, num_pages: int, page_size: int, max_pages_per_seq: int, max_batch: int,
                  kv_format: RowFormat | None = None, cuda_graphs: bool | None = None,
-                 graph_batches=DEFAULT_GRAPH_BATCHES, compile: bool = False, fuse_projections: bool = False):
+                 graph_batches=DEFAULT_GRAPH_BATCHES, compile: bool = False, fuse_projections: bool = False,
+                 compile_mode: str | None = None):
         self.model = model
         if fuse_projections:
             model.fuse_projections()
         self.compiled = compile
-        self._decode_fn = torch.compile(self._run, dynamic=True) if compile else self._run
+        self._decode_fn = torch.compile(self._run, dynamic=True, mode=compile_mode) if compile else self._run
+        # a separate code object, so prefill's guards (chunk length, fresh, every position) never evict decode's
+        self._prefill_fn = torch.compile(self._run_prefill, dynamic=True) if compile else self._run
         # the cache write takes the attention's kernel choice (impl="triton" also under TRITON_INTERPRET)
         self.write_impl = "triton" if model.model.layers[0].self_attn.impl == "triton" else "auto"
         p = next(model.parameters())
@@ -124,6 +130,9 @@ class ModelRunner:
         """
         if decode:
             return self._decode_fn(tokens, start, block_table)
+        return self._prefill_fn(tokens, start, block_table, every_position, fresh)
+
+    def _run_prefill(self, tokens, start, block_table, every_position=False, fresh=False):
         return self._run(tokens, start, block_table, every_position, fresh)
 
     def _run(self, tokens: torch.Tensor, start: torch.Tensor, block_table: torch.Tensor,

@@ -292,6 +292,11 @@ def prefill_separate(
     if which == "torch":
         return prefill_separate_ref(q, cache, block_table, seq_lens, num_kv_heads=num_kv_heads, head_dim=head_dim,
                                     softmax_scale=scale, kv_format=kv_format)
+    if torch.compiler.is_compiling():
+        from kvslim.kernels.ops import fmt_args, prefill_separate_op
+
+        return prefill_separate_op(q, cache, block_table, seq_lens, num_kv_heads, head_dim, scale,
+                                   fmt_args(kv_format))
     from kvslim.kernels.prefill import prefill_separate_triton
 
     return prefill_separate_triton(q, cache, block_table, seq_lens, num_kv_heads=num_kv_heads, head_dim=head_dim,
@@ -337,6 +342,11 @@ def prefill_tied(
               v_dim=v_dim, softmax_scale=softmax_scale, kv_format=kv_format)
     if which == "torch":
         return prefill_tied_ref(q, cache, block_table, seq_lens, **kw)
+    if torch.compiler.is_compiling():
+        from kvslim.kernels.ops import fmt_args, prefill_tied_op
+
+        return prefill_tied_op(q, cache, block_table, seq_lens, num_state_heads, state_dim, nope_dim, rope_dim,
+                               v_dim, softmax_scale, fmt_args(kv_format))
     from kvslim.kernels.prefill import prefill_tied_triton
 
     return prefill_tied_triton(q, cache, block_table, seq_lens, **kw)

@@ -7,7 +7,8 @@ opaque custom ops with a fake (meta) implementation, the decode kernels and the 
 stay single launches inside one traced graph, and Inductor fuses everything around them
 (RMSNorm + residual, RoPE, the row ``cat``, casts, SiLU * up) — the same kernels still run.
 
-``kvslim.kernels.decode_*`` and ``LayerCache.write`` call these ops only while compiling; eager
+``kvslim.kernels.decode_*``, ``kvslim.kernels.prefill_*`` and ``LayerCache.write`` call these ops
+only while compiling (the engine compiles its prefill / verify forward too); eager
 code calls the launchers directly (no dispatcher cost). The ``kv_format`` of the launchers is
 passed as the four ints of an fp8 :class:`~kvslim.rows.RowFormat` (``[]`` for none), since a
 custom op's schema takes only tensors and scalars.
@@ -66,6 +67,41 @@ def decode_tied_op(q: torch.Tensor, cache: torch.Tensor, block_table: torch.Tens
 @decode_tied_op.register_fake
 def _(q, cache, block_table, seq_lens, num_state_heads, state_dim, nope_dim, rope_dim, v_dim, softmax_scale,
       num_splits, fmt):
+    B, T, H, _ = q.shape
+    return q.new_empty(B, T, H, v_dim), q.new_empty(B, T, H, dtype=torch.float32)
+
+
+@torch.library.custom_op("kvslim::prefill_separate", mutates_args=())
+def prefill_separate_op(q: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
+                        num_kv_heads: int, head_dim: int, softmax_scale: float,
+                        fmt: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``kvslim.kernels.prefill.prefill_separate_triton``."""
+    from kvslim.kernels.prefill import prefill_separate_triton
+
+    return prefill_separate_triton(q, cache, block_table, seq_lens, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                                   softmax_scale=softmax_scale, kv_format=_fmt(fmt))
+
+
+@prefill_separate_op.register_fake
+def _(q, cache, block_table, seq_lens, num_kv_heads, head_dim, softmax_scale, fmt):
+    B, T, H, _ = q.shape
+    return q.new_empty(B, T, H, head_dim), q.new_empty(B, T, H, dtype=torch.float32)
+
+
+@torch.library.custom_op("kvslim::prefill_tied", mutates_args=())
+def prefill_tied_op(q: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
+                    num_state_heads: int, state_dim: int, nope_dim: int, rope_dim: int, v_dim: int,
+                    softmax_scale: float, fmt: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``kvslim.kernels.prefill.prefill_tied_triton``."""
+    from kvslim.kernels.prefill import prefill_tied_triton
+
+    return prefill_tied_triton(q, cache, block_table, seq_lens, num_state_heads=num_state_heads,
+                               state_dim=state_dim, nope_dim=nope_dim, rope_dim=rope_dim, v_dim=v_dim,
+                               softmax_scale=softmax_scale, kv_format=_fmt(fmt))
+
+
+@prefill_tied_op.register_fake
+def _(q, cache, block_table, seq_lens, num_state_heads, state_dim, nope_dim, rope_dim, v_dim, softmax_scale, fmt):
     B, T, H, _ = q.shape
     return q.new_empty(B, T, H, v_dim), q.new_empty(B, T, H, dtype=torch.float32)
 
