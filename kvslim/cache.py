@@ -28,7 +28,13 @@ class LayerCache:
     check_bounds: bool = True  # False when the caller already checked capacity (saves a host sync)
     fmt: RowFormat | None = None  # the packed fp8 row; None: rows of the pool's dtype
     write_impl: str = "auto"  # how write() stores rows by default (see write)
-    fresh: bool = False  # known on the host: every start is 0 (a first prefill chunk), so no history to read
+    #: known on the host: every sequence's start equals this (0: a first prefill chunk, no history to read);
+    #: None when unknown or unequal
+    history: int | None = None
+
+    @property
+    def fresh(self) -> bool:
+        return self.history == 0
 
     @property
     def is_fp8(self) -> bool:
@@ -78,6 +84,17 @@ class LayerCache:
         flat = (pages * page_size + pos % page_size).reshape(-1)
         width = self.pool.shape[-1]
         self.pool.view(-1, width).index_copy_(0, flat, rows.reshape(-1, width).to(self.pool.dtype))
+
+    def prefix_rows(self, length: int) -> torch.Tensor:
+        """The first ``length`` rows ``[B, length, row]`` of every sequence (fp8: dequantized to float32),
+        read page by page through the block table with no host sync (``length`` is known on the host)."""
+        B, page_size = self.block_table.shape[0], self.pool.shape[1]
+        n = -(-length // page_size)
+        if n > self.block_table.shape[1]:
+            raise ValueError(f"{length} rows need {n} pages, the block table has {self.block_table.shape[1]}")
+        rows = self.pool[self.block_table[:, :n].long()]  # [B, n, page_size, width]
+        rows = rows.reshape(B, n * page_size, self.pool.shape[-1])[:, :length]
+        return dequantize_rows(rows, self.fmt, torch.float32) if self.is_fp8 else rows
 
     def gather(self, lengths: torch.Tensor) -> torch.Tensor:
         """Padded rows ``[B, max(lengths), row]`` of every sequence (zeros past its length)."""

@@ -170,3 +170,42 @@ def test_prefill_is_causal(name):
         a, b = model(toks), model(other)
     assert_close(a[:, :7], b[:, :7], atol=1e-6, msg=name)
     assert (a[:, 7:] - b[:, 7:]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("name", ["mla", "gla-2"])
+@pytest.mark.parametrize("kv", [None, "fp8"])
+def test_latent_history_prefill_on_expanded_kv(name, kv, monkeypatch):
+    """A chunk over a host-known history (``LayerCache.history``) runs SDPA on the gathered, expanded
+    K/V with a lower-right causal mask: same output as the one-shot prefill (fp32) or as the gathered
+    path reading the same fp8 cache, and the path is really taken."""
+    from kvslim.cache import LayerCache
+    from kvslim.rows import RowFormat
+
+    torch.manual_seed(1)
+    spec = tiny_spec(name)
+    attn = build_attention(spec).eval()
+    B, L, page, first = 3, 29, 4, 11
+    x = torch.randn(B, L, spec.hidden_size)
+    pos = torch.arange(L)[None].expand(B, L)
+    fmt = RowFormat.for_spec(spec, kv) if kv else None
+    width = fmt.storage_width if fmt else spec.row_dim
+    calls = []
+    orig = type(attn)._attend_history
+    monkeypatch.setattr(type(attn), "_attend_history", lambda self, *a: calls.append(a[-1]) or orig(self, *a))
+
+    def run(history_known: bool) -> torch.Tensor:
+        pool = torch.full((B * 8 + 1, page, width), float("nan")) if fmt is None else \
+            torch.zeros(B * 8 + 1, page, width, dtype=fmt.storage_dtype)
+        bt = torch.randperm(B * 8)[: B * 8].view(B, 8).int() + 1
+        outs = []
+        with torch.no_grad():
+            for lo, hi in ((0, first), (first, L)):
+                start = torch.full((B,), lo, dtype=torch.int32)
+                cache = LayerCache(pool, bt, start, fmt=fmt, history=lo if history_known else None)
+                outs.append(attn(x[:, lo:hi], pos[:, lo:hi], cache))
+        return torch.cat(outs, 1)
+
+    got = run(True)
+    assert calls == [L], calls  # the second chunk (18 > MAX_Q_LEN tokens) took the expanded history path
+    want = attn(x, pos) if kv is None else run(False)
+    assert_close(got, want, atol=2e-5 if kv is None else 1e-4, msg=f"{name} {kv}")

@@ -12,8 +12,9 @@ from kvslim.kernels import ops
 from kvslim.rows import RowFormat
 from kvslim.testing import tiny_model, tiny_spec
 
-# 11 and 19 tokens: chunks longer than MAX_Q_LEN run the prefill kernel (its custom op when compiled)
-PROMPTS = [[1, 2, 3, 4, 5, 6, 7], [9, 8, 7, 6, 5, 4, 3, 2, 1, 11, 12], list(range(3, 22))]
+# budget 16: the 30-token prompt prefills 13 fresh tokens, then 17 over a 13-token history (latent
+# attention: expanded K/V + SDPA; separate K/V: the prefill kernel, its custom op when compiled)
+PROMPTS = [[1, 2, 3, 4, 5, 6, 7], [9, 8, 7, 6, 5, 4, 3, 2, 1, 11, 12], list(range(3, 33))]
 
 
 @pytest.mark.parametrize("preset,kv", [("gqa-2", None), ("gla-2", "fp8")])
@@ -23,7 +24,7 @@ def test_compiled_decode_matches_eager(preset, kv):
     out = {}
     for comp in (False, True):
         cfg = EngineConfig(num_pages=64, page_size=4, max_batch=4, max_model_len=64, compile=comp, device="cpu",
-                           kv_dtype=kv, max_num_batched_tokens=16)  # 19 tokens: a fresh chunk, then a cached one
+                           kv_dtype=kv, max_num_batched_tokens=16)
         eng = LLMEngine(model, cfg)
         assert eng.runner.compiled is comp
         out[comp] = eng.generate(PROMPTS, SamplingParams(max_tokens=6))

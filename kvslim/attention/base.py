@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import causal_lower_right
 
 from kvslim.cache import LayerCache
 from kvslim.kernels import MAX_Q_LEN
@@ -69,6 +70,8 @@ class AttentionBase(nn.Module):
             seq_lens = cache.start + T
             if T > MAX_Q_LEN and cache.fresh and self.fresh_prefill_sdpa:
                 o = self._attend_fresh(q, cache.roundtrip(rows))  # expanded K/V + SDPA: no history, no sync
+            elif T > MAX_Q_LEN and self.fresh_prefill_sdpa and self._expanded_fits(q, cache.history):
+                o = self._attend_history(q, cache, cache.history + T)  # gathered history, expanded, no sync
             elif self.use_kernel_path() and (T <= MAX_Q_LEN or self.prefill_on_kernel(q)):
                 o = self.decode(q, cache, seq_lens)  # T > MAX_Q_LEN: the prefill kernel, no host sync
             elif int(cache.start.max()) == 0:
@@ -80,10 +83,14 @@ class AttentionBase(nn.Module):
             torch.distributed.all_reduce(out, group=self.process_group)
         return out
 
-    #: whether a first chunk (``cache.fresh``) longer than MAX_Q_LEN runs SDPA on the expanded K/V of its own
-    #: rows instead of the prefill kernel (latent attention: its kernel runs the absorbed form, which on the
-    #: H200 took 9.6x cuDNN SDPA's time on expanded K/V for MLA, 2026-12-03, results/prefill_*.md)
+    #: whether a chunk longer than MAX_Q_LEN whose history length is known on the host (``cache.history``)
+    #: runs SDPA on expanded K/V instead of the prefill kernel: a first chunk over its own rows, a later one
+    #: over the gathered history (latent attention: its kernel runs the absorbed form, 3.4x the FLOPs; on the
+    #: H200 it took 9.6x cuDNN SDPA's time on a first chunk, 2026-12-03, results/prefill_*.md, and on the
+    #: H100 a 4 x 2048 chunk over 2048 cached tokens spent 105 ms in it, results/prefill_step_*.md)
     fresh_prefill_sdpa = False
+    #: most bytes of expanded K/V the history path may materialise per layer (beyond: the prefill kernel)
+    expanded_bytes_limit = 1 << 30
 
     def use_kernel_path(self) -> bool:
         """Whether ``decode`` (the kernels) serves cached forwards; latent attention says no when not absorbing."""
@@ -108,16 +115,38 @@ class AttentionBase(nn.Module):
         return q.to(cache.pool.dtype), {}
 
     def _sdpa(self, q, k, v, mask=None, causal=False):
-        """q ``[B, T, H, dqk]``, k/v ``[B, L, Hk, d]`` -> ``[B, T, H, dv]`` (Hk divides H)."""
+        """q ``[B, T, H, dqk]``, k/v ``[B, L, Hk, d]`` -> ``[B, T, H, dv]`` (Hk divides H).
+
+        ``causal`` aligns the mask to the lower right (query ``t`` sees keys ``<= L - T + t``), so a chunk
+        attends to the history before it. On CUDA, values narrower than the keys (MLA: 128 vs 192) are
+        zero-padded to the key width so the flash kernel takes them (it needs one head dim).
+        """
         H, Hk = q.shape[2], k.shape[2]
+        T, L, dv = q.shape[1], k.shape[1], v.shape[-1]
         if Hk != H:
             k = k.repeat_interleave(H // Hk, dim=2)
             v = v.repeat_interleave(H // Hk, dim=2)
+        if q.is_cuda and mask is None and dv < q.shape[-1]:
+            v = F.pad(v, (0, q.shape[-1] - dv))
+        if causal and T != L:
+            mask, causal = causal_lower_right(T, L), False
         o = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
             attn_mask=mask, is_causal=causal, scale=self.spec.softmax_scale,
         )
-        return o.transpose(1, 2)
+        return o.transpose(1, 2)[..., :dv]
+
+    def _expanded_fits(self, q, history) -> bool:
+        """Whether the history path may run: history known on the host, expanded K/V within the limit."""
+        if history is None:
+            return False
+        B, T, H, d = q.shape
+        return B * (history + T) * H * (d + self.spec.out_head_dim) * q.element_size() <= self.expanded_bytes_limit
+
+    def _attend_history(self, q, cache: LayerCache, length: int):
+        """A chunk over its sequence's first ``length`` cached rows (history + itself), expanded, causal."""
+        k, v = self.expand(cache.prefix_rows(length).to(q.dtype))
+        return self._sdpa(q, k, v, causal=True)
 
     def _attend_fresh(self, q, rows):
         k, v = self.expand(rows)

@@ -121,29 +121,30 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _forward(self, tokens: torch.Tensor, start: torch.Tensor, block_table: torch.Tensor,
-                 decode: bool = False, every_position: bool = False, fresh: bool = False) -> torch.Tensor:
+                 decode: bool = False, every_position: bool = False, history: int | None = None) -> torch.Tensor:
         """tokens ``[B, T]``, start ``[B]`` int32, block_table ``[B, P]`` int32 -> last-position logits ``[B, V]``
         (``[B, T, V]`` with ``every_position``).
 
         ``decode``: through the decode function (compiled when the runner was built with ``compile``).
-        ``fresh``: every start is 0 (known on the host; lets latent attention prefill on expanded K/V).
+        ``history``: every start equals this (known on the host; None: unequal). Lets latent attention
+        prefill on expanded K/V: SDPA over a first chunk's own rows (0) or over the gathered history.
         """
         if decode:
             return self._decode_fn(tokens, start, block_table)
-        return self._prefill_fn(tokens, start, block_table, every_position, fresh)
+        return self._prefill_fn(tokens, start, block_table, every_position, history)
 
-    def _run_prefill(self, tokens, start, block_table, every_position=False, fresh=False):
-        return self._run(tokens, start, block_table, every_position, fresh)
+    def _run_prefill(self, tokens, start, block_table, every_position=False, history=None):
+        return self._run(tokens, start, block_table, every_position, history)
 
     def _run(self, tokens: torch.Tensor, start: torch.Tensor, block_table: torch.Tensor,
-             every_position: bool = False, fresh: bool = False) -> torch.Tensor:
+             every_position: bool = False, history: int | None = None) -> torch.Tensor:
         m = self.model
         T = tokens.shape[1]
         positions = start.long()[:, None] + torch.arange(T, device=tokens.device)[None, :]
         x = m.model.embed_tokens(tokens)
         for layer, pool in zip(m.model.layers, self.pools):
             cache = LayerCache(pool, block_table, start, check_bounds=False, fmt=self.layer_fmt,
-                               write_impl=self.write_impl, fresh=fresh)
+                               write_impl=self.write_impl, history=history)
             x = layer(x, positions, cache)
         if every_position:
             return m.lm_head(m.model.norm(x)).float()
@@ -156,7 +157,8 @@ class ModelRunner:
         t = torch.tensor(chunks, dtype=torch.long, device=dev)
         s = torch.tensor(starts, dtype=torch.int32, device=dev)
         with sdpa_kernel(PREFILL_SDPA):
-            return self._forward(t, s, self._table(page_lists).to(dev), fresh=max(starts) == 0)
+            history = starts[0] if min(starts) == max(starts) else None
+            return self._forward(t, s, self._table(page_lists).to(dev), history=history)
 
     def verify(self, chunks: list[list[int]], starts: list[int], page_lists: list[list[int]]) -> torch.Tensor:
         """Chunks of equal length q_len <= 8 at ``starts[i]`` -> logits of every position ``[B, q_len, V]`` (eager)."""
