@@ -424,9 +424,11 @@ def write_model_dir(path: str | os.PathLike, *, tensors: dict[str, torch.Tensor]
     return out
 
 
-def state_dict_for_save(model, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """Contiguous CPU tensors of ``model.state_dict()`` (tied ``lm_head`` left out)."""
-    sd = {k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in model.state_dict().items()}
+def state_dict_for_save(model, dtype: torch.dtype | None = None, *, state: dict | None = None) -> dict[str, torch.Tensor]:
+    """Contiguous CPU tensors of ``model.state_dict()``, or of ``state`` (an already gathered full state
+    dict of a sharded model), tied ``lm_head`` left out."""
+    state = model.state_dict() if state is None else state
+    sd = {k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in state.items()}
     if getattr(model.config, "tie_word_embeddings", False):
         sd.pop("lm_head.weight", None)
     return sd

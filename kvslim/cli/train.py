@@ -87,14 +87,21 @@ def _run_train(args) -> int:
     specs = specs_from_args(args)
     if len(specs) != 1:
         raise ValueError(f"train takes one attention spec, got {len(specs)}")
-    model, history = train_lm(
-        spec=specs[0][0], text=args.text, val_text=None if args.val_text == "none" else args.val_text,
-        tokenizer=None if args.tokenizer == "none" else args.tokenizer, out=args.out, num_layers=args.layers,
-        intermediate_size=args.intermediate, vocab_size=args.vocab_size,
-        tie_word_embeddings=not args.untie_embeddings, resume=not args.no_resume, force=args.force,
-        progress=not args.quiet,
-        **_loop_kwargs(args),
-    )
+    from kvslim.train import dist
+
+    try:  # under torchrun: one rank of an FSDP run (kvslim.train.dist)
+        model, history = train_lm(
+            spec=specs[0][0], text=args.text, val_text=None if args.val_text == "none" else args.val_text,
+            tokenizer=None if args.tokenizer == "none" else args.tokenizer, out=args.out, num_layers=args.layers,
+            intermediate_size=args.intermediate, vocab_size=args.vocab_size,
+            tie_word_embeddings=not args.untie_embeddings, resume=not args.no_resume, force=args.force,
+            progress=not args.quiet,
+            **_loop_kwargs(args),
+        )
+        if not dist.is_main():
+            return 0
+    finally:
+        dist.shutdown()
     print(f"{model.spec.name}: {sum(p.numel() for p in model.parameters()):,} parameters, "
           f"KV {model.spec.bytes_per_token(2) * model.config.num_layers:,} bytes/token (bf16, all layers)")
     _print_history(history, args.out)
@@ -124,16 +131,21 @@ def add_finetune(subparsers) -> None:
 
 def _run_finetune(args) -> int:
     from kvslim.eval.models import resolve_model_dir
-    from kvslim.train import finetune
+    from kvslim.train import dist, finetune
 
-    _, history = finetune(
-        model=resolve_model_dir(args.model), teacher=resolve_model_dir(args.teacher), text=args.text,
-        val_text=None if args.val_text == "none" else args.val_text, tokenizer=args.tokenizer, loss=args.loss,
-        temperature=args.temperature, top_k=args.top_k, lm_weight=args.lm_weight,
-        attention_only=args.attention_only, out=args.out, resume=not args.no_resume, force=args.force,
-        progress=not args.quiet,
-        **_loop_kwargs(args),
-    )
+    try:  # under torchrun: one rank of an FSDP run (kvslim.train.dist)
+        _, history = finetune(
+            model=resolve_model_dir(args.model), teacher=resolve_model_dir(args.teacher), text=args.text,
+            val_text=None if args.val_text == "none" else args.val_text, tokenizer=args.tokenizer, loss=args.loss,
+            temperature=args.temperature, top_k=args.top_k, lm_weight=args.lm_weight,
+            attention_only=args.attention_only, out=args.out, resume=not args.no_resume, force=args.force,
+            progress=not args.quiet,
+            **_loop_kwargs(args),
+        )
+        if not dist.is_main():
+            return 0
+    finally:
+        dist.shutdown()
     if len(history["val"]) > 1:
         a, b = history["val"][0], history["val"][-1]
         print(f"validation ppl {a['ppl']:.3f} -> {b['ppl']:.3f}"

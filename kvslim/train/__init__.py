@@ -7,6 +7,7 @@
 | the loop, batches, checkpoints with exact resume | ``loop.py`` |
 | ``train_log.csv`` + ``curves.png`` | ``curves.py`` |
 | ``train_lm`` / ``finetune`` (the CLI commands' calls) | ``run.py`` |
+| ``torchrun``: FSDP2 sharding, per-rank batch slices, rank-0 I/O | ``dist.py`` |
 
 * ``loss="lm"``: next-token cross-entropy (pre-training from a spec, or plain fine-tuning);
 * ``loss="distill"``: KL(teacher || student) at temperature T, optionally over the teacher's

@@ -9,6 +9,9 @@ Exact resume: the batch of step ``s`` is drawn from a generator seeded by ``(see
 alone and the schedule is a pure function of ``s``, so a run restarted from a checkpoint
 (model + optimizer state + step) replays the same batches and gives the same losses as an
 uninterrupted run.
+
+Under ``torchrun`` the same loop runs data-parallel with FSDP2 (``dist.py``): ``batch_size`` is
+the global batch, each rank trains on its slice, rank 0 writes the checkpoints.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from tqdm.auto import tqdm
 
 from kvslim.eval.perplexity import check_vocab, model_perplexity
 from kvslim.model import Transformer
-from kvslim.runtime import autocast, resolve_device
+from kvslim.runtime import autocast
+from kvslim.train import dist
 from kvslim.train.config import RESUMABLE_CHANGES, TrainConfig, lr_at
 from kvslim.train.curves import save_curves
 from kvslim.train.distill import distill_loss, mean_kl
@@ -52,11 +56,17 @@ def get_batch(
     return w[:, :-1], w[:, 1:]
 
 
+def _freeze(model: Transformer, cfg: TrainConfig) -> None:
+    """``attention_only``: everything but the attention parameters stops requiring gradients."""
+    if cfg.attention_only:
+        for name, p in model.named_parameters():
+            if ".self_attn." not in name:
+                p.requires_grad_(False)
+
+
 def _param_groups(model: Transformer, cfg: TrainConfig) -> list[dict]:
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if cfg.attention_only and ".self_attn." not in name:
-            p.requires_grad_(False)
+    for p in model.parameters():
         if not p.requires_grad:
             continue
         (decay if p.dim() >= 2 else no_decay).append(p)
@@ -65,10 +75,15 @@ def _param_groups(model: Transformer, cfg: TrainConfig) -> list[dict]:
     return [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _save_checkpoint(path: Path, model, opt, step, cfg, history) -> None:
+def _save_checkpoint(path: Path, model, opt, step, cfg, history, launch: dist.Launch) -> None:
+    """Write ``path`` atomically; under FSDP every rank gathers, rank 0 writes (same format)."""
+    model_state = dist.full_model_state(model, launch)
+    optim_state = dist.full_optim_state(model, opt, launch)
+    if not launch.main:
+        return
     state = {
-        "model": model.state_dict(),
-        "optimizer": opt.state_dict(),
+        "model": model_state,
+        "optimizer": optim_state,
         "step": step,
         "train_config": cfg.to_dict(),
         "model_config": model.config.to_dict(),
@@ -79,7 +94,7 @@ def _save_checkpoint(path: Path, model, opt, step, cfg, history) -> None:
     os.replace(tmp, path)
 
 
-def _load_checkpoint(path: Path, model, opt, cfg) -> tuple[int, dict]:
+def _read_checkpoint(path: Path, model, cfg) -> dict:
     state = torch.load(path, map_location="cpu", weights_only=False)
     if state["model_config"] != model.config.to_dict():
         raise ValueError(f"checkpoint {path} was written for another model config; use a fresh --out")
@@ -90,9 +105,15 @@ def _load_checkpoint(path: Path, model, opt, cfg) -> tuple[int, dict]:
             f"cannot resume {path}: training settings differ from the checkpoint's in "
             f"{', '.join(f'{k} ({saved.get(k)!r} -> {getattr(cfg, k)!r})' for k in diff)}"
         )
-    model.load_state_dict(state["model"])
-    opt.load_state_dict(state["optimizer"])
-    return state["step"], state["history"]
+    return state
+
+
+def _load_checkpoint(path: Path, model, opt, cfg, launch: dist.Launch) -> tuple[int, dict]:
+    """Rank 0 reads and checks ``path``; the step and history reach every rank, the tensors the shards."""
+    state = dist.on_rank0(lambda: _read_checkpoint(path, model, cfg), launch, share=False)
+    step, history = dist.on_rank0(lambda: (state["step"], state["history"]), launch)
+    dist.load_full_state(model, opt, state and state["model"], state and state["optimizer"], launch)
+    return step, history
 
 
 def train(
@@ -122,6 +143,10 @@ def train(
             the schedule still runs to ``config.steps``.
         eval_at_start: validate before the first step (default: when ``eval_every`` > 0).
         progress: show a progress bar.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) the model is sharded with FSDP2 in place and trained
+    data-parallel (``kvslim.train.dist``): ``batch_size`` is the global batch, the history is the
+    same on every rank (validation runs in full on each), only rank 0 writes to ``out_dir``.
     Returns:
         ``{"train": [{step, tokens, lr, loss, grad_norm, tok_per_s, elapsed_s}], "val": [{step,
         tokens, loss, ppl[, kl]}], "step": steps done, "params": trainable parameters}``.
@@ -144,10 +169,17 @@ def train(
                 f"teacher vocab_size={teacher.config.vocab_size} differs from the student's "
                 f"{model.config.vocab_size}"
             )
-    dev = resolve_device(cfg.device)
+    launch = dist.setup(cfg)  # torchrun: validate the launch, start the process group
+    dev = launch.device
+    progress = progress and launch.main
     model.to(dev)
     if teacher is not None:
+        # The teacher is replicated, not sharded: it has no gradients or optimizer state, so
+        # sharding would save only one copy of its weights per rank, at the price of an
+        # all-gather per layer per micro-batch; a replica costs no communication at all.
         teacher.to(dev).eval().requires_grad_(False)
+    _freeze(model, cfg)  # before sharding: FSDP2 keeps each parameter's requires_grad
+    dist.shard(model, launch)
     groups = _param_groups(model, cfg)
     opt = torch.optim.AdamW(
         groups, lr=cfg.lr, betas=cfg.betas, **({"fused": True} if dev.type == "cuda" else {})
@@ -156,10 +188,11 @@ def train(
     history: dict = {"train": [], "val": []}
     start = 0
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
+        if launch.main:
+            out.mkdir(parents=True, exist_ok=True)
         ck = out / CHECKPOINT
-        if ck.is_file() and resume:
-            start, history = _load_checkpoint(ck, model, opt, cfg)
+        if resume and dist.on_rank0(ck.is_file, launch):
+            start, history = _load_checkpoint(ck, model, opt, cfg, launch)
             if progress:
                 print(f"resumed from {ck} at step {start}")
     fwd = torch.compile(model) if cfg.compile else model
@@ -200,8 +233,8 @@ def train(
         for g in opt.param_groups:
             g["lr"] = lr
         for micro in range(cfg.grad_accum):
-            x, y = get_batch(train_tokens, step, micro, cfg)
-            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+            x, y = get_batch(train_tokens, step, micro, cfg)  # the global batch; this rank's rows:
+            x, y = (dist.local_rows(t, launch).to(dev, non_blocking=True) for t in (x, y))
             with autocast(dev, cfg.dtype):
                 logits = fwd(x)
                 if cfg.loss == "lm":
@@ -215,18 +248,18 @@ def train(
                         loss = (1 - cfg.lm_weight) * loss + cfg.lm_weight * ce
             (loss / cfg.grad_accum).backward()
             loss_acc += loss.detach() / cfg.grad_accum
+        # the global norm: under FSDP the gradients are DTensor shards and the norm is reduced over ranks
         if cfg.grad_clip > 0:
             gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         else:
-            gnorm = torch.linalg.vector_norm(
-                torch.stack([p.grad.norm() for p in params if p.grad is not None])
-            )
+            gnorm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
         opt.step()
         opt.zero_grad(set_to_none=True)
         done = step + 1
         if done % cfg.log_every == 0 or done == end:
             n = done - tok_mark
-            loss_val = float(loss_acc) / n  # mean training loss of the steps since the last record
+            # mean training loss of the steps since the last record (over all ranks' slices)
+            loss_val = float(dist.mean_over_ranks(loss_acc, launch)) / n
             now = time.perf_counter()
             rate = n * cfg.tokens_per_step / max(now - t_mark, 1e-9)
             if not math.isfinite(loss_val):
@@ -237,7 +270,7 @@ def train(
                     "tokens": done * cfg.tokens_per_step,
                     "lr": lr,
                     "loss": loss_val,
-                    "grad_norm": float(gnorm),
+                    "grad_norm": float(dist.full_value(gnorm)),
                     "tok_per_s": rate,
                     "elapsed_s": elapsed0 + now - t0,
                 }
@@ -253,7 +286,7 @@ def train(
                     + (f" kl {rec['kl']:.4f}" if "kl" in rec else "")
                 )
         if out is not None and cfg.save_every and done % cfg.save_every == 0 and done != end:
-            _save_checkpoint(out / CHECKPOINT, model, opt, done, cfg, history)
+            _save_checkpoint(out / CHECKPOINT, model, opt, done, cfg, history, launch)
         bar.update(1)
     bar.close()
     if end == cfg.steps and (not history["val"] or history["val"][-1]["step"] != end):
@@ -261,6 +294,7 @@ def train(
     history["step"] = end
     history["params"] = n_params
     if out is not None:
-        _save_checkpoint(out / CHECKPOINT, model, opt, end, cfg, history)
-        save_curves(history, out)
+        _save_checkpoint(out / CHECKPOINT, model, opt, end, cfg, history, launch)
+        if launch.main:
+            save_curves(history, out)
     return history

@@ -18,8 +18,8 @@ from kvslim.checkpoint import FORMAT, check_output, read_config, state_dict_for_
 from kvslim.eval.tokenizer import save_tokenizer
 from kvslim.eval.tokenizer import vocab_size as tok_vocab
 from kvslim.model import ModelConfig, Transformer, load_model
-from kvslim.runtime import resolve_device
 from kvslim.spec import AttentionSpec
+from kvslim.train import dist
 from kvslim.train.config import TrainConfig
 from kvslim.train.curves import save_curves
 from kvslim.train.loop import CHECKPOINT, train
@@ -97,20 +97,28 @@ def _output(out, *, force: bool, resume: bool, sources=()) -> Path | None:
     return check_output(out, force=force, sources=sources, keep=(RUN_DIR,), resume=resumable)
 
 
-def _finish(model: Transformer, out: Path | None, tok, history: dict, cfg: TrainConfig) -> None:
-    """Write the final model directory (weights, config, tokenizer, logs; ``run/`` carried over)."""
+def _finish(model: Transformer, out: Path | None, tok, history: dict, cfg: TrainConfig, launch: dist.Launch) -> None:
+    """Write the final model directory (weights, config, tokenizer, logs; ``run/`` carried over).
+
+    Under FSDP every rank gathers the full weights to rank 0, which writes; all return together
+    (or all raise rank 0's error)."""
     if out is None:
         return
+    state = dist.full_model_state(model, launch)
 
     def extra(d: Path) -> None:
         if tok is not None:
             save_tokenizer(tok, d)
         save_curves(history, d)
 
-    write_model_dir(out, tensors=state_dict_for_save(model), config={"format": FORMAT, **model.config.to_dict()},
-                    files={"train_config.json": json.dumps(cfg.to_dict(), indent=2),
-                           "history.json": json.dumps(history, indent=1)},
-                    write_files=extra, keep=(RUN_DIR,), check=False)
+    def write() -> None:
+        write_model_dir(out, tensors=state_dict_for_save(model, state=state),
+                        config={"format": FORMAT, **model.config.to_dict()},
+                        files={"train_config.json": json.dumps(cfg.to_dict(), indent=2),
+                               "history.json": json.dumps(history, indent=1)},
+                        write_files=extra, keep=(RUN_DIR,), check=False)
+
+    dist.on_rank0(write, launch, share=False)
 
 
 def _run_dir(out: Path | None) -> Path | None:
@@ -153,8 +161,9 @@ def train_lm(
         **train_kw: TrainConfig fields (steps, lr, batch_size, seq_len, ...).
     """
     cfg = TrainConfig(**train_kw)
-    out_p = _output(out, force=force, resume=resume)
-    tok, train_ids, val_ids = _texts_and_tokenizer(text, val_text, tokenizer)
+    launch = dist.setup(cfg)  # torchrun: validate the launch, start the process group
+    out_p = dist.on_rank0(lambda: _output(out, force=force, resume=resume), launch)
+    tok, train_ids, val_ids = dist.rank0_first(lambda: _texts_and_tokenizer(text, val_text, tokenizer), launch)
     if vocab_size is None:
         vocab_size = tok_vocab(tok) if tok is not None else int(train_ids.max()) + 1
     model = build_model(
@@ -174,7 +183,7 @@ def train_lm(
         resume=resume,
         progress=progress,
     )
-    _finish(model, out_p, tok, history, cfg)
+    _finish(model, out_p, tok, history, cfg, launch)
     return model, history
 
 
@@ -206,6 +215,10 @@ def finetune(
         **train_kw: TrainConfig fields (steps, lr, seq_len, batch_size, temperature, top_k,
             lm_weight, attention_only, ...); defaults lr=1e-4, steps=200, warmup 10 %.
     Returns (student, history); the history's ``val`` rows carry ``kl`` to the teacher.
+
+    Under ``torchrun`` it trains data-parallel with FSDP2 (``kvslim.train.dist``): ``batch_size``
+    is the global batch (divisible by the world size), rank 0 writes ``out``, and the returned
+    student is the sharded module (its forward is collective); the full weights are in ``out``.
     """
     loss = loss or ("distill" if teacher is not None else "lm")
     train_kw.setdefault("lr", 1e-4)
@@ -217,11 +230,12 @@ def finetune(
     for d, what in ((model, "--model"), (teacher, "--teacher")):
         if d is not None and not isinstance(d, Transformer):
             _check_model_dir(d, what)
-    out_p = _output(out, force=force, resume=resume, sources=dirs)
-    tok, train_ids, val_ids = _texts_and_tokenizer(text, val_text, tokenizer, tokenizer_dirs=dirs)
-    dev = resolve_device(cfg.device)
-    student = load_model(model, what="model (student)", device=dev)
-    teach = load_model(teacher, what="teacher", device=dev) if teacher is not None else None
+    launch = dist.setup(cfg)  # torchrun: validate the launch, start the process group
+    out_p = dist.on_rank0(lambda: _output(out, force=force, resume=resume, sources=dirs), launch)
+    tok, train_ids, val_ids = dist.rank0_first(
+        lambda: _texts_and_tokenizer(text, val_text, tokenizer, tokenizer_dirs=dirs), launch)
+    student = load_model(model, what="model (student)", device=launch.device)
+    teach = load_model(teacher, what="teacher", device=launch.device) if teacher is not None else None
     history = train(
         student,
         train_ids,
@@ -233,7 +247,7 @@ def finetune(
         eval_at_start=True,
         progress=progress,
     )
-    _finish(student, out_p, tok, history, cfg)
+    _finish(student, out_p, tok, history, cfg, launch)
     return student, history
 
 
