@@ -85,7 +85,7 @@ def _drive(eng, prompts, params, arrivals, aborts=None):
             _check_held_pages(eng)
         step += 1
         assert step < 500
-    assert all(done) and [e for e in events] == [s.output for s in seqs]
+    assert all(done) and events == [s.output for s in seqs]
     assert eng.allocator.num_free == eng.allocator.num_usable and eng.allocator.num_used == 0
     assert eng.pipeline.pending is None
     return [s.output for s in seqs], [s.finish_reason for s in seqs]
@@ -189,8 +189,8 @@ def test_launches_precede_the_previous_read_and_not_without_overlap():
         eng = _engine(model, overlap)
         calls = log[overlap] = []
         decode, read = eng.runner.decode, eng.runner.read_greedy
-        eng.runner.decode = lambda *a, **k: calls.append("L") or decode(*a, **k)
-        eng.runner.read_greedy = lambda h: calls.append("R") or read(h)
+        eng.runner.decode = lambda *a, calls=calls, decode=decode, **k: calls.append("L") or decode(*a, **k)
+        eng.runner.read_greedy = lambda h, calls=calls, read=read: calls.append("R") or read(h)
         assert eng.generate(prompts, SamplingParams(max_tokens=8)) == model.generate(prompts, max_new_tokens=8)
         if overlap:
             assert eng.counters["overlap_steps"] >= 5
@@ -250,3 +250,22 @@ def test_pipeline_state_between_steps():
             assert s.num_computed == s.num_tokens  # its last token is being fed by the step in flight
             assert len(s.pages) * 4 >= s.num_computed
     assert seen > 20
+
+
+def test_a_new_arrival_drains_the_pipeline_and_is_admitted_at_once():
+    model = tiny_model(tiny_spec("gta-2"))
+    prompts = _prompts(seed=8)
+    eng = _engine(model)
+    first = [eng.add_request(p, SamplingParams(max_tokens=25)) for p in prompts[:2]]
+    while eng.pipeline.pending is None:
+        eng.step()
+    late = eng.add_request(prompts[2], SamplingParams(max_tokens=6))
+    eng.step()  # reads the step in flight, launches nothing ahead: the next step admits
+    assert eng.pipeline.pending is None and late.status != RUNNING
+    eng.step()  # synchronous: prefill of the new request with the others' decode
+    assert late.status == RUNNING and eng.last_step == (2, len(prompts[2]))
+    while eng.has_unfinished():
+        eng.step()
+    ref = model.generate(prompts[:3], max_new_tokens=25)
+    assert [s.output for s in first] == ref[:2] and late.output == ref[2][:6]
+    assert eng.allocator.num_free == eng.allocator.num_usable
