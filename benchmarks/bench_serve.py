@@ -125,7 +125,7 @@ def engine_rows(args, v: str, bpt: int, device: str, concs: list[int], deadline:
     config = EngineConfig(kv_memory_gib=args.kv_memory, page_size=args.page_size, max_batch=args.max_batch,
                           max_num_batched_tokens=args.max_num_batched_tokens,
                           max_model_len=args.max_model_len, cuda_graphs=False if args.no_cuda_graphs else None,
-                          kv_dtype=kv, compile=args.compile)
+                          kv_dtype=kv, compile=args.compile, overlap=not args.no_overlap)
     engine = LLMEngine(model, config)
     # warm-up outside the measurement: a short closed loop of the same prompts, so the first row does
     # not pay one-time costs (Triton specialisations of short prefill chunks, cuBLAS/SDPA shapes, allocator)
@@ -138,7 +138,8 @@ def engine_rows(args, v: str, bpt: int, device: str, concs: list[int], deadline:
     pages = engine.allocator.num_usable
     log(f"[{v}] engine setup {setup:.1f} s (model {t_model:.1f} s, pool + graphs {setup - t_model - t_warm:.1f} s, "
         f"warm-up {w} requests {t_warm:.1f} s), "
-        f"{pages} pages of {args.page_size} tokens, cuda graphs {engine.runner.use_graphs}")
+        f"{pages} pages of {args.page_size} tokens, cuda graphs {engine.runner.use_graphs}, "
+        f"overlap {engine.pipeline.enabled}")
     try:
         for c in concs:
             n = _num_requests(args, c)
@@ -177,6 +178,7 @@ def http_rows(args, v: str, bpt: int, concs: list[int], deadline: float, est: di
                "--max-batch", str(args.max_batch), "--max-num-batched-tokens", str(args.max_num_batched_tokens),
                "--max-model-len", str(args.max_model_len), "--port", "0",
                "--port-file", pf] + (["--no-cuda-graphs"] if args.no_cuda_graphs else []) + (
+                   ["--no-overlap"] if args.no_overlap else []) + (
                    ["--compile"] if args.compile else [])
         if args.tp > 1:
             cmd += ["--tp", str(args.tp)]
@@ -242,6 +244,7 @@ def render(args, name: str, notes: list[str], rows: list[dict], messages: list[s
     head = (f"# serving benchmark — {name}, shape {args.shape} {args.dtype}, KV pool {args.kv_memory} GiB per variant, "
             f"input {args.input_len}, output {args.output_len}, max batch {args.max_batch}, "
             f"prefill budget {args.max_num_batched_tokens} tokens/step"
+            + (", overlapped decode off" if args.no_overlap else "")
             + (f", TP {args.tp} x DP {args.dp} (KV pool per rank)" if args.tp > 1 or args.dp > 1 else "") + "\n\n"
             + "\n".join(f"- {n}" for n in notes) + "\n\n")
     table = ["| variant | mode | B/token/layer | pages | conc | done | out tok/s | TTFT p50 ms | TTFT p99 ms | "
@@ -309,6 +312,8 @@ def main(argv=None) -> None:
                     help="tokens per engine step (prefill chunks + decodes)")
     ap.add_argument("--no-cuda-graphs", action="store_true")
     ap.add_argument("--compile", action="store_true", help="torch.compile the engine's decode step")
+    ap.add_argument("--no-overlap", action="store_true",
+                    help="read each decode step's tokens before launching the next (A/B of the overlapped decode)")
     ap.add_argument("--time-budget", type=float, default=float("inf"),
                     help="seconds for the whole run; work that would not fit is skipped with a message")
     ap.add_argument("--progress-every", type=float, default=20.0, help="seconds between progress lines")

@@ -29,13 +29,14 @@ def stub_forward(runner, vocab: int, max_batch: int):
     logits = torch.zeros(max_batch, vocab)
     logits[:, 3] = 1.0
 
-    def forward(tokens, start, block_table):
+    def forward(tokens, start, block_table, *args, **kw):  # decode, prefill (every_position, fresh)
         return logits[: tokens.shape[0]]
 
     runner._forward = forward
 
 
-def measure(batch: int, context: int, steps: int, page_size: int = 16, preset: str = "gqa-2") -> dict:
+def measure(batch: int, context: int, steps: int, page_size: int = 16, preset: str = "gqa-2",
+            overlap: bool = True) -> dict:
     """Decode-step host time (µs) at ``batch`` sequences of ``context`` prompt tokens each."""
     model = tiny_model(tiny_spec(preset), layers=1)
     budget = 8192
@@ -44,7 +45,7 @@ def measure(batch: int, context: int, steps: int, page_size: int = 16, preset: s
     pages_per_seq = -(-(context + max_tokens) // page_size)
     config = EngineConfig(num_pages=batch * pages_per_seq + 2, page_size=page_size, max_batch=batch,
                           max_num_batched_tokens=budget, max_model_len=context + max_tokens,
-                          cuda_graphs=False)
+                          cuda_graphs=False, overlap=overlap)
     eng = LLMEngine(model, config)
     stub_forward(eng.runner, model.config.vocab_size, batch)
     outbox: list = []
@@ -82,11 +83,13 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=3072)
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--page-size", type=int, default=16)
+    ap.add_argument("--no-overlap", action="store_true", help="the synchronous decode path (default: overlapped)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     for b in (int(x) for x in args.batch.split(",")):
-        r = measure(b, args.context, args.steps, args.page_size)
-        print(f"batch {r['batch']:>4} | {r['pages_per_seq']} pages/seq | {r['steps']} decode steps | host per step: "
+        r = measure(b, args.context, args.steps, args.page_size, overlap=not args.no_overlap)
+        print(f"batch {r['batch']:>4} | {'sync' if args.no_overlap else 'overlap'} | {r['pages_per_seq']} pages/seq | "
+              f"{r['steps']} decode steps | host per step: "
               f"mean {r['mean_us']:.0f} µs, p50 {r['p50_us']:.0f} µs, min {r['min_us']:.0f} µs", flush=True)
 
 

@@ -278,9 +278,9 @@ def test_decode_block_table_rows_hold_each_sequences_pages():
     sent = full = 0
     orig = eng.runner.decode
 
-    def decode(toks, starts, slots, updates=()):
+    def decode(toks, starts, slots, updates=(), src=None):
         nonlocal sent, full
-        logits = orig(toks, starts, slots, updates)
+        logits = orig(toks, starts, slots, updates, src=src)
         by_slot = {s.slot: s for s in eng.scheduler.running}
         for slot in slots:
             s = by_slot[slot]

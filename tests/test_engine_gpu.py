@@ -1,5 +1,6 @@
-"""Engine features on a real GPU (skipped without CUDA): compiled decode, fused projections, prefix
-caching and n-gram speculation give the same greedy tokens as the plain engine, with CUDA graphs.
+"""Engine features on a real GPU (skipped without CUDA): overlapped decode, compiled decode, fused
+projections, prefix caching and n-gram speculation give the same greedy tokens as the plain engine,
+with CUDA graphs.
 
 fp32: identical tokens. bf16: every feature changes rounding (Inductor keeps fused elementwise
 chains in fp32; a cached prefix is attended from the pool instead of the prefill's SDPA), so
@@ -63,7 +64,11 @@ def same_or_near_tie(model32, got, want, dtype, what):
 def test_engine_features_same_tokens(preset, dtype):
     model32 = random_model(preset, "tiny", device="cuda")
     model = random_model(preset, "tiny", device="cuda").to(dtype)
-    base, _ = run(model, enable_prefix_caching=False, fuse_projections=False)
+    base, st = run(model, enable_prefix_caching=False, fuse_projections=False)
+    assert st["overlap_steps"] > 0  # greedy decode ran overlapped, through the graphs
+    sync, st = run(model, enable_prefix_caching=False, fuse_projections=False, overlap=False)
+    assert st["overlap_steps"] == 0
+    same_or_near_tie(model32, base, sync, dtype, f"{preset} overlap")
     model = random_model(preset, "tiny", device="cuda").to(dtype)  # unfused copy for the next runs
     fused, _ = run(model, enable_prefix_caching=False, fuse_projections=True)
     same_or_near_tie(model32, fused, base, dtype, f"{preset} fused")

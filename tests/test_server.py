@@ -197,6 +197,7 @@ def test_metrics(server):
     assert float(vals["kvslim_prefix_cache_hit_tokens_total"]) <= float(vals["kvslim_prefix_cache_queried_tokens_total"])
     assert 0 <= float(vals["kvslim_prefix_cache_hit_rate"]) <= 1
     assert float(vals["kvslim_spec_decode_accepted_tokens_total"]) == 0  # speculation is off by default
+    assert float(vals["kvslim_overlap_decode_steps_total"]) >= 0
 
 
 def _cancel_stream(srv, after_events: int, max_tokens: int, errors: list) -> None:

@@ -43,6 +43,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens per step (default 2048)")
     g.add_argument("--max-model-len", type=int, help="prompt + output limit (default: the model's)")
     g.add_argument("--no-cuda-graphs", action="store_true", help="run decode eagerly on CUDA")
+    g.add_argument("--no-overlap", dest="overlap", action="store_false", default=True,
+                   help="read each decode step's tokens before launching the next (default: greedy decode "
+                        "steps launch step n+1 before reading step n)")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (fuses norms, RoPE, casts around the kernels; "
                         "slower start-up)")
@@ -102,6 +105,7 @@ def engine_config_from_args(args) -> EngineConfig:
         enable_prefix_caching=getattr(args, "prefix_caching", True),
         num_speculative_tokens=getattr(args, "num_speculative_tokens", 0),
         prompt_lookup_min=getattr(args, "prompt_lookup_min", 1), prompt_lookup_max=getattr(args, "prompt_lookup_max", 3),
+        overlap=getattr(args, "overlap", True),
     )
 
 

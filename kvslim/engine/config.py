@@ -74,6 +74,9 @@ class EngineConfig:
             0 = off, at most 7 (q_len = 1 + k <= 8); ``kvslim/engine/speculative.py``.
         prompt_lookup_min, prompt_lookup_max: n-gram lengths matched against the sequence's own
             tokens (longest first).
+        overlap: launch decode step n+1 before reading step n's tokens when step n is decode-only and
+            greedy (``kvslim/engine/overlap.py``; exact, on by default). Ignored under ``tp > 1`` and
+            with speculative decoding, which stay synchronous.
     """
 
     num_pages: int | None = None
@@ -97,6 +100,7 @@ class EngineConfig:
     num_speculative_tokens: int = 0
     prompt_lookup_min: int = 1
     prompt_lookup_max: int = 3
+    overlap: bool = True
 
     def __post_init__(self) -> None:
         _int("num_pages", self.num_pages, 2, optional=True)
@@ -133,6 +137,8 @@ class EngineConfig:
                              f"got {self.num_speculative_tokens}")
         _int("prompt_lookup_min", self.prompt_lookup_min)
         _int("prompt_lookup_max", self.prompt_lookup_max)
+        if not isinstance(self.overlap, bool):
+            raise ValueError(f"overlap must be True or False, got {self.overlap!r}")
         if self.prompt_lookup_min > self.prompt_lookup_max:
             raise ValueError(f"prompt_lookup_min ({self.prompt_lookup_min}) must be <= prompt_lookup_max "
                              f"({self.prompt_lookup_max})")

@@ -1,7 +1,9 @@
 """LLMEngine: paged KV pool + continuous-batching scheduler + runner + sampling.
 
-Single-threaded and synchronous: ``add_request`` queues, ``step`` runs one scheduler
-step (a decode batch and/or prefill chunks) and samples. ``EngineLoop`` in
+Single-threaded: ``add_request`` queues, ``step`` runs one scheduler step (a decode batch
+and/or prefill chunks) and samples. Greedy decode-only steps run overlapped (step n+1 is
+launched before step n's tokens are read, ``kvslim/engine/overlap.py``); everything else is
+synchronous. ``EngineLoop`` in
 ``kvslim/engine/loop.py`` (a thread) or ``EngineProcess`` in ``kvslim/engine/process.py``
 (a process) drives it for the HTTP server; ``generate`` drives it offline. Under tensor
 parallelism this object lives on rank 0 and mirrors every forward to the other ranks
@@ -22,6 +24,7 @@ import torch
 from kvslim.engine import speculative
 from kvslim.engine.allocator import BlockAllocator, free_device_memory, num_pages_for_memory
 from kvslim.engine.config import EngineConfig
+from kvslim.engine.overlap import DecodePipeline
 from kvslim.engine.prefix import PrefixCachingAllocator
 from kvslim.engine.runner import ModelRunner
 from kvslim.engine.scheduler import FINISHED, SamplingParams, Scheduler, Sequence
@@ -106,7 +109,9 @@ class LLMEngine:
         self.last_step = (0, 0)
         self.counters = dict(prompt_tokens=0, generation_tokens=0, requests_finished=0, requests_aborted=0,
                              requests_failed=0, steps=0, prefill_tokens=0, spec_verifies=0, spec_proposed_tokens=0,
-                             spec_accepted_tokens=0)
+                             spec_accepted_tokens=0, overlap_steps=0, overlap_discarded_tokens=0)
+        # overlapped greedy decode: one rank, no speculation (verify steps need their tokens first)
+        self.pipeline = DecodePipeline(self, config.overlap and tp is None and not config.num_speculative_tokens)
 
     def validate(self, prompt, params: SamplingParams) -> None:
         """Raise ValueError if the request can never run (bad ids, too long)."""
@@ -134,10 +139,11 @@ class LLMEngine:
             return False
         self._finish(seq, "abort")
         self.counters["requests_aborted"] += 1
+        self.pipeline.settle()  # a step in flight with no running sequence left is read (and dropped) now
         return True
 
     def has_unfinished(self) -> bool:
-        return bool(self.scheduler.running or self.scheduler.waiting)
+        return bool(self.scheduler.running or self.scheduler.waiting or self.pipeline.pending)
 
     def step(self) -> list[Sequence]:
         """Run one scheduler step; returns the sequences that got a token or finished.
@@ -146,11 +152,19 @@ class LLMEngine:
         pages freed, ``seq.error`` says why) and the step goes on with the others; one
         sequence whose logits are not finite or whose sampling raises fails alone. Under
         tensor parallelism a failed forward leaves the ranks out of step, so it is re-raised.
+
+        Overlap (``EngineConfig.overlap``): a greedy decode-only step is launched, the step after it
+        is launched on the device's tokens, and only then this step's tokens are read; the next call
+        launches the step after that and reads the one in flight (``kvslim/engine/overlap.py``).
         """
-        plan = self.scheduler.schedule()
         self.counters["steps"] += 1
+        if self.pipeline.pending is not None:
+            return self.pipeline.advance()
+        plan = self.scheduler.schedule()
         self.last_step = (len(plan.decode), sum(n for _, n in plan.prefill))  # (decode batch, prefill tokens)
         self.counters["prefill_tokens"] += self.last_step[1]
+        if plan.decode and not plan.prefill and not plan.verify and self.pipeline.eligible(plan.decode):
+            return self.pipeline.start(plan.decode)
         touched: list[Sequence] = []
         if plan.verify:
             touched += self._verify(plan.verify)
@@ -340,6 +354,7 @@ class LLMEngine:
         self.counters["generation_tokens"] += len(seqs) - failed
 
     def _finish(self, seq: Sequence, reason: str) -> None:
+        self.pipeline.hold(seq)  # pages a decode step in flight still writes wait for it
         self.scheduler.finish(seq, reason)
         self.requests.pop(seq.request_id, None)
         listener = self.listeners.pop(seq.request_id, None)
@@ -383,6 +398,7 @@ class LLMEngine:
         return dict(num_pages=a.num_usable, free_pages=a.num_free, page_size=a.page_size,
                     running=len(s.running), waiting=len(s.waiting), preemptions=s.num_preemptions,
                     max_model_len=self.max_model_len, cuda_graphs=self.runner.use_graphs,
+                    overlap=self.pipeline.enabled,
                     kv_dtype=self.kv_format.kv_dtype, kv_bytes_per_token=self.kv_format.row_bytes * self.config.num_layers,
                     **self.counters, **extra)
 

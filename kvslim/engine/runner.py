@@ -16,7 +16,13 @@ the check's host sync would break graph capture), so the model code is untouched
   0 clears the row), so building the inputs costs O(new pages), not O(batch x pages).
   Tokens, starts and slots go to the device in one copy; the rows of the batch are
   gathered from the device copy of the table on the device. The last row of the table
-  is all zeros: the scratch page;
+  is all zeros: the scratch page. Every decode forward also leaves each row's greedy token
+  (argmax, -1 where the row's maximum is not finite) in a persistent device buffer, and
+  ``src`` lets the next decode take its input tokens from that buffer on the device
+  (row ``i`` feeds the token of row ``src[i]`` of the previous decode): how the engine's
+  overlapped decode (``kvslim/engine/overlap.py``) launches step n+1 before the host has read
+  step n's tokens. ``greedy_to_host`` / ``read_greedy`` copy those tokens to (pinned) host
+  memory behind an event and wait for them;
 * ``verify(chunks, starts, pages)``: speculative verification, chunks of one length
   q_len = 1 + k <= 8 (the last sampled token and k proposals) through the kernels, returning
   the logits of every position. It always runs eagerly (no CUDA graph): graphs are captured
@@ -24,8 +30,9 @@ the check's host sync would break graph capture), so the model code is untouched
 
 On CUDA, decode is captured in CUDA graphs for a set of batch sizes; a batch is padded
 to the next captured size with rows whose slot is the scratch row (token 0, start 0), so
-they only ever write the scratch page. The gather of tokens, starts and block-table rows
-is part of the graph. Capture is skipped on CPU and can be turned off. The kernels and
+they only ever write the scratch page. The gather of tokens (from the staging buffer or the
+previous step's greedy tokens), starts and block-table rows, and the greedy tokens of the
+output, are part of the graph. Capture is skipped on CPU and can be turned off. The kernels and
 the cache writes are free of host synchronisation, which is what makes the capture legal.
 
 Tensor parallelism: the runner of every rank holds its own shard of the model and of
@@ -104,18 +111,24 @@ class ModelRunner:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.graph_batches = sorted({b for b in graph_batches if b <= max_batch} | {max_batch})
         # decode inputs: persistent block table (row max_batch = scratch) and one staging buffer
-        # [tokens; starts; slots]; host copies are pinned on CUDA so their copies are asynchronous
+        # [tokens; starts; slots; src]; host copies are pinned on CUDA so their copies are asynchronous
+        # (on CPU the host buffers are the device buffers: the same code path, without the copies)
         cuda = self.device.type == "cuda"
         self.scratch_slot = max_batch
         self.table = torch.zeros(max_batch + 1, max_pages_per_seq, dtype=torch.int32, pin_memory=cuda)
         self._table_np = self.table.numpy()
-        self._stage_host = torch.zeros(3, max_batch, dtype=torch.long, pin_memory=cuda)
+        self._stage_host = torch.zeros(4, max_batch, dtype=torch.long, pin_memory=cuda)
         self._stage_np = self._stage_host.numpy()
         self._dirty: list[int] = []  # [lo, hi) of table rows changed since the last device copy
         self._copied = None  # CUDA event after the last host-to-device copies
-        if cuda:
-            self._table_dev = torch.zeros_like(self.table, device=self.device)
-            self._stage = torch.zeros_like(self._stage_host, device=self.device)
+        self._table_dev = torch.zeros_like(self.table, device=self.device) if cuda else self.table
+        self._stage = torch.zeros_like(self._stage_host, device=self.device) if cuda else self._stage_host
+        # greedy token of each row of the last decode forward (-1: non-finite logits), and two host
+        # buffers for it (step n's copy is read while step n+1's may be in flight), each with an event
+        self.greedy = torch.zeros(max_batch, dtype=torch.long, device=self.device)
+        self._greedy_host = torch.zeros(2, max_batch, dtype=torch.long, pin_memory=cuda)
+        self._greedy_events = [torch.cuda.Event(), torch.cuda.Event()] if cuda else None
+        self._greedy_turn = 0
         if self.use_graphs:
             self._capture()
 
@@ -189,24 +202,33 @@ class ModelRunner:
             lo, hi = min(lo, slot), max(hi, slot + 1)
         self._dirty = [lo, hi]
 
-    def decode(self, tokens: list[int], starts: list[int], slots: list[int], updates=()) -> torch.Tensor:
-        """One token per sequence (block-table row ``slots[i]``, after applying ``updates``) -> logits ``[B, V]``."""
-        B = len(tokens)
+    def decode(self, tokens: list[int] | None, starts: list[int], slots: list[int], updates=(),
+               src: list[int] | None = None) -> torch.Tensor:
+        """One token per sequence (block-table row ``slots[i]``, after applying ``updates``) -> logits ``[B, V]``.
+
+        ``src``: row ``i``'s token is the greedy token of row ``src[i]`` of the previous decode forward,
+        read on the device (``tokens`` is then None); without it the tokens come from ``tokens``.
+        """
+        B = len(starts)
         b = next(x for x in self.graph_batches if x >= B) if self.use_graphs else B
         if self._copied is not None:
             self._copied.synchronize()  # the previous step's copies have read the pinned buffers
         self.update_table(updates)
         st = self._stage_np
-        st[0, :B] = tokens
+        if src is None:
+            st[0, :B] = tokens
+            st[3, :B] = -1
+        else:
+            st[0, :B] = 0
+            st[3, :B] = src
         st[1, :B] = starts
         st[2, :B] = slots
         if b > B:  # padding rows: token 0 at position 0 of the scratch row
             st[:2, B:b] = 0
             st[2, B:b] = self.scratch_slot
+            st[3, B:b] = -1
         if self.device.type != "cuda":
-            stage = self._stage_host
-            bt = self.table.index_select(0, stage[2, :B])
-            return self._forward(stage[0, :B, None], stage[1, :B].to(torch.int32), bt, decode=True)
+            return self._graph_forward(B)
         if self._dirty:
             lo, hi = self._dirty
             self._table_dev[lo:hi].copy_(self.table[lo:hi], non_blocking=True)
@@ -221,14 +243,44 @@ class ModelRunner:
         return self._graph_forward(B)
 
     def _graph_forward(self, b: int) -> torch.Tensor:
-        """The decode forward over the first ``b`` rows of the device staging buffer and table."""
+        """The decode forward over the first ``b`` rows of the device staging buffer and table; leaves
+        the rows' greedy tokens in ``self.greedy``."""
         stage = self._stage
+        src = stage[3, :b]
+        prev = self.greedy.index_select(0, src.clamp(min=0)).clamp(min=0)  # a failed row feeds token 0
+        tokens = torch.where(src >= 0, prev, stage[0, :b])
         bt = self._table_dev.index_select(0, stage[2, :b])
-        return self._forward(stage[0, :b, None], stage[1, :b].to(torch.int32), bt, decode=True)
+        logits = self._forward(tokens[:, None], stage[1, :b].to(torch.int32), bt, decode=True)
+        vals, idx = logits.max(-1)  # as LLMEngine._sample: NaN propagates, so a non-finite row is -1
+        self.greedy[:b].copy_(torch.where(torch.isfinite(vals), idx, -1))
+        return logits
+
+    def greedy_to_host(self, n: int):
+        """Start copying the greedy tokens of the first ``n`` rows of the last decode forward to host
+        memory (non-blocking, after the forward on the stream); returns the handle of ``read_greedy``.
+        Two buffers alternate: a handle must be read before the next-but-one call."""
+        i = self._greedy_turn
+        self._greedy_turn ^= 1
+        buf = self._greedy_host[i, :n]
+        buf.copy_(self.greedy[:n], non_blocking=True)
+        event = None
+        if self._greedy_events is not None:
+            event = self._greedy_events[i]
+            event.record()
+        return buf, event
+
+    @staticmethod
+    def read_greedy(handle) -> list[int]:
+        """Wait for a ``greedy_to_host`` copy (the step's one host sync) and return its tokens."""
+        buf, event = handle
+        if event is not None:
+            event.synchronize()
+        return buf.tolist()
 
     def _capture(self) -> None:
         dev = self.device
         self._stage[2].fill_(self.scratch_slot)
+        self._stage[3].fill_(-1)
         self._outs: dict[int, torch.Tensor] = {}
         pool = None
         stream = torch.cuda.Stream(device=dev)

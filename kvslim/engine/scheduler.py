@@ -227,9 +227,14 @@ class Scheduler:
         seq.pages.extend(self.alloc.allocate(need))
         return True
 
-    def _admit_pages(self, seq: Sequence) -> bool:
-        """Reserve the pages of ``seq``'s tokens, sharing its longest cached prefix; False if they do not fit."""
+    def _admit_pages(self, seq: Sequence, dry_run: bool = False) -> bool:
+        """Reserve the pages of ``seq``'s tokens, sharing its longest cached prefix; False if they do not fit.
+
+        ``dry_run``: only say whether they would fit (nothing is reserved or counted).
+        """
         if not self.prefix_caching:
+            if dry_run:
+                return self.alloc.can_allocate(self.alloc.pages_for(seq.num_tokens) - len(seq.pages))
             return self._grow(seq, seq.num_tokens)
         a, ps, tokens = self.alloc, self.alloc.page_size, seq.tokens
         usable = (len(tokens) - 1) // ps  # at least one token is computed: its logits pick the next token
@@ -240,6 +245,8 @@ class Scheduler:
         need = a.pages_for(len(tokens)) - len(hit)
         if need > a.num_free - a.num_evictable(hit):
             return False
+        if dry_run:
+            return True
         a.share(hit)
         seq.pages = hit + a.allocate(need)
         seq.num_named = len(hit)
@@ -249,6 +256,11 @@ class Scheduler:
         for d in digests[len(hit) :]:
             self._inflight.setdefault(d, seq)
         return True
+
+    def can_admit(self) -> bool:
+        """Whether :meth:`schedule` would admit the head of the queue now (changes nothing)."""
+        return (bool(self.waiting) and len(self.running) < self.max_batch
+                and self._admit_pages(self.waiting[0], dry_run=True))
 
     def commit(self, seqs: list[Sequence]) -> None:
         """Offer the pages of ``seqs`` that became full and computed to the prefix cache."""

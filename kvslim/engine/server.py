@@ -162,6 +162,8 @@ class Server:
             ("kvslim_spec_decode_accepted_tokens_total", "counter", s.get("spec_accepted_tokens", 0)),
             ("kvslim_spec_decode_verify_steps_total", "counter", s.get("spec_verifies", 0)),
             ("kvslim_spec_decode_acceptance_rate", "gauge", s.get("spec_acceptance_rate", 0.0)),
+            ("kvslim_overlap_decode_steps_total", "counter", s.get("overlap_steps", 0)),
+            ("kvslim_overlap_discarded_tokens_total", "counter", s.get("overlap_discarded_tokens", 0)),
             ("kvslim_engine_errors_total", "counter", s["errors"]),
             ("kvslim_http_requests_total", "counter", c["http_requests"]),
             ("kvslim_http_errors_total", "counter", c["http_errors"]),
