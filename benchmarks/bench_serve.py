@@ -138,7 +138,7 @@ def engine_rows(args, v: str, bpt: int, device: str, concs: list[int], deadline:
     pages = engine.allocator.num_usable
     log(f"[{v}] engine setup {setup:.1f} s (model {t_model:.1f} s, pool + graphs {setup - t_model - t_warm:.1f} s, "
         f"warm-up {w} requests {t_warm:.1f} s), "
-        f"{pages} pages of {args.page_size} tokens, cuda graphs {engine.runner.use_graphs}, "
+        f"{pages} pages of {engine.allocator.page_size} tokens, cuda graphs {engine.runner.use_graphs}, "
         f"overlap {engine.pipeline.enabled}")
     try:
         for c in concs:
@@ -174,12 +174,13 @@ def http_rows(args, v: str, bpt: int, concs: list[int], deadline: float, est: di
         preset, kv = split_variant(v)
         cmd = [sys.executable, "-m", "kvslim", "serve", "--random-model", preset, "--model-shape", args.shape,
                "--kv-dtype", kv or "auto",
-               "--dtype", args.dtype, "--kv-memory", str(args.kv_memory), "--page-size", str(args.page_size),
+               "--dtype", args.dtype, "--kv-memory", str(args.kv_memory),
                "--max-batch", str(args.max_batch), "--max-num-batched-tokens", str(args.max_num_batched_tokens),
                "--max-model-len", str(args.max_model_len), "--port", "0",
-               "--port-file", pf] + (["--no-cuda-graphs"] if args.no_cuda_graphs else []) + (
+               "--port-file", pf] + (["--page-size", str(args.page_size)] if args.page_size else []) + (
+                   ["--no-cuda-graphs"] if args.no_cuda_graphs else []) + (
                    ["--no-overlap"] if args.no_overlap else []) + (
-                   ["--compile"] if args.compile else [])
+                   [] if args.compile is None else ["--compile" if args.compile else "--no-compile"])
         if args.tp > 1:
             cmd += ["--tp", str(args.tp)]
         if args.dp > 1:
@@ -306,12 +307,13 @@ def main(argv=None) -> None:
     ap.add_argument("--input-len", type=int, default=2048)
     ap.add_argument("--output-len", type=int, default=1024)
     ap.add_argument("--kv-memory", type=float, default=40.0, help="GiB of KV pool per variant (same for all)")
-    ap.add_argument("--page-size", type=int, default=16)
+    ap.add_argument("--page-size", type=int, default=None, help="default: the engine's (EngineConfig.page_size)")
     ap.add_argument("--max-batch", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192,
                     help="tokens per engine step (prefill chunks + decodes)")
     ap.add_argument("--no-cuda-graphs", action="store_true")
-    ap.add_argument("--compile", action="store_true", help="torch.compile the engine's decode step")
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                    help="torch.compile the engine's decode step and prefill (default: the engine's, on with CUDA)")
     ap.add_argument("--no-overlap", action="store_true",
                     help="read each decode step's tokens before launching the next (A/B of the overlapped decode)")
     ap.add_argument("--time-budget", type=float, default=float("inf"),
@@ -326,7 +328,7 @@ def main(argv=None) -> None:
         ap.error("--tp / --dp run through `kvslim serve`: use --mode http")
     t_start = time.perf_counter()
     deadline = t_start + args.time_budget
-    args.max_model_len = args.input_len + args.output_len + args.page_size
+    args.max_model_len = args.input_len + args.output_len + (args.page_size or 64)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     concs = [int(c) for c in args.concurrency.split(",")]

@@ -59,3 +59,11 @@ def test_fmt_args_roundtrip():
 def test_compile_flag_validated():
     with pytest.raises(ValueError, match="compile"):
         EngineConfig(compile="yes")
+
+
+def test_compile_default_follows_the_device():
+    """compile=None (the default) compiles on CUDA only: a CPU engine runs eagerly."""
+    cfg = EngineConfig(num_pages=16, page_size=4, max_batch=2, max_model_len=32, device="cpu")
+    assert cfg.compile is None
+    eng = LLMEngine(tiny_model(tiny_spec("gqa-2"), layers=1), cfg)
+    assert eng.runner.compiled is False

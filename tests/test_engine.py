@@ -296,3 +296,17 @@ def test_decode_block_table_rows_hold_each_sequences_pages():
     assert eng.stats()["preemptions"] > 0
     assert 0 < sent < full / 2  # only new pages travel, not every row every step
     assert not any(eng.runner.table[-1].tolist())  # the scratch row stays on page 0
+
+
+@pytest.mark.parametrize("preset,want", [("gqa-2", 16), ("gta-2", 16), ("mla", 64), ("gla-2", 64)])
+def test_default_page_size_by_cache_kind(preset, want):
+    """page_size=None: 64 for latent caches, 16 for the others (engine_roofline measurements); an
+    explicit size wins."""
+    from kvslim.engine.config import default_page_size
+
+    model = tiny_model(tiny_spec(preset), layers=1)
+    assert default_page_size(model.spec) == want
+    eng = LLMEngine(model, EngineConfig(num_pages=8, max_batch=2, device="cpu"))
+    assert eng.allocator.page_size == want
+    eng = LLMEngine(model, EngineConfig(num_pages=8, page_size=8, max_batch=2, device="cpu"))
+    assert eng.allocator.page_size == 8

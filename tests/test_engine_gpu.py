@@ -29,6 +29,7 @@ def prompts():
 
 
 def run(model, **kw):
+    kw.setdefault("compile", False)  # the plain engine; compiled runs ask for it (the default on CUDA)
     cfg = EngineConfig(num_pages=256, page_size=16, max_batch=8, max_model_len=512, device="cuda",
                        graph_batches=(1, 2, 4, 8), **kw)
     eng = LLMEngine(model, cfg)

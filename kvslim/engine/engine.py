@@ -23,7 +23,7 @@ import torch
 
 from kvslim.engine import speculative
 from kvslim.engine.allocator import BlockAllocator, free_device_memory, num_pages_for_memory
-from kvslim.engine.config import EngineConfig
+from kvslim.engine.config import EngineConfig, default_page_size
 from kvslim.engine.overlap import DecodePipeline
 from kvslim.engine.prefix import PrefixCachingAllocator
 from kvslim.engine.runner import ModelRunner
@@ -76,7 +76,7 @@ class LLMEngine:
         tp_size = tp.size if tp is not None else 1
         spec = self.config.attention
         self.kv_format = RowFormat.for_spec(spec, config.kv_dtype or kv_dtype_name(p.dtype), tp_size)
-        num_pages, page_size = config.num_pages, config.page_size
+        num_pages, page_size = config.num_pages, config.page_size or default_page_size(spec)
         if num_pages is None:
             kv_memory = config.kv_memory_bytes
             if kv_memory is None:
@@ -97,7 +97,8 @@ class LLMEngine:
         runner_kw = dict(num_pages=num_pages, page_size=page_size,
                          max_pages_per_seq=self.allocator.pages_for(self.max_model_len), max_batch=config.max_batch,
                          kv_format=self.kv_format, cuda_graphs=config.cuda_graphs,
-                         graph_batches=config.graph_batches, compile=config.compile,
+                         graph_batches=config.graph_batches,
+                         compile=self.device.type == "cuda" if config.compile is None else config.compile,
                          fuse_projections=config.fuse_projections)
         if tp is not None:
             tp.send("init", runner_kw)
