@@ -112,3 +112,39 @@ def test_calib_preset_mix_is_the_four_genre_mixture():
     assert [c.source for c in mix] == ["sotu", "moby-dick", "shakespeare", "code"]
     with pytest.raises(ValueError, match="unknown source"):
         parse_calib_spec("mix,legal")  # a preset is a whole spec, not an item
+
+
+def test_training_mixture_stream_takes_each_share_of_the_tokens(tmp_path):
+    """``--text`` mixtures for training (kvslim.eval.mixture): one stream, each source its weight's share
+    of the tokens, the scarcest source limiting the length; single sources are not mixtures."""
+    from kvslim.eval import smollm2_dir, tokenize
+    from kvslim.eval.mixture import is_mixture, mixture_tokens
+
+    tok = smollm2_dir()
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text(("apple banana cherry " * 300).strip())
+    b.write_text(("seven eight nine ten " * 50).strip())
+    ids_a, ids_b = tokenize(a.read_text(), tok), tokenize(b.read_text(), tok)
+    x = mixture_tokens(f"{a}:3,{b}:1", tok)
+    in_a = torch.isin(x, ids_a.unique())
+    n_b = len(ids_b)  # b is the scarce source: all of it, and three times as many tokens of a
+    assert int((~in_a).sum()) == n_b and int(in_a.sum()) == 3 * n_b
+    assert torch.equal(x[: 3 * n_b], ids_a[: 3 * n_b]) and torch.equal(x[3 * n_b :], ids_b)
+    assert is_mixture("mix") and is_mixture(f"{a},{b}")
+    assert not is_mixture("sotu") and not is_mixture(str(a)) and not is_mixture(torch.zeros(3))
+    with pytest.raises(ValueError, match="unknown source"):
+        mixture_tokens(f"{a},nowhere", tok)
+
+
+def test_training_reads_a_mixture_text(tmp_path):
+    """kvslim.train's data loading takes a mixture spec as ``text`` (``kvslim finetune --text mix``)."""
+    from kvslim.eval import smollm2_dir
+    from kvslim.eval.mixture import mixture_tokens
+    from kvslim.train.run import _texts_and_tokenizer
+
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("one two three four five six " * 40)
+    b.write_text("red green blue " * 40)
+    spec = f"{a}:1,{b}:1"
+    _, train, val = _texts_and_tokenizer(spec, str(b), smollm2_dir())
+    assert torch.equal(train, mixture_tokens(spec, smollm2_dir())) and val is not None

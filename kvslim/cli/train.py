@@ -64,7 +64,8 @@ def add_train(subparsers) -> None:
     )
     add_spec_args(p)
     p.add_argument("--text", default="sotu", help="training data: corpus name (sotu, moby-dick, shakespeare; "
-                   "bare name = its non-held-out part), a .txt file, or .npy/.bin token ids (default sotu)")
+                   "bare name = its non-held-out part), a .txt file, .npy/.bin token ids, or a mixture spec such as "
+                   "'mix' or 'sotu:1,code:1' (each source's calib split, its weight's share of the tokens; default sotu)")
     p.add_argument("--val-text", default="sotu-eval", help="validation data (default sotu-eval); 'none' = no validation")
     p.add_argument("--tokenizer", default="bpe-8192", help="bpe-N (trained on --text), smollm2, a tokenizer dir or "
                    "tokenizer.json; 'none' for token-id files (default bpe-8192)")
@@ -116,7 +117,9 @@ def add_finetune(subparsers) -> None:
     )
     p.add_argument("--model", required=True, help="student model directory (kvslim or Hugging Face format)")
     p.add_argument("--teacher", help="teacher model directory (the original); omit for plain LM loss")
-    p.add_argument("--text", default="sotu", help="training data (default sotu = its non-held-out part)")
+    p.add_argument("--text", default="sotu", help="training data (default sotu = its non-held-out part); a "
+                   "mixture spec such as 'mix' (convert's default calibration) or 'sotu:1,code:1' takes each "
+                   "source's calib split in its weight's share of the tokens")
     p.add_argument("--val-text", default="sotu-eval", help="validation data (default sotu-eval); 'none' = none")
     p.add_argument("--tokenizer", help="tokenizer (default: the student's directory, else the teacher's)")
     p.add_argument("--loss", choices=["distill", "lm"], help="default: distill with --teacher, else lm")

@@ -56,10 +56,12 @@ def build_model(
 
 def _texts_and_tokenizer(text, val_text, tokenizer, *, tokenizer_dirs=()):
     """Resolve the tokenizer (training a BPE on the training text if asked) and both streams."""
+    from kvslim.eval.mixture import is_mixture, mixture_text, mixture_tokens
     from kvslim.eval.tokenizer import has_tokenizer, resolve_tokenizer
     from kvslim.eval.tokens import TOKEN_SUFFIXES, load_tokens, source_text
 
-    is_ids = isinstance(text, torch.Tensor) or Path(os.fspath(text)).suffix in TOKEN_SUFFIXES
+    mix = is_mixture(text)
+    is_ids = not mix and (isinstance(text, torch.Tensor) or Path(os.fspath(text)).suffix in TOKEN_SUFFIXES)
     tok = None
     if tokenizer is None:
         for d in tokenizer_dirs:
@@ -71,7 +73,8 @@ def _texts_and_tokenizer(text, val_text, tokenizer, *, tokenizer_dirs=()):
             raise ValueError(
                 f"tokenizer {tokenizer!r} is trained on text, but the training data is token ids"
             )
-        tok = resolve_tokenizer(tokenizer, train_text=source_text(text, default_split="calib"))
+        tok = resolve_tokenizer(tokenizer, train_text=mixture_text(text) if mix else
+                                source_text(text, default_split="calib"))
     else:
         tok = resolve_tokenizer(tokenizer)
     if tok is None and not (
@@ -83,7 +86,7 @@ def _texts_and_tokenizer(text, val_text, tokenizer, *, tokenizer_dirs=()):
         )
     ):
         raise ValueError("text data needs a tokenizer: pass --tokenizer (bpe-N, smollm2 or a directory)")
-    train_ids = load_tokens(text, tokenizer=tok, default_split="calib")
+    train_ids = mixture_tokens(text, tok) if mix else load_tokens(text, tokenizer=tok, default_split="calib")
     val_ids = None if val_text is None else load_tokens(val_text, tokenizer=tok, default_split="eval")
     return tok, train_ids, val_ids
 
