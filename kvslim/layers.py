@@ -1,5 +1,6 @@
-"""Layers every model block shares: RMSNorm (Llama / DeepSeek), the SwiGLU MLP, and the
-fusion of Linear layers that read the same input into one GEMM (:func:`fuse_linears`).
+"""Layers every model block shares: RMSNorm (Llama / DeepSeek), the SwiGLU MLP, a per-head linear
+map (:class:`HeadLinear`, the query side of converted QK-norm models), and the fusion of Linear
+layers that read the same input into one GEMM (:func:`fuse_linears`).
 
 They live on the ground floor so that attention modules, the model and tensor-parallel
 shards all build on the same definitions (DESIGN.md §3).
@@ -23,6 +24,18 @@ class RMSNorm(nn.Module):
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
+
+
+class HeadLinear(nn.Module):
+    """One linear map per head, no bias: ``[..., H, in] -> [..., H, out]``, weight ``[H, out, in]``."""
+
+    def __init__(self, heads: int, in_features: int, out_features: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(heads, out_features, in_features))
+        nn.init.normal_(self.weight, std=in_features**-0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("...hi,hoi->...ho", x, self.weight)
 
 
 class MLP(nn.Module):

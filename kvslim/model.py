@@ -1,8 +1,8 @@
 """A small Llama-like decoder whose attention is chosen by an AttentionSpec.
 
 RMSNorm, SwiGLU, RoPE, tied or untied embeddings; parameter names follow Hugging Face
-Llama (``model.layers.N.self_attn.q_proj.weight`` ...), so Llama / Mistral / Qwen2
-checkpoints load by name, and MLA layers use DeepSeek's names. Checkpoints are a
+Llama (``model.layers.N.self_attn.q_proj.weight`` ...), so Llama / Mistral / Qwen2 / Qwen3
+(``q_norm``/``k_norm``) checkpoints load by name, and MLA layers use DeepSeek's names. Checkpoints are a
 directory with ``config.json`` (kvslim's, or a Hugging Face one) and safetensors.
 """
 
@@ -229,7 +229,7 @@ class Transformer(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, dtype: torch.dtype | None = None,
                         device: str | torch.device = "cpu") -> Transformer:
-        """Load a kvslim checkpoint or a Hugging Face Llama/Mistral/Qwen2/DeepSeek(dense) one."""
+        """Load a kvslim checkpoint or a Hugging Face Llama/Mistral/Qwen2/Qwen3/DeepSeek(dense) one."""
         raw = read_config(path)
         if raw.get("format") == FORMAT:
             cfg = ModelConfig.from_dict({k: v for k, v in raw.items() if k != "format"})
@@ -321,7 +321,7 @@ def permute_rope_rows(sd: dict, cfg: ModelConfig, perm: torch.Tensor) -> dict:
 
 
 def config_from_hf(raw: dict) -> ModelConfig:
-    """ModelConfig from a Hugging Face config dict (Llama, Mistral, Qwen2, DeepSeek-V2/V3 dense).
+    """ModelConfig from a Hugging Face config dict (Llama, Mistral, Qwen2, Qwen3, DeepSeek-V2/V3 dense).
 
     Every field is type-checked (a bad config names its bad field); architectures whose
     non-attention parts kvslim's model does not have (MoE MLPs) are refused.

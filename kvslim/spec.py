@@ -55,6 +55,9 @@ class AttentionSpec:
         latent_norm: RMS-normalise each latent head before caching (DeepSeek's
             ``kv_a_layernorm``). Converted checkpoints set it to False.
         qkv_bias: bias on the q/k/v (or kv) projections (Qwen2).
+        qk_norm: per-head RMSNorm (eps ``qk_norm_eps``) of q and k before RoPE, Qwen3's ``q_norm``/``k_norm``.
+            GTA/MLA/GLA (converted QK-norm sources): the row is computed from ``[k_norm(k_proj x); v_proj x]``
+            (``num_kv_heads`` heads of ``head_dim``), queries are ``q_head_proj[h] q_norm(q_proj x)_h``.
     """
 
     kind: str
@@ -71,6 +74,8 @@ class AttentionSpec:
     q_lora_rank: int | None = None
     latent_norm: bool = True
     qkv_bias: bool = False
+    qk_norm: bool = False
+    qk_norm_eps: float = 1e-6
 
     def __post_init__(self) -> None:
         kind = self.kind.lower() if isinstance(self.kind, str) else self.kind
@@ -106,6 +111,14 @@ class AttentionSpec:
             if kind not in ("mla", "gla"):
                 raise ValueError("AttentionSpec.q_lora_rank is only supported for kind mla/gla")
             _positive("q_lora_rank", self.q_lora_rank)
+        if not isinstance(self.qk_norm, bool):
+            raise ValueError(f"AttentionSpec.qk_norm must be a bool, got {self.qk_norm!r}")
+        eps = self.qk_norm_eps
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+            raise ValueError(f"AttentionSpec.qk_norm_eps must be a number in (0, 1), got {eps!r}")
+        if self.qk_norm and self.q_lora_rank is not None:
+            raise ValueError("AttentionSpec.qk_norm and q_lora_rank cannot be combined (the query norm is per "
+                             "head of q_proj's output)")
 
     def _normalise_grouped(self, h_q: int) -> None:
         kind = self.kind
@@ -146,8 +159,14 @@ class AttentionSpec:
 
     def _normalise_latent(self, h_q: int) -> None:
         kind = self.kind
-        if self.num_kv_heads is not None:
-            raise ValueError(f"AttentionSpec.num_kv_heads is not used by {kind}; use num_latent_heads")
+        if self.qk_norm:  # the normalised key heads the cache row is computed from
+            if self.num_kv_heads is None:
+                raise ValueError(f"AttentionSpec.num_kv_heads (the normalised key heads) is required for {kind} "
+                                 "with qk_norm")
+            _positive("num_kv_heads", self.num_kv_heads)
+        elif self.num_kv_heads is not None:
+            raise ValueError(f"AttentionSpec.num_kv_heads is not used by {kind} without qk_norm; use "
+                             "num_latent_heads")
         h_c = self.num_latent_heads
         if kind == "mla":
             h_c = 1 if h_c is None else h_c
@@ -388,6 +407,11 @@ class AttentionSpec:
         partial = cfg.get("partial_rotary_factor", 1.0)
         if isinstance(partial, bool) or not isinstance(partial, (int, float)) or not 0 <= partial <= 1:
             raise ValueError(f"HF config: partial_rotary_factor must be a number in [0, 1], got {partial!r}")
+        if model_type in ("qwen2", "qwen3") and cfg.get("use_sliding_window"):
+            raise ValueError(f"HF config: {model_type} with use_sliding_window=true is not supported (full attention only)")
+        qk_norm = model_type == "qwen3"  # Qwen3: per-head RMSNorm of q and k (eps = rms_norm_eps)
+        if qk_norm and bias:
+            raise ValueError("HF config: Qwen3 with attention_bias=true (it adds an o_proj bias) is not supported")
         return cls(
             kind=kind,
             hidden_size=D,
@@ -398,6 +422,8 @@ class AttentionSpec:
             rope_theta=_hf_theta(cfg),
             rope_scaling=_rope_scaling(cfg),
             qkv_bias=bias,
+            qk_norm=qk_norm,
+            qk_norm_eps=cfg.get("rms_norm_eps", 1e-6) if qk_norm else 1e-6,
         )
 
 

@@ -2,7 +2,8 @@
 
 Weights use Hugging Face Llama names (``q_proj, k_proj, v_proj, o_proj``) so Llama /
 Mistral / Qwen2 checkpoints load without renaming. The cache row is ``[K | V]`` with
-RoPE applied to the first ``rope_dim`` dims of each key head (full RoPE by default).
+RoPE applied to the first ``rope_dim`` dims of each key head (full RoPE by default). With
+``spec.qk_norm`` (Qwen3) each query and key head is RMS-normalised (``q_norm``, ``k_norm``) before RoPE.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from torch import nn
 
 from kvslim.attention.base import AttentionBase, shard_state
 from kvslim.kernels import decode_separate, prefill_separate
-from kvslim.layers import linears
+from kvslim.layers import RMSNorm, linears
 from kvslim.rope import apply_rope
 
 
@@ -28,6 +29,9 @@ class GroupedQueryAttention(AttentionBase):
         self.k_proj = nn.Linear(D, loc.num_kv_heads * d, bias=spec.qkv_bias)
         self.v_proj = nn.Linear(D, loc.num_kv_heads * d, bias=spec.qkv_bias)
         self.o_proj = nn.Linear(loc.num_heads * d, D, bias=False)
+        if spec.qk_norm:
+            self.q_norm = RMSNorm(d, spec.qk_norm_eps)
+            self.k_norm = RMSNorm(d, spec.qk_norm_eps)
 
     def _rope(self, t, cos, sin):
         r = self.spec.rope_dim
@@ -39,8 +43,10 @@ class GroupedQueryAttention(AttentionBase):
         B, T, _ = x.shape
         loc, d = self.local, self.spec.head_dim
         q, k, v = linears(self, self.FUSE, x)
-        q = self._rope(q.view(B, T, loc.num_heads, d), cos, sin)
-        k = self._rope(k.view(B, T, loc.num_kv_heads, d), cos, sin)
+        q, k = q.view(B, T, loc.num_heads, d), k.view(B, T, loc.num_kv_heads, d)
+        if self.spec.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
         rows = torch.cat([k.reshape(B, T, -1), v], dim=-1)
         return q, rows
 

@@ -11,6 +11,10 @@ i.e. ``h_kv*d_h + d_h/2`` elements per token: half of GQA's, plus d_h/2.
 
 Under tensor parallelism the groups are split over ranks and the RoPE key is
 replicated (as in the paper's TP=2 figure: GTA-4 -> 2*128 + 64 per device).
+
+With ``spec.qk_norm`` (a converted QK-norm source, qknorm.py) ``kv_proj`` and ``k_rope_proj`` read
+the normalised source keys and values ``u`` instead of ``x``, and queries pass ``q_norm`` and a
+per-head map.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kvslim.attention import qknorm
 from kvslim.attention.base import AttentionBase, shard_state
 from kvslim.kernels import decode_tied, prefill_tied
 from kvslim.layers import linears
@@ -25,24 +30,37 @@ from kvslim.rope import apply_rope
 
 
 class GroupedTiedAttention(AttentionBase):
-    FUSE = ("q_proj", "kv_proj", "k_rope_proj")
+    ROW = ("kv_proj", "k_rope_proj")
 
     def __init__(self, spec, *, tp_rank: int = 0, tp_size: int = 1):
         super().__init__(spec, tp_rank=tp_rank, tp_size=tp_size)
         if spec.kind != "gta":
             raise ValueError(f"GroupedTiedAttention needs kind gta, got {spec.kind}")
         loc, D, d = self.local, spec.hidden_size, spec.head_dim
-        self.q_proj = nn.Linear(D, loc.num_heads * d, bias=spec.qkv_bias)
-        self.kv_proj = nn.Linear(D, loc.num_kv_heads * d, bias=spec.qkv_bias)
-        self.k_rope_proj = nn.Linear(D, d // 2, bias=spec.qkv_bias)
-        self.o_proj = nn.Linear(loc.num_heads * d, D, bias=False)
+        if spec.qk_norm:
+            D = qknorm.add_front(self, spec, loc.num_heads, d)  # the row reads u, not x
+        else:
+            self.q_proj = nn.Linear(D, loc.num_heads * d, bias=spec.qkv_bias)
+        bias = spec.qkv_bias and not spec.qk_norm
+        self.kv_proj = nn.Linear(D, loc.num_kv_heads * d, bias=bias)
+        self.k_rope_proj = nn.Linear(D, d // 2, bias=bias)
+        self.o_proj = nn.Linear(loc.num_heads * d, spec.hidden_size, bias=False)
+
+    @property
+    def FUSE(self) -> tuple[str, ...]:
+        """The projections of the layer input (one GEMM once fused)."""
+        return qknorm.FRONT if self.spec.qk_norm else ("q_proj",) + self.ROW
 
     def project(self, x, cos, sin):
         B, T, _ = x.shape
         loc, d = self.local, self.spec.head_dim
         half = d // 2
-        q, state, k_rope = linears(self, self.FUSE, x)
-        q = q.view(B, T, loc.num_heads, d)
+        if self.spec.qk_norm:
+            q, u = qknorm.front(self, x)
+            state, k_rope = linears(self, self.ROW, u)
+        else:
+            q, state, k_rope = linears(self, self.FUSE, x)
+            q = q.view(B, T, loc.num_heads, d)
         q = torch.cat([q[..., :half], apply_rope(q[..., half:], cos, sin)], dim=-1)
         rows = torch.cat([state, apply_rope(k_rope, cos, sin)], dim=-1)  # [B, T, h*d + d/2]
         return q, rows
@@ -69,4 +87,5 @@ class GroupedTiedAttention(AttentionBase):
     def shard_state_dict(sd: dict, spec, rank: int, size: int) -> dict:
         """Slice a full state dict to one rank (the single RoPE key projection is replicated)."""
         h_q, h_kv = spec.num_heads, spec.num_kv_heads
-        return shard_state(sd, rank, size, rows={"q_proj": h_q, "kv_proj": h_kv}, cols={"o_proj": h_q})
+        return shard_state(sd, rank, size, rows={"q_proj": h_q, "q_head_proj": h_q, "kv_proj": h_kv},
+                           cols={"o_proj": h_q})

@@ -19,6 +19,10 @@ Weight names follow DeepSeek-V2/V3 in ``transformers`` (``q_proj`` or ``q_a_proj
 ``kv_b_proj``, ``o_proj``); for GLA ``kv_a_layernorm`` normalises each latent head on
 its own. Under tensor parallelism GLA splits latent heads over ranks; MLA's single
 latent is replicated on every rank (seed 000 Fig. 1); the RoPE key is replicated.
+
+With ``spec.qk_norm`` (a converted QK-norm source, qknorm.py) ``kv_a_proj_with_mqa`` reads the
+normalised source keys and values ``u`` instead of ``x``, and each query head is
+``q_head_proj[h] q_norm(q_proj x)_h``; both decode paths are otherwise unchanged.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kvslim.attention import qknorm
 from kvslim.attention.base import AttentionBase, shard_rows, shard_state
 from kvslim.kernels import decode_tied, prefill_tied
 from kvslim.layers import RMSNorm, linears
@@ -42,19 +47,21 @@ class LatentAttention(AttentionBase):
         loc, D = self.local, spec.hidden_size
         d_n, d_r, d_v, d_c = spec.head_dim, spec.rope_dim, spec.v_head_dim, spec.latent_dim
         H, S = loc.num_heads, loc.num_latent_heads
-        if spec.q_lora_rank:
+        if spec.qk_norm:
+            D = qknorm.add_front(self, spec, H, d_n + d_r)  # the latent reads u, not x
+        elif spec.q_lora_rank:
             self.q_a_proj = nn.Linear(D, spec.q_lora_rank, bias=spec.qkv_bias)
             self.q_a_layernorm = RMSNorm(spec.q_lora_rank, norm_eps)
             self.q_b_proj = nn.Linear(spec.q_lora_rank, H * (d_n + d_r), bias=False)
         else:
             self.q_proj = nn.Linear(D, H * (d_n + d_r), bias=spec.qkv_bias)
-        self.kv_a_proj_with_mqa = nn.Linear(D, S * d_c + d_r, bias=spec.qkv_bias)
+        self.kv_a_proj_with_mqa = nn.Linear(D, S * d_c + d_r, bias=spec.qkv_bias and not spec.qk_norm)
         self.kv_a_layernorm = RMSNorm(d_c, norm_eps) if spec.latent_norm else None
         if spec.latent_norm and S > 1:
             # one weight per latent head (stored flat, [S * d_c])
             self.kv_a_layernorm.weight = nn.Parameter(torch.ones(S * d_c))
         self.kv_b_proj = nn.Linear(d_c, H * (d_n + d_v), bias=False)
-        self.o_proj = nn.Linear(H * d_v, D, bias=False)
+        self.o_proj = nn.Linear(H * d_v, spec.hidden_size, bias=False)
         self.absorb = True
 
     def _norm_latent(self, c):
@@ -73,11 +80,16 @@ class LatentAttention(AttentionBase):
         return w[:, : s.head_dim], w[:, s.head_dim :]
 
     @property
-    def FUSE(self) -> tuple[str, str]:
-        """The two projections of the layer input (one GEMM once fused)."""
+    def FUSE(self) -> tuple[str, ...]:
+        """The projections of the layer input (one GEMM once fused)."""
+        if self.spec.qk_norm:
+            return qknorm.FRONT
         return ("q_a_proj" if self.spec.q_lora_rank else "q_proj", "kv_a_proj_with_mqa")
 
     def _query(self, x):
+        if self.spec.qk_norm:
+            q, u = qknorm.front(self, x)
+            return q, self.kv_a_proj_with_mqa(u)
         q, kv = linears(self, self.FUSE, x)
         if self.spec.q_lora_rank:
             q = self.q_b_proj(self.q_a_layernorm(q))
@@ -88,7 +100,7 @@ class LatentAttention(AttentionBase):
         s, loc = self.spec, self.local
         d_n, d_r, d_c, S = s.head_dim, s.rope_dim, s.latent_dim, loc.num_latent_heads
         q, kv = self._query(x)
-        q = q.view(B, T, loc.num_heads, d_n + d_r)
+        q = q.reshape(B, T, loc.num_heads, d_n + d_r)
         q = torch.cat([q[..., :d_n], apply_rope(q[..., d_n:], cos, sin)], dim=-1)
         c = self._norm_latent(kv[..., : S * d_c].view(B, T, S, d_c)).reshape(B, T, S * d_c)
         k_rope = apply_rope(kv[..., S * d_c :], cos, sin)
@@ -126,7 +138,8 @@ class LatentAttention(AttentionBase):
         """Slice a full state dict to one rank: query heads and their up-projections split,
         latent heads split (GLA) or replicated (MLA), the RoPE key and q-LoRA replicated."""
         h_q, h_c, d_c = spec.num_heads, spec.num_latent_heads, spec.latent_dim
-        out = shard_state(sd, rank, size, rows={"q_proj": h_q, "q_b_proj": h_q, "kv_b_proj": h_q},
+        out = shard_state(sd, rank, size, rows={"q_proj": h_q, "q_b_proj": h_q, "q_head_proj": h_q,
+                                                   "kv_b_proj": h_q},
                           cols={"o_proj": h_q})
         for name, w in sd.items():
             if name.startswith("kv_a_proj_with_mqa."):  # [latents | rope key]: split the latents only

@@ -80,6 +80,9 @@ def as_mla(model: Transformer, layout: MLALayout) -> Transformer:
     spec = model.spec
     if layout.source != spec:
         raise ValueError("layout was made for another attention spec (use mla_layout(model.spec, ...))")
+    if spec.qk_norm:
+        raise ValueError("a QK-norm model's row reads normalised key heads (attention/qknorm.py); an MLA "
+                         "re-expression for DeepSeek cannot hold them")
     if spec.is_latent and (spec.latent_norm or spec.q_lora_rank):
         raise ValueError(f"an MLA/GLA model with {'a latent norm' if spec.latent_norm else 'q-LoRA'} cannot be "
                          "re-expressed: only converted models (latent_norm=False, no q_lora_rank) are supported")

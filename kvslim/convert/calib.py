@@ -20,11 +20,17 @@ serves every target (MLA at any rank, GLA, GTA, the baseline).
 
 The one place this departs from TransMLA's recipe: BKV's balancing factor is the ratio of the
 RMS norms of ``K_nope`` and ``V`` (computable from Σ), not of their mean L2 norms.
+
+**QK-norm sources** (Qwen3): the keys ``k_norm(W_k x)`` are not linear in ``x``, so for such a layer
+the moments are taken of what *is* linear: ``E[ũũᵀ]`` with ``ũ = [k̂; v; 1]`` (the normalised keys of
+all KV heads and the values) and the per-head query moments ``E[q̂_h q̂_hᵀ]`` (:class:`QKNormMoment`,
+accumulated in float64: ``ũ`` is narrow).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -40,8 +46,9 @@ from kvslim.eval.mixture import (  # noqa: F401 - re-exported: the --calib gramm
 from kvslim.eval.perplexity import _as_token_ids
 from kvslim.eval.tokenizer import tokenize
 
-__all__ = ["CALIB_GRAMMAR", "CalibSource", "add_moment", "attention_input_moments", "calibration_batches",
-           "calibration_tokens", "check_calibration_batches", "parse_calib_spec", "window_counts"]
+__all__ = ["CALIB_GRAMMAR", "CalibSource", "MomentSum", "QKNormMoment", "add_moment", "attention_input_moments",
+           "calibration_batches", "calibration_tokens", "check_calibration_batches", "parse_calib_spec",
+           "window_counts"]
 
 
 def calibration_batches(
@@ -97,18 +104,15 @@ def attention_input_moments(model, batches: torch.Tensor, *, batch_size: int = 4
         batch_size: windows per forward pass.
         progress: show a tqdm bar.
     Returns:
-        ``num_layers`` float64 tensors ``[D+1, D+1]`` (means over all N·T tokens).
+        ``num_layers`` float64 tensors ``[D+1, D+1]`` (means over all N·T tokens); for a QK-norm
+        source, ``num_layers`` :class:`QKNormMoment` instead.
     """
     check_calibration_batches(batches, model.config.vocab_size)
-    D = model.config.hidden_size
-    sums = [torch.zeros(D + 1, D + 1, dtype=torch.float64) for _ in model.model.layers]
-    count = [0]
+    sums = [MomentSum(layer.self_attn) for layer in model.model.layers]
 
     def hook(i):
         def fn(module, args):
-            n = add_moment(sums[i], args[0])
-            if i == 0:
-                count[0] += n
+            sums[i].add(args[0])
         return fn
 
     handles = [layer.self_attn.register_forward_pre_hook(hook(i)) for i, layer in enumerate(model.model.layers)]
@@ -120,7 +124,7 @@ def attention_input_moments(model, batches: torch.Tensor, *, batch_size: int = 4
     finally:
         for h in handles:
             h.remove()
-    return [s / count[0] for s in sums]
+    return [s.mean() for s in sums]
 
 
 def check_calibration_batches(batches, vocab_size: int | None = None) -> None:
@@ -143,6 +147,57 @@ def add_moment(total: torch.Tensor, x: torch.Tensor) -> int:
     x = torch.cat([x, torch.ones(x.shape[0], 1)], 1)
     total += (x.T @ x).double()
     return x.shape[0]
+
+
+@dataclass
+class QKNormMoment:
+    """Calibration moments of a QK-norm attention layer (float64).
+
+    Attributes:
+        kv: ``[2n+1, 2n+1]`` ``E[ũũᵀ]``, ``ũ = [k_norm(W_k x) (all h_kv heads); W_v x; 1]``, ``n = h_kv·d_h``.
+        q: ``[h_q, d_h, d_h]`` ``E[q̂_h q̂_hᵀ]`` of the normalised queries (before RoPE).
+    """
+
+    kv: torch.Tensor
+    q: torch.Tensor
+
+
+class MomentSum:
+    """Running sums over tokens of one attention layer's calibration moment; :meth:`mean` returns it:
+    ``E[x̃x̃ᵀ]`` of the layer input, or a :class:`QKNormMoment` for a QK-norm source layer."""
+
+    def __init__(self, attn):
+        s = attn.spec
+        self.attn, self.count = attn, 0
+        if s.qk_norm:
+            n = 2 * s.num_kv_heads * s.head_dim
+            self.kv = torch.zeros(n + 1, n + 1, dtype=torch.float64)
+            self.q = torch.zeros(s.num_heads, s.head_dim, s.head_dim, dtype=torch.float64)
+        else:
+            self.kv = torch.zeros(s.hidden_size + 1, s.hidden_size + 1, dtype=torch.float64)
+
+    @torch.no_grad()
+    def add(self, x: torch.Tensor) -> None:
+        """Add the tokens of attention inputs ``x [..., D]``."""
+        a = self.attn
+        if not a.spec.qk_norm:
+            self.count += add_moment(self.kv, x)
+            return
+        B, d = x.shape[0], a.spec.head_dim
+        x = x.reshape(B, -1, x.shape[-1])
+        q = a.q_norm(a.q_proj(x).view(B, x.shape[1], -1, d)).reshape(-1, a.spec.num_heads, d).double().cpu()
+        k = a.k_norm(a.k_proj(x).view(B, x.shape[1], -1, d)).reshape(q.shape[0], -1)
+        u = torch.cat([k, a.v_proj(x).reshape(q.shape[0], -1), torch.ones_like(k[:, :1])], 1).double().cpu()
+        self.kv += u.T @ u
+        self.q += torch.einsum("nhi,nhj->hij", q, q)
+        self.count += q.shape[0]
+
+    def mean(self):
+        if self.count == 0:
+            raise ValueError("calibration saw no tokens")
+        if self.attn.spec.qk_norm:
+            return QKNormMoment(kv=self.kv / self.count, q=self.q / self.count)
+        return self.kv / self.count
 
 
 def calibration_tokens(tokenizer_dir, *, num_samples: int, seq_len: int, text: str = "sotu",

@@ -3,18 +3,29 @@
 Weights are handled as ``W̃ = [W | b]`` (``[out, D+1]``, float64) so that biases (Qwen2)
 follow every linear transform for free; a source without biases yields exactly-zero bias
 columns.
+
+:func:`layer_view` gives the converters one source layer as linear maps of inputs whose second
+moments are known (:class:`LayerView`). For a plain source that input is ``x̃``. For a QK-norm
+source (Qwen3) keys are not linear in ``x``, so keys and values are read as the identity maps of
+``ũ = [k̂; v; 1]`` and each query head as the identity of its own normalised ``q̂_h``: the same
+fits then run unchanged on the normalised keys, and :func:`set_queries` stores the per-head query
+maps they produce in ``q_head_proj`` (attention/qknorm.py).
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
+from kvslim.convert.calib import QKNormMoment
 from kvslim.model import ModelConfig, Transformer
 from kvslim.spec import AttentionSpec
 
-__all__ = ["FITS", "aug", "check_grouped_source", "metric_basis", "new_model", "output_metric", "set_linear", "sqrt_pair",
-           "top_eigvecs"]
+__all__ = ["FITS", "LayerView", "aug", "check_grouped_source", "layer_view", "metric_basis", "new_model",
+           "output_metric", "qk_norm_fields", "set_linear", "set_queries", "sqrt_pair", "top_eigvecs"]
 
 
 def aug(lin: nn.Linear) -> torch.Tensor:
@@ -36,6 +47,70 @@ def set_linear(lin: nn.Linear, w_aug: torch.Tensor) -> None:
         lin.bias.copy_(w_aug[:, -1].to(lin.bias.dtype))
     elif w_aug[:, -1].abs().max() > 0:
         raise ValueError("internal: a bias was produced for a layer without bias")
+
+
+@dataclass
+class LayerView:
+    """A source attention layer as linear maps (float64, ``[W | b]``) of inputs with known moments.
+
+    Attributes:
+        Wq: ``[h_q·d_h, in_q+1]`` query rows (QK-norm: ``[I | 0]`` per head, on the head's own ``q̂_h``).
+        Wk, Wv: ``[h_kv·d_h, in+1]`` key / value rows on the K/V input (``x̃``, or QK-norm ``ũ``).
+        S: ``[in+1, in+1]`` the K/V input's second moment (plain source: also the queries' input).
+        Sq: QK-norm: ``[h_q, d_h, d_h]`` the normalised queries' moments; plain: None (``Wq S Wqᵀ``).
+    """
+
+    Wq: torch.Tensor
+    Wk: torch.Tensor
+    Wv: torch.Tensor
+    S: torch.Tensor
+    Sq: torch.Tensor | None
+    head_dim: int
+
+    @property
+    def qk_norm(self) -> bool:
+        """Whether the source normalises q and k (the query rows then go to ``q_head_proj``)."""
+        return self.Sq is not None
+
+    def query_moment(self, h: int) -> torch.Tensor:
+        """``[d_h, d_h]`` second moment of query head h before RoPE (computed on demand: it is costly)."""
+        if self.Sq is not None:
+            return self.Sq[h]
+        W = self.Wq[h * self.head_dim : (h + 1) * self.head_dim]
+        return W @ self.S @ W.T
+
+
+def layer_view(attn, moment) -> LayerView:
+    """The :class:`LayerView` of source layer ``attn`` with its calibration ``moment`` (calib.py)."""
+    s = attn.spec
+    h_q, d, n = s.num_heads, s.head_dim, s.num_kv_heads * s.head_dim
+    if s.qk_norm != isinstance(moment, QKNormMoment):
+        raise ValueError(f"moments: a {'QK-norm' if s.qk_norm else 'plain'} layer needs "
+                         f"{'QKNormMoment' if s.qk_norm else 'E[x x^T] tensor'}s (calib.attention_input_moments)")
+    if not s.qk_norm:
+        return LayerView(aug(attn.q_proj), aug(attn.k_proj), aug(attn.v_proj), moment.double(), None, d)
+    eye = torch.eye(2 * n, 2 * n + 1, dtype=torch.float64)
+    Wq = torch.eye(d, d + 1, dtype=torch.float64).repeat(h_q, 1)
+    return LayerView(Wq, eye[:n], eye[n:], moment.kv.double(), moment.q.double(), d)
+
+
+def qk_norm_fields(spec: AttentionSpec) -> dict:
+    """The QK-norm fields a converted spec inherits from its source ``spec``."""
+    return dict(qk_norm=spec.qk_norm, qk_norm_eps=spec.qk_norm_eps)
+
+
+@torch.no_grad()
+def set_queries(dst, src, rows: list[torch.Tensor], view: LayerView) -> None:
+    """Write the converted query: ``rows[h]`` (``[d_qk, in_q+1]``, maps of view.Wq's input) as ``q_proj``,
+    or, for a QK-norm source, as ``q_head_proj[h]`` beside the source's q/k/v projections and norms."""
+    if not view.qk_norm:
+        set_linear(dst.q_proj, torch.cat(rows))
+        return
+    if any(float(r[:, -1].abs().max()) > 0 for r in rows):
+        raise ValueError("internal: a bias was produced for a normalised query")
+    dst.q_head_proj.weight.copy_(torch.stack([r[:, :-1] for r in rows]).to(dst.q_head_proj.weight.dtype))
+    for name in ("q_proj", "q_norm", "k_proj", "k_norm", "v_proj"):
+        getattr(dst, name).load_state_dict(getattr(src, name).state_dict())
 
 
 def check_grouped_source(model) -> AttentionSpec:
@@ -85,9 +160,17 @@ def balanced_kv(K: torch.Tensor, V: torch.Tensor, S: torch.Tensor, balance: bool
     """
     alpha = 1.0
     if balance:
-        ek, ev = torch.trace(K @ S @ K.T), torch.trace(V @ S @ V.T)
-        alpha = float((ek / ev).sqrt()) if ek > 0 and ev > 0 else 1.0
+        alpha = math.sqrt(energy_ratio(float(torch.trace(K @ S @ K.T)), float(torch.trace(V @ S @ V.T))))
     return torch.cat([K / alpha, V]), alpha
+
+
+def energy_ratio(ek: float, ev: float) -> float:
+    """``ek / ev`` for balancing keys against values; 1 when either energy is zero or below 1e-12 of the
+    other: it is then rounding noise (keys that RoPE takes whole, normalised keys duplicated across heads),
+    which balancing would blow up to the other's size and fit in place of real directions."""
+    if ek <= 1e-12 * ev or ev <= 1e-12 * ek:
+        return 1.0
+    return ek / ev
 
 
 def lstsq_map(S: torch.Tensor, target: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
@@ -109,7 +192,7 @@ def sqrt_pair(M: torch.Tensor, ridge: float = 1e-6) -> tuple[torch.Tensor, torch
     return (U * w.sqrt()) @ U.T, (U / w.sqrt()) @ U.T
 
 
-def output_metric(S: torch.Tensor, Wq: torch.Tensor, Wo: torch.Tensor, groups, g_q: int, d: int,
+def output_metric(S: torch.Tensor, query_moment, Wo: torch.Tensor, groups, g_q: int, d: int,
                   keys: list[torch.Tensor], values: list[torch.Tensor]) -> tuple[list, list]:
     """Per group j: ``(β·M_k[j], M_v[j])``, the metrics of the output-aware fit.
 
@@ -118,18 +201,19 @@ def output_metric(S: torch.Tensor, Wq: torch.Tensor, Wo: torch.Tensor, groups, g
     second moment); a value error ``δv`` reaches the residual stream as ``W_o[:, h] δv``, cost
     ``δvᵀ M_v δv`` with ``M_v = Σ_{h∈j} W_o[:, h]ᵀ W_o[:, h]``. ``β`` puts the weighted key and
     value energies ``Σ_j tr(M C)`` equal (the balancing of BKV, in the output metric).
-    ``keys[j]``, ``values[j]`` are the group's ``[d, D+1]`` projections whose moments C are taken.
+    ``query_moment(h)`` is head h's query moment (``W_q[h] Σ W_q[h]ᵀ``, ``LayerView.query_moment``);
+    ``keys[j]``, ``values[j]`` are the group's ``[d, in+1]`` projections whose moments C are taken under ``S``.
     """
     Mk, Mv, ek, ev = [], [], 0.0, 0.0
     for j, K, V in zip(groups, keys, values):
         heads = range(j * g_q, (j + 1) * g_q)
-        mk = sum(Wq[h * d : (h + 1) * d] @ S @ Wq[h * d : (h + 1) * d].T for h in heads)
+        mk = sum(query_moment(h) for h in heads)
         mv = sum(Wo[:, h * d : (h + 1) * d].T @ Wo[:, h * d : (h + 1) * d] for h in heads)
         ek += float(torch.trace(mk @ K @ S @ K.T))
         ev += float(torch.trace(mv @ V @ S @ V.T))
         Mk.append(mk)
         Mv.append(mv)
-    beta = ev / ek if ek > 0 and ev > 0 else 1.0
+    beta = 1 / energy_ratio(ek, ev)
     return [beta * m for m in Mk], Mv
 
 

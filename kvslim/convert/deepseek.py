@@ -32,6 +32,10 @@ then written with these rules, each exact (to one rounding of the weights):
    score of a query: a constant that cancels in softmax, so it is dropped. A query bias, a bias
    of the RoPE key (rotated by position) or one that reaches the values (it adds a constant
    ``o_proj(W_UV·b)`` to the output) is not exact without a bias and is refused, saying which.
+6. **No QK-norm sources.** A Qwen3-style source normalises every key head on its own (``k_norm``);
+   DeepSeek's ``kv_a_proj_with_mqa`` is linear in ``x`` followed by one RMSNorm of the whole latent,
+   so it cannot express per-head key norms: :func:`check_deepseek_source` refuses (kvslim's format
+   computes the row from the normalised keys, attention/qknorm.py).
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ from kvslim.model import ModelConfig, deinterleave_perm, permute_rope_rows
 from kvslim.runtime import dtype_name
 from kvslim.serving import mla_layout
 
-__all__ = ["LATENT_NORM_EPS", "deepseek_config", "deepseek_ends", "deepseek_state", "fp16_check", "fp16_error", "hf_common",
+__all__ = ["LATENT_NORM_EPS", "check_qk_norm", "deepseek_config", "deepseek_ends", "deepseek_state", "fp16_check", "fp16_error", "hf_common",
            "save_deepseek"]
 
 #: transformers' DeepseekV3 builds ``kv_a_layernorm`` with its RMSNorm default (not rms_norm_eps);
@@ -66,6 +70,16 @@ def _rope_fields(spec) -> dict:
         out["rope_scaling"] = dict(spec.rope_scaling)
     out["rope_parameters"] = params
     return out
+
+
+def check_qk_norm(spec) -> None:
+    """Refuse a QK-norm model (rule 6): DeepSeek-V3 cannot normalise each key head on its own."""
+    if spec.qk_norm:
+        raise ValueError(
+            "format 'deepseek' cannot hold a QK-norm model (Qwen3's per-head k_norm): DeepSeek-V3 computes the "
+            "cache row as kv_a_proj_with_mqa (linear in x) + one RMSNorm of the whole latent, which cannot "
+            "normalise each key head on its own, so no DeepSeek checkpoint computes these keys; use --format kvslim "
+            "(its row is computed from the normalised keys)")
 
 
 def hf_common(cfg, dtype: torch.dtype = torch.float32) -> dict:
@@ -154,6 +168,7 @@ def deepseek_state(model, *, target: str = "transformers", head_size: int | None
         ValueError naming what the target or DeepSeek-V3 cannot compute exactly.
     """
     cfg, spec = model.config, model.spec
+    check_qk_norm(spec)
     layout = mla_layout(spec, target, head_size)
     if spec.is_latent and (spec.latent_norm or spec.q_lora_rank):
         raise ValueError("format 'deepseek' export needs a converted model: no latent norm and no q-LoRA "

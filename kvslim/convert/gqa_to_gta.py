@@ -19,6 +19,9 @@ design of the conversion (beyond TransMLA; docs/convert.md):
 Exact (to float error) when the shared RoPE key captures every rotary component (MQA, or
 rank-1 heads per frequency with only target frequencies) and, per group, ``E_j`` spans at
 most ``d_h/2`` dims and ``[E_j; V_j]`` at most ``d_h`` (``state="key"``; tested).
+
+A QK-norm source (Qwen3) is fit the same way on its normalised keys (common.py ``layer_view``): the
+state and RoPE key read ``u = [k̂; v]`` and the query maps go to ``q_head_proj`` (attention/qknorm.py).
 """
 
 from __future__ import annotations
@@ -28,14 +31,16 @@ from tqdm.auto import tqdm
 
 from kvslim.convert.common import (
     FITS,
-    aug,
     balanced_kv,
     check_grouped_source,
+    layer_view,
     lstsq_map,
     metric_basis,
     new_model,
     output_metric,
+    qk_norm_fields,
     set_linear,
+    set_queries,
     top_eigvecs,
 )
 from kvslim.convert.rorope import check_freqfold, collapse_factor, effective_keys, rorope_rotation
@@ -101,14 +106,16 @@ def fit_gta(model, moments: list[torch.Tensor], *, freqfold: int | None = None, 
     if moments is None or len(moments) != L:
         raise ValueError(f"moments: need one E[x x^T] per layer ({L})")
     new_spec = AttentionSpec(kind="gta", hidden_size=spec.hidden_size, num_heads=h_q, head_dim=d, num_kv_heads=h_kv,
-                             rope_theta=spec.rope_theta, rope_scaling=spec.rope_scaling, qkv_bias=spec.qkv_bias)
+                             rope_theta=spec.rope_theta, rope_scaling=spec.rope_scaling, qkv_bias=spec.qkv_bias,
+                             **qk_norm_fields(spec))
     out = new_model(model, new_spec)
     if stats is not None:
         stats.update(kept_rope_energy=[], key_energy=[], value_energy=[])
     for li, (src, dst) in enumerate(tqdm(list(zip(model.model.layers, out.model.layers)), desc="convert gta",
                                          unit="layer", disable=not progress, leave=False)):
-        a, b, S = src.self_attn, dst.self_attn, moments[li].double()
-        Wq, Wk, Wv, Wo = aug(a.q_proj), aug(a.k_proj), aug(a.v_proj), a.o_proj.weight.detach().double()
+        a, b = src.self_attn, dst.self_attn
+        view = layer_view(a, moments[li])  # QK-norm: keys/values of the normalised keys (common.py)
+        Wq, Wk, Wv, S, Wo = view.Wq, view.Wk, view.Wv, view.S, a.o_proj.weight.detach().double()
         rot = rorope_rotation(Wk @ S @ Wk.T, num_kv_heads=h_kv, head_dim=d, rope_dim=spec.rope_dim,
                               target_rope_dim=d_r, freqfold=freqfold)
         R = rot.R
@@ -117,7 +124,7 @@ def fit_gta(model, moments: list[torch.Tensor], *, freqfold: int | None = None, 
         for j in range(h_kv):
             Ej, Vj = E[j], Wv[j * d : (j + 1) * d]
             if fit == "output":
-                Mk, Mv = output_metric(S, Wq, Wo, [j], g_q, d, [Ej], [Vj])
+                Mk, Mv = output_metric(S, view.query_moment, Wo, [j], g_q, d, [Ej], [Vj])
                 s1, _, _ = metric_basis(torch.cat([Ej, Vj]), S, Mk + Mv, half)
             elif state == "key":
                 A1, _ = top_eigvecs(Ej @ S @ Ej.T, half)
@@ -143,7 +150,7 @@ def fit_gta(model, moments: list[torch.Tensor], *, freqfold: int | None = None, 
             if stats is not None:
                 k_err.append(_explained(S, Ej, K1 @ s1))
                 v_err.append(_explained(S, Vj, Lj @ Sj))
-        set_linear(b.q_proj, torch.cat(q_rows))
+        set_queries(b, a, q_rows, view)
         set_linear(b.kv_proj, torch.cat(kv_rows))
         set_linear(b.k_rope_proj, R[:d_r] @ Wk)
         b.o_proj.weight.copy_(torch.cat(o_cols, 1).to(b.o_proj.weight.dtype))

@@ -41,6 +41,10 @@ plain SVD of the weights ``[W_K_nope; W_V]`` (no calibration, no balancing).
 Exact (to float error) at full rank ``d_c = max_latent_dim``: the latents then span
 ``[K_nope; V]``, so the model equals the partial-RoPE model; that equals the source when
 RoPE drops nothing (MQA, or keys whose heads are rank 1 per frequency; tested).
+
+A QK-norm source (Qwen3) is fit the same way on its normalised keys (common.py ``layer_view``): the
+latent and RoPE key read ``u = [k̂; v]`` and the query maps go to ``q_head_proj``
+(attention/qknorm.py); exact at full rank under the same condition (tests/test_qknorm.py).
 """
 
 from __future__ import annotations
@@ -52,13 +56,16 @@ from tqdm.auto import tqdm
 
 from kvslim.convert.common import (
     FITS,
-    aug,
+    LayerView,
     balanced_kv,
     check_grouped_source,
+    layer_view,
     metric_basis,
     new_model,
     output_metric,
+    qk_norm_fields,
     set_linear,
+    set_queries,
     top_eigvecs,
 )
 from kvslim.convert.rorope import (
@@ -91,6 +98,9 @@ def check_latent_target(spec: AttentionSpec, latent_heads, latent_dim, rope_dim,
         raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
     if fit != "bkv" and method != "transmla":
         raise ValueError(f"fit={fit!r} refits TransMLA's latent; it does not apply to method={method!r}")
+    if spec.qk_norm and method != "transmla":
+        raise ValueError(f"method={method!r} is a weight SVD of [W_K_nope; W_V]; a QK-norm source's keys are "
+                         "normalised per head, not a linear map of x, so only method='transmla' applies")
     collapse_factor(spec.rope_dim, rope_dim)
     for name, v in (("latent_heads", latent_heads), ("latent_dim (kv_lora_rank)", latent_dim)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -111,14 +121,12 @@ def check_latent_target(spec: AttentionSpec, latent_heads, latent_dim, rope_dim,
         check_freqfold(spec.rope_dim, rope_dim, freqfold)
 
 
-def layer_rotation(attn, S, spec: AttentionSpec, rope_dim: int, freqfold: int, method: str):
-    Wk = aug(attn.k_proj)
-    Sk = Wk @ S @ Wk.T
+def layer_rotation(view: LayerView, spec: AttentionSpec, rope_dim: int, freqfold: int, method: str):
+    Sk = view.Wk @ view.S @ view.Wk.T
     kw = dict(num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim, rope_dim=spec.rope_dim,
               target_rope_dim=rope_dim)
     if method == "mha2mla":
-        Wq = aug(attn.q_proj)
-        return norm_selection(Sk, Wq @ S @ Wq.T, num_heads=spec.num_heads, **kw)
+        return norm_selection(Sk, view.Wq @ view.S @ view.Wq.T, num_heads=spec.num_heads, **kw)
     return rorope_rotation(Sk, freqfold=freqfold, **kw)
 
 
@@ -169,6 +177,7 @@ def fit_latent(model, moments, *, latent_heads: int, latent_dim: int, rope_dim: 
         kind="mla" if latent_heads == 1 else "gla", hidden_size=spec.hidden_size, num_heads=h_q, head_dim=d,
         num_latent_heads=latent_heads, latent_dim=latent_dim, rope_dim=rope_dim, v_head_dim=d,
         rope_theta=spec.rope_theta, rope_scaling=spec.rope_scaling, latent_norm=False, qkv_bias=spec.qkv_bias,
+        num_kv_heads=h_kv if spec.qk_norm else None, **qk_norm_fields(spec),
     )
     out = new_model(model, new_spec)
     gamma = math.sqrt((d + rope_dim) / d)  # keep the source's 1/sqrt(d_h) softmax scale
@@ -176,9 +185,10 @@ def fit_latent(model, moments, *, latent_heads: int, latent_dim: int, rope_dim: 
         stats.update(kept_rope_energy=[], alpha=[], latent_energy=[])
     for li, (src, dst) in enumerate(tqdm(list(zip(model.model.layers, out.model.layers)), desc=f"convert {new_spec.name}",
                                          unit="layer", disable=not progress, leave=False)):
-        a, b, S = src.self_attn, dst.self_attn, moments[li].double()
-        Wq, Wk, Wv, Wo = aug(a.q_proj), aug(a.k_proj), aug(a.v_proj), a.o_proj.weight.detach().double().cpu()
-        rot = layer_rotation(a, S, spec, rope_dim, freqfold, method)
+        a, b = src.self_attn, dst.self_attn
+        view = layer_view(a, moments[li])  # QK-norm: keys/values of the normalised keys (common.py)
+        Wq, Wk, Wv, S, Wo = view.Wq, view.Wk, view.Wv, view.S, a.o_proj.weight.detach().double().cpu()
+        rot = layer_rotation(view, spec, rope_dim, freqfold, method)
         R = rot.R
         E = effective_keys(R, Wk, rope_dim, h_kv, d)  # [h_kv, d, D+1]
         lat_rows, w_kv_b = [], [None] * h_q
@@ -188,7 +198,7 @@ def fit_latent(model, moments, *, latent_heads: int, latent_dim: int, rope_dim: 
             Ek = torch.cat([E[j] for j in groups])
             Vc = torch.cat([Wv[j * d : (j + 1) * d] for j in groups])
             if fit == "output":
-                Mk, Mv = output_metric(S, Wq, Wo, groups, g_q, d, [E[j] for j in groups],
+                Mk, Mv = output_metric(S, view.query_moment, Wo, groups, g_q, d, [E[j] for j in groups],
                                        [Wv[j * d : (j + 1) * d] for j in groups])
                 Z = torch.cat([Ek, Vc])
                 down, up, evals = metric_basis(Z, S, Mk + Mv, latent_dim)
@@ -220,8 +230,8 @@ def fit_latent(model, moments, *, latent_heads: int, latent_dim: int, rope_dim: 
             j = h // g_q
             Wq_h = Wq[h * d : (h + 1) * d]
             q_rope = R[:rope_dim, j * d : (j + 1) * d] @ Wq_h
-            q_rows += [gamma * Wq_h, gamma * q_rope]
-        set_linear(b.q_proj, torch.cat(q_rows))
+            q_rows.append(torch.cat([gamma * Wq_h, gamma * q_rope]))
+        set_queries(b, a, q_rows, view)
         set_linear(b.kv_a_proj_with_mqa, torch.cat(lat_rows + [R[:rope_dim] @ Wk]))
         b.kv_b_proj.weight.copy_(torch.cat(w_kv_b).to(b.kv_b_proj.weight.dtype))
         b.o_proj.weight.copy_(a.o_proj.weight)

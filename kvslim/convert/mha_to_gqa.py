@@ -6,14 +6,16 @@ RoPE is linear and identical for all heads, so pooling the pre-RoPE projections 
 pooling the rotated keys. Query heads keep their order: query head h (old group
 ``h // (h_q/h_kv)``) reads new group ``h // (h_q/h_kv')``, which contains its old head.
 Queries and ``o_proj`` are unchanged; ``h_kv' = h_kv`` is the identity (tested). The paper
-then uptrains for ~5% of pre-training compute to recover quality.
+then uptrains for ~5% of pre-training compute to recover quality. A QK-norm source (Qwen3) keeps its
+norms; pooling the pre-norm projections is then not pooling the normalised keys (only exact for
+identical heads).
 """
 
 from __future__ import annotations
 
 import torch
 
-from kvslim.convert.common import aug, check_grouped_source, new_model, set_linear
+from kvslim.convert.common import aug, check_grouped_source, new_model, qk_norm_fields, set_linear
 from kvslim.spec import AttentionSpec
 
 __all__ = ["check_gqa_target", "mha_to_gqa"]
@@ -41,7 +43,7 @@ def mha_to_gqa(model, *, num_kv_heads: int):
     kind = "mha" if num_kv_heads == h_q else ("mqa" if num_kv_heads == 1 else "gqa")
     new_spec = AttentionSpec(kind=kind, hidden_size=spec.hidden_size, num_heads=h_q, head_dim=d,
                              num_kv_heads=num_kv_heads, rope_dim=spec.rope_dim, rope_theta=spec.rope_theta,
-                             rope_scaling=spec.rope_scaling, qkv_bias=spec.qkv_bias)
+                             rope_scaling=spec.rope_scaling, qkv_bias=spec.qkv_bias, **qk_norm_fields(spec))
     out = new_model(model, new_spec)
     per = h_kv // num_kv_heads
     for src, dst in zip(model.model.layers, out.model.layers):
@@ -49,6 +51,7 @@ def mha_to_gqa(model, *, num_kv_heads: int):
         for name in ("k_proj", "v_proj"):
             W = aug(getattr(a, name)).view(num_kv_heads, per, d, -1).mean(1).reshape(num_kv_heads * d, -1)
             set_linear(getattr(b, name), W)
-        b.q_proj.load_state_dict(a.q_proj.state_dict())
+        for name in ("q_proj", "q_norm", "k_norm") if spec.qk_norm else ("q_proj",):
+            getattr(b, name).load_state_dict(getattr(a, name).state_dict())
         b.o_proj.load_state_dict(a.o_proj.state_dict())
     return out

@@ -21,6 +21,7 @@ from kvslim.convert.calib import (
     check_calibration_batches,
     parse_calib_spec,
 )
+from kvslim.convert.deepseek import check_qk_norm
 from kvslim.convert.export import DTYPES, write_checkpoint
 from kvslim.convert.gqa_to_gta import check_gta_target, fit_gta
 from kvslim.convert.latent import check_latent_target, fit_latent
@@ -229,6 +230,7 @@ def convert_checkpoint(*, model_dir: str | os.PathLike, out: str | os.PathLike, 
                 freqfold=freqfold, method=method, gta_state=gta_state, fit=fit)
     check_conversion(spec, to, **opts)
     if fmt == "deepseek":
+        check_qk_norm(spec)
         mla_layout(_target_spec(spec, to, latent_heads=latent_heads, kv_lora_rank=kv_lora_rank, rope_dim=rope_dim),
                    target, head_size)
         if cfg.mlp_bias:

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from kvslim.checkpoint import _failpoint, state_dict_for_save, write_model_dir
-from kvslim.convert.calib import add_moment
+from kvslim.convert.calib import MomentSum
 from kvslim.convert.deepseek import deepseek_config, deepseek_ends, deepseek_state, fp16_check, fp16_error
 from kvslim.convert.export import hf_llama_config, kvslim_config
 from kvslim.convert.tensorio import LazyCheckpoint, SafetensorsWriter
@@ -74,15 +74,14 @@ def _merge_report(infos: list[dict], num_layers: int, fp16_err: float) -> dict:
     return rep
 
 
-def _calibrate(shell: Transformer, hidden: list[torch.Tensor], last: bool) -> torch.Tensor:
-    """``E[x̃x̃ᵀ]`` of the shell's attention input over ``hidden`` (advanced through the layer in place)."""
+def _calibrate(shell: Transformer, hidden: list[torch.Tensor], last: bool):
+    """The shell's attention-input moment over ``hidden`` (advanced through the layer in place): ``E[x̃x̃ᵀ]``,
+    or a ``QKNormMoment`` for a QK-norm source (calib.py ``MomentSum``, as the in-memory pass)."""
     layer = shell.model.layers[0]
-    D = shell.config.hidden_size
-    total = torch.zeros(D + 1, D + 1, dtype=torch.float64)
-    count = [0]
+    total = MomentSum(layer.self_attn)
 
     def hook(module, args):
-        count[0] += add_moment(total, args[0])
+        total.add(args[0])
 
     handle = layer.self_attn.register_forward_pre_hook(hook)
     try:
@@ -96,7 +95,7 @@ def _calibrate(shell: Transformer, hidden: list[torch.Tensor], last: bool) -> to
             hidden[b] = layer(x, positions, None)
     finally:
         handle.remove()
-    return total / count[0]
+    return total.mean()
 
 
 @torch.no_grad()
