@@ -67,6 +67,15 @@ def test_allocation_follows_the_energy():
     assert ranks[1] == max(ranks) and ranks[3] == min(ranks) == 16 and sum(ranks) == 4 * 48
 
 
+def test_relative_allocation_ignores_each_layers_scale():
+    spectra = _spectra(7, 5)
+    scaled = [[e * 10.0 ** (i - 2) for e in layer] for i, layer in enumerate(spectra)]
+    a, rep = allocate_ranks(spectra, budget=48, rank_min=16, cap=112, relative=True)
+    assert allocate_ranks(scaled, budget=48, rank_min=16, cap=112, relative=True)[0] == a
+    assert allocate_ranks(scaled, budget=48, rank_min=16, cap=112)[0] != a  # energy follows the scale
+    assert sum(a) == 5 * 48 and rep["objective"] <= rep["objective_uniform"]
+
+
 def _gqa_source(layers: int = 3) -> Transformer:
     """GQA-2, d_h = 32: MLA with d_R = 16 can keep 112 latent dims (7 steps of 16), GLA-2 64 per head."""
     return tiny_model(tiny_spec("gqa-2", num_heads=4, head_dim=32, hidden_size=128), layers=layers)
@@ -94,18 +103,20 @@ def test_full_rank_everywhere_is_the_uniform_conversion(to, opts, full):
 
 @pytest.mark.parametrize("to,opts", [("mla", dict(rope_dim=16, kv_lora_rank=48, fit="output")),
                                      ("mla", dict(rope_dim=16, kv_lora_rank=32, rank_min=32)),
+                                     ("mla", dict(rope_dim=16, kv_lora_rank=48, rank_alloc="relative")),
                                      ("gla", dict(rope_dim=16, latent_heads=2, kv_lora_rank=32))])
 def test_energy_conversion_keeps_the_budget_and_runs(to, opts):
     src = _gqa_source(layers=4)
     mom = _moments(src)
-    model, stats = convert_model(src, to, moments=mom, rank_alloc="energy", progress=False, **opts)
+    opts = {"rank_alloc": "energy", **opts}
+    model, stats = convert_model(src, to, moments=mom, progress=False, **opts)
     ranks = stats["layer_ranks"]
     R = opts["kv_lora_rank"]
     assert sum(ranks) == 4 * R and all(r % 16 == 0 and r >= opts.get("rank_min", 16) for r in ranks)
     assert stats["rank_alloc"]["objective"] <= stats["rank_alloc"]["objective_uniform"]
     assert [layer.self_attn.kv_b_proj.weight.shape[1] for layer in model.model.layers] == ranks
     uniform, _ = convert_model(src, to, moments=mom, progress=False,
-                               **{k: v for k, v in opts.items() if k != "rank_min"})
+                               **{k: v for k, v in opts.items() if k not in ("rank_min", "rank_alloc")})
     assert model.config.kv_elements_per_token() == uniform.config.kv_elements_per_token()  # equal bytes
     x = torch.randint(0, 97, (2, 12))
     assert torch.isfinite(model(x)).all()
@@ -232,7 +243,7 @@ def test_streaming_energy_conversion_is_byte_identical_and_loads(hf_source, tmp_
     (dict(to="mla", kv_lora_rank=24, rank_alloc="energy"), r"kv_lora_rank \(latent_dim\) = 24 must be a multiple of 16"),
     (dict(to="mla", kv_lora_rank=32, rank_alloc="energy", rank_min=48), "below rank_min"),
     (dict(to="mla", kv_lora_rank=32, rank_alloc="energy", rank_min=24), "rank_min must be a positive multiple"),
-    (dict(to="mla", kv_lora_rank=32, rank_min=16), "rank_min=16 applies to rank_alloc='energy' only"),
+    (dict(to="mla", kv_lora_rank=32, rank_min=16), "rank_min=16 applies to per-layer ranks only"),
     (dict(to="mla", kv_lora_rank=96, rank_alloc="energy"), "larger than possible"),
     (dict(to="mla", kv_lora_rank=32, rank_alloc="energy", rope_dim=7), "rope"),
     (dict(to="mla", kv_lora_rank=32, rank_alloc="energy", fmt="deepseek"), "format 'deepseek'"),

@@ -42,13 +42,16 @@ def add(subparsers) -> None:
                    "bkv on every held-out genre measured, benchmarks/results/convert_matrix.md); bkv = TransMLA's "
                    "balanced PCA of [K_nope; V] (the default with --method mha2mla and the only one for --to gqa; "
                    "see docs/convert.md)")
-    p.add_argument("--rank-alloc", choices=["uniform", "energy"], default="uniform",
+    p.add_argument("--rank-alloc", choices=["uniform", "energy", "relative"], default="uniform",
                    help="mla/gla latent dims per layer: uniform = --kv-lora-rank everywhere (default); energy = "
                    "per-layer dims summing to layers x --kv-lora-rank (the same cache bytes), in steps of 16, "
-                   "given greedily to the layers whose fit loses most energy on the calibration text "
-                   "(kvslim format only: DeepSeek-V3 holds one kv_lora_rank; see docs/convert.md)")
+                   "given greedily to the layers whose fit loses most energy on the calibration text; relative = "
+                   "the same on each layer's fraction of its own energy (kvslim format only: DeepSeek-V3 holds "
+                   "one kv_lora_rank). Measured on SmolLM2: energy is worse than uniform, relative ties it "
+                   "(docs/convert.md)")
     p.add_argument("--rank-min", type=int, metavar="R",
-                   help="with --rank-alloc energy: the least latent dim of a layer (a multiple of 16; default 16)")
+                   help="with --rank-alloc energy/relative: the least latent dim of a layer (a multiple of 16; "
+                   "default 16)")
     p.add_argument("--calib-samples", type=int, default=32, help="calibration windows (default 32)")
     p.add_argument("--calib-seq-len", type=int, default=256, help="tokens per calibration window (default 256)")
     p.add_argument("--calib", "--calib-text", dest="calib", default="mix", metavar="SPEC",

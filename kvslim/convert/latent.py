@@ -147,8 +147,9 @@ def gqa_to_latent(model, moments: list[torch.Tensor] | None, *, latent_heads: in
         balance: BKV balancing (transmla only).
         fit: ``bkv`` (TransMLA: PCA of the balanced ``[K_nope; V]``) or ``output`` (the
             output-aware metric of the module docstring, step 3').
-        rank_alloc: ``uniform`` (every layer ``latent_dim``) or ``energy`` (per-layer ranks by greedy
-            marginal gain on each layer's fit objective, ranks.py), ``rank_min`` the least per layer.
+        rank_alloc: ``uniform`` (every layer ``latent_dim``), ``energy`` (per-layer ranks by greedy
+            marginal gain on each layer's fit objective, ranks.py) or ``relative`` (the same on each layer's
+            fraction of its energy), ``rank_min`` the least per layer.
         stats: optional dict that receives per-layer diagnostics.
     Returns:
         a new ``Transformer`` with kind mla/gla, ``latent_norm=False``.
@@ -289,10 +290,10 @@ def fit_latent(model, moments, *, latent_heads: int, latent_dim: int, rope_dim: 
     name = "mla" if latent_heads == 1 else f"gla-{latent_heads}"
     fits = _fits(model, moments, spec, kw, progress, f"convert {name}")
     ranks, alloc = [latent_dim] * L, None
-    if rank_alloc == "energy":  # every layer's spectrum first: the allocation needs them all
+    if rank_alloc != "uniform":  # every layer's spectrum first: the allocation needs them all
         fits = list(fits)
-        ranks, alloc = allocate_ranks([lf.spectra for lf in fits], budget=latent_dim,
-                                      rank_min=resolve_rank_min(rank_min), cap=fits[0].cap)
+        ranks, alloc = allocate_ranks([lf.spectra for lf in fits], budget=latent_dim, rank_min=resolve_rank_min(rank_min),
+                                      cap=fits[0].cap, relative=rank_alloc == "relative")
     new_spec = AttentionSpec(
         kind="mla" if latent_heads == 1 else "gla", hidden_size=spec.hidden_size, num_heads=spec.num_heads,
         head_dim=spec.head_dim, num_latent_heads=latent_heads, latent_dim=max(ranks), rope_dim=rope_dim,

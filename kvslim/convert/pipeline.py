@@ -209,7 +209,8 @@ def convert_checkpoint(*, model_dir: str | os.PathLike, out: str | os.PathLike, 
         fit: ``bkv`` (TransMLA's balanced PCA) or ``output`` (the output-aware metric, latent.py).
         rank_alloc: ``uniform`` (every layer ``kv_lora_rank``) or ``energy`` (mla/gla: per-layer ranks
             summing to ``num_layers · kv_lora_rank``, in steps of 16, at least ``rank_min`` (default 16),
-            chosen by greedy marginal gain on each layer's fit objective from the calibration; ranks.py).
+            chosen by greedy marginal gain on each layer's fit objective from the calibration; ranks.py),
+            or ``relative`` (the same on each layer's fraction of its own energy).
         stream: convert layer by layer, holding one layer at a time (stream.py; the default: its
             output is byte-identical); False loads the whole source model first.
     """
@@ -317,4 +318,5 @@ def _stream_ranks(src: LazyCheckpoint, calib, to: str, opts: dict, progress: boo
     spectra = stream_layers(src, calib, lambda i, shell, moments: layer_spectra(shell, moments, **kw)[0],
                             progress=progress)
     return allocate_ranks(spectra, budget=opts["kv_lora_rank"], rank_min=resolve_rank_min(opts["rank_min"]),
-                          cap=max_latent_dim(src.config.attention, h_c, opts["rope_dim"]))
+                          cap=max_latent_dim(src.config.attention, h_c, opts["rope_dim"]),
+                          relative=opts["rank_alloc"] == "relative")
