@@ -90,7 +90,8 @@ def run(args) -> int:
               f"{alloc['budget']}): {', '.join(map(str, alloc['ranks']))}")
         gain = (f" ({alloc['objective'] / alloc['objective_uniform'] - 1:+.1%})" if alloc["objective_uniform"] > 0
                 else "")
-        print(f"fit objective on the calibration text (dropped eigen-energy, all layers): {alloc['objective']:.4g} "
+        what = "dropped eigen-energy" if args.rank_alloc == "energy" else "dropped fraction of each layer's energy"
+        print(f"fit objective on the calibration text ({what}, summed over layers): {alloc['objective']:.4g} "
               f"vs {alloc['objective_uniform']:.4g} with uniform dims{gain}")
         print("format kvslim: per-layer ranks (DeepSeek-V3 holds one kv_lora_rank; `kvslim plan --hf-config OUT` "
               "plans this cache)")
