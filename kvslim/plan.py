@@ -111,10 +111,17 @@ class PlanResult:
     max_sequences: int
     max_tokens: int
     label: str | None = None  # shown instead of the spec's name (e.g. "gta-4@vllm")
+    # per-layer latent ranks (MLA/GLA): the per-layer fields above are then means over the layers
+    layer_ranks: tuple[int, ...] | None = None
+    bytes_per_token_all_layers_device: int = 0  # KV bytes one token takes on one device, summed over layers
 
     @property
     def name(self) -> str:
-        return self.label or self.spec.name
+        if self.label:
+            return self.label
+        if self.layer_ranks:
+            return f"{self.spec.name} (ranks {min(self.layer_ranks)}-{max(self.layer_ranks)})"
+        return self.spec.name
 
     @property
     def group_size(self) -> int:
@@ -181,6 +188,7 @@ def plan(
     weights_bytes: int | None = None,
     mem_util: float = 0.9,
     label: str | None = None,
+    layer_ranks: Sequence[int] | None = None,
 ) -> PlanResult:
     """Plan one decode deployment of ``spec``.
 
@@ -200,6 +208,9 @@ def plan(
             weights is reported and the per-device share (``/tp``) is taken from memory.
         mem_util: fraction of device memory usable for weights + cache.
         label: the name tables show (default ``spec.name``).
+        layer_ranks: per-layer latent dims of an MLA/GLA model (``ModelConfig.layer_ranks``, one per
+            layer): bytes/token, FLOPs and time are summed over the layers, each with its own
+            ``latent_dim``; the per-layer fields of the result are then means over the layers.
     """
     if not isinstance(spec, AttentionSpec):
         raise TypeError(f"spec must be an AttentionSpec, got {type(spec).__name__}")
@@ -223,58 +234,61 @@ def plan(
     if not isinstance(mem_util, (int, float)) or not 0 < mem_util <= 1:
         raise ValueError(f"mem_util must be in (0, 1], got {mem_util!r}")
 
-    row_dev = spec.row_dim_per_rank(tp)
-    row_bytes_dev = spec.row_format(dtype, tp).row_bytes
-    d_qk, d_v = decode_dims(spec)
+    specs = _layer_specs(spec, num_layers, layer_ranks)
     heads_dev = spec.num_heads // tp
-    flops = 2.0 * batch * q_len * heads_dev * context * (d_qk + d_v)
-    kv_bytes = batch * context * row_bytes_dev
-    qo_bytes = batch * q_len * heads_dev * (d_qk + d_v) * _act_bytes(dtype)
     bw, peak = gpu.bandwidth_tbs * 1e12, gpu.tflops * 1e12
-    t_layer = max((kv_bytes + qo_bytes) / bw, flops / peak)
+    # (elems, elems/device, bytes, bytes/device, flops, kv bytes, q+o bytes, time) of one layer of each spec
+    per_spec = {}
+    for s in dict.fromkeys(specs):
+        row_bytes_dev = s.row_format(dtype, tp).row_bytes
+        d_qk, d_v = decode_dims(s)
+        flops = 2.0 * batch * q_len * heads_dev * context * (d_qk + d_v)
+        kv_bytes = batch * context * row_bytes_dev
+        qo_bytes = batch * q_len * heads_dev * (d_qk + d_v) * _act_bytes(dtype)
+        t_layer = max((kv_bytes + qo_bytes) / bw, flops / peak)
+        per_spec[s] = (s.row_dim, s.row_dim_per_rank(tp), s.row_format(dtype, 1).row_bytes, row_bytes_dev,
+                       flops, kv_bytes, qo_bytes, t_layer)
+    counts = {s: specs.count(s) for s in per_spec}
+    total = [sum(counts[s] * v[k] for s, v in per_spec.items()) for k in range(8)]
+    mean = next(iter(per_spec.values())) if len(per_spec) == 1 else [  # an int where it divides
+        x // num_layers if isinstance(x, int) and x % num_layers == 0 else x / num_layers for x in total]
+    row_bytes_all = total[3]  # bytes one token takes on a device over all layers
 
-    time_w = None
-    w_dev = 0.0
+    time_w, w_dev = None, 0.0
     if weights_bytes is not None:
         w_dev = weights_bytes / tp
         # Weight GEMMs: 2 FLOPs per parameter per token; parameters = bytes / sizeof.
         w_flops = 2.0 * (w_dev / _act_bytes(dtype)) * batch * q_len
-        time_w = max(
-            (num_layers * (kv_bytes + qo_bytes) + w_dev) / bw,
-            (num_layers * flops + w_flops) / peak,
-        )
+        time_w = max((total[5] + total[6] + w_dev) / bw, (total[4] + w_flops) / peak)
 
-    per_seq = context * num_layers * row_bytes_dev
+    per_seq = context * row_bytes_all
     avail = mem_util * gpu.memory_gb * 1e9 - w_dev
     max_seqs = max(0, math.floor(avail / per_seq))
-    max_tokens = max(0, math.floor(avail / (num_layers * row_bytes_dev)))
+    max_tokens = max(0, math.floor(avail / row_bytes_all))
     return PlanResult(
-        spec=spec,
-        batch=batch,
-        context=context,
-        q_len=q_len,
-        tp=tp,
-        dtype=dtype,
-        gpu=gpu,
-        num_layers=num_layers,
-        weights_bytes=weights_bytes,
-        mem_util=float(mem_util),
-        elems_per_token=spec.row_dim,
-        elems_per_token_device=row_dev,
-        bytes_per_token=spec.row_format(dtype, 1).row_bytes,
-        bytes_per_token_device=row_bytes_dev,
-        duplication=spec.duplication(tp),
-        flops_layer=flops,
-        kv_bytes_layer=kv_bytes,
-        qo_bytes_layer=qo_bytes,
-        time_layer_s=t_layer,
-        cache_bytes_device=batch * per_seq,
-        time_attn_s=num_layers * t_layer,
-        time_with_weights_s=time_w,
-        max_sequences=max_seqs,
-        max_tokens=max_tokens,
-        label=label,
+        spec=spec, batch=batch, context=context, q_len=q_len, tp=tp, dtype=dtype, gpu=gpu, num_layers=num_layers,
+        weights_bytes=weights_bytes, mem_util=float(mem_util),
+        elems_per_token=mean[0], elems_per_token_device=mean[1], bytes_per_token=mean[2],
+        bytes_per_token_device=mean[3], duplication=spec.duplication(tp),
+        flops_layer=mean[4], kv_bytes_layer=mean[5], qo_bytes_layer=mean[6], time_layer_s=mean[7],
+        cache_bytes_device=batch * per_seq, time_attn_s=total[7], time_with_weights_s=time_w,
+        max_sequences=max_seqs, max_tokens=max_tokens, label=label,
+        layer_ranks=None if layer_ranks is None else tuple(layer_ranks), bytes_per_token_all_layers_device=row_bytes_all,
     )
+
+
+def _layer_specs(spec: AttentionSpec, num_layers: int, layer_ranks) -> list[AttentionSpec]:
+    """One spec per layer: ``spec`` everywhere, or ``spec`` with each layer's ``latent_dim``."""
+    if layer_ranks is None:
+        return [spec] * num_layers
+    if not spec.is_latent:
+        raise ValueError(f"layer_ranks (per-layer latent dims) apply to mla/gla, not {spec.kind}")
+    ranks = list(layer_ranks) if isinstance(layer_ranks, (list, tuple)) else None
+    if ranks is None or len(ranks) != num_layers:
+        raise ValueError(f"layer_ranks must list num_layers={num_layers} latent dims, got {layer_ranks!r}")
+    if any(isinstance(r, bool) or not isinstance(r, int) or r <= 0 for r in ranks):
+        raise ValueError(f"layer_ranks must hold positive ints, got {ranks}")
+    return [spec.replace(latent_dim=r) for r in ranks]
 
 
 def _gb(x: float) -> str:
@@ -289,13 +303,18 @@ def format_plan(r: PlanResult) -> str:
     """Human-readable report of one :class:`PlanResult`."""
     s, g = r.spec, r.gpu
     d_qk, d_v = decode_dims(s)
+    state = str(s.state_dim)
+    if r.layer_ranks:  # per-layer latent dims: the widths span a range
+        lo = s.replace(latent_dim=min(r.layer_ranks))
+        state = f"{lo.state_dim}..{s.state_dim}"
+        d_qk, d_v = f"{decode_dims(lo)[0]}..{d_qk}", f"{decode_dims(lo)[1]}..{d_v}"
     rows = [
         ("KV per token per layer", f"{r.elems_per_token} elements, {r.bytes_per_token} bytes"),
         (
             "KV per token per layer per device",
             f"{r.elems_per_token_device} elements, {r.bytes_per_token_device} bytes",
         ),
-        ("KV per token, all layers, device", f"{r.bytes_per_token_device * r.num_layers} bytes"),
+        ("KV per token, all layers, device", f"{r.bytes_per_token_all_layers_device} bytes"),
         (
             "cache for B x L, all layers",
             f"{_gb(r.cache_bytes_device)} per device, {_gb(r.cache_bytes_total)} over {r.tp} device(s)",
@@ -336,11 +355,14 @@ def format_plan(r: PlanResult) -> str:
             + ("" if r.weights_bytes is not None else ", weights not counted"),
         )
     )
+    if r.layer_ranks:
+        rows.insert(0, ("latent dims per layer", f"{', '.join(map(str, r.layer_ranks))} (per-layer sizes below "
+                                                  "are means over the layers)"))
     width = max(len(k) for k, _ in rows) + 2
     lines = [
         (
             f"{s.name}: {s.kind}, h_q={s.num_heads}, d_h={s.head_dim}, state heads={s.num_state_heads}"
-            f" x {s.state_dim}, shared rope={s.shared_rope_dim}, g_q={r.group_size}, m_kv={r.m_kv}"
+            f" x {state}, shared rope={s.shared_rope_dim}, g_q={r.group_size}, m_kv={r.m_kv}"
         ),
         (
             f"deployment: B={r.batch}, L={r.context}, q_len={r.q_len}, TP={r.tp}, {r.dtype}, "

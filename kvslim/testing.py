@@ -16,10 +16,13 @@ def tiny_spec(name: str, *, num_heads: int = 4, head_dim: int = 16, hidden_size:
 
 
 def tiny_model(spec: AttentionSpec, *, vocab: int = 97, layers: int = 2, seed: int = 0,
-               tie: bool = False) -> Transformer:
+               tie: bool = False, layer_ranks: list[int] | None = None) -> Transformer:
+    """A small random model; ``layer_ranks`` (mla/gla): per-layer latent dims (``spec.latent_dim`` is ignored)."""
     torch.manual_seed(seed)
     cfg = ModelConfig(vocab_size=vocab, hidden_size=spec.hidden_size, intermediate_size=2 * spec.hidden_size,
                       num_layers=layers, attention=spec, tie_word_embeddings=tie)
+    if layer_ranks is not None:
+        cfg = cfg.with_layer_ranks(layer_ranks)
     model = Transformer(cfg).eval()
     # non-trivial norm weights so that errors in their handling are visible
     with torch.no_grad():

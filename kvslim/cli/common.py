@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from kvslim.checkpoint import FORMAT
 from kvslim.spec import AttentionSpec, _as_dict, preset_names
 
 
@@ -30,7 +31,8 @@ def add_spec_args(p: argparse.ArgumentParser, *, multi: bool = False) -> None:
         help=f"variant preset, e.g. {', '.join(preset_names())}"
         + ("; repeatable or comma-separated" if multi else ""),
     )
-    g.add_argument("--hf-config", metavar="PATH", help="Hugging Face config.json (or its folder)")
+    g.add_argument("--hf-config", metavar="PATH", help="Hugging Face config.json (or its folder), or a kvslim "
+                   "checkpoint's (with its per-layer latent ranks)")
     g.add_argument("--kind", help="explicit kind: mha, mqa, gqa, gta, mla, gla")
     g.add_argument("--heads", type=int, help="query heads h_q (also overrides presets; default 16)")
     g.add_argument("--head-dim", type=int, help="head dim d_h (also overrides presets; default 128)")
@@ -42,7 +44,16 @@ def add_spec_args(p: argparse.ArgumentParser, *, multi: bool = False) -> None:
 
 
 def _load_hf(path: str) -> tuple[AttentionSpec, dict]:
+    """(spec, config dict) of a Hugging Face config or a kvslim checkpoint's config.json.
+
+    A kvslim config yields ``num_hidden_layers`` and its per-layer latent ranks (``layer_ranks``).
+    """
     cfg = _as_dict(path)
+    if cfg.get("format") == FORMAT:
+        from kvslim.model import ModelConfig
+
+        mc = ModelConfig.from_dict({k: v for k, v in cfg.items() if k != "format"})
+        return mc.attention, {"num_hidden_layers": mc.num_layers, "layer_ranks": mc.layer_ranks}
     return AttentionSpec.from_hf_config(cfg), cfg
 
 

@@ -42,6 +42,16 @@ def add(subparsers) -> None:
                    "bkv on every held-out genre measured, benchmarks/results/convert_matrix.md); bkv = TransMLA's "
                    "balanced PCA of [K_nope; V] (the default with --method mha2mla and the only one for --to gqa; "
                    "see docs/convert.md)")
+    p.add_argument("--rank-alloc", choices=["uniform", "energy", "relative"], default="uniform",
+                   help="mla/gla latent dims per layer: uniform = --kv-lora-rank everywhere (default); energy = "
+                   "per-layer dims summing to layers x --kv-lora-rank (the same cache bytes), in steps of 16, "
+                   "given greedily to the layers whose fit loses most energy on the calibration text; relative = "
+                   "the same on each layer's fraction of its own energy (kvslim format only: DeepSeek-V3 holds "
+                   "one kv_lora_rank). Measured on SmolLM2: energy is worse than uniform, relative ties it "
+                   "(docs/convert.md)")
+    p.add_argument("--rank-min", type=int, metavar="R",
+                   help="with --rank-alloc energy/relative: the least latent dim of a layer (a multiple of 16; "
+                   "default 16)")
     p.add_argument("--calib-samples", type=int, default=32, help="calibration windows (default 32)")
     p.add_argument("--calib-seq-len", type=int, default=256, help="tokens per calibration window (default 256)")
     p.add_argument("--calib", "--calib-text", dest="calib", default="mix", metavar="SPEC",
@@ -71,9 +81,20 @@ def run(args) -> int:
         kv_heads=args.kv_heads, latent_heads=args.latent_heads, kv_lora_rank=args.kv_lora_rank,
         rope_dim=args.rope_dim, freqfold=args.freqfold, method=args.method, fit=fit, calib_samples=args.calib_samples,
         calib_seq_len=args.calib_seq_len, calib_text=args.calib, seed=args.seed, dtype=args.dtype,
-        stream=not args.in_memory,
+        rank_alloc=args.rank_alloc, rank_min=args.rank_min, stream=not args.in_memory,
     )
-    print(kv_table(res.source, res.target, res.num_layers))
+    print(kv_table(res.source, res.target, res.num_layers, layer_ranks=res.layer_ranks))
+    alloc = res.stats.get("rank_alloc")
+    if alloc:
+        print(f"\nlatent dims per layer ({args.rank_alloc}, sum {sum(alloc['ranks'])} = {res.num_layers} x "
+              f"{alloc['budget']}): {', '.join(map(str, alloc['ranks']))}")
+        gain = (f" ({alloc['objective'] / alloc['objective_uniform'] - 1:+.1%})" if alloc["objective_uniform"] > 0
+                else "")
+        what = "dropped eigen-energy" if args.rank_alloc == "energy" else "dropped fraction of each layer's energy"
+        print(f"fit objective on the calibration text ({what}, summed over layers): {alloc['objective']:.4g} "
+              f"vs {alloc['objective_uniform']:.4g} with uniform dims{gain}")
+        print("format kvslim: per-layer ranks (DeepSeek-V3 holds one kv_lora_rank; `kvslim plan --hf-config OUT` "
+              "plans this cache)")
     if res.export:
         print(export_summary(res.export, res.num_layers))
     print(f"\nwrote {res.out} ({res.seconds:.1f} s)")

@@ -39,6 +39,10 @@ def add(subparsers) -> None:
     p.add_argument(
         "--layers", type=int, help="attention layers (default: the HF config's num_hidden_layers, else 32)"
     )
+    p.add_argument("--layer-ranks", type=int_list, metavar="LIST",
+                   help="mla/gla: per-layer latent dims, one per layer (e.g. from `kvslim convert --rank-alloc "
+                   "energy`); bytes/token and time are summed over the layers. A kvslim checkpoint's config "
+                   "(--hf-config DIR) brings its own")
     p.add_argument(
         "--params",
         type=float,
@@ -88,14 +92,24 @@ def run(args) -> int:
         check_output_file(args.plot, flag="--plot")
     if args.compare:
         args.preset = list(args.preset) + [args.compare]
+    if args.layer_ranks and not args.kind:
+        raise ValueError("--layer-ranks needs --kind mla or gla (a kvslim checkpoint's config brings its own ranks)")
+    if args.layer_ranks and args.latent_dim is None:
+        args.latent_dim = max(args.layer_ranks)
     chosen = specs_from_args(args)
     labels = [None] * len(chosen)
     if args.mla_head_size is not None and not args.serve_as:
         raise ValueError("--mla-head-size needs --serve-as")
+    ranks = [(c or {}).get("layer_ranks") for _, c in chosen]
+    if args.layer_ranks:  # the --kind spec, which specs_from_args puts last
+        ranks[-1] = args.layer_ranks
     if args.serve_as:
         from kvslim.serving import mla_layout
 
         for i, (s, c) in enumerate(chosen):
+            if ranks[i]:
+                raise ValueError("--serve-as: a model with per-layer latent ranks has no DeepSeek MLA export "
+                                 "(its config holds one kv_lora_rank); plan it without --serve-as")
             if s.is_tied:
                 lay = mla_layout(s, args.serve_as, args.mla_head_size)
                 print(f"{s.name}: {lay.describe()}")
@@ -103,7 +117,7 @@ def run(args) -> int:
     layers = args.layers
     if layers is None:
         from_cfg = [c.get("num_hidden_layers") for _, c in chosen if c and c.get("num_hidden_layers")]
-        layers = from_cfg[0] if from_cfg else 32
+        layers = from_cfg[0] if from_cfg else (len(args.layer_ranks) if args.layer_ranks else 32)
     weights = None if args.params is None else int(args.params * 1e9 * DTYPE_BYTES[args.weight_dtype])
     kw = {
         "batch": args.batch,
@@ -115,7 +129,8 @@ def run(args) -> int:
         "weights_bytes": weights,
         "mem_util": args.mem_util,
     }
-    results = [plan(s, tp=t, label=lab, **kw) for (s, _), lab in zip(chosen, labels) for t in args.tp]
+    results = [plan(s, tp=t, label=lab, layer_ranks=r, **kw)
+               for (s, _), lab, r in zip(chosen, labels, ranks) for t in args.tp]
     if len(results) == 1 and not args.compare:
         print(format_plan(results[0]))
     else:

@@ -104,7 +104,7 @@ def _run_train(args) -> int:
     finally:
         dist.shutdown()
     print(f"{model.spec.name}: {sum(p.numel() for p in model.parameters()):,} parameters, "
-          f"KV {model.spec.bytes_per_token(2) * model.config.num_layers:,} bytes/token (bf16, all layers)")
+          f"KV {model.config.kv_elements_per_token() * 2:,} bytes/token (bf16, all layers)")
     _print_history(history, args.out)
     return 0
 

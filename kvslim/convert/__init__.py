@@ -7,6 +7,7 @@
 | GLA | ``gqa_to_gla`` (``gqa_to_latent`` with h_c latent heads) | latent.py | same, per latent head |
 | GTA | ``gqa_to_gta`` | gqa_to_gta.py | see its docstring |
 | MLA/GLA/GTA as DeepSeek MLA | ``as_mla`` + ``save_deepseek`` | as_mla.py, deepseek.py | always (padding, 0/1 or block ``kv_b_proj``) |
+| per-layer MLA/GLA ranks | ``rank_alloc="energy"``, ``allocate_ranks`` | ranks.py | full rank everywhere = uniform |
 
 ``convert_checkpoint`` (pipeline.py) goes from a directory to a directory; ``check_conversion``
 is its one validation. By default it streams (stream.py, tensorio.py): one source layer in memory
@@ -32,10 +33,11 @@ from kvslim.convert.pipeline import (
     export_summary,
     kv_table,
 )
+from kvslim.convert.ranks import allocate_ranks
 from kvslim.convert.rorope import Rotation, norm_selection, rorope_rotation
 
 __all__ = [
-    "ConvertResult", "Rotation", "as_mla", "attention_input_moments", "calibration_batches", "calibration_tokens",
+    "ConvertResult", "Rotation", "allocate_ranks", "as_mla", "attention_input_moments", "calibration_batches", "calibration_tokens",
     "check_conversion", "convert_checkpoint", "convert_model", "deepseek_state", "export_summary", "gqa_to_gla",
     "gqa_to_gta", "gqa_to_latent", "gqa_to_mla", "kv_table", "max_latent_dim", "mha_to_gqa", "norm_selection", "rorope_rotation", "save_deepseek",
     "save_hf_llama", "save_kvslim", "write_checkpoint",

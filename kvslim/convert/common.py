@@ -21,11 +21,11 @@ import torch
 from torch import nn
 
 from kvslim.convert.calib import QKNormMoment
-from kvslim.model import ModelConfig, Transformer
+from kvslim.model import Transformer
 from kvslim.spec import AttentionSpec
 
-__all__ = ["FITS", "LayerView", "aug", "check_grouped_source", "layer_view", "metric_basis", "new_model",
-           "output_metric", "qk_norm_fields", "set_linear", "set_queries", "sqrt_pair", "top_eigvecs"]
+__all__ = ["FITS", "LayerView", "aug", "check_grouped_source", "layer_view", "metric_basis", "metric_eigs",
+           "new_model", "output_metric", "qk_norm_fields", "set_linear", "set_queries", "sqrt_pair", "top_eigvecs"]
 
 
 def aug(lin: nn.Linear) -> torch.Tensor:
@@ -125,11 +125,10 @@ def check_grouped_source(model) -> AttentionSpec:
 
 
 @torch.no_grad()
-def new_model(model: Transformer, spec: AttentionSpec) -> Transformer:
-    """A Transformer with ``spec`` attention and every non-attention weight copied from ``model``."""
-    d = model.config.to_dict()
-    d["attention"] = spec
-    cfg = ModelConfig(**d)
+def new_model(model: Transformer, spec: AttentionSpec, layer_ranks: list[int] | None = None) -> Transformer:
+    """A Transformer with ``spec`` attention (per-layer ``latent_dim``s ``layer_ranks``, if given) and every
+    non-attention weight copied from ``model``."""
+    cfg = model.config.with_attention(spec, layer_ranks)
     dtype = next(model.parameters()).dtype
     out = Transformer(cfg).to(dtype)  # (not on meta: that path imports torch._dynamo, ~5 s)
     sd = {k: v for k, v in model.state_dict().items() if ".self_attn." not in k}
@@ -224,9 +223,17 @@ def metric_basis(Z: torch.Tensor, S: torch.Tensor, blocks: list[torch.Tensor], k
     ``down @ x̃`` and ``Z x̃ ≈ up @ latent``. With ``M = I`` this is the PCA of BKV; at full rank
     it is exact (``up @ down`` is the identity on the span of ``Z``).
     """
+    Mh, Mih, U, evals = metric_eigs(Z, S, blocks)
+    U = U[:, :k].contiguous()
+    return U.T @ Mh @ Z, Mih @ U, evals
+
+
+def metric_eigs(Z: torch.Tensor, S: torch.Tensor, blocks: list[torch.Tensor]):
+    """What :func:`metric_basis` fits at every rank: ``(M^{1/2}, M^{-1/2}, U, eigenvalues)``, ``U`` the
+    eigenvectors of ``M^{1/2} Z Σ Zᵀ M^{1/2}`` by descending eigenvalue (rank k takes ``U[:, :k]``)."""
     pairs = [sqrt_pair(b) for b in blocks]
     Mh, Mih = torch.block_diag(*[p[0] for p in pairs]), torch.block_diag(*[p[1] for p in pairs])
     if Mh.shape[0] != Z.shape[0]:
         raise ValueError(f"internal: metric of {Mh.shape[0]} rows for {Z.shape[0]} rows")
-    U, evals = top_eigvecs(Mh @ Z @ S @ Z.T @ Mh, k)
-    return U.T @ Mh @ Z, Mih @ U, evals
+    U, evals = top_eigvecs(Mh @ Z @ S @ Z.T @ Mh, Z.shape[0])
+    return Mh, Mih, U, evals

@@ -50,6 +50,7 @@ latent and RoPE key read ``u = [k̂; v]`` and the query maps go to ``q_head_proj
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -60,7 +61,7 @@ from kvslim.convert.common import (
     balanced_kv,
     check_grouped_source,
     layer_view,
-    metric_basis,
+    metric_eigs,
     new_model,
     output_metric,
     qk_norm_fields,
@@ -68,6 +69,7 @@ from kvslim.convert.common import (
     set_queries,
     top_eigvecs,
 )
+from kvslim.convert.ranks import allocate_ranks, check_rank_alloc, resolve_rank_min
 from kvslim.convert.rorope import (
     check_freqfold,
     collapse_factor,
@@ -77,7 +79,8 @@ from kvslim.convert.rorope import (
 )
 from kvslim.spec import AttentionSpec
 
-__all__ = ["check_latent_target", "gqa_to_gla", "gqa_to_latent", "gqa_to_mla", "max_latent_dim"]
+__all__ = ["LayerFit", "check_latent_target", "gqa_to_gla", "gqa_to_latent", "gqa_to_mla", "layer_fit", "layer_spectra",
+           "max_latent_dim"]
 
 METHODS = ("transmla", "mha2mla")
 
@@ -133,7 +136,8 @@ def layer_rotation(view: LayerView, spec: AttentionSpec, rope_dim: int, freqfold
 @torch.no_grad()
 def gqa_to_latent(model, moments: list[torch.Tensor] | None, *, latent_heads: int, latent_dim: int,
                   rope_dim: int, freqfold: int | None = None, method: str = "transmla", balance: bool = True,
-                  fit: str = "bkv", progress: bool = True, stats: dict | None = None):
+                  fit: str = "bkv", rank_alloc: str = "uniform", rank_min: int | None = None, progress: bool = True,
+                  stats: dict | None = None):
     """Convert an MHA/MQA/GQA kvslim Transformer to MLA (``latent_heads=1``) or GLA.
 
     Args:
@@ -141,7 +145,8 @@ def gqa_to_latent(model, moments: list[torch.Tensor] | None, *, latent_heads: in
         moments: per-layer ``E[x̃x̃ᵀ]`` from ``attention_input_moments`` (required for
             ``method="transmla"``; the baseline uses them only to pick RoPE frequencies).
         latent_heads: ``h_c`` (1 = MLA).
-        latent_dim: ``d_c`` per latent head (DeepSeek's ``kv_lora_rank`` for MLA).
+        latent_dim: ``d_c`` per latent head (DeepSeek's ``kv_lora_rank`` for MLA); with
+            ``rank_alloc="energy"`` the mean over layers (the budget is ``num_layers · latent_dim``).
         rope_dim: ``d_R`` of the shared RoPE key (must divide the source's rotary dims).
         freqfold: FreqFold group size (transmla only); default the smallest valid one,
             ``r/d_R`` (1 when d_R equals the source's rotary dims).
@@ -150,109 +155,191 @@ def gqa_to_latent(model, moments: list[torch.Tensor] | None, *, latent_heads: in
         balance: BKV balancing (transmla only).
         fit: ``bkv`` (TransMLA: PCA of the balanced ``[K_nope; V]``) or ``output`` (the
             output-aware metric of the module docstring, step 3').
+        rank_alloc: ``uniform`` (every layer ``latent_dim``), ``energy`` (per-layer ranks by greedy
+            marginal gain on each layer's fit objective, ranks.py) or ``relative`` (the same on each layer's
+            fraction of its energy), ``rank_min`` the least per layer.
         stats: optional dict that receives per-layer diagnostics.
     Returns:
         a new ``Transformer`` with kind mla/gla, ``latent_norm=False``.
     """
     spec = check_grouped_source(model)
     check_latent_target(spec, latent_heads, latent_dim, rope_dim, method, freqfold, fit)
+    check_rank_alloc(rank_alloc, to="mla" if latent_heads == 1 else "gla", latent_dim=latent_dim, rank_min=rank_min,
+                     cap=max_latent_dim(spec, latent_heads, rope_dim))
     return fit_latent(model, moments, latent_heads=latent_heads, latent_dim=latent_dim, rope_dim=rope_dim,
-                      freqfold=freqfold, method=method, balance=balance, fit=fit, progress=progress, stats=stats)
+                      freqfold=freqfold, method=method, balance=balance, fit=fit, rank_alloc=rank_alloc,
+                      rank_min=rank_min, progress=progress, stats=stats)
+
+
+@dataclass
+class LayerFit:
+    """One layer's latent fit at every rank: rank ``r`` keeps the first ``r`` components of each head.
+
+    ``heads[c]``: ``(method, Z, basis, evals, extra)`` of latent head c, ``basis`` its eigenvectors
+    (or left singular vectors) by descending ``evals``; ``extra`` = ``α`` (bkv) or ``(M^{1/2}, M^{-1/2})``
+    (output). ``q_rows``: per query head its new rows ``[d_qk, in_q+1]`` (rank-independent; ``set_queries``
+    writes them); ``rope_rows``: the RoPE key rows; ``view``: the source layer as linear maps.
+    """
+
+    heads: list
+    q_rows: list
+    rope_rows: torch.Tensor
+    kept_rope_energy: float
+    cap: int  # the largest useful rank (max_latent_dim)
+    view: LayerView
+
+    @property
+    def spectra(self) -> list[torch.Tensor]:
+        """Per latent head, the eigenvalues of the fit (descending, up to ``cap``): the error of rank r is
+        the sum of those past r (ranks.py allocates on it)."""
+        return [h[3][: self.cap] for h in self.heads]
+
+    def latent(self, c: int, r: int) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+        """``(latent rows [r, D+1], up [rows, r], α, energy kept)`` of latent head c at rank r."""
+        method, Z, basis, evals, extra = self.heads[c]
+        energy = float(evals[:r].sum() / evals.sum().clamp_min(1e-300))
+        if method == "output":
+            Mh, Mih = extra
+            U = basis[:, :r].contiguous()
+            return U.T @ Mh @ Z, Mih @ U, 1.0, energy
+        A = basis[:, :r] if method == "mha2mla" else basis[:, :r].contiguous()
+        return A.T @ Z, A, extra, energy
+
+
+def layer_fit(attn, moment, spec: AttentionSpec, *, latent_heads: int, rope_dim: int, freqfold: int,
+              method: str, balance: bool, fit: str) -> LayerFit:
+    """The full-rank fit of one source attention layer (module docstring, steps 1-3') from its calibration
+    ``moment`` (``E[x̃x̃ᵀ]``, or a ``QKNormMoment`` for a QK-norm source)."""
+    h_q, h_kv, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
+    g_q, G = h_q // h_kv, h_kv // latent_heads
+    view = layer_view(attn, moment)  # QK-norm: keys/values of the normalised keys (common.py)
+    Wq, Wk, Wv, S, Wo = view.Wq, view.Wk, view.Wv, view.S, attn.o_proj.weight.detach().double().cpu()
+    rot = layer_rotation(view, spec, rope_dim, freqfold, method)
+    R = rot.R
+    E = effective_keys(R, Wk, rope_dim, h_kv, d)  # [h_kv, d, D+1]
+    heads = []
+    for c in range(latent_heads):
+        groups = range(c * G, (c + 1) * G)
+        Ek = torch.cat([E[j] for j in groups])
+        Vc = torch.cat([Wv[j * d : (j + 1) * d] for j in groups])
+        if fit == "output":
+            Mk, Mv = output_metric(S, view.query_moment, Wo, groups, g_q, d, [E[j] for j in groups],
+                                   [Wv[j * d : (j + 1) * d] for j in groups])
+            Z = torch.cat([Ek, Vc])
+            Mh, Mih, U, evals = metric_eigs(Z, S, Mk + Mv)
+            heads.append(("output", Z, U, evals, (Mh, Mih)))
+        elif method == "transmla":
+            Z, alpha = balanced_kv(Ek, Vc, S, balance)
+            A, evals = top_eigvecs(Z @ S @ Z.T, Z.shape[0])
+            heads.append(("bkv", Z, A, evals, alpha))
+        else:
+            Z = torch.cat([Ek, Vc])
+            U, sv, _ = torch.linalg.svd(Z[:, :-1], full_matrices=False)
+            heads.append(("mha2mla", Z, U, sv.pow(2), 1.0))
+    gamma = math.sqrt((d + rope_dim) / d)  # keep the source's 1/sqrt(d_h) softmax scale
+    q_rows = []
+    for h in range(h_q):
+        j = h // g_q
+        Wq_h = Wq[h * d : (h + 1) * d]
+        q_rows.append(torch.cat([gamma * Wq_h, gamma * (R[:rope_dim, j * d : (j + 1) * d] @ Wq_h)]))
+    return LayerFit(heads, q_rows, R[:rope_dim] @ Wk, rot.kept_energy, max_latent_dim(spec, latent_heads, rope_dim),
+                    view)
+
+
+def set_layer(attn, src, lf: LayerFit, spec: AttentionSpec, latent_heads: int, r: int) -> tuple[list, list]:
+    """Write ``lf`` at rank ``r`` into the converted attention ``attn`` (``src``: the source attention).
+
+    Returns per latent head ``(α, energy kept)`` lists for the diagnostics.
+    """
+    h_q, d = spec.num_heads, spec.head_dim
+    g_q, G = h_q // spec.num_kv_heads, spec.num_kv_heads // latent_heads
+    lat_rows, w_kv_b, alphas, energies = [], [None] * h_q, [], []
+    for c in range(latent_heads):
+        rows, up, alpha, energy = lf.latent(c, r)
+        lat_rows.append(rows)
+        alphas.append(alpha)
+        energies.append(energy)
+        for gi, j in enumerate(range(c * G, (c + 1) * G)):
+            up_k, up_v = up[gi * d : (gi + 1) * d] * alpha, up[G * d + gi * d : G * d + (gi + 1) * d]
+            for h in range(j * g_q, (j + 1) * g_q):
+                w_kv_b[h] = torch.cat([up_k, up_v])  # [2d, d_c]: rows [W_UK ; W_UV]
+    set_queries(attn, src, lf.q_rows, lf.view)
+    set_linear(attn.kv_a_proj_with_mqa, torch.cat(lat_rows + [lf.rope_rows]))
+    attn.kv_b_proj.weight.copy_(torch.cat(w_kv_b).to(attn.kv_b_proj.weight.dtype))
+    attn.o_proj.weight.copy_(src.o_proj.weight)
+    return alphas, energies
+
+
+def _fits(model, moments, spec, kw: dict, progress: bool, desc: str):
+    """Per source layer, its :func:`layer_fit` (a generator: one layer's fit in memory at a time)."""
+    for li, src in enumerate(tqdm(model.model.layers, desc=desc, unit="layer", disable=not progress, leave=False)):
+        yield layer_fit(src.self_attn, moments[li], spec, **kw)
+
+
+@torch.no_grad()
+def layer_spectra(model, moments, *, latent_heads: int, rope_dim: int, freqfold: int | None = None,
+                  method: str = "transmla", balance: bool = True, fit: str = "bkv", progress: bool = False):
+    """Per layer, per latent head: the fit's eigenvalues (what ``rank_alloc="energy"`` allocates on)."""
+    spec = model.spec
+    freqfold = collapse_factor(spec.rope_dim, rope_dim) if freqfold is None else freqfold
+    kw = dict(latent_heads=latent_heads, rope_dim=rope_dim, freqfold=freqfold, method=method, balance=balance, fit=fit)
+    return [lf.spectra for lf in _fits(model, moments, spec, kw, progress, "spectra")]
 
 
 @torch.no_grad()
 def fit_latent(model, moments, *, latent_heads: int, latent_dim: int, rope_dim: int, freqfold: int | None = None,
-               method: str = "transmla", balance: bool = True, fit: str = "bkv", progress: bool = True,
-               stats: dict | None = None):
-    """The fit of :func:`gqa_to_latent` for a target already checked by :func:`check_latent_target`."""
+               method: str = "transmla", balance: bool = True, fit: str = "bkv", rank_alloc: str = "uniform",
+               rank_min: int | None = None, progress: bool = True, stats: dict | None = None):
+    """The fit of :func:`gqa_to_latent` for a target already checked by :func:`check_latent_target`
+    (and :func:`check_rank_alloc`)."""
     spec = model.spec
     if freqfold is None:
         freqfold = collapse_factor(spec.rope_dim, rope_dim)
     L = model.config.num_layers
     if moments is None or len(moments) != L:
         raise ValueError(f"moments: need one E[x x^T] per layer ({L}), got {None if moments is None else len(moments)}")
-    h_q, h_kv, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
-    g_q, G = h_q // h_kv, h_kv // latent_heads
+    kw = dict(latent_heads=latent_heads, rope_dim=rope_dim, freqfold=freqfold, method=method, balance=balance, fit=fit)
+    name = "mla" if latent_heads == 1 else f"gla-{latent_heads}"
+    fits = _fits(model, moments, spec, kw, progress, f"convert {name}")
+    ranks, alloc = [latent_dim] * L, None
+    if rank_alloc != "uniform":  # every layer's spectrum first: the allocation needs them all
+        fits = list(fits)
+        ranks, alloc = allocate_ranks([lf.spectra for lf in fits], budget=latent_dim, rank_min=resolve_rank_min(rank_min),
+                                      cap=fits[0].cap, relative=rank_alloc == "relative")
     new_spec = AttentionSpec(
-        kind="mla" if latent_heads == 1 else "gla", hidden_size=spec.hidden_size, num_heads=h_q, head_dim=d,
-        num_latent_heads=latent_heads, latent_dim=latent_dim, rope_dim=rope_dim, v_head_dim=d,
-        rope_theta=spec.rope_theta, rope_scaling=spec.rope_scaling, latent_norm=False, qkv_bias=spec.qkv_bias,
-        num_kv_heads=h_kv if spec.qk_norm else None, **qk_norm_fields(spec),
+        kind="mla" if latent_heads == 1 else "gla", hidden_size=spec.hidden_size, num_heads=spec.num_heads,
+        head_dim=spec.head_dim, num_latent_heads=latent_heads, latent_dim=max(ranks), rope_dim=rope_dim,
+        v_head_dim=spec.head_dim, rope_theta=spec.rope_theta, rope_scaling=spec.rope_scaling, latent_norm=False,
+        qkv_bias=spec.qkv_bias, num_kv_heads=spec.num_kv_heads if spec.qk_norm else None, **qk_norm_fields(spec),
     )
-    out = new_model(model, new_spec)
-    gamma = math.sqrt((d + rope_dim) / d)  # keep the source's 1/sqrt(d_h) softmax scale
+    out = new_model(model, new_spec, ranks)
     if stats is not None:
-        stats.update(kept_rope_energy=[], alpha=[], latent_energy=[])
-    for li, (src, dst) in enumerate(tqdm(list(zip(model.model.layers, out.model.layers)), desc=f"convert {new_spec.name}",
-                                         unit="layer", disable=not progress, leave=False)):
-        a, b = src.self_attn, dst.self_attn
-        view = layer_view(a, moments[li])  # QK-norm: keys/values of the normalised keys (common.py)
-        Wq, Wk, Wv, S, Wo = view.Wq, view.Wk, view.Wv, view.S, a.o_proj.weight.detach().double().cpu()
-        rot = layer_rotation(view, spec, rope_dim, freqfold, method)
-        R = rot.R
-        E = effective_keys(R, Wk, rope_dim, h_kv, d)  # [h_kv, d, D+1]
-        lat_rows, w_kv_b = [], [None] * h_q
-        alphas, energies = [], []
-        for c in range(latent_heads):
-            groups = range(c * G, (c + 1) * G)
-            Ek = torch.cat([E[j] for j in groups])
-            Vc = torch.cat([Wv[j * d : (j + 1) * d] for j in groups])
-            if fit == "output":
-                Mk, Mv = output_metric(S, view.query_moment, Wo, groups, g_q, d, [E[j] for j in groups],
-                                       [Wv[j * d : (j + 1) * d] for j in groups])
-                Z = torch.cat([Ek, Vc])
-                down, up, evals = metric_basis(Z, S, Mk + Mv, latent_dim)
-                alphas.append(1.0)
-                energies.append(float(evals[:latent_dim].sum() / evals.sum().clamp_min(1e-300)))
-                lat_rows.append(down)
-                for gi, j in enumerate(groups):
-                    for h in range(j * g_q, (j + 1) * g_q):
-                        w_kv_b[h] = torch.cat([up[gi * d : (gi + 1) * d], up[G * d + gi * d : G * d + (gi + 1) * d]])
-                continue
-            if method == "transmla":
-                Z, alpha = balanced_kv(Ek, Vc, S, balance)
-                A, evals = top_eigvecs(Z @ S @ Z.T, latent_dim)
-            else:
-                alpha = 1.0
-                Z = torch.cat([Ek, Vc])
-                U, sv, _ = torch.linalg.svd(Z[:, :-1], full_matrices=False)
-                A, evals = U[:, :latent_dim], sv.pow(2)
-            alphas.append(alpha)
-            energies.append(float(evals[:latent_dim].sum() / evals.sum().clamp_min(1e-300)))
-            lat_rows.append(A.T @ Z)
-            for gi, j in enumerate(groups):
-                A_k = A[gi * d : (gi + 1) * d] * alpha
-                A_v = A[G * d + gi * d : G * d + (gi + 1) * d]
-                for h in range(j * g_q, (j + 1) * g_q):
-                    w_kv_b[h] = torch.cat([A_k, A_v])  # [2d, d_c]: rows [W_UK ; W_UV]
-        q_rows = []
-        for h in range(h_q):
-            j = h // g_q
-            Wq_h = Wq[h * d : (h + 1) * d]
-            q_rope = R[:rope_dim, j * d : (j + 1) * d] @ Wq_h
-            q_rows.append(torch.cat([gamma * Wq_h, gamma * q_rope]))
-        set_queries(b, a, q_rows, view)
-        set_linear(b.kv_a_proj_with_mqa, torch.cat(lat_rows + [R[:rope_dim] @ Wk]))
-        b.kv_b_proj.weight.copy_(torch.cat(w_kv_b).to(b.kv_b_proj.weight.dtype))
-        b.o_proj.weight.copy_(a.o_proj.weight)
+        stats.update(kept_rope_energy=[], alpha=[], latent_energy=[], layer_ranks=list(ranks))
+        if alloc is not None:
+            stats["rank_alloc"] = alloc
+    for li, (lf, src, dst) in enumerate(zip(fits, model.model.layers, out.model.layers)):
+        alphas, energies = set_layer(dst.self_attn, src.self_attn, lf, spec, latent_heads, ranks[li])
         if stats is not None:
-            stats["kept_rope_energy"].append(rot.kept_energy)
+            stats["kept_rope_energy"].append(lf.kept_rope_energy)
             stats["alpha"].append(alphas)
             stats["latent_energy"].append(energies)
     return out
 
 
 def gqa_to_mla(model, moments, *, kv_lora_rank: int, rope_dim: int = 64, freqfold: int | None = None,
-               method: str = "transmla", balance: bool = True, fit: str = "bkv", progress: bool = True,
-               stats: dict | None = None):
-    """GQA -> MLA (TransMLA): one latent of ``kv_lora_rank`` + one shared RoPE key of ``rope_dim``."""
+               method: str = "transmla", balance: bool = True, fit: str = "bkv", rank_alloc: str = "uniform",
+               rank_min: int | None = None, progress: bool = True, stats: dict | None = None):
+    """GQA -> MLA (TransMLA): one latent of ``kv_lora_rank`` (the mean over layers with ``rank_alloc="energy"``)
+    + one shared RoPE key of ``rope_dim``."""
     return gqa_to_latent(model, moments, latent_heads=1, latent_dim=kv_lora_rank, rope_dim=rope_dim,
-                         freqfold=freqfold, method=method, balance=balance, fit=fit, progress=progress, stats=stats)
+                         freqfold=freqfold, method=method, balance=balance, fit=fit, rank_alloc=rank_alloc,
+                         rank_min=rank_min, progress=progress, stats=stats)
 
 
 def gqa_to_gla(model, moments, *, latent_heads: int, latent_dim: int, rope_dim: int = 64, freqfold: int | None = None,
-               method: str = "transmla", balance: bool = True, fit: str = "bkv", progress: bool = True,
-               stats: dict | None = None):
+               method: str = "transmla", balance: bool = True, fit: str = "bkv", rank_alloc: str = "uniform",
+               rank_min: int | None = None, progress: bool = True, stats: dict | None = None):
     """GQA -> GLA with ``latent_heads`` latents of ``latent_dim`` each (must divide h_kv)."""
     return gqa_to_latent(model, moments, latent_heads=latent_heads, latent_dim=latent_dim, rope_dim=rope_dim,
-                         freqfold=freqfold, method=method, balance=balance, fit=fit, progress=progress, stats=stats)
+                         freqfold=freqfold, method=method, balance=balance, fit=fit, rank_alloc=rank_alloc,
+                         rank_min=rank_min, progress=progress, stats=stats)

@@ -24,9 +24,10 @@ from kvslim.convert.calib import (
 from kvslim.convert.deepseek import check_qk_norm
 from kvslim.convert.export import DTYPES, write_checkpoint
 from kvslim.convert.gqa_to_gta import check_gta_target, fit_gta
-from kvslim.convert.latent import check_latent_target, fit_latent
+from kvslim.convert.latent import check_latent_target, fit_latent, layer_spectra, max_latent_dim
 from kvslim.convert.mha_to_gqa import check_gqa_target, mha_to_gqa
-from kvslim.convert.stream import CALIB_BATCH, stream_convert
+from kvslim.convert.ranks import RANK_ALLOCS, allocate_ranks, check_rank_alloc, resolve_rank_min
+from kvslim.convert.stream import CALIB_BATCH, stream_convert, stream_layers
 from kvslim.convert.tensorio import LazyCheckpoint
 from kvslim.model import Transformer
 from kvslim.serving import SERVE_TARGETS, mla_layout
@@ -47,14 +48,19 @@ class ConvertResult:
     seconds: float = 0.0
     stats: dict = field(default_factory=dict)
     export: dict = field(default_factory=dict)  # the DeepSeek writer's report (layout, cost, fp16 check)
+    layer_ranks: list[int] | None = None  # per-layer latent dims (``target.latent_dim`` is the largest)
 
 
-def kv_table(source: AttentionSpec, target: AttentionSpec, num_layers: int, dtype_bytes: int = 2) -> str:
-    """Before/after KV cache size as a small text table."""
+def kv_table(source: AttentionSpec, target: AttentionSpec, num_layers: int, dtype_bytes: int = 2,
+             layer_ranks: list[int] | None = None) -> str:
+    """Before/after KV cache size as a small text table (``layer_ranks``: the target's per-layer latent dims;
+    its elements/token/layer is then the mean, and bytes/token the sum over layers)."""
     rows = [("", "kind", "elements/token/layer", f"bytes/token ({num_layers} layers, {dtype_bytes} B)", "ratio")]
     for label, s in (("before", source), ("after", target)):
-        rows.append((label, s.name, str(s.row_dim), str(s.row_dim * num_layers * dtype_bytes),
-                     f"{s.row_dim / source.row_dim:.3f}"))
+        ranks = layer_ranks if label == "after" and layer_ranks else None
+        total = sum(s.replace(latent_dim=r).row_dim for r in ranks) if ranks else s.row_dim * num_layers
+        per = f"{total / num_layers:g} (mean; latent dims {min(ranks)}..{max(ranks)})" if ranks else str(s.row_dim)
+        rows.append((label, s.name, per, str(total * dtype_bytes), f"{total / (source.row_dim * num_layers):.3f}"))
     w = [max(len(r[i]) for r in rows) for i in range(5)]
     return "\n".join("  ".join(c.ljust(w[i]) for i, c in enumerate(r)) for r in rows)
 
@@ -77,7 +83,7 @@ def export_summary(report: dict, num_layers: int, dtype_bytes: int = 2) -> str:
 
 def check_conversion(spec: AttentionSpec, to: str, *, kv_heads=None, latent_heads=None, kv_lora_rank=None,
                      rope_dim: int = 64, freqfold=None, method: str = "transmla", gta_state: str = "joint",
-                     fit: str = "bkv") -> None:
+                     fit: str = "bkv", rank_alloc: str = "uniform", rank_min: int | None = None) -> None:
     """Raise ValueError naming the bad option if ``spec`` cannot be converted ``to`` this target.
 
     The one validation of a conversion: :func:`convert_checkpoint` runs it before the slow
@@ -85,6 +91,10 @@ def check_conversion(spec: AttentionSpec, to: str, *, kv_heads=None, latent_head
     """
     if to not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {to!r}")
+    if rank_alloc not in RANK_ALLOCS:
+        raise ValueError(f"rank_alloc must be one of {RANK_ALLOCS}, got {rank_alloc!r}")
+    if to in ("gqa", "gta"):
+        check_rank_alloc(rank_alloc, to=to, latent_dim=kv_lora_rank, rank_min=rank_min, cap=0)
     if spec.kind not in ("mha", "mqa", "gqa"):
         raise ValueError(f"unsupported source attention kind {spec.kind!r}: converters read MHA/MQA/GQA checkpoints")
     if to == "gqa":
@@ -100,10 +110,12 @@ def check_conversion(spec: AttentionSpec, to: str, *, kv_heads=None, latent_head
         if h_c is None:
             raise ValueError("--to gla needs --latent-heads")
         check_latent_target(spec, h_c, kv_lora_rank, rope_dim, method, freqfold, fit)
+        check_rank_alloc(rank_alloc, to=to, latent_dim=kv_lora_rank, rank_min=rank_min,
+                         cap=max_latent_dim(spec, h_c, rope_dim))
 
 
 def _run(model: Transformer, to: str, moments, *, kv_heads, latent_heads, kv_lora_rank, rope_dim, freqfold, method,
-         gta_state, fit, progress) -> tuple[Transformer, dict]:
+         gta_state, fit, rank_alloc, rank_min, progress) -> tuple[Transformer, dict]:
     """Convert a model whose target :func:`check_conversion` accepted."""
     stats: dict = {}
     if to == "gqa":
@@ -113,21 +125,26 @@ def _run(model: Transformer, to: str, moments, *, kv_heads, latent_heads, kv_lor
                        stats=stats), stats
     h_c = 1 if to == "mla" else latent_heads
     out = fit_latent(model, moments, latent_heads=h_c, latent_dim=kv_lora_rank, rope_dim=rope_dim,
-                     freqfold=freqfold, method=method, fit=fit, progress=progress, stats=stats)
+                     freqfold=freqfold, method=method, fit=fit, rank_alloc=rank_alloc, rank_min=rank_min,
+                     progress=progress, stats=stats)
     return out, stats
 
 
 def convert_model(model: Transformer, to: str, *, calib: torch.Tensor | None = None, moments=None,
                   kv_heads: int | None = None, latent_heads: int | None = None, kv_lora_rank: int | None = None,
                   rope_dim: int = 64, freqfold: int | None = None, method: str = "transmla",
-                  gta_state: str = "joint", fit: str = "bkv", progress: bool = True) -> tuple[Transformer, dict]:
+                  gta_state: str = "joint", fit: str = "bkv", rank_alloc: str = "uniform", rank_min: int | None = None,
+                  progress: bool = True) -> tuple[Transformer, dict]:
     """Convert an in-memory kvslim Transformer; returns (new model, diagnostics).
 
     ``moments`` (per-layer ``E[x̃x̃ᵀ]`` from ``attention_input_moments``) or ``calib`` token
-    windows are needed for every target but ``gqa``.
+    windows are needed for every target but ``gqa``. ``rank_alloc="energy"`` (mla/gla) gives each
+    layer its own latent dim, ``kv_lora_rank`` on average (ranks.py); diagnostics then hold
+    ``layer_ranks`` and ``rank_alloc`` (the fit objective of the ranks and of uniform ranks).
     """
     opts = dict(kv_heads=kv_heads, latent_heads=latent_heads, kv_lora_rank=kv_lora_rank, rope_dim=rope_dim,
-                freqfold=freqfold, method=method, gta_state=gta_state, fit=fit)
+                freqfold=freqfold, method=method, gta_state=gta_state, fit=fit, rank_alloc=rank_alloc,
+                rank_min=rank_min)
     check_conversion(model.spec, to, **opts)
     if to != "gqa" and moments is None:
         if calib is None:
@@ -168,6 +185,7 @@ def convert_checkpoint(*, model_dir: str | os.PathLike, out: str | os.PathLike, 
                        method: str = "transmla", calib_samples: int = 32, calib_seq_len: int = 256,
                        calib_text: str = "sotu", calib_tokens: torch.Tensor | None = None, seed: int = 0,
                        dtype: str = "float32", gta_state: str = "joint", fit: str = "bkv",
+                       rank_alloc: str = "uniform", rank_min: int | None = None,
                        progress: bool = True, stream: bool = True) -> ConvertResult:
     """Convert the checkpoint in ``model_dir`` and write it to ``out`` (atomically).
 
@@ -175,8 +193,9 @@ def convert_checkpoint(*, model_dir: str | os.PathLike, out: str | os.PathLike, 
         model_dir: Hugging Face Llama/Mistral/Qwen2 directory or a kvslim checkpoint.
         out: output directory; must not exist unless ``force``.
         to: ``gqa`` (mean-pool to ``kv_heads``), ``mla``, ``gla`` (``latent_heads``), ``gta``.
-        fmt: ``deepseek`` (mla, gla, gta; default for mla and whenever ``target`` is given), ``hf``
-            (Llama; gqa only), ``kvslim``.
+        fmt: ``deepseek`` (mla, gla, gta; default for mla with uniform ranks and whenever ``target`` is
+            given), ``hf`` (Llama; gqa only), ``kvslim`` (the default otherwise, and the only format of
+            per-layer ranks: DeepSeek-V3's config holds one ``kv_lora_rank``).
         target: ``transformers`` (default), ``vllm`` or ``sglang``: shapes the DeepSeek export for that
             server (kvslim/serving.py: vllm pads the latent to an accepted head size, widens RoPE to 64).
         head_size: ``kv_lora_rank + qk_rope_head_dim`` to pad the DeepSeek export to (e.g. 576).
@@ -189,6 +208,10 @@ def convert_checkpoint(*, model_dir: str | os.PathLike, out: str | os.PathLike, 
         calib_tokens: ``[N, T]`` token windows to use instead of ``calib_text`` (tests, custom data).
         dtype: output weight dtype: float32, bfloat16 or float16.
         fit: ``bkv`` (TransMLA's balanced PCA) or ``output`` (the output-aware metric, latent.py).
+        rank_alloc: ``uniform`` (every layer ``kv_lora_rank``) or ``energy`` (mla/gla: per-layer ranks
+            summing to ``num_layers · kv_lora_rank``, in steps of 16, at least ``rank_min`` (default 16),
+            chosen by greedy marginal gain on each layer's fit objective from the calibration; ranks.py),
+            or ``relative`` (the same on each layer's fraction of its own energy).
         stream: convert layer by layer, holding one layer at a time (stream.py; the default: its
             output is byte-identical); False loads the whole source model first.
     """
@@ -204,7 +227,18 @@ def convert_checkpoint(*, model_dir: str | os.PathLike, out: str | os.PathLike, 
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if target is not None and target not in SERVE_TARGETS:
         raise ValueError(f"target must be one of {SERVE_TARGETS}, got {target!r}")
-    fmt = fmt or ("deepseek" if target is not None or head_size is not None else DEFAULT_FORMAT.get(to, "kvslim"))
+    if rank_alloc not in RANK_ALLOCS:
+        raise ValueError(f"rank_alloc must be one of {RANK_ALLOCS}, got {rank_alloc!r}")
+    per_layer = rank_alloc != "uniform"
+    if per_layer and (fmt == "deepseek" or target is not None or head_size is not None):
+        # Zero-padding every layer to max(r_l) would be exact, but its served cache, L·(max r_l + d_R),
+        # is larger than the uniform conversion's L·(R + d_R) the allocation was budgeted against.
+        raise ValueError(f"format 'deepseek' (and --target/--mla-head-size) cannot hold rank_alloc={rank_alloc!r}: "
+                         "DeepSeek-V3's config has one kv_lora_rank for all layers, and padding every layer to the "
+                         "largest rank would make the served cache larger than the uniform one; use --format kvslim "
+                         "(kvslim's model, engine and planner serve per-layer ranks) or --rank-alloc uniform")
+    fmt = fmt or ("deepseek" if target is not None or head_size is not None
+                  else "kvslim" if per_layer else DEFAULT_FORMAT.get(to, "kvslim"))
     if fmt == "deepseek" and to == "gqa":
         raise ValueError("format 'deepseek' holds MLA, GLA or GTA models (as DeepSeek MLA); --to gqa needs "
                          "--format hf or kvslim")
@@ -227,7 +261,8 @@ def convert_checkpoint(*, model_dir: str | os.PathLike, out: str | os.PathLike, 
     spec = cfg.attention
     check_output(out, force=force, sources=(model_dir,), expected_bytes=n_params * DTYPES[dtype].itemsize)
     opts = dict(kv_heads=kv_heads, latent_heads=latent_heads, kv_lora_rank=kv_lora_rank, rope_dim=rope_dim,
-                freqfold=freqfold, method=method, gta_state=gta_state, fit=fit)
+                freqfold=freqfold, method=method, gta_state=gta_state, fit=fit, rank_alloc=rank_alloc,
+                rank_min=rank_min)
     check_conversion(spec, to, **opts)
     if fmt == "deepseek":
         check_qk_norm(spec)
@@ -251,15 +286,39 @@ def convert_checkpoint(*, model_dir: str | os.PathLike, out: str | os.PathLike, 
     ds = dict(target=target, head_size=head_size) if fmt == "deepseek" else {}
     write = dict(tokenizer_from=model_dir, force=force, sources=(model_dir,))
     if stream:
-        def convert_layer(shell, moments):
-            return _run(shell, to, moments, progress=False, **opts)
+        ranks, alloc = [kv_lora_rank] * cfg.num_layers, None
+        if per_layer:  # a first pass for every layer's spectrum, then the conversion with its rank
+            ranks, alloc = _stream_ranks(src, calib, to, opts, progress)
+        one = dict(opts, rank_alloc="uniform", rank_min=None)
+
+        def convert_layer(i, shell, moments):
+            return _run(shell, to, moments, progress=False, **dict(one, kv_lora_rank=ranks[i]))
 
         new, stats, report = stream_convert(src, out, convert_layer=convert_layer, calib=calib, fmt=fmt,
-                                            dtype=DTYPES[dtype], progress=progress, **ds, **write)
+                                            dtype=DTYPES[dtype], progress=progress,
+                                            layer_ranks=ranks if len(set(ranks)) > 1 else None, **ds, **write)
+        if alloc is not None:
+            stats["rank_alloc"] = alloc
+        target_spec = new.spec.replace(latent_dim=max(ranks)) if new.spec.is_latent else new.spec
     else:
         moments = None if calib is None else attention_input_moments(model, calib, batch_size=CALIB_BATCH,
                                                                      progress=progress)
         new, stats = _run(model, to, moments, progress=progress, **opts)
         write_checkpoint(new, out, fmt=fmt, dtype=DTYPES[dtype], report=report, **ds, **write)
-    return ConvertResult(source=spec, target=new.spec, num_layers=cfg.num_layers, out=out,
-                         seconds=time.time() - t0, stats=stats, export=report)
+        target_spec = new.spec
+    layer_ranks = stats.get("layer_ranks")
+    return ConvertResult(source=spec, target=target_spec, num_layers=cfg.num_layers, out=out,
+                         seconds=time.time() - t0, stats=stats, export=report,
+                         layer_ranks=list(layer_ranks) if layer_ranks and len(set(layer_ranks)) > 1 else None)
+
+
+def _stream_ranks(src: LazyCheckpoint, calib, to: str, opts: dict, progress: bool) -> tuple[list[int], dict]:
+    """Per-layer latent ranks by energy (ranks.py), from a first streaming pass over the layers' spectra."""
+    h_c = 1 if to == "mla" else opts["latent_heads"]
+    kw = dict(latent_heads=h_c, rope_dim=opts["rope_dim"], freqfold=opts["freqfold"], method=opts["method"],
+              fit=opts["fit"])
+    spectra = stream_layers(src, calib, lambda i, shell, moments: layer_spectra(shell, moments, **kw)[0],
+                            progress=progress)
+    return allocate_ranks(spectra, budget=opts["kv_lora_rank"], rank_min=resolve_rank_min(opts["rank_min"]),
+                          cap=max_latent_dim(src.config.attention, h_c, opts["rope_dim"]),
+                          relative=opts["rank_alloc"] == "relative")

@@ -17,6 +17,11 @@ layers ``0..i`` alone, and streaming computes exactly that, in the same order:
    under ``model.layers.i.`` and free it;
 3. the tensors outside the layers are read and written one at a time.
 
+A conversion that must see every layer before converting any (per-layer ranks by energy,
+ranks.py) first walks the layers once with :func:`stream_layers` (the same moments, so the
+same choices as in memory), keeps only what it needs (the spectra), then converts: twice the
+calibration forwards and fits, the same peak memory.
+
 The file is laid out as ``save_file`` would lay out the whole state dict, so the output is
 byte-identical to the in-memory conversion's (tests/test_convert_stream.py), through the
 same crash-safe writer (``write_model_dir`` with ``write_weights``).
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import closing
 
 import torch
 import torch.nn.functional as F
@@ -36,10 +42,10 @@ from kvslim.convert.calib import MomentSum
 from kvslim.convert.deepseek import deepseek_config, deepseek_ends, deepseek_state, fp16_check, fp16_error
 from kvslim.convert.export import hf_llama_config, kvslim_config
 from kvslim.convert.tensorio import LazyCheckpoint, SafetensorsWriter
-from kvslim.model import Transformer
+from kvslim.model import ModelConfig, Transformer
 from kvslim.runtime import dtype_name
 
-__all__ = ["CALIB_BATCH", "stream_convert"]
+__all__ = ["CALIB_BATCH", "stream_convert", "stream_layers"]
 
 CALIB_BATCH = 4  # windows per forward, in both paths: the moments are then bit-identical
 _EMB, _NORM, _HEAD = "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"
@@ -98,47 +104,82 @@ def _calibrate(shell: Transformer, hidden: list[torch.Tensor], last: bool):
     return total.mean()
 
 
+def _walk(src: LazyCheckpoint, calib: torch.Tensor | None, *, desc: str, done: str, progress: bool):
+    """Yield ``(i, one-layer model of source layer i, [Σ_i] or None)`` for every layer, in order, with
+    the calibration hidden states advanced through each layer as the walk goes (steps 1-2)."""
+    t0 = time.time()
+    L = src.config.num_layers
+    hidden = None
+    if calib is not None:
+        emb = src.tensors([_EMB])[_EMB]
+        hidden = [F.embedding(calib[s : s + CALIB_BATCH], emb) for s in range(0, calib.shape[0], CALIB_BATCH)]
+        del emb
+    bar = tqdm(range(L), desc=desc, unit="layer", disable=not progress)
+    try:
+        for i in bar:
+            shell = src.layer(i)
+            moments = None if hidden is None else [_calibrate(shell, hidden, last=i == L - 1)]
+            yield i, shell, moments
+            bar.set_postfix_str(f"layer {i + 1}/{L} {done}, {time.time() - t0:.0f} s")
+    finally:
+        bar.close()
+
+
+@torch.no_grad()
+def stream_layers(src: LazyCheckpoint, calib: torch.Tensor | None, fn: Callable, *, progress: bool = True) -> list:
+    """``[fn(i, one-layer model of source layer i, moments) for every layer]``, one layer in memory at a time.
+
+    The pass a conversion needs before it can convert any layer, e.g. the spectra of every layer
+    that ``rank_alloc="energy"`` allocates ranks on (ranks.py); the moments are those
+    :func:`stream_convert` computes.
+    """
+    out = []
+    with closing(_walk(src, calib, desc="calibrate (streaming)", done="read", progress=progress)) as walk:
+        for i, shell, moments in walk:
+            out.append(fn(i, shell, moments))
+            del shell, moments
+    return out
+
+
 @torch.no_grad()
 def stream_convert(src: LazyCheckpoint, out, *, convert_layer: Callable, calib: torch.Tensor | None, fmt: str,
                    dtype: torch.dtype, target: str = "transformers", head_size: int | None = None,
-                   progress: bool = True, **write) -> tuple[Transformer, dict, dict]:
+                   layer_ranks: list[int] | None = None, progress: bool = True,
+                   **write) -> tuple[Transformer, dict, dict]:
     """Convert ``src`` layer by layer into ``out`` (module docstring); nothing is left at ``out`` on error.
 
     Args:
         src: the source, read lazily.
         out: the output directory (checked by the caller; ``write`` = ``force``, ``sources``,
             ``tokenizer_from`` of :func:`kvslim.checkpoint.write_model_dir`).
-        convert_layer: ``fn(model, moments) -> (converted model, stats)``, the in-memory
-            converter, applied to one-layer models (``moments``: a one-element list, or None).
+        convert_layer: ``fn(i, model, moments) -> (converted model, stats)``, the in-memory
+            converter, applied to the one-layer model of layer ``i`` (``moments``: a one-element
+            list, or None).
         calib: ``[N, T]`` calibration windows (None: the target needs none, e.g. gqa).
         fmt, dtype, target, head_size: as ``write_checkpoint``.
+        layer_ranks: the converted layers' latent dims, when they differ (``ModelConfig.layer_ranks``;
+            format ``kvslim`` only): ``convert_layer(i, ...)`` must give layer i that rank.
     Returns:
         ``(converted layer 0 as a one-layer model, stats over all layers, DeepSeek report or {})``.
     """
     cfg = src.config
     L = cfg.num_layers
+    if layer_ranks is not None and fmt != "kvslim":
+        raise ValueError(f"per-layer latent ranks are written in format 'kvslim' only, not {fmt!r}")
     ends = _ends(fmt, cfg)
     state: dict = {"stats": {}, "infos": [], "fp16": 0.0}
 
     def weights(staging):
-        t0 = time.time()
-        hidden = None
-        if calib is not None:
-            emb = src.tensors([_EMB])[_EMB]
-            hidden = [F.embedding(calib[s : s + CALIB_BATCH], emb) for s in range(0, calib.shape[0], CALIB_BATCH)]
-            del emb
         writer = None
-        bar = tqdm(range(L), desc="convert (streaming)", unit="layer", disable=not progress)
+        walk = _walk(src, calib, desc="convert (streaming)", done="written", progress=progress)
         try:
-            for i in bar:
-                shell = src.layer(i)
-                moments = None if hidden is None else [_calibrate(shell, hidden, last=i == L - 1)]
-                new, stats = convert_layer(shell, moments)
+            for i, shell, moments in walk:
+                new, stats = convert_layer(i, shell, moments)
                 del shell, moments
                 tensors, info = _layer_parts(new, fmt, dtype, target, head_size)
                 if writer is None:
                     state["layer0"] = new
-                    writer = _open(staging, src, new, tensors, info, ends, fmt, dtype, target, state)
+                    writer = _open(staging, src, new, tensors, info, ends, fmt, dtype, target, state, layer_ranks)
                 del new
                 for k, v in tensors.items():
                     writer.write(f"model.layers.{i}." + k[len(_PRE):], v)
@@ -149,11 +190,10 @@ def stream_convert(src: LazyCheckpoint, out, *, convert_layer: Callable, calib: 
                     state["stats"].setdefault(k, []).extend(v)
                 if info:
                     state["infos"].append(info)
-                bar.set_postfix_str(f"layer {i + 1}/{L} written, {time.time() - t0:.0f} s")
                 _failpoint(f"stream-layer-{i}")
             writer.close()
         finally:
-            bar.close()
+            walk.close()
             if writer is not None:
                 writer.abort()
 
@@ -162,18 +202,32 @@ def stream_convert(src: LazyCheckpoint, out, *, convert_layer: Callable, calib: 
     return state["layer0"], state["stats"], report
 
 
+def _layer_layout(cfg, spec, dtype: torch.dtype) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """``{layer-0 name: (dtype, shape)}`` of a kvslim-format layer with attention ``spec``."""
+    one = ModelConfig(**{**cfg.to_dict(), "attention": spec, "num_layers": 1, "vocab_size": 1, "layer_ranks": None})
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in Transformer(one).state_dict().items() if k.startswith(_PRE)}
+    return {k: (dtype, v) for k, v in shapes.items()}
+
+
 def _open(staging, src: LazyCheckpoint, new: Transformer, tensors: dict, info: dict, ends: dict, fmt: str,
-          dtype: torch.dtype, target: str, state: dict) -> SafetensorsWriter:
-    """Plan the whole file from layer 0's tensors, set the config, write the tensors outside the layers."""
-    cfg = src.config.with_attention(new.spec)  # what the in-memory conversion's model has
+          dtype: torch.dtype, target: str, state: dict, layer_ranks: list[int] | None = None) -> SafetensorsWriter:
+    """Plan the whole file from layer 0's tensors (and, with per-layer ranks, each rank's shapes), set the
+    config, write the tensors outside the layers."""
+    if layer_ranks is None:
+        cfg = src.config.with_attention(new.spec)  # what the in-memory conversion's model has
+        per_layer = [{k: (v.dtype, tuple(v.shape)) for k, v in tensors.items()}] * src.config.num_layers
+    else:
+        cfg = src.config.with_attention(new.spec.replace(latent_dim=max(layer_ranks)), layer_ranks)
+        by_rank = {r: _layer_layout(src.config, new.spec.replace(latent_dim=r), dtype) for r in set(layer_ranks)}
+        per_layer = [by_rank[r] for r in layer_ranks]
     if fmt == "deepseek":
         state["config"] = {**deepseek_config(cfg, info["layout"], target), "torch_dtype": dtype_name(dtype)}
     elif fmt == "hf":
         state["config"] = hf_llama_config(cfg, dtype)
     else:
         state["config"] = kvslim_config(cfg)
-    layout = {f"model.layers.{i}." + k[len(_PRE):]: (v.dtype, tuple(v.shape))
-              for i in range(cfg.num_layers) for k, v in tensors.items()}
+    layout = {f"model.layers.{i}." + k[len(_PRE):]: v for i in range(cfg.num_layers) for k, v in per_layer[i].items()}
     layout.update({name: (dtype, src.shapes[s]) for name, (s, _) in ends.items()})
     writer = SafetensorsWriter(staging / "model.safetensors", layout, {"format": "pt"})
     try:

@@ -1,7 +1,8 @@
 """Page allocator over one preallocated paged KV pool per layer (DESIGN.md §3 engine).
 
-Every layer's pool has the same ``[num_pages, page_size, row]`` shape, so one page id
-names the same slot in all layers and one free list serves them all. Page 0 is kept
+Every layer's pool has ``num_pages`` pages of ``page_size`` tokens (rows may differ in width by
+layer: per-layer latent ranks), so one page id names the same slot in all layers and one free
+list serves them all. Page 0 is kept
 back as a scratch page: padded rows of a CUDA-graph batch write there, so a padded
 block table never touches a live sequence.
 
@@ -12,6 +13,7 @@ per-device row means more pages, hence more concurrent sequences).
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 
 import torch
 
@@ -78,24 +80,30 @@ class BlockAllocator:
             self._free.append(p)
 
 
-def page_bytes(spec: AttentionSpec, num_layers: int, page_size: int, dtype: torch.dtype | str,
-               tp_size: int = 1) -> int:
+def page_bytes(spec: AttentionSpec | Sequence[AttentionSpec], num_layers: int, page_size: int,
+               dtype: torch.dtype | str, tp_size: int = 1) -> int:
     """Bytes one page takes over all layers on one rank (the planner's bytes/token x page).
 
-    ``dtype``: the KV dtype (a torch dtype, or a name including ``fp8``, whose packed row with
-    its scales is :class:`kvslim.rows.RowFormat`).
+    ``spec``: the layers' spec, or one per layer (per-layer latent ranks: the rows differ, the
+    page is the sum). ``dtype``: the KV dtype (a torch dtype, or a name including ``fp8``, whose
+    packed row with its scales is :class:`kvslim.rows.RowFormat`).
     """
-    return num_layers * page_size * RowFormat.for_spec(spec, kv_dtype_name(dtype), tp_size).row_bytes
+    specs = [spec] * num_layers if isinstance(spec, AttentionSpec) else list(spec)
+    if len(specs) != num_layers:
+        raise ValueError(f"page_bytes: {len(specs)} layer specs for num_layers={num_layers}")
+    kv = kv_dtype_name(dtype)
+    return page_size * sum(RowFormat.for_spec(s, kv, tp_size).row_bytes for s in specs)
 
 
-def num_pages_for_memory(spec: AttentionSpec, num_layers: int, memory_bytes: int, *, page_size: int,
-                         dtype: torch.dtype, tp_size: int = 1) -> int:
-    """How many pages fit in ``memory_bytes`` on one rank."""
+def num_pages_for_memory(spec: AttentionSpec | Sequence[AttentionSpec], num_layers: int, memory_bytes: int, *,
+                         page_size: int, dtype: torch.dtype, tp_size: int = 1) -> int:
+    """How many pages fit in ``memory_bytes`` on one rank (``spec``: as :func:`page_bytes`)."""
     n = int(memory_bytes) // page_bytes(spec, num_layers, page_size, dtype, tp_size)
     if n <= SCRATCH_PAGES:
+        name = spec.name if isinstance(spec, AttentionSpec) else spec[0].name
         raise ValueError(
             f"{memory_bytes / 2**20:.1f} MiB holds only {n} pages of {page_size} tokens "
-            f"({spec.name}, {num_layers} layers): raise the memory or lower page_size"
+            f"({name}, {num_layers} layers): raise the memory or lower page_size"
         )
     return n
 

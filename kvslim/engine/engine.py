@@ -74,15 +74,17 @@ class LLMEngine:
         p = next(model.parameters())
         self.device = p.device
         tp_size = tp.size if tp is not None else 1
-        spec = self.config.attention
-        self.kv_format = RowFormat.for_spec(spec, config.kv_dtype or kv_dtype_name(p.dtype), tp_size)
-        num_pages, page_size = config.num_pages, config.page_size or default_page_size(spec)
+        specs = self.config.layer_specs  # per-layer latent ranks: rows of different widths
+        kv_dtype = config.kv_dtype or kv_dtype_name(p.dtype)
+        self.kv_formats = [RowFormat.for_spec(s, kv_dtype, tp_size) for s in specs]
+        self.kv_format = self.kv_formats[0]
+        num_pages, page_size = config.num_pages, config.page_size or default_page_size(self.config.attention)
         if num_pages is None:
             kv_memory = config.kv_memory_bytes
             if kv_memory is None:
                 kv_memory = free_device_memory(self.device, config.mem_util)
-            num_pages = num_pages_for_memory(spec, self.config.num_layers, kv_memory, page_size=page_size,
-                                             dtype=self.kv_format.kv_dtype, tp_size=tp_size)
+            num_pages = num_pages_for_memory(specs, self.config.num_layers, kv_memory, page_size=page_size,
+                                             dtype=kv_dtype, tp_size=tp_size)
         alloc_cls = PrefixCachingAllocator if config.enable_prefix_caching else BlockAllocator
         self.allocator = alloc_cls(num_pages, page_size)
         limit = self.allocator.num_usable * page_size
@@ -96,7 +98,7 @@ class LLMEngine:
         self.tp = tp
         runner_kw = dict(num_pages=num_pages, page_size=page_size,
                          max_pages_per_seq=self.allocator.pages_for(self.max_model_len), max_batch=config.max_batch,
-                         kv_format=self.kv_format, cuda_graphs=config.cuda_graphs,
+                         kv_format=self.kv_formats, cuda_graphs=config.cuda_graphs,
                          graph_batches=config.graph_batches,
                          compile=self.device.type == "cuda" if config.compile is None else config.compile,
                          fuse_projections=config.fuse_projections)
@@ -400,7 +402,7 @@ class LLMEngine:
                     running=len(s.running), waiting=len(s.waiting), preemptions=s.num_preemptions,
                     max_model_len=self.max_model_len, cuda_graphs=self.runner.use_graphs,
                     overlap=self.pipeline.enabled,
-                    kv_dtype=self.kv_format.kv_dtype, kv_bytes_per_token=self.kv_format.row_bytes * self.config.num_layers,
+                    kv_dtype=self.kv_format.kv_dtype, kv_bytes_per_token=sum(f.row_bytes for f in self.kv_formats),
                     **self.counters, **extra)
 
 

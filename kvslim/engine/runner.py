@@ -62,7 +62,8 @@ class ModelRunner:
         num_pages, page_size: pool shape (same on every layer and rank).
         max_pages_per_seq: width of the decode block table (= max_model_len / page_size).
         max_batch: largest decode batch.
-        kv_format: the cache row (``kvslim.rows.RowFormat``; default: rows of the model's dtype).
+        kv_format: the cache row (``kvslim.rows.RowFormat``; default: rows of the model's dtype), or one
+            per layer (per-layer latent ranks: each layer's pool has its own row width).
         cuda_graphs: capture decode graphs (CUDA only; ``None`` = on CUDA).
         graph_batches: batch sizes to capture (clipped to ``max_batch``).
         compile: run decode through ``torch.compile`` (one graph over all layers, the kernels as
@@ -75,7 +76,7 @@ class ModelRunner:
     """
 
     def __init__(self, model, *, num_pages: int, page_size: int, max_pages_per_seq: int, max_batch: int,
-                 kv_format: RowFormat | None = None, cuda_graphs: bool | None = None,
+                 kv_format: RowFormat | list[RowFormat] | None = None, cuda_graphs: bool | None = None,
                  graph_batches=DEFAULT_GRAPH_BATCHES, compile: bool = False, fuse_projections: bool = False,
                  compile_mode: str | None = None):
         self.model = model
@@ -92,16 +93,26 @@ class ModelRunner:
         self.page_size = page_size
         self.max_pages_per_seq = max_pages_per_seq
         self.max_batch = max_batch
-        spec = model.model.layers[0].self_attn.local
-        self.row_dim = spec.row_dim
-        fmt = kv_format or RowFormat(kv_dtype_name(p.dtype), self.row_dim)
-        if fmt.row_dim != self.row_dim:
-            raise ValueError(f"kv_format rows have {fmt.row_dim} elements, this rank's attention {self.row_dim}")
-        self.kv_format = fmt
-        self.layer_fmt = fmt if fmt.is_fp8 else None
+        layers = model.model.layers
+        self.row_dims = [layer.self_attn.local.row_dim for layer in layers]
+        self.row_dim = self.row_dims[0]  # layer 0's (row_dims: every layer's)
+        if kv_format is None:
+            kv_format = RowFormat(kv_dtype_name(p.dtype), self.row_dim)
+        if isinstance(kv_format, RowFormat) and len(set(self.row_dims)) > 1:
+            # one KV dtype for layers of different widths: each layer gets its own row in that dtype
+            kv_format = [RowFormat.for_spec(layer.self_attn.local, kv_format.kv_dtype) for layer in layers]
+        fmts = list(kv_format) if isinstance(kv_format, (list, tuple)) else [kv_format] * len(layers)
+        if len(fmts) != len(layers):
+            raise ValueError(f"kv_format: {len(fmts)} row formats for {len(layers)} layers")
+        for i, (fmt, row) in enumerate(zip(fmts, self.row_dims)):
+            if fmt.row_dim != row:
+                raise ValueError(f"kv_format rows have {fmt.row_dim} elements, this rank's attention of layer {i} {row}")
+        self.kv_formats = fmts
+        self.kv_format = fmts[0]
+        self.layer_fmts = [fmt if fmt.is_fp8 else None for fmt in fmts]
         self.pools = [
             torch.zeros(num_pages, page_size, fmt.storage_width, dtype=fmt.storage_dtype, device=self.device)
-            for _ in model.model.layers
+            for fmt in fmts
         ]
         if cuda_graphs is None:
             cuda_graphs = self.device.type == "cuda"
@@ -155,8 +166,8 @@ class ModelRunner:
         T = tokens.shape[1]
         positions = start.long()[:, None] + torch.arange(T, device=tokens.device)[None, :]
         x = m.model.embed_tokens(tokens)
-        for layer, pool in zip(m.model.layers, self.pools):
-            cache = LayerCache(pool, block_table, start, check_bounds=False, fmt=self.layer_fmt,
+        for layer, pool, fmt in zip(m.model.layers, self.pools, self.layer_fmts):
+            cache = LayerCache(pool, block_table, start, check_bounds=False, fmt=fmt,
                                write_impl=self.write_impl, history=history)
             x = layer(x, positions, cache)
         if every_position:

@@ -65,8 +65,7 @@ class ParallelMLP(nn.Module):
 
 def shard_model(full, rank: int, size: int, group=None):
     """Rank ``rank``'s shard of a full ``Transformer`` (the full model is not modified)."""
-    spec = full.config.attention
-    spec.check_tp(size)
+    full.config.attention.check_tp(size)
     shard = copy.copy(full)
     shard.__dict__ = dict(full.__dict__)
     shard._modules = dict(full._modules)
@@ -74,7 +73,8 @@ def shard_model(full, rank: int, size: int, group=None):
     backbone.__dict__ = dict(full.model.__dict__)
     backbone._modules = dict(full.model._modules)
     layers = nn.ModuleList()
-    for layer in full.model.layers:
+    for i, layer in enumerate(full.model.layers):
+        spec = full.config.layer_spec(i)  # per-layer latent ranks: each layer shards its own spec
         new = copy.copy(layer)
         new.__dict__ = dict(layer.__dict__)
         new._modules = dict(layer._modules)
