@@ -339,15 +339,7 @@ class LLMEngine:
                     self._fail(seq, f"sampling failed: {type(e).__name__}: {e}")
                     failed += 1
                     continue
-            if seq.first_token_time is None:
-                seq.first_token_time = now
-            out = seq.output
-            out.append(tok)
-            reason = None
-            if tok in p.stop_token_ids or (tok == eos and not p.ignore_eos):
-                reason = "stop"
-            elif len(out) >= p.max_tokens or len(seq.prompt) + len(out) >= max_len:
-                reason = "length"
+            reason = seq.append_token(tok, now, eos, max_len)
             listener = listeners.get(seq.request_id)
             if listener is not None:
                 listener(seq, tok)

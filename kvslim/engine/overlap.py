@@ -189,17 +189,9 @@ class DecodePipeline:
             if tok < 0:
                 eng._fail(seq, "the model produced non-finite logits (NaN or inf) for this request")
                 continue
-            p = seq.params
-            if seq.first_token_time is None:
-                seq.first_token_time = now
+            reason = seq.append_token(tok, now, eos, max_len)
             out = seq.output
-            out.append(tok)
             emitted += 1
-            reason = None
-            if tok in p.stop_token_ids or (tok == eos and not p.ignore_eos):
-                reason = "stop"
-            elif len(out) >= p.max_tokens or len(seq.prompt) + len(out) >= max_len:
-                reason = "length"
             listener = listeners.get(seq.request_id)
             if listener is not None:
                 listener(seq, tok)

@@ -133,6 +133,18 @@ class Sequence:
     def finished(self) -> bool:
         return self.status == FINISHED
 
+    def append_token(self, tok: int, now: float, eos: int | None, max_len: int) -> str | None:
+        """Append a generated token; returns why the sequence ends with it (``stop`` / ``length``) or None."""
+        if self.first_token_time is None:
+            self.first_token_time = now
+        out, p = self.output, self.params
+        out.append(tok)
+        if tok in p.stop_token_ids or (tok == eos and not p.ignore_eos):
+            return "stop"
+        if len(out) >= p.max_tokens or len(self.prompt) + len(out) >= max_len:
+            return "length"
+        return None
+
 
 @dataclass
 class StepPlan:
