@@ -27,7 +27,7 @@ from kvslim.engine.config import EngineConfig, default_page_size
 from kvslim.engine.overlap import DecodePipeline
 from kvslim.engine.prefix import PrefixCachingAllocator
 from kvslim.engine.runner import ModelRunner
-from kvslim.engine.scheduler import FINISHED, SamplingParams, Scheduler, Sequence
+from kvslim.engine.scheduler import FINISHED, SamplingParams, Scheduler, Sequence, decode_inputs
 from kvslim.rows import RowFormat, kv_dtype_name
 from kvslim.sampling import probabilities, sample
 
@@ -174,14 +174,7 @@ class LLMEngine:
         if plan.decode:
             seqs = plan.decode
             toks = [s.output[-1] if s.output else s.prompt[-1] for s in seqs]
-            starts = [s.num_computed for s in seqs]
-            slots = [s.slot for s in seqs]
-            updates = []  # only the pages added since a sequence's last decode step
-            for s in seqs:
-                n = len(s.pages)
-                if n != s.table_len:
-                    updates.append((s.slot, s.table_len, s.pages[s.table_len :]))
-                    s.table_len = n
+            starts, slots, updates = decode_inputs(seqs)  # table updates: only pages added since the last step
             try:
                 if self.tp is not None:
                     self.tp.send("decode", toks, starts, slots, updates)

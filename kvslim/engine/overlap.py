@@ -37,7 +37,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from kvslim.engine.scheduler import RUNNING, Sequence
+from kvslim.engine.scheduler import RUNNING, Sequence, decode_inputs
 
 
 @dataclass(eq=False)
@@ -143,14 +143,7 @@ class DecodePipeline:
     def _launch(self, seqs: list[Sequence], toks: list[int] | None, src: list[int] | None) -> InFlight:
         """Stage and launch one decode step (tokens from the host, or from the rows ``src`` of the last one)."""
         eng = self.engine
-        updates = []  # only the pages added since a sequence's last decode step
-        for s in seqs:
-            n = len(s.pages)
-            if n != s.table_len:
-                updates.append((s.slot, s.table_len, s.pages[s.table_len :]))
-                s.table_len = n
-        starts = [s.num_computed for s in seqs]
-        slots = [s.slot for s in seqs]
+        starts, slots, updates = decode_inputs(seqs)
         eng.runner.decode(toks, starts, slots, updates, src=src)
         for s in seqs:
             s.num_computed += 1

@@ -146,6 +146,19 @@ class Sequence:
         return None
 
 
+def decode_inputs(seqs: list[Sequence]) -> tuple[list[int], list[int], list]:
+    """``(starts, slots, updates)`` of a decode batch: each sequence's position and block-table row, and
+    the ``(slot, first column, pages)`` table updates for the pages added since its last decode step
+    (marked written)."""
+    updates = []
+    for s in seqs:
+        n = len(s.pages)
+        if n != s.table_len:
+            updates.append((s.slot, s.table_len, s.pages[s.table_len :]))
+            s.table_len = n
+    return [s.num_computed for s in seqs], [s.slot for s in seqs], updates
+
+
 @dataclass
 class StepPlan:
     decode: list[Sequence]
