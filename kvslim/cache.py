@@ -100,15 +100,9 @@ class LayerCache:
 
     def gather(self, lengths: torch.Tensor) -> torch.Tensor:
         """Padded rows ``[B, max(lengths), row]`` of every sequence (zeros past its length)."""
-        B = self.block_table.shape[0]
         L = int(lengths.max())
-        page_size = self.pool.shape[1]
+        rows = self.prefix_rows(L)
         pos = torch.arange(L, device=self.pool.device)
-        pages = self.block_table.long()[:, (pos // page_size)]  # [B, L]
-        flat = pages * page_size + (pos % page_size)[None, :]
-        rows = self.pool.view(-1, self.pool.shape[-1])[flat.reshape(-1)].view(B, L, -1)
-        if self.is_fp8:
-            rows = dequantize_rows(rows, self.fmt, torch.float32)
         valid = pos[None, :] < lengths.long()[:, None].to(pos.device)
         return rows * valid[..., None].to(rows.dtype)
 
