@@ -41,7 +41,7 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.timing import bench  # noqa: E402
+from benchmarks.timing import bench, gemm_peak  # noqa: E402
 from kvslim.kernels import prefill_separate, prefill_tied  # noqa: E402
 from kvslim.kernels.prefill import prefill_separate_triton, prefill_tied_triton  # noqa: E402
 from kvslim.kernels.reference import prefill_separate_ref, prefill_tied_ref  # noqa: E402
@@ -59,12 +59,6 @@ VARIANTS = [
 ]
 CASES = [("fresh", 8, 2048, 2048), ("chunk", 8, 512, 2048)]  # (name, B, T, L)
 PAGES = (16, 64)
-
-
-def gemm_peak() -> float:
-    x = torch.randn(8192, 8192, device="cuda", dtype=DT)
-    y = torch.randn(8192, 8192, device="cuda", dtype=DT)
-    return 2 * 8192**3 / bench(lambda: x @ y)
 
 
 class Problem:

@@ -28,17 +28,9 @@ from pathlib import Path
 import torch
 
 from benchmarks.engine_roofline import CATEGORIES, category
-from benchmarks.timing import event_median
+from benchmarks.timing import event_median, gemm_peak
 
 OUT = Path(__file__).resolve().parent / "results"
-
-
-def gemm_peak() -> float:
-    x = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    y = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    for _ in range(3):
-        x @ y
-    return 2 * 8192**3 / event_median(lambda: x @ y, 10)
 
 
 def model_flops(model, B: int, T: int, start: int) -> float:

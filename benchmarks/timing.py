@@ -71,3 +71,10 @@ def event_median(fn, reps: int) -> float:
         ts.append(a.elapsed_time(b) * 1e-3)
     ts.sort()
     return ts[len(ts) // 2]
+
+
+def gemm_peak() -> float:
+    """bf16 FLOP/s of an 8192^3 matrix product on random data (the compute roofline of a run)."""
+    x = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    y = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    return 2 * 8192**3 / bench(lambda: x @ y)
