@@ -209,13 +209,11 @@ def calibration_tokens(tokenizer_dir, *, num_samples: int, seq_len: int, text: s
     the windows (``window_counts``), sampled from its own calib split with ``seed``; the rows
     come source by source, in spec order.
     """
-    from kvslim.eval.data import load_text
 
     sources = parse_calib_spec(str(text))
     counts = window_counts(sources, num_samples)
     parts = []
     for c, n in zip(sources, counts):
-        source = load_text(c.source) if c.is_file else load_text(c.source, "calib")
-        parts.append(calibration_batches(source, num_samples=n, seq_len=seq_len, seed=seed,
+        parts.append(calibration_batches(c.text(), num_samples=n, seq_len=seq_len, seed=seed,
                                          tokenizer=str(tokenizer_dir)))
     return torch.cat(parts)

@@ -45,6 +45,12 @@ class CalibSource:
     weight: float
     is_file: bool
 
+    def text(self) -> str:
+        """Its text: a file whole, a corpus or genre its calib split (never the held-out eval split)."""
+        from kvslim.eval.data import load_text
+
+        return load_text(self.source) if self.is_file else load_text(self.source, "calib")
+
 
 def parse_calib_spec(spec: str) -> list[CalibSource]:
     """Parse a ``--calib`` spec (grammar: ``CALIB_GRAMMAR``) and check every source exists.
@@ -118,10 +124,7 @@ def is_mixture(spec) -> bool:
 
 def mixture_text(spec: str) -> str:
     """The calib text of every source of ``spec``, in spec order (e.g. to train a BPE tokenizer on)."""
-    from kvslim.eval.data import load_text
-
-    return "\n\n".join(load_text(c.source) if c.is_file else load_text(c.source, "calib")
-                        for c in parse_calib_spec(spec))
+    return "\n\n".join(c.text() for c in parse_calib_spec(spec))
 
 
 def mixture_tokens(spec: str, tokenizer) -> torch.Tensor:
@@ -131,12 +134,10 @@ def mixture_tokens(spec: str, tokenizer) -> torch.Tensor:
     (``min(len_i / share_i)``), each source contributing its first ``share_i`` of that length, and the
     sources follow each other in spec order (training samples windows uniformly from the stream).
     """
-    from kvslim.eval.data import load_text
     from kvslim.eval.tokenizer import tokenize
 
     sources = parse_calib_spec(spec)
-    ids = [tokenize(load_text(c.source) if c.is_file else load_text(c.source, "calib"), tokenizer)
-           for c in sources]
+    ids = [tokenize(c.text(), tokenizer) for c in sources]
     total = sum(c.weight for c in sources)
     shares = [c.weight / total for c in sources]
     length = min(len(x) / s for x, s in zip(ids, shares))
