@@ -173,7 +173,7 @@ class LLMEngine:
             touched += self._verify(plan.verify)
         if plan.decode:
             seqs = plan.decode
-            toks = [s.output[-1] if s.output else s.prompt[-1] for s in seqs]
+            toks = [s.last_token for s in seqs]
             starts, slots, updates = decode_inputs(seqs)  # table updates: only pages added since the last step
             try:
                 if self.tp is not None:

@@ -72,7 +72,7 @@ class DecodePipeline:
 
     def start(self, seqs: list[Sequence]) -> list[Sequence]:
         """Launch a scheduled decode-only step of ``seqs`` (tokens from the host), then :meth:`advance`."""
-        toks = [s.output[-1] if s.output else s.prompt[-1] for s in seqs]
+        toks = [s.last_token for s in seqs]
         try:
             step = self._launch(seqs, toks, None)
         except Exception as e:  # noqa: BLE001 - fail this forward's sequences, not the server

@@ -133,6 +133,11 @@ class Sequence:
     def finished(self) -> bool:
         return self.status == FINISHED
 
+    @property
+    def last_token(self) -> int:
+        """The token a decode step feeds: the last output token, or the prompt's last before any output."""
+        return self.output[-1] if self.output else self.prompt[-1]
+
     def append_token(self, tok: int, now: float, eos: int | None, max_len: int) -> str | None:
         """Append a generated token; returns why the sequence ends with it (``stop`` / ``length``) or None."""
         if self.first_token_time is None:
