@@ -209,3 +209,18 @@ def test_latent_history_prefill_on_expanded_kv(name, kv, monkeypatch):
     assert calls == [L], calls  # the second chunk (18 > MAX_Q_LEN tokens) took the expanded history path
     want = attn(x, pos) if kv is None else run(False)
     assert_close(got, want, atol=2e-5 if kv is None else 1e-4, msg=f"{name} {kv}")
+
+
+def test_prefix_rows_reads_pages_in_table_order_and_names_a_short_table():
+    """``LayerCache.prefix_rows``: row t of sequence b is slot t % page of page block_table[b, t // page];
+    asking for more rows than the table holds is a clear error, not an index fault."""
+    from kvslim.cache import LayerCache
+
+    pool = torch.randn(7, 4, 3)
+    bt = torch.tensor([[5, 2], [1, 6]], dtype=torch.int32)
+    cache = LayerCache(pool, bt, torch.zeros(2, dtype=torch.int32))
+    rows = cache.prefix_rows(6)
+    want = torch.stack([torch.cat([pool[5], pool[2]])[:6], torch.cat([pool[1], pool[6]])[:6]])
+    assert torch.equal(rows, want)
+    with pytest.raises(ValueError, match="9 rows need 3 pages, the block table has 2"):
+        cache.prefix_rows(9)
