@@ -60,8 +60,10 @@ class LayerCache:
         if want != R:
             raise ValueError(f"row width {R} does not match the cache's {want}")
         page_size = self.pool.shape[1]
-        capturing = rows.is_cuda and torch.cuda.is_current_stream_capturing()
-        if self.check_bounds and not capturing:
+        # The bounds check syncs with the host: never under CUDA-graph capture or torch.compile (asking
+        # whether a stream is capturing is itself a graph break, one per layer, in a compiled forward).
+        if self.check_bounds and not torch.compiler.is_compiling() and not (
+                rows.is_cuda and torch.cuda.is_current_stream_capturing()):
             last = int(self.start.max()) + T - 1
             if last // page_size >= self.block_table.shape[1]:
                 raise ValueError(
