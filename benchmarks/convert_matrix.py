@@ -173,9 +173,13 @@ def eval_windows(tokenizer_dir, genre: str, windows: int, seq_len: int) -> torch
     """``[windows, seq_len]``: evenly spaced windows of the eval split of ``genre``."""
     from kvslim.eval import load_text, tokenize
 
-    ids = tokenize(load_text(genre, "eval"), tokenizer_dir)
+    return spaced_windows(tokenize(load_text(genre, "eval"), tokenizer_dir), windows, seq_len, what=f"eval split of {genre!r}")
+
+
+def spaced_windows(ids: torch.Tensor, windows: int, seq_len: int, *, what: str = "token stream") -> torch.Tensor:
+    """``[windows, seq_len]``: evenly spaced windows of a 1-D token stream, the first at its start, the last at its end."""
     if ids.numel() < windows * seq_len:
-        raise ValueError(f"eval split of {genre!r} has {ids.numel()} tokens < {windows} x {seq_len}")
+        raise ValueError(f"{what} has {ids.numel()} tokens < {windows} x {seq_len}")
     step = (ids.numel() - seq_len) // max(windows - 1, 1)
     return torch.stack([ids[i * step : i * step + seq_len] for i in range(windows)])
 
@@ -184,8 +188,9 @@ def eval_windows(tokenizer_dir, genre: str, windows: int, seq_len: int) -> torch
 def nll(model, x: torch.Tensor, batch_size: int = 2) -> float:
     """Mean next-token NLL (nats) over all windows (position t predicts t+1)."""
     tot, n = 0.0, 0
+    device = next(model.parameters()).device
     for s in range(0, x.shape[0], batch_size):
-        b = x[s : s + batch_size]
+        b = x[s : s + batch_size].to(device)
         logits = model(b).float()
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
                                                  b[:, 1:].reshape(-1), reduction="sum")

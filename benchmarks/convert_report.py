@@ -174,9 +174,9 @@ def render(args) -> None:
     order = [v[0] for v in TABLE_ORDER]
     rows = sorted(data["rows"], key=lambda r: order.index(r["name"]) if r["name"] in order else len(order))
     base = next(r for r in rows if r["name"] == "original GQA-3")
-    rec_path = RESULTS / "convert_recovery.json"
+    rec_path = RESULTS / "convert_recovery_sotu.json"
     recovered = {}
-    if rec_path.is_file():  # written by convert_recover.py (distillation on the device)
+    if rec_path.is_file():  # written by the first convert_recover.py (SOTU distillation on the device)
         rec = json.loads(rec_path.read_text())
         recovered = {RECOVERY_ROWS[r["target"]]: r["ppl_after"] for r in rec["rows"] if r["target"] in RECOVERY_ROWS}
     lines = [
@@ -192,7 +192,7 @@ def render(args) -> None:
         "'RoPE energy kept' = fraction of the calibrated rotary key energy that stays in the RoPE key; "
         "'latent energy' = fraction of the (balanced) [K_nope; V] energy the latent keeps. The run was resumed "
         "twice to add rows; every resume recalibrates the same windows (seed 0). The last column is the "
-        "perplexity after 300 steps of distillation with `kvslim finetune` (convert_recovery.md: 0.6M tokens of "
+        "perplexity after 300 steps of distillation with `kvslim finetune` (convert_recovery_sotu.md: 0.6M tokens of "
         "SOTU calib text on an H100), same eval tokens.",
         "",
         "| variant | method | cache | elements/token/layer | KV bytes/token | ppl | ppl / original | RoPE energy kept |"

@@ -288,11 +288,19 @@ class Transformer(nn.Module):
                         device: str | torch.device = "cpu") -> Transformer:
         """Load a kvslim checkpoint or a Hugging Face Llama/Mistral/Qwen2/Qwen3/DeepSeek(dense) one."""
         raw = read_config(path)
-        if raw.get("format") == FORMAT:
-            cfg = ModelConfig.from_dict({k: v for k, v in raw.items() if k != "format"})
-        else:
-            cfg = config_from_hf(raw)
-        sd = load_tensors(path)
+        model_config(raw)  # a bad config is named before any tensor is read
+        return cls.from_state_dict(raw, load_tensors(path), dtype=dtype, device=device, source=f"checkpoint {path}")
+
+    @classmethod
+    def from_state_dict(cls, raw: dict, sd: dict[str, torch.Tensor], *, dtype: torch.dtype | None = None,
+                        device: str | torch.device = "cpu", source: str = "state dict") -> Transformer:
+        """A model from a config dict (kvslim's or Hugging Face's) and its tensors, checked as
+        :meth:`from_pretrained` checks a directory (e.g. a GGUF read by ``kvslim.eval.smollm2``).
+
+        ``source`` names where the tensors came from in error messages.
+        """
+        cfg = model_config(raw)
+        sd = dict(sd)  # (the caller's dict is left as it was)
         if hf_rope_interleaved(raw):
             sd = permute_rope_rows(sd, cfg, deinterleave_perm(cfg.attention.rope_dim))
         with torch.device("meta"):
@@ -306,13 +314,13 @@ class Transformer(nn.Module):
         unexpected = {k for k in unexpected if not k.endswith("rotary_emb.inv_freq")}
         if missing or unexpected:
             raise ValueError(
-                f"checkpoint {path} does not match the config: missing {sorted(missing)[:5]}, "
+                f"{source} does not match the config: missing {sorted(missing)[:5]}, "
                 f"unexpected {sorted(unexpected)[:5]}"
             )
         shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         bad = [f"{k} {tuple(sd[k].shape)} != {shapes[k]}" for k in sorted(expected) if tuple(sd[k].shape) != shapes[k]]
         if bad:
-            raise ValueError(f"checkpoint {path}: tensor shapes do not match config.json: {bad[:3]}")
+            raise ValueError(f"{source}: tensor shapes do not match config.json: {bad[:3]}")
         sd = {k: v for k, v in sd.items() if k in expected}
         model.load_state_dict(sd, strict=False, assign=True)
         if cfg.tie_word_embeddings:
@@ -375,6 +383,13 @@ def permute_rope_rows(sd: dict, cfg: ModelConfig, perm: torch.Tensor) -> dict:
                 w = out[key]
                 out[key] = torch.cat([w[: w.shape[0] - d_r], w[w.shape[0] - d_r :][perm]]).contiguous()
     return out
+
+
+def model_config(raw: dict) -> ModelConfig:
+    """The ModelConfig of a ``config.json`` dict: kvslim's own format, else a Hugging Face one."""
+    if raw.get("format") == FORMAT:
+        return ModelConfig.from_dict({k: v for k, v in raw.items() if k != "format"})
+    return config_from_hf(raw)
 
 
 def config_from_hf(raw: dict) -> ModelConfig:

