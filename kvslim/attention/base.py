@@ -27,6 +27,7 @@ from torch.nn.attention.bias import causal_lower_right
 
 from kvslim.cache import LayerCache
 from kvslim.kernels import MAX_Q_LEN
+from kvslim.kernels.ops import sdpa_lower_right_op
 from kvslim.rope import Rotary
 from kvslim.rows import roundtrip_rows
 from kvslim.spec import AttentionSpec
@@ -129,7 +130,13 @@ class AttentionBase(nn.Module):
         if q.is_cuda and mask is None and dv < q.shape[-1]:
             v = F.pad(v, (0, q.shape[-1] - dv))
         if causal and T != L:
+            if torch.compiler.is_compiling():  # CausalBias is not traceable: the op wrapping it is
+                o = sdpa_lower_right_op(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                        self.spec.softmax_scale)
+                return o.transpose(1, 2)[..., :dv]
             mask, causal = causal_lower_right(T, L), False
+        # a plain bool: under torch.compile `T > 1` is a SymBool that SDPA refuses (and bool() keeps symbolic)
+        causal = True if causal else False  # noqa: SIM210
         o = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
             attn_mask=mask, is_causal=causal, scale=self.spec.softmax_scale,

@@ -118,3 +118,20 @@ def write_rows_op(pool: torch.Tensor, rows: torch.Tensor, block_table: torch.Ten
 @write_rows_op.register_fake
 def _(pool, rows, block_table, start, fmt):
     return None
+
+
+@torch.library.custom_op("kvslim::sdpa_lower_right", mutates_args=())
+def sdpa_lower_right_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """SDPA of ``q [B, H, T, d]`` over ``k``/``v [B, H, L, d]`` with the causal mask aligned to the lower right
+    (query ``t`` sees keys ``<= L - T + t``: a chunk over its history). Opaque to Dynamo, which cannot trace
+    ``torch.nn.attention.bias.CausalBias`` with symbolic sizes (it would break the graph and, inside the layer
+    loop, drop the whole forward to eager); run eagerly, the bias dispatches to the flash / efficient kernels."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    mask = causal_lower_right(q.shape[2], k.shape[2])
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+@sdpa_lower_right_op.register_fake
+def _(q, k, v, scale):
+    return q.new_empty(*q.shape[:-1], v.shape[-1])
