@@ -10,6 +10,9 @@
 ``mix`` calibration, the three never-seen genres only (it is ~4x slower per token on CPU); MLA at 50 %
 of the cache (r=64 + 64 RoPE = 128 of 256 elements), GLA-2 at 50 % (2 x 32 + 64), GTA-2 (160
 elements, its fixed size) against MLA r=96 at the same 160.
+The SmolLM2 rows named ``... sequential`` convert with ``calib_pass="sequential"``
+(kvslim/convert/sequential.py: layer i calibrated on the activations of the converted layers 0..i-1), on the
+same calibration windows; their conversion time includes that calibration (the others read cached moments).
 ``--ranks`` (``--model smollm2-ranks``): SmolLM2, ``mix`` calibration, every genre; MLA at r=128 (50 % of
 the cache) and r=64 (33 %) with uniform ranks against ``--rank-alloc energy`` (per-layer ranks summing
 to 30 x r: the same bytes; kvslim/convert/ranks.py), for the output-aware fit and TransMLA's.
@@ -67,13 +70,21 @@ def variants_smollm2():
         "GLA-3 d_c=64 output-aware": ("gla", dict(gla, fit="output")),
         "GTA-3 joint (BKV)": ("gta", {}),
         "GTA-3 output-aware": ("gta", dict(fit="output")),
+        # sequential calibration (kvslim/convert/sequential.py): layer i fit on the converted layers' activations
+        "MLA r=128 output-aware sequential": ("mla", dict(kv_lora_rank=128, fit="output", calib_pass="sequential",
+                                                          **mla)),
+        "GLA-3 d_c=64 output-aware sequential": ("gla", dict(gla, fit="output", calib_pass="sequential")),
+        "GTA-3 output-aware sequential": ("gta", dict(fit="output", calib_pass="sequential")),
+        "MLA r=128 TransMLA sequential": ("mla", dict(kv_lora_rank=128, calib_pass="sequential", **mla)),
     }
     order = [("sotu", "MLA r=128 TransMLA"), ("sotu", "MLA r=128 output-aware"), ("mix", "MLA r=128 TransMLA"),
              ("mix", "MLA r=128 output-aware"), ("mix", "MLA r=192 TransMLA"), ("mix", "GLA-3 d_c=64 TransMLA"),
              ("mix", "GLA-3 d_c=64 output-aware"), ("mix", "MLA r=160 TransMLA"), ("mix", "GTA-3 joint (BKV)"),
              ("mix", "GTA-3 output-aware"), ("sotu", "MLA r=160 TransMLA"), ("sotu", "MLA r=192 TransMLA"),
              ("sotu", "GLA-3 d_c=64 TransMLA"), ("sotu", "GTA-3 joint (BKV)"), ("sotu", "GLA-3 d_c=64 output-aware"),
-             ("sotu", "GTA-3 output-aware")]
+             ("sotu", "GTA-3 output-aware"), ("mix", "MLA r=128 output-aware sequential"),
+             ("mix", "GLA-3 d_c=64 output-aware sequential"), ("mix", "GTA-3 output-aware sequential"),
+             ("mix", "MLA r=128 TransMLA sequential")]
     return [(c, n, *spec[n]) for c, n in order]
 
 
@@ -127,7 +138,16 @@ MODELS = {
         variants=variants_smollm2, prompts=PROMPTS,
         pairs=[("MLA r=128 output-aware", "MLA r=128 TransMLA"), ("GLA-3 d_c=64 TransMLA", "MLA r=192 TransMLA"),
                ("GLA-3 d_c=64 output-aware", "MLA r=192 TransMLA"), ("GTA-3 joint (BKV)", "MLA r=160 TransMLA"),
-               ("GTA-3 output-aware", "MLA r=160 TransMLA")]),
+               ("GTA-3 output-aware", "MLA r=160 TransMLA"),
+               ("MLA r=128 output-aware sequential", "MLA r=128 TransMLA"),
+               ("MLA r=128 output-aware sequential", "MLA r=128 output-aware"),
+               ("MLA r=128 TransMLA sequential", "MLA r=128 TransMLA"),
+               ("GLA-3 d_c=64 output-aware sequential", "MLA r=192 TransMLA"),
+               ("GLA-3 d_c=64 output-aware sequential", "GLA-3 d_c=64 output-aware"),
+               ("GTA-3 output-aware sequential", "MLA r=160 TransMLA"),
+               ("GTA-3 output-aware sequential", "GTA-3 output-aware")],
+        pairs_title="Equal bytes: each method against plain TransMLA, and each sequential row against its "
+                    "original-pass row (never-seen-by-any genres, gmean)"),
     "qwen2.5-coder-0.5b": dict(
         source=_qwen_dir, title="Qwen2.5-Coder-0.5B", stem="convert_matrix_qwen", base="original GQA-2",
         tag="qwen2.5-coder-0.5b-",
@@ -151,9 +171,17 @@ def _json(m: dict) -> Path:
     return RESULTS / f"{m['stem']}.json"
 
 
+def calib_windows(src, calib: str, args) -> torch.Tensor:
+    """The calibration windows of one calibration (``[calib_samples, calib_seq_len]``, seed 0)."""
+    from kvslim.convert import calibration_tokens
+
+    return calibration_tokens(src, num_samples=args.calib_samples, seq_len=args.calib_seq_len, text=CALIBS[calib],
+                              seed=0)
+
+
 def calib_moments(model, src, calib: str, args):
     """Per-layer input moments of one calibration, cached on disk (same windows, same numbers)."""
-    from kvslim.convert import attention_input_moments, calibration_tokens
+    from kvslim.convert import attention_input_moments
     from kvslim.eval import cache_dir
 
     tag = MODELS[args.model]["tag"]
@@ -161,8 +189,7 @@ def calib_moments(model, src, calib: str, args):
     if path.is_file():
         return torch.load(path), None
     t0 = time.time()
-    windows = calibration_tokens(src, num_samples=args.calib_samples, seq_len=args.calib_seq_len,
-                                 text=CALIBS[calib], seed=0)
+    windows = calib_windows(src, calib, args)
     moments = attention_input_moments(model, windows)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(moments, path)
@@ -247,12 +274,16 @@ def run(args) -> None:
     for calib, name, to, kw in m["variants"]():
         if (calib, name) in done or (args.only and not any(x in name for x in args.only.split(","))):
             continue
-        if calib not in moments:
-            moments[calib], secs = calib_moments(model, src, calib, args)
-            if secs is not None:
-                data["meta"][f"calib_seconds_{calib}"] = secs
         t1 = time.time()
-        conv, stats = convert_model(model, to, moments=moments[calib], progress=False, **kw)
+        if kw.get("calib_pass") == "sequential":  # its moments exist only while converting: it takes the windows
+            conv, stats = convert_model(model, to, calib=calib_windows(src, calib, args), progress=False, **kw)
+        else:
+            if calib not in moments:
+                moments[calib], secs = calib_moments(model, src, calib, args)
+                if secs is not None:
+                    data["meta"][f"calib_seconds_{calib}"] = secs
+                t1 = time.time()
+            conv, stats = convert_model(model, to, moments=moments[calib], progress=False, **kw)
         L = conv.config.num_layers  # elements: the mean over layers (per-layer ranks: their rows differ)
         elements = conv.config.kv_elements_per_token()
         row = {"calib": calib, "name": name, "kind": conv.spec.name,
@@ -329,9 +360,9 @@ def render(args=None) -> None:
         for a, b in m["pairs"]:
             if (calib, a) in by and (calib, b) in by:
                 qa, qb = (_gmean([ratio[(calib, n)][g] for g in any_never]) for n in (a, b))
-                verdict = "better" if qa < qb else "worse"
+                verdict = "same" if abs(qa / qb - 1) < 0.005 else "better" if qa < qb else "worse"
                 lines.append(f"- calib {calib}, {by[(calib, a)]['elements']} elements: {a} x{qa:.2f} vs {b} x{qb:.2f} "
-                             f"-> {verdict} ({qa / qb - 1:+.0%})")
+                             f"-> {verdict} ({qa / qb - 1:+.1%})")
     ranked = [r for r in rows if r.get("rank_alloc")]
     if ranked:
         lines += ["", "## Per-layer ranks (chosen on the calibration windows only)", "",
@@ -357,6 +388,16 @@ def render(args=None) -> None:
     print("\n".join(lines))
 
 
+def _marker(name: str) -> str:
+    if "energy" in name:
+        return "v" if "TransMLA" in name else "^"
+    if "relative" in name:
+        return "P"
+    if "sequential" in name:
+        return "X" if "TransMLA" in name else "*"
+    return "o" if "TransMLA" in name else ("s" if "output" in name else "D")
+
+
 def plot(rows, ratio, L, m, any_never) -> None:
     """One panel per calibration: KV bytes/token vs the never-seen-by-any gmean ratio."""
     import matplotlib
@@ -372,14 +413,12 @@ def plot(rows, ratio, L, m, any_never) -> None:
             if r["calib"] != calib:
                 continue
             q = ratio[(calib, r["name"])]
-            ax.plot(r["elements"] * 2 * L, _gmean([q[g] for g in any_never]),
-                    ("v" if "TransMLA" in r["name"] else "^") if "energy" in r["name"] else "P" if "relative" in r["name"]
-                    else "o" if "TransMLA" in r["name"] else ("s" if "output" in r["name"] else "D"), label=r["name"])
+            ax.plot(r["elements"] * 2 * L, _gmean([q[g] for g in any_never]), _marker(r["name"]), label=r["name"])
         ax.set_title(f"{m['title']}, calibrated on {calib}")
         ax.set_xlabel("KV cache bytes / token (bf16, all layers)")
         ax.grid(True, alpha=0.3)
     axes[0].set_ylabel("ppl / original, gmean over " + ", ".join(any_never))
-    axes[-1].legend(fontsize=7)
+    axes[-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))  # outside: no point hidden
     fig.tight_layout()
     fig.savefig(RESULTS / f"{m['stem']}.png", dpi=120)
 

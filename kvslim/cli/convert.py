@@ -60,6 +60,10 @@ def add(subparsers) -> None:
                    "legal, docs), whose calib split is used, or a UTF-8 text file; weights (default 1) are "
                    "normalised and split the windows, e.g. sotu:0.25,moby-dick:0.25,shakespeare:0.25,code:0.25 "
                    "(default mix = that four-genre mixture; see docs/convert.md)")
+    p.add_argument("--calib-pass", choices=["original", "sequential"], default="original",
+                   help="mla/gla/gta: which activations calibrate layer i: original = the source model's "
+                   "(default); sequential = those of the already converted layers 0..i-1, so each layer is fit "
+                   "on the inputs it will see (GPTQ-style; same cost and memory; see docs/convert.md)")
     p.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="output weight dtype (default float32)")
@@ -81,7 +85,8 @@ def run(args) -> int:
         kv_heads=args.kv_heads, latent_heads=args.latent_heads, kv_lora_rank=args.kv_lora_rank,
         rope_dim=args.rope_dim, freqfold=args.freqfold, method=args.method, fit=fit, calib_samples=args.calib_samples,
         calib_seq_len=args.calib_seq_len, calib_text=args.calib, seed=args.seed, dtype=args.dtype,
-        rank_alloc=args.rank_alloc, rank_min=args.rank_min, stream=not args.in_memory,
+        rank_alloc=args.rank_alloc, rank_min=args.rank_min, calib_pass=args.calib_pass,
+        stream=not args.in_memory,
     )
     print(kv_table(res.source, res.target, res.num_layers, layer_ranks=res.layer_ranks))
     alloc = res.stats.get("rank_alloc")

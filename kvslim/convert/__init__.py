@@ -11,7 +11,8 @@
 
 ``convert_checkpoint`` (pipeline.py) goes from a directory to a directory; ``check_conversion``
 is its one validation. By default it streams (stream.py, tensorio.py): one source layer in memory
-at a time, output byte-identical to the in-memory conversion (``stream=False``). Calibration windows and moments come from calib.py; RoRoPE, FreqFold
+at a time, output byte-identical to the in-memory conversion (``stream=False``). Calibration windows and moments come from calib.py
+(``calib_pass="sequential"``, sequential.py: layer i calibrated on the converted layers 0..i-1); RoRoPE, FreqFold
 and the rotated key basis both GTA and the latent core use from rorope.py. The writers in
 export.py produce Hugging Face Llama (GQA) or kvslim checkpoints; deepseek.py the serving-safe
 DeepSeek-V3 one (MLA, GLA and GTA, exact in transformers, vLLM and SGLang).

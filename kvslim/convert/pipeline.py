@@ -27,6 +27,7 @@ from kvslim.convert.gqa_to_gta import check_gta_target, fit_gta
 from kvslim.convert.latent import check_latent_target, fit_latent, layer_spectra, max_latent_dim
 from kvslim.convert.mha_to_gqa import check_gqa_target, mha_to_gqa
 from kvslim.convert.ranks import RANK_ALLOCS, allocate_ranks, check_rank_alloc, resolve_rank_min
+from kvslim.convert.sequential import ModelLayers, check_calib_pass, convert_sequential
 from kvslim.convert.stream import CALIB_BATCH, stream_convert, stream_layers
 from kvslim.convert.tensorio import LazyCheckpoint
 from kvslim.model import Transformer
@@ -83,7 +84,8 @@ def export_summary(report: dict, num_layers: int, dtype_bytes: int = 2) -> str:
 
 def check_conversion(spec: AttentionSpec, to: str, *, kv_heads=None, latent_heads=None, kv_lora_rank=None,
                      rope_dim: int = 64, freqfold=None, method: str = "transmla", gta_state: str = "joint",
-                     fit: str = "bkv", rank_alloc: str = "uniform", rank_min: int | None = None) -> None:
+                     fit: str = "bkv", rank_alloc: str = "uniform", rank_min: int | None = None,
+                     calib_pass: str = "original") -> None:
     """Raise ValueError naming the bad option if ``spec`` cannot be converted ``to`` this target.
 
     The one validation of a conversion: :func:`convert_checkpoint` runs it before the slow
@@ -91,6 +93,7 @@ def check_conversion(spec: AttentionSpec, to: str, *, kv_heads=None, latent_head
     """
     if to not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {to!r}")
+    check_calib_pass(calib_pass, to)
     if rank_alloc not in RANK_ALLOCS:
         raise ValueError(f"rank_alloc must be one of {RANK_ALLOCS}, got {rank_alloc!r}")
     if to in ("gqa", "gta"):
@@ -134,18 +137,28 @@ def convert_model(model: Transformer, to: str, *, calib: torch.Tensor | None = N
                   kv_heads: int | None = None, latent_heads: int | None = None, kv_lora_rank: int | None = None,
                   rope_dim: int = 64, freqfold: int | None = None, method: str = "transmla",
                   gta_state: str = "joint", fit: str = "bkv", rank_alloc: str = "uniform", rank_min: int | None = None,
-                  progress: bool = True) -> tuple[Transformer, dict]:
+                  calib_pass: str = "original", progress: bool = True) -> tuple[Transformer, dict]:
     """Convert an in-memory kvslim Transformer; returns (new model, diagnostics).
 
     ``moments`` (per-layer ``E[x̃x̃ᵀ]`` from ``attention_input_moments``) or ``calib`` token
     windows are needed for every target but ``gqa``. ``rank_alloc="energy"`` (mla/gla) gives each
     layer its own latent dim, ``kv_lora_rank`` on average (ranks.py); diagnostics then hold
     ``layer_ranks`` and ``rank_alloc`` (the fit objective of the ranks and of uniform ranks).
+    ``calib_pass="sequential"`` (sequential.py) calibrates layer i on the activations of the converted
+    layers ``0..i-1``; it needs ``calib`` (its moments exist only while converting), not ``moments``.
     """
     opts = dict(kv_heads=kv_heads, latent_heads=latent_heads, kv_lora_rank=kv_lora_rank, rope_dim=rope_dim,
                 freqfold=freqfold, method=method, gta_state=gta_state, fit=fit, rank_alloc=rank_alloc,
                 rank_min=rank_min)
-    check_conversion(model.spec, to, **opts)
+    check_conversion(model.spec, to, calib_pass=calib_pass, **opts)
+    if calib_pass == "sequential":
+        if moments is not None:
+            raise ValueError("moments: calib_pass='sequential' takes layer i's moment on the converted layers "
+                             "0..i-1, so it cannot use precomputed moments; pass calib (token windows) instead")
+        if calib is None:
+            raise ValueError(f"--to {to} needs calibration tokens")
+        check_calibration_batches(calib, model.config.vocab_size)
+        return _run_sequential(model, to, calib, opts, progress)
     if to != "gqa" and moments is None:
         if calib is None:
             raise ValueError(f"--to {to} needs calibration tokens")
@@ -153,6 +166,29 @@ def convert_model(model: Transformer, to: str, *, calib: torch.Tensor | None = N
     if moments is not None and len(moments) != model.config.num_layers:
         raise ValueError(f"moments: need one E[x x^T] per layer ({model.config.num_layers}), got {len(moments)}")
     return _run(model, to, moments, progress=progress, **opts)
+
+
+def _layer_converter(to: str, opts: dict, ranks: list):
+    """``fn(i, one-layer model of source layer i, [moment]) -> (converted one-layer model, stats)`` with layer
+    i's latent dim ``ranks[i]``: the converter streaming and the sequential pass apply layer by layer."""
+    one = dict(opts, rank_alloc="uniform", rank_min=None)
+
+    def convert_layer(i, shell, moments):
+        return _run(shell, to, moments, progress=False, **dict(one, kv_lora_rank=ranks[i]))
+
+    return convert_layer
+
+
+def _run_sequential(model: Transformer, to: str, calib: torch.Tensor, opts: dict,
+                    progress: bool) -> tuple[Transformer, dict]:
+    """The in-memory sequential conversion (sequential.py) with the converter streaming applies per layer."""
+    ranks, alloc = [opts["kv_lora_rank"]] * model.config.num_layers, None
+    if opts["rank_alloc"] != "uniform":  # allocated on the original pass, as streaming does
+        ranks, alloc = _stream_ranks(ModelLayers(model), calib, to, opts, progress)
+    out, stats = convert_sequential(model, calib, _layer_converter(to, opts, ranks), progress=progress)
+    if alloc is not None:
+        stats["rank_alloc"] = alloc
+    return out, stats
 
 
 def _target_spec(spec: AttentionSpec, to: str, *, latent_heads, kv_lora_rank, rope_dim) -> AttentionSpec:
@@ -185,7 +221,7 @@ def convert_checkpoint(*, model_dir: str | os.PathLike, out: str | os.PathLike, 
                        method: str = "transmla", calib_samples: int = 32, calib_seq_len: int = 256,
                        calib_text: str = "sotu", calib_tokens: torch.Tensor | None = None, seed: int = 0,
                        dtype: str = "float32", gta_state: str = "joint", fit: str = "bkv",
-                       rank_alloc: str = "uniform", rank_min: int | None = None,
+                       rank_alloc: str = "uniform", rank_min: int | None = None, calib_pass: str = "original",
                        progress: bool = True, stream: bool = True) -> ConvertResult:
     """Convert the checkpoint in ``model_dir`` and write it to ``out`` (atomically).
 
@@ -212,6 +248,8 @@ def convert_checkpoint(*, model_dir: str | os.PathLike, out: str | os.PathLike, 
             summing to ``num_layers · kv_lora_rank``, in steps of 16, at least ``rank_min`` (default 16),
             chosen by greedy marginal gain on each layer's fit objective from the calibration; ranks.py),
             or ``relative`` (the same on each layer's fraction of its own energy).
+        calib_pass: ``original`` (every layer calibrated on the source model's activations) or
+            ``sequential`` (layer i on those of the converted layers 0..i-1; sequential.py).
         stream: convert layer by layer, holding one layer at a time (stream.py; the default: its
             output is byte-identical); False loads the whole source model first.
     """
@@ -263,7 +301,7 @@ def convert_checkpoint(*, model_dir: str | os.PathLike, out: str | os.PathLike, 
     opts = dict(kv_heads=kv_heads, latent_heads=latent_heads, kv_lora_rank=kv_lora_rank, rope_dim=rope_dim,
                 freqfold=freqfold, method=method, gta_state=gta_state, fit=fit, rank_alloc=rank_alloc,
                 rank_min=rank_min)
-    check_conversion(spec, to, **opts)
+    check_conversion(spec, to, calib_pass=calib_pass, **opts)
     if fmt == "deepseek":
         check_qk_norm(spec)
         mla_layout(_target_spec(spec, to, latent_heads=latent_heads, kv_lora_rank=kv_lora_rank, rope_dim=rope_dim),
@@ -289,21 +327,20 @@ def convert_checkpoint(*, model_dir: str | os.PathLike, out: str | os.PathLike, 
         ranks, alloc = [kv_lora_rank] * cfg.num_layers, None
         if per_layer:  # a first pass for every layer's spectrum, then the conversion with its rank
             ranks, alloc = _stream_ranks(src, calib, to, opts, progress)
-        one = dict(opts, rank_alloc="uniform", rank_min=None)
-
-        def convert_layer(i, shell, moments):
-            return _run(shell, to, moments, progress=False, **dict(one, kv_lora_rank=ranks[i]))
-
-        new, stats, report = stream_convert(src, out, convert_layer=convert_layer, calib=calib, fmt=fmt,
-                                            dtype=DTYPES[dtype], progress=progress,
+        new, stats, report = stream_convert(src, out, convert_layer=_layer_converter(to, opts, ranks), calib=calib,
+                                            fmt=fmt, dtype=DTYPES[dtype], sequential=calib_pass == "sequential",
+                                            progress=progress,
                                             layer_ranks=ranks if len(set(ranks)) > 1 else None, **ds, **write)
         if alloc is not None:
             stats["rank_alloc"] = alloc
         target_spec = new.spec.replace(latent_dim=max(ranks)) if new.spec.is_latent else new.spec
     else:
-        moments = None if calib is None else attention_input_moments(model, calib, batch_size=CALIB_BATCH,
-                                                                     progress=progress)
-        new, stats = _run(model, to, moments, progress=progress, **opts)
+        if calib_pass == "sequential":
+            new, stats = _run_sequential(model, to, calib, opts, progress)
+        else:
+            moments = None if calib is None else attention_input_moments(model, calib, batch_size=CALIB_BATCH,
+                                                                         progress=progress)
+            new, stats = _run(model, to, moments, progress=progress, **opts)
         write_checkpoint(new, out, fmt=fmt, dtype=DTYPES[dtype], report=report, **ds, **write)
         target_spec = new.spec
     layer_ranks = stats.get("layer_ranks")
@@ -312,7 +349,7 @@ def convert_checkpoint(*, model_dir: str | os.PathLike, out: str | os.PathLike, 
                          layer_ranks=list(layer_ranks) if layer_ranks and len(set(layer_ranks)) > 1 else None)
 
 
-def _stream_ranks(src: LazyCheckpoint, calib, to: str, opts: dict, progress: bool) -> tuple[list[int], dict]:
+def _stream_ranks(src: LazyCheckpoint | ModelLayers, calib, to: str, opts: dict, progress: bool) -> tuple[list[int], dict]:
     """Per-layer latent ranks by energy (ranks.py), from a first streaming pass over the layers' spectra."""
     h_c = 1 if to == "mla" else opts["latent_heads"]
     kw = dict(latent_heads=h_c, rope_dim=opts["rope_dim"], freqfold=opts["freqfold"], method=opts["method"],

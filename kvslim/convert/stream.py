@@ -17,6 +17,11 @@ layers ``0..i`` alone, and streaming computes exactly that, in the same order:
    under ``model.layers.i.`` and free it;
 3. the tensors outside the layers are read and written one at a time.
 
+**Sequential calibration** (``calib_pass="sequential"``, sequential.py) changes step 2 only: the
+moment ``Σ_i`` is taken first, and the hidden states then go through the *converted* layer ``i``
+instead of the source's, so every layer is calibrated on the activations the converted model will
+feed it; the same walk converts an in-memory model (``ModelLayers``), so the two stay byte-identical.
+
 A conversion that must see every layer before converting any (per-layer ranks by energy,
 ranks.py) first walks the layers once with :func:`stream_layers` (the same moments, so the
 same choices as in memory), keeps only what it needs (the spectra), then converts: twice the
@@ -80,11 +85,23 @@ def _merge_report(infos: list[dict], num_layers: int, fp16_err: float) -> dict:
     return rep
 
 
-def _calibrate(shell: Transformer, hidden: list[torch.Tensor], last: bool):
-    """The shell's attention-input moment over ``hidden`` (advanced through the layer in place): ``E[x̃x̃ᵀ]``,
-    or a ``QKNormMoment`` for a QK-norm source (calib.py ``MomentSum``, as the in-memory pass)."""
+def _forward(layer, x: torch.Tensor) -> torch.Tensor:
+    """``layer``'s output for hidden states ``x [B, T, D]`` at positions ``0..T-1`` (as Transformer.forward)."""
+    B, T = x.shape[:2]
+    positions = torch.zeros(B, dtype=torch.int32).long()[:, None] + torch.arange(T)[None, :]
+    return layer(x, positions, None)
+
+
+def _calibrate(shell: Transformer, hidden: list[torch.Tensor], advance: bool):
+    """The shell's attention-input moment over ``hidden``: ``E[x̃x̃ᵀ]``, or a ``QKNormMoment`` for a QK-norm
+    source (calib.py ``MomentSum``, as the in-memory pass); with ``advance``, ``hidden`` also goes through the
+    shell's layer, in place (one forward gives both, as calib.py's hook does)."""
     layer = shell.model.layers[0]
     total = MomentSum(layer.self_attn)
+    if not advance:  # the last layer (nothing reads its output), or a sequential pass (the converted one will)
+        for x in hidden:
+            total.add(layer.input_layernorm(x))
+        return total.mean()
 
     def hook(module, args):
         total.add(args[0])
@@ -92,21 +109,22 @@ def _calibrate(shell: Transformer, hidden: list[torch.Tensor], last: bool):
     handle = layer.self_attn.register_forward_pre_hook(hook)
     try:
         for b, x in enumerate(hidden):
-            if last:  # nothing reads the last layer's output: its attention input is enough
-                hook(None, (layer.input_layernorm(x),))
-                continue
-            B, T = x.shape[:2]
-            start = torch.zeros(B, dtype=torch.int32)
-            positions = start.long()[:, None] + torch.arange(T)[None, :]  # as Transformer.forward
-            hidden[b] = layer(x, positions, None)
+            hidden[b] = _forward(layer, x)
     finally:
         handle.remove()
     return total.mean()
 
 
-def _walk(src: LazyCheckpoint, calib: torch.Tensor | None, *, desc: str, done: str, progress: bool):
-    """Yield ``(i, one-layer model of source layer i, [Σ_i] or None)`` for every layer, in order, with
-    the calibration hidden states advanced through each layer as the walk goes (steps 1-2)."""
+def _walk(src, calib: torch.Tensor | None, fn: Callable, *, sequential: bool, desc: str, done: str,
+          progress: bool):
+    """Yield ``(i, fn(i, one-layer model of source layer i, [Σ_i] or None))`` for every layer, in order, with
+    the calibration hidden states advanced layer by layer (steps 1-2): through source layer ``i`` (the
+    ``original`` pass), or, ``sequential``, through the converted layer ``fn`` returned (``fn(...)[0]``, a
+    one-layer model), so that ``Σ_{i+1}`` is taken on the activations of the converted layers ``0..i``.
+
+    ``src``: a :class:`LazyCheckpoint`, or anything with its ``config``, ``layer(i)`` and ``tensors([embedding
+    name])`` (sequential.py ``ModelLayers``: an in-memory model).
+    """
     t0 = time.time()
     L = src.config.num_layers
     hidden = None
@@ -118,33 +136,41 @@ def _walk(src: LazyCheckpoint, calib: torch.Tensor | None, *, desc: str, done: s
     try:
         for i in bar:
             shell = src.layer(i)
-            moments = None if hidden is None else [_calibrate(shell, hidden, last=i == L - 1)]
-            yield i, shell, moments
+            advance = i < L - 1
+            moments = None if hidden is None else [_calibrate(shell, hidden, advance and not sequential)]
+            out = fn(i, shell, moments)
+            del shell, moments
+            if sequential and advance and hidden is not None:
+                layer = out[0].model.layers[0]
+                for b, x in enumerate(hidden):
+                    hidden[b] = _forward(layer, x)
+                del layer
+            yield i, out
+            del out
             bar.set_postfix_str(f"layer {i + 1}/{L} {done}, {time.time() - t0:.0f} s")
     finally:
         bar.close()
 
 
 @torch.no_grad()
-def stream_layers(src: LazyCheckpoint, calib: torch.Tensor | None, fn: Callable, *, progress: bool = True) -> list:
+def stream_layers(src, calib: torch.Tensor | None, fn: Callable, *, sequential: bool = False,
+                  progress: bool = True) -> list:
     """``[fn(i, one-layer model of source layer i, moments) for every layer]``, one layer in memory at a time.
 
     The pass a conversion needs before it can convert any layer, e.g. the spectra of every layer
     that ``rank_alloc="energy"`` allocates ranks on (ranks.py); the moments are those
-    :func:`stream_convert` computes.
+    :func:`stream_convert` computes. ``sequential``: ``fn`` converts (it returns ``(converted one-layer
+    model, ...)``) and each layer's moments are taken after the converted layers before it (:func:`_walk`).
     """
-    out = []
-    with closing(_walk(src, calib, desc="calibrate (streaming)", done="read", progress=progress)) as walk:
-        for i, shell, moments in walk:
-            out.append(fn(i, shell, moments))
-            del shell, moments
-    return out
+    desc = "convert (sequential)" if sequential else "calibrate (streaming)"
+    with closing(_walk(src, calib, fn, sequential=sequential, desc=desc, done="read", progress=progress)) as walk:
+        return [out for _, out in walk]
 
 
 @torch.no_grad()
 def stream_convert(src: LazyCheckpoint, out, *, convert_layer: Callable, calib: torch.Tensor | None, fmt: str,
                    dtype: torch.dtype, target: str = "transformers", head_size: int | None = None,
-                   layer_ranks: list[int] | None = None, progress: bool = True,
+                   layer_ranks: list[int] | None = None, sequential: bool = False, progress: bool = True,
                    **write) -> tuple[Transformer, dict, dict]:
     """Convert ``src`` layer by layer into ``out`` (module docstring); nothing is left at ``out`` on error.
 
@@ -159,6 +185,8 @@ def stream_convert(src: LazyCheckpoint, out, *, convert_layer: Callable, calib: 
         fmt, dtype, target, head_size: as ``write_checkpoint``.
         layer_ranks: the converted layers' latent dims, when they differ (``ModelConfig.layer_ranks``;
             format ``kvslim`` only): ``convert_layer(i, ...)`` must give layer i that rank.
+        sequential: calibrate layer i on the activations of the *converted* layers ``0..i-1``
+            (sequential.py) instead of the source's.
     Returns:
         ``(converted layer 0 as a one-layer model, stats over all layers, DeepSeek report or {})``.
     """
@@ -171,11 +199,10 @@ def stream_convert(src: LazyCheckpoint, out, *, convert_layer: Callable, calib: 
 
     def weights(staging):
         writer = None
-        walk = _walk(src, calib, desc="convert (streaming)", done="written", progress=progress)
+        walk = _walk(src, calib, convert_layer, sequential=sequential, desc="convert (streaming)", done="written",
+                     progress=progress)
         try:
-            for i, shell, moments in walk:
-                new, stats = convert_layer(i, shell, moments)
-                del shell, moments
+            for i, (new, stats) in walk:
                 tensors, info = _layer_parts(new, fmt, dtype, target, head_size)
                 if writer is None:
                     state["layer0"] = new
