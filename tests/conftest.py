@@ -25,3 +25,13 @@ def nan_poisoned_kernel_outputs(monkeypatch):
 
     monkeypatch.setattr(launch, "empty", poisoned)
     yield
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models on a shared 2-core machine: one torch thread avoids OpenMP oversubscription
+    (a module opts in with ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

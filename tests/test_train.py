@@ -27,13 +27,7 @@ from kvslim.train import (
 V = 61
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny models on a shared 2-core machine: one thread avoids OpenMP oversubscription
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def stream(n=6000, seed=0, vocab=V):

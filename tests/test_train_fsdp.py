@@ -34,12 +34,7 @@ DISTILL = {"steps": 4, "batch_size": 8, "seq_len": 32, "lr": 1e-2, "warmup_steps
            "eval_every": 2, "top_k": 8, "lm_weight": 0.3, "grad_clip": 1.0, "device": "cpu"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def stream(n, seed):
