@@ -310,3 +310,38 @@ def test_default_page_size_by_cache_kind(preset, want):
     assert eng.allocator.page_size == want
     eng = LLMEngine(model, EngineConfig(num_pages=8, page_size=8, max_batch=2, device="cpu"))
     assert eng.allocator.page_size == 8
+
+
+
+def test_a_step_samples_its_forwards_once_at_the_end():
+    """Decode and several prefill forwards of one step: every forward is launched before the one sampling
+    (one ``tolist``, one host sync per step), with the same tokens as ``generate``; chunks that do not finish
+    their prompt are left out of the sampled rows."""
+    model = tiny_model(tiny_spec("gqa-2"))
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 97, (n,), generator=g).tolist() for n in (5, 37, 9, 9, 23)]
+    ref = model.generate(prompts, max_new_tokens=5)
+    eng = LLMEngine(model, EngineConfig(num_pages=64, page_size=4, max_batch=8, max_num_batched_tokens=24,
+                                        overlap=False))
+    log = []
+    run, prefill, decode, sample = eng.step, eng.runner.prefill, eng.runner.decode, eng._sample
+    eng.step = lambda: log.append("step") or run()
+    eng.runner.prefill = lambda *a: log.append("forward") or prefill(*a)
+    eng.runner.decode = lambda *a, **k: log.append("forward") or decode(*a, **k)
+    eng._sample = lambda seqs, logits: log.append(("sample", len(seqs), logits.shape[0])) or sample(seqs, logits)
+    out = eng.generate(prompts, SamplingParams(max_tokens=5), arrival_steps=[0, 0, 1, 1, 2])
+    assert out == ref
+    steps, cur = [], None
+    for e in log:
+        if e == "step":
+            cur = []
+            steps.append(cur)
+        else:
+            cur.append(e)
+    assert any(s.count("forward") >= 2 for s in steps), steps  # steps with several forwards happen
+    for s in steps:
+        samples = [e for e in s if e != "forward"]
+        assert len(samples) <= 1, s
+        if samples:
+            assert s[-1] == samples[0], s  # sampled after the step's last forward
+            assert samples[0][1] == samples[0][2], s  # one logits row per sampled sequence

@@ -169,6 +169,7 @@ class LLMEngine:
         if plan.decode and not plan.prefill and not plan.verify and self.pipeline.eligible(plan.decode):
             return self.pipeline.start(plan.decode)
         touched: list[Sequence] = []
+        sample: list[tuple[list[Sequence], torch.Tensor, str]] = []  # (sequences, their logits, forward), sampled last
         if plan.verify:
             touched += self._verify(plan.verify)
         if plan.decode:
@@ -182,7 +183,7 @@ class LLMEngine:
                 for s in seqs:
                     s.num_computed += 1
                 self.scheduler.commit(seqs)
-                self._sample(seqs, logits)
+                sample.append((seqs, logits, "decode"))
             except Exception as e:  # noqa: BLE001 - fail this forward's sequences, not the server
                 self._fail_forward(seqs, "decode", e)
             touched += seqs
@@ -204,12 +205,28 @@ class LLMEngine:
                         done.append(i)
                 self.scheduler.commit(seqs)
                 if done:
-                    self._sample([seqs[i] for i in done], logits[done])
+                    if len(done) < len(seqs):  # rows picked on the device (a list index would be a synchronous copy)
+                        logits = logits.index_select(0, self.runner.upload(done, torch.long))
+                    sample.append(([seqs[i] for i in done], logits, "prefill"))
                     touched += [seqs[i] for i in done]
             except Exception as e:  # noqa: BLE001 - fail this forward's sequences, not the server
                 self._fail_forward(seqs, "prefill", e)
                 touched += seqs
+        self._sample_forwards(sample)
         return touched
+
+    def _sample_forwards(self, sample: list[tuple[list[Sequence], torch.Tensor, str]]) -> None:
+        """Sample the step's forwards together, after all of them are launched: one ``tolist`` for the step,
+        so the host queues every forward while the device runs the first (a sync per forward serialised host
+        and device work: each prefill forward waited for the one before it to finish)."""
+        if not sample:
+            return
+        seqs = [s for group, _, _ in sample for s in group]
+        try:
+            logits = sample[0][1] if len(sample) == 1 else torch.cat([rows for _, rows, _ in sample])
+            self._sample(seqs, logits)
+        except Exception as e:  # noqa: BLE001 - an error surfacing at the sync: fail the step's sequences
+            self._fail_forward(seqs, "+".join(dict.fromkeys(w for _, _, w in sample)), e)
 
     def _verify(self, entries: list[tuple[Sequence, list[int]]]) -> list[Sequence]:
         """Speculative steps: feed each sequence's last token + its proposals, accept the longest

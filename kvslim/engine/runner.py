@@ -177,19 +177,26 @@ class ModelRunner:
 
     def prefill(self, chunks: list[list[int]], starts: list[int], page_lists: list[list[int]]) -> torch.Tensor:
         """Chunks of equal length T, each continuing its sequence at ``starts[i]`` -> logits ``[B, V]``."""
-        dev = self.device
-        t = torch.tensor(chunks, dtype=torch.long, device=dev)
-        s = torch.tensor(starts, dtype=torch.int32, device=dev)
+        t, s = self.upload(chunks, torch.long), self.upload(starts, torch.int32)
         with sdpa_kernel(PREFILL_SDPA):
             history = starts[0] if min(starts) == max(starts) else None
-            return self._forward(t, s, self._table(page_lists).to(dev), history=history)
+            return self._forward(t, s, self.upload(self._table(page_lists), torch.int32), history=history)
 
     def verify(self, chunks: list[list[int]], starts: list[int], page_lists: list[list[int]]) -> torch.Tensor:
         """Chunks of equal length q_len <= 8 at ``starts[i]`` -> logits of every position ``[B, q_len, V]`` (eager)."""
-        dev = self.device
-        t = torch.tensor(chunks, dtype=torch.long, device=dev)
-        s = torch.tensor(starts, dtype=torch.int32, device=dev)
-        return self._forward(t, s, self._table(page_lists).to(dev), every_position=True)
+        t, s = self.upload(chunks, torch.long), self.upload(starts, torch.int32)
+        return self._forward(t, s, self.upload(self._table(page_lists), torch.int32), every_position=True)
+
+    def upload(self, data, dtype: torch.dtype) -> torch.Tensor:
+        """Host data (lists, an array or a tensor) as a tensor on the runner's device. On CUDA it goes through
+        pinned memory with a non-blocking copy: a copy from pageable memory first waits for the stream to drain
+        (CUDA's rule for pageable host-to-device copies), so each prefill forward's inputs would stall the host
+        until the GPU had finished everything queued before them, and host and device work could not overlap.
+        (The pinned block is not reused before its copy completes: torch's host allocator records the copy.)"""
+        t = torch.as_tensor(data, dtype=dtype)
+        if self.device.type != "cuda":
+            return t.to(self.device)
+        return t.pin_memory().to(self.device, non_blocking=True)
 
     @staticmethod
     def _table(page_lists: list[list[int]]) -> torch.Tensor:
