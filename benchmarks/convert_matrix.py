@@ -13,6 +13,9 @@ elements, its fixed size) against MLA r=96 at the same 160.
 The SmolLM2 rows named ``... sequential`` convert with ``calib_pass="sequential"``
 (kvslim/convert/sequential.py: layer i calibrated on the activations of the converted layers 0..i-1), on the
 same calibration windows; their conversion time includes that calibration (the others read cached moments).
+The SmolLM2 rows named ``MLA r=<192-d_R> d_R=<d_R> output-aware`` are the RoPE budget at 50 % of the cache
+(192 elements): latent rank traded against RoPE dims, d_R in ``ROPE_BUDGET`` against d_R=64 (``MLA r=128
+output-aware``). d_R must divide the source's 64 rotary dims, so two heads' worth (d_R=128) cannot be built.
 ``--ranks`` (``--model smollm2-ranks``): SmolLM2, ``mix`` calibration, every genre; MLA at r=128 (50 % of
 the cache) and r=64 (33 %) with uniform ranks against ``--rank-alloc energy`` (per-layer ranks summing
 to 30 x r: the same bytes; kvslim/convert/ranks.py), for the output-aware fit and TransMLA's.
@@ -31,7 +34,10 @@ which genres the conversion's calibration saw:
   the last six are unseen.
 
 Per genre: ``--windows`` windows of ``--seq-len`` tokens spread evenly over the eval split's token
-stream. Nothing here chooses anything from eval text: every conversion option is fixed in
+stream. The local genres change with the installation, so every row stores ``eval_digest`` (per genre, a
+SHA-256 of the int64 windows it scored) and ``run`` stops before adding rows scored on other windows than the
+base row's (``check_eval_tokens``); ``--verify NAME,...`` re-measures rows from before digests and stamps them
+when their perplexity reproduces. Nothing here chooses anything from eval text: every conversion option is fixed in
 ``variants()`` before measuring, and the fits read the calibration windows only.
 """
 
@@ -39,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import math
 import os
@@ -54,6 +61,7 @@ CALIBS = {"sotu": "sotu", "mix": "sotu:0.25,moby-dick:0.25,shakespeare:0.25,code
 GENRES = ("sotu", "moby-dick", "shakespeare", "code", "pyref", "legal", "docs")
 SEEN = {"sotu": {"sotu"}, "mix": {"sotu", "moby-dick", "shakespeare", "code"}}
 NEVER = {c: [g for g in GENRES if g not in SEEN[c]] for c in CALIBS}
+ROPE_BUDGET = (32, 16, 8)  # d_R of the equal-bytes rows against d_R=64 ("MLA r=128 output-aware")
 PROMPTS = ["The capital of France is", "def fibonacci(n):\n    "]
 
 
@@ -77,6 +85,11 @@ def variants_smollm2():
         "GTA-3 output-aware sequential": ("gta", dict(fit="output", calib_pass="sequential")),
         "MLA r=128 TransMLA sequential": ("mla", dict(kv_lora_rank=128, calib_pass="sequential", **mla)),
     }
+    # RoPE budget at 192 elements (issue 16): latent rank traded against d_R; d_R must divide the source's 64
+    # rotary dims (rorope.py collapse_factor), so two heads' worth (d_R=128) is not expressible
+    for d_r in ROPE_BUDGET:
+        spec[f"MLA r={192 - d_r} d_R={d_r} output-aware"] = ("mla", dict(kv_lora_rank=192 - d_r, rope_dim=d_r,
+                                                                           fit="output"))
     order = [("sotu", "MLA r=128 TransMLA"), ("sotu", "MLA r=128 output-aware"), ("mix", "MLA r=128 TransMLA"),
              ("mix", "MLA r=128 output-aware"), ("mix", "MLA r=192 TransMLA"), ("mix", "GLA-3 d_c=64 TransMLA"),
              ("mix", "GLA-3 d_c=64 output-aware"), ("mix", "MLA r=160 TransMLA"), ("mix", "GTA-3 joint (BKV)"),
@@ -85,6 +98,7 @@ def variants_smollm2():
              ("sotu", "GTA-3 output-aware"), ("mix", "MLA r=128 output-aware sequential"),
              ("mix", "GLA-3 d_c=64 output-aware sequential"), ("mix", "GTA-3 output-aware sequential"),
              ("mix", "MLA r=128 TransMLA sequential")]
+    order += [("mix", f"MLA r={192 - d_r} d_R={d_r} output-aware") for d_r in ROPE_BUDGET]
     return [(c, n, *spec[n]) for c, n in order]
 
 
@@ -145,9 +159,11 @@ MODELS = {
                ("GLA-3 d_c=64 output-aware sequential", "MLA r=192 TransMLA"),
                ("GLA-3 d_c=64 output-aware sequential", "GLA-3 d_c=64 output-aware"),
                ("GTA-3 output-aware sequential", "MLA r=160 TransMLA"),
-               ("GTA-3 output-aware sequential", "GTA-3 output-aware")],
+               ("GTA-3 output-aware sequential", "GTA-3 output-aware")]
+        + [(f"MLA r={192 - d_r} d_R={d_r} output-aware", "MLA r=128 output-aware") for d_r in ROPE_BUDGET],
         pairs_title="Equal bytes: each method against plain TransMLA, and each sequential row against its "
-                    "original-pass row (never-seen-by-any genres, gmean)"),
+                    "original-pass row, and each RoPE budget (d_R) against d_R=64 at 192 elements "
+                    "(never-seen-by-any genres, gmean)"),
     "qwen2.5-coder-0.5b": dict(
         source=_qwen_dir, title="Qwen2.5-Coder-0.5B", stem="convert_matrix_qwen", base="original GQA-2",
         tag="qwen2.5-coder-0.5b-",
@@ -211,6 +227,62 @@ def spaced_windows(ids: torch.Tensor, windows: int, seq_len: int, *, what: str =
     return torch.stack([ids[i * step : i * step + seq_len] for i in range(windows)])
 
 
+def window_digest(x: torch.Tensor) -> str:
+    """First 16 hex digits of the SHA-256 of the token windows ``x`` as int64 (what a row scored on one genre)."""
+    return hashlib.sha256(x.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def check_eval_tokens(data: dict, base_name: str, digests: dict, local_now: dict, eval_desc: str) -> list[str]:
+    """Refuse to add rows scored on other eval tokens than the rows already in ``data``; return warnings.
+
+    ``digests``: ``{genre: window_digest}`` of the windows about to be scored; ``local_now``: ``describe(g,
+    "eval")`` of the local genres now. The reference is the base row's ``eval_digest`` (every ratio divides by
+    that row); a base row from before digests were recorded is checked on what the JSON's meta recorded (the
+    eval window spec and the local genres' text hashes), and the genres that leaves unchecked are warned about.
+    Raises ValueError naming the genre(s) whose tokens differ.
+    """
+    base = next((r for r in data.get("rows", []) if r["name"] == base_name), None)
+    if base is None:
+        return []
+    fix = ("every ratio divides by the base row, so rows scored on other tokens do not compare: rerun with "
+           "--fresh (or rerun the affected rows into a new JSON), never mix them")
+    if "eval_digest" in base:
+        old = base["eval_digest"]
+        bad = [g for g in digests if old.get(g) != digests[g]]
+        if bad:
+            raise ValueError(f"the eval windows of genre(s) {', '.join(bad)} differ from those the base row "
+                             f"{base_name!r} was scored on (token digests {[old.get(g) for g in bad]} then, "
+                             f"{[digests[g] for g in bad]} now); {fix}")
+        return []
+    meta = data.get("meta", {})
+    if meta.get("eval", eval_desc) != eval_desc:
+        raise ValueError(f"eval windows of every genre differ: the JSON's rows scored {meta['eval']!r}, this run "
+                         f"{eval_desc!r}; {fix}")
+    recorded = meta.get("local_genres", {})
+    bad = [g for g in digests if g in recorded and g in local_now and recorded[g]["sha256"] != local_now[g]["sha256"]]
+    if bad:
+        raise ValueError(f"the eval text of genre(s) {', '.join(bad)} differs from what the JSON recorded (sha256 "
+                         f"{[recorded[g]['sha256'] for g in bad]} then, {[local_now[g]['sha256'] for g in bad]} now: "
+                         f"the installed packages changed); {fix}")
+    unchecked = [g for g in digests if g not in recorded or g not in local_now]
+    return [f"WARNING: the base row {base_name!r} predates eval-window digests; the texts of genre(s) "
+            f"{', '.join(unchecked)} cannot be checked against the JSON's record"] if unchecked else []
+
+
+def stamp_legacy_row(row: dict, ppl_now: dict, digests: dict, date: str, rtol: float = 1e-4) -> None:
+    """Give a row from before digests its ``eval_digest`` if its perplexity re-measured now (same model or same
+    conversion) equals the stored one on every genre, so it was scored on these windows; else raise ValueError
+    naming the genres that moved."""
+    bad = [g for g in digests if g not in row["ppl"] or abs(ppl_now[g] / row["ppl"][g] - 1) > rtol]
+    if bad:
+        raise ValueError(f"the perplexity of {row['calib']} / {row['name']} re-measured now differs from the JSON's on "
+                         f"genre(s) {', '.join(bad)} ({[round(ppl_now[g], 4) for g in bad]} now, "
+                         f"{[row['ppl'].get(g) for g in bad]} stored): its eval tokens (or its conversion) changed; "
+                         "rerun with --fresh")
+    row["eval_digest"] = dict(digests)
+    row["eval_digest_note"] = f"stamped {date}: perplexity re-measured equal (rtol {rtol:g}) on every genre"
+
+
 @torch.no_grad()
 def nll(model, x: torch.Tensor, batch_size: int = 2) -> float:
     """Mean next-token NLL (nats) over all windows (position t predicts t+1)."""
@@ -251,44 +323,76 @@ def run(args) -> None:
     model = Transformer.from_pretrained(src)
     tok = AutoTokenizer.from_pretrained(str(src))
     evals = {g: eval_windows(src, g, args.windows, args.seq_len) for g in m["genres"]}
+    digests = {g: window_digest(x) for g, x in evals.items()}
+    local_now = {g: describe(g, "eval") for g in ("code", "pyref", "legal", "docs") if g in m["genres"]}
+    eval_desc = f"{args.windows} windows x {args.seq_len} tokens per genre, evenly spaced over the eval split"
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    try:  # before the meta below is overwritten with what this run reads
+        for w in check_eval_tokens(data, m["base"], digests, local_now, eval_desc):
+            print(w, file=sys.stderr, flush=True)
+        base = next((r for r in data["rows"] if r["name"] == m["base"]), None)
+        if base is not None and "eval_digest" not in base:
+            stamp_legacy_row(base, {g: math.exp(nll(model, x)) for g, x in evals.items()}, digests, date)
+    except ValueError as e:
+        sys.exit(f"convert_matrix: {path.name}: {e}")
     data["meta"] = {**data.get("meta", {}),
         "model": m["label"], "model_key": args.model, "layers": model.config.num_layers,
         "gen_tokens": args.gen_tokens, "calibs": CALIBS, "calib_windows": f"{args.calib_samples} x {args.calib_seq_len} tokens, seed 0",
-        "eval": f"{args.windows} windows x {args.seq_len} tokens per genre, evenly spaced over the eval split",
+        "eval": eval_desc,
         "scored_tokens_per_genre": args.windows * (args.seq_len - 1),
-        "local_genres": {g: describe(g, "eval") for g in ("code", "pyref", "legal", "docs") if g in m["genres"]},
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "local_genres": local_now, "date": date,
         "cpu": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": __import__("transformers").__version__},
     }
     if ("-", m["base"]) not in done:
         t1 = time.time()
-        row = {"calib": "-", "name": m["base"], "kind": model.spec.name, "elements": model.spec.row_dim}
+        row = {"calib": "-", "name": m["base"], "kind": model.spec.name, "elements": model.spec.row_dim,
+               "eval_digest": digests}
         row.update(measure(model, evals, tok, m["prompts"], args.gen_tokens))
         row["measure_seconds"] = round(time.time() - t1, 1)
         data["rows"].append(row)
         path.write_text(json.dumps(data, indent=1))
         print(json.dumps({k: v for k, v in row.items() if k != "generations"}), flush=True)
     moments = {}
-    for calib, name, to, kw in m["variants"]():
-        if (calib, name) in done or (args.only and not any(x in name for x in args.only.split(","))):
-            continue
-        t1 = time.time()
+
+    def load_moments(calib):
+        if calib not in moments:
+            moments[calib], secs = calib_moments(model, src, calib, args)
+            if secs is not None:
+                data["meta"][f"calib_seconds_{calib}"] = secs
+
+    def convert(calib, to, kw):
         if kw.get("calib_pass") == "sequential":  # its moments exist only while converting: it takes the windows
-            conv, stats = convert_model(model, to, calib=calib_windows(src, calib, args), progress=False, **kw)
-        else:
-            if calib not in moments:
-                moments[calib], secs = calib_moments(model, src, calib, args)
-                if secs is not None:
-                    data["meta"][f"calib_seconds_{calib}"] = secs
-                t1 = time.time()
-            conv, stats = convert_model(model, to, moments=moments[calib], progress=False, **kw)
+            return convert_model(model, to, calib=calib_windows(src, calib, args), progress=False, **kw)
+        load_moments(calib)
+        return convert_model(model, to, moments=moments[calib], progress=False, **kw)
+
+    rows = {(r["calib"], r["name"]): r for r in data["rows"]}
+    for calib, name, to, kw in m["variants"]():
+        old = rows.get((calib, name))
+        if args.verify and old is not None and "eval_digest" not in old and {name, f"{calib}/{name}"} & set(
+                args.verify.split(",")):
+            conv, _ = convert(calib, to, kw)
+            try:
+                stamp_legacy_row(old, {g: math.exp(nll(conv, x)) for g, x in evals.items()}, digests, date)
+            except ValueError as e:
+                sys.exit(f"convert_matrix: {path.name}: {e}")
+            path.write_text(json.dumps(data, indent=1))
+            print(f"verified {calib} / {name}: {old['eval_digest_note']}", flush=True)
+            del conv
+        if (calib, name) in done or (args.only and not any(x in name for x in args.only.split(","))) or (
+                args.verify and not args.only):
+            continue
+        if kw.get("calib_pass") != "sequential":  # reading (or computing) the moments is not conversion time
+            load_moments(calib)
+        t1 = time.time()
+        conv, stats = convert(calib, to, kw)
         L = conv.config.num_layers  # elements: the mean over layers (per-layer ranks: their rows differ)
         elements = conv.config.kv_elements_per_token()
         row = {"calib": calib, "name": name, "kind": conv.spec.name,
                "elements": elements // L if elements % L == 0 else elements / L,
-               "options": kw, "convert_seconds": round(time.time() - t1, 1)}
+               "options": kw, "convert_seconds": round(time.time() - t1, 1), "eval_digest": digests}
         if conv.config.layer_ranks is not None:
             row["layer_ranks"] = conv.config.layer_ranks
         if "rank_alloc" in stats:
@@ -301,6 +405,14 @@ def run(args) -> None:
         print(json.dumps({k: v for k, v in row.items() if k != "generations"}), flush=True)
         del conv  # before the next conversion: a second 0.5B copy would double the peak memory
     render(args)
+
+
+def digest_mismatch(row: dict, base: dict, genres) -> list[str] | None:
+    """Genres whose eval-window digest in ``row`` differs from ``base``'s ([] = same tokens; None = a row or a
+    base without digests, measured before they were recorded)."""
+    if "eval_digest" not in row or "eval_digest" not in base:
+        return None
+    return [g for g in genres if row["eval_digest"].get(g) != base["eval_digest"].get(g)]
 
 
 def _gmean(xs):
@@ -345,14 +457,30 @@ def render(args=None) -> None:
         f"| - | {m['base']} (ppl) | {base['kind']} | {base['elements']} | {base['elements'] * 2 * L:,} | "
         + " | ".join(f"{base['ppl'][g]:.2f}" for g in genres) + " | | |",
     ]
+    legacy, other = 0, []
     for r in rows:
         if r["name"] == m["base"]:
             continue
         q = ratio[(r["calib"], r["name"])]
+        bad = digest_mismatch(r, base, genres)
+        legacy += bad is None
+        other += [r["name"]] if bad else []
+        mark = "°" if bad is None else f" **[OTHER EVAL TOKENS: {', '.join(bad)}]**" if bad else ""
         cells = [f"**x{q[g]:.2f}**" if g in never[r["calib"]] else f"x{q[g]:.2f}" for g in genres]
-        lines.append(f"| {r['calib']} | {r['name']} | {r['kind']} | {r['elements']} | {r['elements'] * 2 * L:,} | "
+        lines.append(f"| {r['calib']} | {r['name']}{mark} | {r['kind']} | {r['elements']} | {r['elements'] * 2 * L:,} | "
                      + " | ".join(cells) + f" | x{_gmean([q[g] for g in never[r['calib']]]):.2f} | "
                      f"x{_gmean([q[g] for g in any_never]):.2f} |")
+    lines.append("")
+    lines.append("Every row stores a digest of the eval windows it scored per genre (SHA-256 of the int64 tokens), "
+                 "and `run` refuses to add rows whose windows differ from the base row's (the local genres change "
+                 "with the installed packages).")
+    if legacy:
+        lines[-1] += (f" ° = {legacy} row(s) measured before digests were recorded, so not verifiable one by one "
+                      "(the JSON kept the local texts' hashes of its latest run only); base row: "
+                      + base.get("eval_digest_note", "no digest either") + ".")
+    if other:
+        lines[-1] += (f" **{len(other)} row(s) marked OTHER EVAL TOKENS were scored on other windows than the "
+                      "base row: their ratios are not comparable** (rerun them).")
     title = m.get("pairs_title", "Equal bytes: each method against plain TransMLA (never-seen-by-any genres, gmean)")
     lines += ["", f"## {title}", ""]
     by = {(r["calib"], r["name"]): r for r in rows}
@@ -363,6 +491,13 @@ def render(args=None) -> None:
                 verdict = "same" if abs(qa / qb - 1) < 0.005 else "better" if qa < qb else "worse"
                 lines.append(f"- calib {calib}, {by[(calib, a)]['elements']} elements: {a} x{qa:.2f} vs {b} x{qb:.2f} "
                              f"-> {verdict} ({qa / qb - 1:+.1%})")
+    if any("d_R=" in r["name"] for r in rows):
+        lines += ["", "RoPE budget (issue 16): at 192 elements/token/layer, the `d_R=` rows trade latent rank for RoPE "
+                  "dims against d_R=64 + r=128 (one source head's rotary dims). d_R must divide the source's 64 "
+                  "rotary dims (the target's RoPE frequencies must be a subset of the source's; rorope.py), so "
+                  "d_R=128 (two heads' worth, as TransMLA's 448+128 for 128-dim heads) is not expressible with the "
+                  "standard RoPE schedule. These are options measured on eval text, not a choice: a default d_R "
+                  "would have to be picked on calibration data."]
     ranked = [r for r in rows if r.get("rank_alloc")]
     if ranked:
         lines += ["", "## Per-layer ranks (chosen on the calibration windows only)", "",
@@ -389,6 +524,8 @@ def render(args=None) -> None:
 
 
 def _marker(name: str) -> str:
+    if "d_R=" in name:
+        return {"d_R=32": "<", "d_R=16": ">", "d_R=8": "h"}.get(name.split()[2], "p")
     if "energy" in name:
         return "v" if "TransMLA" in name else "^"
     if "relative" in name:
@@ -435,6 +572,8 @@ def main(argv=None) -> int:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--only", help="comma-separated substrings: run only variants whose name contains one")
     p.add_argument("--fresh", action="store_true", help="ignore results already in the JSON")
+    p.add_argument("--verify", help="comma-separated row names or calib/name: re-measure these rows recorded before eval digests "
+                   "and stamp them if their perplexity reproduces, else stop (no new rows unless --only is given)")
     p.add_argument("--ranks", action="store_true", help="uniform vs per-layer (energy) ranks on SmolLM2: "
                    "the same as --model smollm2-ranks")
     args = p.parse_args(argv)
