@@ -21,6 +21,7 @@ the identity.
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 
@@ -110,6 +111,9 @@ def setup(cfg) -> Launch:
             "nccl" if launch.device.type == "cuda" else "gloo",
             **({"device_id": launch.device} if launch.device.type == "cuda" else {}),
         )
+        # destroyed before interpreter teardown: a group left to die with the process can abort it
+        # ("terminate called without an active exception" from gloo's threads, seen in CI)
+        atexit.register(shutdown)
     return launch
 
 
