@@ -16,12 +16,7 @@ LENS = (3, 17, 9, 30, 1, 12)
 ARRIVALS = [0, 0, 2, 3, 5, 9]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads only add contention on shared CPUs
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _prompts(seed=1, vocab=97):

@@ -22,12 +22,7 @@ ARRIVALS = [0, 0, 2, 3, 5, 9, 9]
 MAX_TOKENS = [10, 1, 7, 12, 3, 9, 2]  # finishes at different steps, one right after its prefill
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _prompts(seed=1, vocab=97):

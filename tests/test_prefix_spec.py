@@ -17,12 +17,7 @@ KINDS = ("mha", "mqa", "gqa-2", "gta-2", "mla", "gla-2")
 ARRIVALS = [0, 0, 1, 3, 4, 6, 9]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _shared_prompts(seed=0, vocab=97):
