@@ -88,8 +88,7 @@ def _merge_report(infos: list[dict], num_layers: int, fp16_err: float) -> dict:
 def _forward(layer, x: torch.Tensor) -> torch.Tensor:
     """``layer``'s output for hidden states ``x [B, T, D]`` at positions ``0..T-1`` (as Transformer.forward)."""
     B, T = x.shape[:2]
-    positions = torch.zeros(B, dtype=torch.int32).long()[:, None] + torch.arange(T)[None, :]
-    return layer(x, positions, None)
+    return layer(x, torch.arange(T).expand(B, T), None)
 
 
 def _calibrate(shell: Transformer, hidden: list[torch.Tensor], advance: bool):
