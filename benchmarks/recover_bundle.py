@@ -202,7 +202,9 @@ def write_bundle(out: str | os.PathLike, data: dict, *, tokenizer_dir: str | os.
     """
     out = Path(out)
     b = out / BUNDLE
-    if b.exists():
+    if b.exists():  # replace only a bundle this function wrote, never a user's folder of that name
+        if not ((b / "meta.json").is_file() and (b / "tokens.npz").is_file()):
+            raise ValueError(f"{b} exists and is not a bundle (no meta.json and tokens.npz): not replacing it")
         shutil.rmtree(b)
     b.mkdir(parents=True)
     arrays = {**{f"train/{k}": v for k, v in data["train"].items()},

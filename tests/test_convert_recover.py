@@ -98,6 +98,13 @@ def test_bundle_round_trip_and_gguf_parts(tmp_path, data, tok):
     parts[1].write_bytes(parts[1].read_bytes()[:-1])  # a truncated copy is named
     with pytest.raises(ValueError, match="gguf.part2"):
         rb.join_parts(back["meta"]["gguf"], parts, tmp_path / "out2/model.gguf")
+    # writing again replaces the bundle it wrote, but never a foreign folder named bundle
+    rb.write_bundle(tmp_path / "ship", data)
+    (tmp_path / "mine/bundle").mkdir(parents=True)
+    (tmp_path / "mine/bundle/notes.txt").write_text("keep")
+    with pytest.raises(ValueError, match="not a bundle"):
+        rb.write_bundle(tmp_path / "mine", data)
+    assert (tmp_path / "mine/bundle/notes.txt").read_text() == "keep"
 
 
 def test_budget_stops_at_whichever_comes_first():
