@@ -25,8 +25,14 @@ def parse_case(text: str) -> tuple:
     parts = text.split(":")
     if len(parts) != 6:
         raise SystemExit(f"--cases: expected variant:h_q:B:L:page:kv, got {text!r}")
-    name, h_q, B, L, page, kv = parts
-    return name, int(h_q), int(B), int(L), int(page), kv
+    name, *nums, kv = parts
+    try:
+        h_q, B, L, page = (int(x) for x in nums)
+    except ValueError:
+        raise SystemExit(f"--cases: h_q, B, L and page must be integers, got {text!r}") from None
+    if kv not in ("bf16", "fp8"):
+        raise SystemExit(f"--cases: kv must be bf16 or fp8, got {kv!r} in {text!r}")
+    return name, h_q, B, L, page, kv
 
 
 def main(argv=None) -> None:
