@@ -17,7 +17,7 @@ before converting (torch + kvslim imported: the floor every run pays). Cases:
   (DeepSeek-V3's 576-wide latent+RoPE row, 28 % of the GQA cache) in bf16, and the output then checked
   tensor by tensor (:func:`verify_output`). Its row is merged into the existing results. Needs ~16 GB
   free disk for the source and ~15 GB for the output (both deleted afterwards); ``--llama8b-layers N``
-  builds the same width with N layers (a quick rehearsal).
+  builds the same width with N layers (quicker; its own row).
 
 Streaming's peak should stay flat with depth (embeddings + one layer + calibration activations);
 the in-memory path's grows with the parameter count. Results: ``results/convert_memory.{md,json}``.
@@ -227,7 +227,7 @@ def run_case(model: Path, mode: str, opts: dict, tmp: Path, calib_file: Path, ar
     return row
 
 
-def _markdown(rows: list[dict], meta: dict, big: dict | None = None) -> str:
+def _markdown(rows: list[dict], meta: dict, big: list[dict] | None = None) -> str:
     lines = [
         "# Conversion peak memory: in-memory vs streaming",
         "",
@@ -269,36 +269,47 @@ def _markdown(rows: list[dict], meta: dict, big: dict | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _llama8b_markdown(big: dict) -> str:
-    m, r = big["meta"], big["row"]
-    w, v = r["writer"], r["verify"]
+def _llama8b_markdown(runs: list[dict]) -> str:
+    """The ``--llama8b`` section: one table row per run (each labelled by the commit it ran), then its checks."""
     gb = 2**30 / 2**20
-    above = r["peak_mb"] - r["floor_mb"]
-    return "\n".join([
+    m0, w0 = runs[0]["meta"], runs[0]["row"]["writer"]
+    lines = [
         "## Llama-3-8B shape, random weights, streaming only (`--llama8b`)",
         "",
-        f"{m['date']}, {m['machine']}, {m['cpus']} CPU cores, {m['ram_gb']:.0f} GiB RAM, torch {m['torch']}, "
-        f"{m['threads']} thread(s); calibration {m['calib_samples']} x {m['calib_seq_len']} random tokens. Source: "
-        "Llama-3-8B's exact shape (32 layers, D=4096, 32 query / 8 KV heads, d_h=128, FFN 14336, vocab 128256, "
-        "untied embeddings, RoPE theta 5e5, HF Llama config.json), weights N(0, 0.02) in bf16, written shard by "
-        f"shard and tensor by tensor ({w['shards']} shards + index; writer peak {w['peak_mb']:.0f} MB, "
-        f"{w['seconds']:.0f} s). The in-memory path was not run: it loads the model in fp32 "
-        f"({r['fp32_mb'] / gb:.1f} GiB), more than this machine's RAM.",
+        "Source: Llama-3-8B's exact shape (32 layers, D=4096, 32 query / 8 KV heads, d_h=128, FFN 14336, vocab "
+        "128256, untied embeddings, RoPE theta 5e5, HF Llama config.json), weights N(0, 0.02), norms 1, bf16, "
+        f"written shard by shard and tensor by tensor (32 layers: {w0['shards']} shards + index, "
+        f"{runs[0]['row']['source_mb'] / gb:.2f} GiB; the writer's peak {w0['peak_mb']:.0f} MB; rows with fewer layers: "
+        "the same width, less deep). Calibration: random "
+        "token windows. Target: MLA kv_lora_rank 512 + RoPE dim 64 (DeepSeek-V3's 576-wide cached row: 28 % of "
+        "the GQA cache's 2 x 8 x 128 per layer), DeepSeek format, bf16 output. The in-memory path was not run: it "
+        f"loads the model in fp32 ({w0['bytes'] * 2 / 2**30:.1f} GiB), more than this machine's "
+        f"{m0['ram_gb']:.0f} GiB of RAM.",
         "",
-        "| model | layers | source bf16 GiB (fp32 GiB) | target | streaming peak MB (above floor) "
-        "| peak / bf16 source | peak / fp32 | seconds | output GiB |",
-        "|---|---|---|---|---|---|---|---|---|",
-        f"| {r['model']} | {r['layers']} | {r['source_mb'] / gb:.2f} ({r['fp32_mb'] / gb:.1f}) | {r['target']} "
-        f"| {r['peak_mb']:.0f} ({above:.0f}) | {r['peak_mb'] / r['source_mb']:.2f} | {r['peak_mb'] / r['fp32_mb']:.2f} "
-        f"| {r['seconds']:.0f} | {v['bytes'] / 2**30:.2f} |",
-        "",
-        f"- output checked without loading it (a fresh process, peak {v['peak_mb']:.0f} MB, {v['seconds']:.0f} s): "
-        f"config.json ({v['kind']}, {v['config_layers']} layers) matches every tensor's name and shape "
-        f"({v['tensors']} tensors in {v['files']} file(s), layers 0..{v['layers'] - 1} all present, nothing extra), "
-        f"every tensor finite (max |w| {v['max_abs']:.3g}); DeepSeek export fp16-representable: {r['fp16_ok']}",
-        f"- peak resident set = {r['ru_maxrss_mb']:.0f} MB by ru_maxrss; floor (torch + kvslim imported) "
-        f"{r['floor_mb']:.0f} MB",
-    ])
+        "| code (commit) | date | layers | source bf16 GiB (fp32 GiB) | threads | calibration | streaming peak MB "
+        "(above floor) | peak / bf16 source | peak / fp32 size | seconds | output GiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for run in runs:
+        m, r = run["meta"], run["row"]
+        lines.append(
+            f"| {m.get('code', '-')} | {m['date']} | {r['layers']} | {r['source_mb'] / gb:.2f} ({r['fp32_mb'] / gb:.1f}) "
+            f"| {m['threads']} | {m['calib_samples']} x {m['calib_seq_len']} "
+            f"| {r['peak_mb']:.0f} ({r['peak_mb'] - r['floor_mb']:.0f}) | {r['peak_mb'] / r['source_mb']:.2f} "
+            f"| {r['peak_mb'] / r['fp32_mb']:.2f} | {r['seconds']:.0f} | {r['verify']['bytes'] / 2**30:.2f} |")
+    lines.append("")
+    for run in runs:
+        m, r = run["meta"], run["row"]
+        v = r["verify"]
+        lines.append(
+            f"- {m.get('code', '-')}: {m['machine']}, {m['cpus']} CPU cores (shared with other jobs: wall times are "
+            f"indicative), {m['ram_gb']:.0f} GiB RAM, torch {m['torch']}. Output checked without loading it (a "
+            f"fresh process, peak {v['peak_mb']:.0f} MB, {v['seconds']:.0f} s): config.json ({v['kind']}, "
+            f"{v['config_layers']} layers) matches every tensor's name and shape ({v['tensors']} tensors in "
+            f"{v['files']} file(s), layers 0..{v['layers'] - 1} all present, nothing extra), every tensor finite "
+            f"(max |w| {v['max_abs']:.3g}); DeepSeek export fp16-representable: {r['fp16_ok']}. Floor (torch + "
+            f"kvslim imported) {r['floor_mb']:.0f} MB." + (f" {m['note']}" if m.get("note") else ""))
+    return "\n".join(lines)
 
 
 def main(argv=None) -> None:
@@ -318,8 +329,10 @@ def main(argv=None) -> None:
                     help="run only the Llama-3-8B-shaped random checkpoint (streaming; ~16+15 GB of temporary disk), "
                     "merged into the existing results")
     ap.add_argument("--llama8b-layers", type=int, default=32,
-                    help="layers of the --llama8b checkpoint (a smaller depth is a rehearsal: printed, not saved)")
+                    help="layers of the --llama8b checkpoint (a smaller depth: a quicker run of the same width, saved as "
+                    "its own row)")
     ap.add_argument("--workdir", help="where the temporary checkpoints go (default: the system temp dir)")
+    ap.add_argument("--note", default="", help="--llama8b: a remark stored with the run")
     ap.add_argument("--progress", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--child-write", metavar="DIR", help=argparse.SUPPRESS)
     ap.add_argument("--shape", default="{}", help=argparse.SUPPRESS)
@@ -383,6 +396,17 @@ def main(argv=None) -> None:
     _save(res, {"meta": meta, "rows": rows, **({"llama8b": old["llama8b"]} if "llama8b" in old else {})})
 
 
+def _commit() -> str:
+    """This checkout's commit (short), ``+dirty`` with uncommitted changes; ``-`` outside git."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "-"
+    return head.stdout.strip() + ("+dirty" if dirty else "")
+
+
 def _save(res: Path, data: dict) -> None:
     res.with_suffix(".json").write_text(json.dumps(data, indent=2))
     res.with_suffix(".md").write_text(_markdown(data["rows"], data["meta"], data.get("llama8b")))
@@ -415,14 +439,11 @@ def run_llama8b(args) -> None:
             "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
             "ram_gb": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, "torch": torch.__version__,
             "threads": args.threads, "calib_samples": args.calib_samples, "calib_seq_len": args.calib_seq_len,
-            "shape": shape}
+            "shape": shape, "code": _commit(), "note": args.note}
     print(json.dumps({"meta": meta, "row": row}, indent=2))
-    if shape["num_layers"] != LLAMA3_8B["num_layers"]:
-        print("(rehearsal depth: results not saved)")
-        return
     res = Path(args.results)
     data = json.loads(res.with_suffix(".json").read_text())
-    data["llama8b"] = {"meta": meta, "row": row}
+    data.setdefault("llama8b", []).append({"meta": meta, "row": row})
     _save(res, data)
 
 
