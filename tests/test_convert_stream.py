@@ -103,10 +103,10 @@ def test_streaming_reads_one_layer_at_a_time(sources, tmp_path, monkeypatch):
     reads = []
     orig = LazyCheckpoint.tensors
 
-    def spy(self, names):
+    def spy(self, names, **kw):
         names = list(names)
         reads.append({n.split(".")[2] for n in names if n.startswith("model.layers.")})
-        return orig(self, names)
+        return orig(self, names, **kw)
 
     monkeypatch.setattr(LazyCheckpoint, "tensors", spy)
     convert_checkpoint(model_dir=sources["hf"], out=tmp_path / "o", to="mla", kv_lora_rank=16, rope_dim=8,
@@ -114,6 +114,44 @@ def test_streaming_reads_one_layer_at_a_time(sources, tmp_path, monkeypatch):
     layer_reads = [r for r in reads if r]
     assert all(len(r) == 1 for r in layer_reads)
     assert [next(iter(r)) for r in layer_reads] == ["0", "1", "2", "3"]
+
+
+def test_big_tensors_are_cast_and_fp16_checked_in_pieces(sources, tmp_path, monkeypatch):
+    """The tensors outside the layers are cast ``END_CHUNK_ROWS`` rows at a time from the stored dtype, and
+    ``fp16_error`` checks a large tensor in pieces (an 8B model's embedding would otherwise take several
+    whole fp32/fp64 copies): the same values, and with tiny pieces streaming still == in-memory, byte for byte."""
+    import kvslim.convert.deepseek as ds
+    import kvslim.convert.stream as st
+
+    t = torch.randn(37, 11, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16) * 3
+    whole = {f: t.to(torch.float32).double().mul_(f).to(torch.bfloat16) for f in (0.3, 1.0)}
+    f32 = torch.randn(37, 11, generator=torch.Generator().manual_seed(1)) * 3  # (bf16 values are exact in fp16)
+    err = ds.fp16_error(f32)
+    monkeypatch.setattr(st, "END_CHUNK_ROWS", 5)
+    monkeypatch.setattr(ds, "FP16_CHECK_CHUNK", 10)
+    for f, w in whole.items():
+        assert torch.equal(st._end_tensor(t, f, torch.bfloat16), w)
+    assert torch.equal(st._end_tensor(t, None, torch.float32), t.float())
+    assert torch.equal(st._end_tensor(t[0], None, torch.float16), t[0].float().half())  # a 1-D norm weight
+    assert ds.fp16_error(f32) == pytest.approx(err, rel=1e-5) and err > 0
+    big = f32.clone()
+    big[-1, -1] = 1e6  # overflows fp16 in the last piece only
+    assert ds.fp16_error(big) == float("inf")
+    assert ds.fp16_error(torch.zeros(40)) == 0.0
+
+    calib = torch.randint(0, 97, (6, 24), generator=torch.Generator().manual_seed(1))
+    res = {}
+    for stream in (False, True):
+        res[stream] = convert_checkpoint(model_dir=sources["sharded"], out=tmp_path / str(stream), to="mla",
+                                         kv_lora_rank=16, rope_dim=8, dtype="bfloat16", calib_tokens=calib,
+                                         progress=False, stream=stream)
+    a, b = tmp_path / "False", tmp_path / "True"
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+    assert res[True].export == res[False].export and res[True].export["fp16_ok"]
+    monkeypatch.undo()  # pieces or not, the same file
+    convert_checkpoint(model_dir=sources["sharded"], out=tmp_path / "whole", to="mla", kv_lora_rank=16, rope_dim=8,
+                       dtype="bfloat16", calib_tokens=calib, progress=False)
+    assert (tmp_path / "whole" / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
 
 
 @pytest.mark.parametrize("case,match", [

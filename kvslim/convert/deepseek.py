@@ -94,8 +94,27 @@ def hf_common(cfg, dtype: torch.dtype = torch.float32) -> dict:
     }
 
 
+FP16_CHECK_CHUNK = 1 << 24  # elements: fp16_error's working copies stay ~64 MB each, whatever the tensor
+
+
 def fp16_error(t: torch.Tensor) -> float:
-    """Relative Frobenius error of casting ``t`` to fp16 (inf if any value overflows)."""
+    """Relative Frobenius error of casting ``t`` to fp16 (inf if any value overflows).
+
+    A tensor of more than ``FP16_CHECK_CHUNK`` elements is checked in pieces of that size (the squared
+    norms summed in float64), so checking an 8B model's 0.5G-element embedding does not take several
+    fp32 copies of it (the in-memory and streaming exports share this function, so they still agree).
+    """
+    if t.numel() > FP16_CHECK_CHUNK:
+        flat, err2, ref2 = t.reshape(-1), 0.0, 0.0
+        for s in range(0, flat.numel(), FP16_CHECK_CHUNK):
+            x = flat[s : s + FP16_CHECK_CHUNK]
+            h = x.half()
+            if not bool(h.isfinite().all()):
+                return math.inf
+            x = x.float()
+            err2 += float((h.float() - x).norm()) ** 2
+            ref2 += float(x.norm()) ** 2
+        return math.sqrt(err2) / math.sqrt(ref2) if ref2 > 0 else 0.0
     h = t.half()
     if not bool(h.isfinite().all()):
         return math.inf

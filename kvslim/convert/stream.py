@@ -228,6 +228,24 @@ def stream_convert(src: LazyCheckpoint, out, *, convert_layer: Callable, calib: 
     return state["layer0"], state["stats"], report
 
 
+END_CHUNK_ROWS = 4096  # rows of an embedding/head cast at a time (D=4096: 128 MB of float64)
+
+
+def _end_tensor(t: torch.Tensor, factor: float | None, dtype: torch.dtype) -> torch.Tensor:
+    """A tensor outside the layers as written: as read (``t``, any float dtype), cast to float32 (what the
+    in-memory model holds), then for DeepSeek in float64 times ``factor`` (as deepseek_state), cast to
+    ``dtype``. Elementwise, so done ``END_CHUNK_ROWS`` rows at a time into the output: the same values
+    with one output-dtype copy (an 8B model's 0.5G-element embedding: 1 GB in bf16) and no whole fp32 or
+    fp64 copy besides ``t``."""
+    out = torch.empty(t.shape, dtype=dtype)
+    for s in range(0, max(t.shape[0], 1), END_CHUNK_ROWS):
+        x = t[s : s + END_CHUNK_ROWS].to(torch.float32)
+        if factor is not None:
+            x = x.double().mul_(factor)
+        out[s : s + END_CHUNK_ROWS] = x.to(dtype)
+    return out
+
+
 def _layer_layout(cfg, spec, dtype: torch.dtype) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
     """``{layer-0 name: (dtype, shape)}`` of a kvslim-format layer with attention ``spec``."""
     one = ModelConfig(**{**cfg.to_dict(), "attention": spec, "num_layers": 1, "vocab_size": 1, "layer_ranks": None})
@@ -258,10 +276,7 @@ def _open(staging, src: LazyCheckpoint, new: Transformer, tensors: dict, info: d
     writer = SafetensorsWriter(staging / "model.safetensors", layout, {"format": "pt"})
     try:
         for name, (s, factor) in ends.items():
-            t = src.tensors([s])[s]
-            if factor is not None:  # as deepseek_state: float64, times the factor, cast (in place: one copy)
-                t = t.double().mul_(factor)
-            t = t.to(dtype).contiguous()
+            t = _end_tensor(src.tensors([s], dtype=None)[s], factor, dtype)
             writer.write(name, t)
             if fmt == "deepseek":
                 state["fp16"] = max(state["fp16"], fp16_error(t))

@@ -94,8 +94,9 @@ class LazyCheckpoint:
             raise ValueError(f"checkpoint {self.path}: tensor shapes do not match config.json: {bad[:3]}")
         self.shapes = {k: shapes[k] for k in want}
 
-    def tensors(self, names) -> dict[str, torch.Tensor]:
-        """``{name: float32 tensor}``, each file opened once for its names and closed again."""
+    def tensors(self, names, dtype: torch.dtype | None = torch.float32) -> dict[str, torch.Tensor]:
+        """``{name: float32 tensor}``, each file opened once for its names and closed again (``dtype=None``:
+        as stored, e.g. half the memory of float32 for a bf16 source)."""
         from safetensors import safe_open
 
         out, by_file = {}, {}
@@ -105,7 +106,8 @@ class LazyCheckpoint:
             try:
                 with safe_open(str(f), framework="pt") as h:
                     for n in group:
-                        out[n] = h.get_tensor(n).to(torch.float32)
+                        t = h.get_tensor(n)
+                        out[n] = t if dtype is None else t.to(dtype)
             except Exception as e:  # noqa: BLE001
                 raise _unreadable(f, e) from None
         return out
