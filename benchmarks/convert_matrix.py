@@ -12,7 +12,8 @@ of the cache (r=64 + 64 RoPE = 128 of 256 elements), GLA-2 at 50 % (2 x 32 + 64)
 elements, its fixed size) against MLA r=96 at the same 160.
 The SmolLM2 rows named ``... calib NxT`` calibrate on N windows of T tokens (``CALIB_SIZES``) instead of
 ``--calib-samples x --calib-seq-len`` (16 x 256), the rows named ``... shrink λ`` with ``calib_shrinkage=λ``
-(``SHRINKAGES``; kvslim/convert/calib.py ``shrink_moment``).
+(``SHRINKAGES``; kvslim/convert/calib.py ``shrink_moment``), ``... shrink-diag λ`` toward the diagonal
+(``SHRINK_DIAG``), ``... seed S`` with calibration windows sampled with seed S (``CALIB_SEEDS``).
 The SmolLM2 rows named ``... sequential`` convert with ``calib_pass="sequential"``
 (kvslim/convert/sequential.py: layer i calibrated on the activations of the converted layers 0..i-1), on the
 same calibration windows; their conversion time includes that calibration (the others read cached moments).
@@ -66,10 +67,13 @@ SEEN = {"sotu": {"sotu"}, "mix": {"sotu", "moby-dick", "shakespeare", "code"}}
 NEVER = {c: [g for g in GENRES if g not in SEEN[c]] for c in CALIBS}
 ROPE_BUDGET = (32, 16, 8)  # d_R of the equal-bytes rows against d_R=64 ("MLA r=128 output-aware")
 PROMPTS = ["The capital of France is", "def fibonacci(n):\n    "]
-# a variant's kwargs may carry its own calibration size (the rows named "... calib NxT"); the rest go to convert_model
-CALIB_SIZE = ("calib_samples", "calib_seq_len")
+# a variant's kwargs may carry its own calibration size (the rows named "... calib NxT") and window-sampling seed
+# ("... seed S"); the rest go to convert_model
+CALIB_SIZE = ("calib_samples", "calib_seq_len", "calib_seed")
+CALIB_SEEDS = (1, 2)  # the calibration-sampling noise of "MLA r=128 output-aware" at each size
 CALIB_SIZES = ((64, 256), (128, 512))  # against the default 16 x 256 (4096 tokens): x4 and x16 the tokens
-SHRINKAGES = (0.01, 0.1)  # calib_shrinkage λ of the shrinkage rows (calib.py shrink_moment)
+SHRINKAGES = (0.01, 0.1, 0.3)  # calib_shrinkage λ of the shrinkage rows (calib.py shrink_moment)
+SHRINK_DIAG = (0.1, 0.5)  # the same toward each covariance's diagonal (calib_shrink_to="diagonal")
 
 
 def variants_smollm2():
@@ -121,6 +125,16 @@ def variants_smollm2():
         name = f"MLA r=128 output-aware shrink {lam:g}"
         spec[name] = ("mla", dict(spec["MLA r=128 output-aware"][1], calib_shrinkage=lam))
         order.append(("mix", name))
+    for lam in SHRINK_DIAG:
+        name = f"MLA r=128 output-aware shrink-diag {lam:g}"
+        spec[name] = ("mla", dict(spec["MLA r=128 output-aware"][1], calib_shrinkage=lam, calib_shrink_to="diagonal"))
+        order.append(("mix", name))
+    for seed in CALIB_SEEDS:  # how much of a calibration-size difference is the luck of the windows
+        for n, t in ((16, 256), *CALIB_SIZES):
+            name = "MLA r=128 output-aware" + (f" calib {n}x{t}" if (n, t) != (16, 256) else "") + f" seed {seed}"
+            spec[name] = ("mla", dict(spec["MLA r=128 output-aware"][1], calib_samples=n, calib_seq_len=t,
+                                      calib_seed=seed))
+            order.append(("mix", name))
     return [(c, n, *spec[n]) for c, n in order]
 
 
@@ -187,7 +201,8 @@ MODELS = {
            for b in ("MLA r=128 output-aware", "GLA-3 d_c=64 output-aware", "GTA-3 output-aware")]
         + [(f"GTA-3 output-aware sequential calib {CALIB_SIZES[-1][0]}x{CALIB_SIZES[-1][1]}",
             "GTA-3 output-aware sequential")]
-        + [(f"MLA r=128 output-aware shrink {lam:g}", "MLA r=128 output-aware") for lam in SHRINKAGES],
+        + [(f"MLA r=128 output-aware shrink {lam:g}", "MLA r=128 output-aware") for lam in SHRINKAGES]
+        + [(f"MLA r=128 output-aware shrink-diag {lam:g}", "MLA r=128 output-aware") for lam in SHRINK_DIAG],
         pairs_title="Equal bytes: each method against plain TransMLA, and each sequential row against its "
                     "original-pass row, and each RoPE budget (d_R) against d_R=64 at 192 elements, and each "
                     "calibration size / shrinkage against the 16 x 256 unshrunk row (never-seen-by-any genres, gmean)"),
@@ -225,7 +240,7 @@ def calib_windows(src, calib: str, args) -> torch.Tensor:
     from kvslim.convert import calibration_tokens
 
     return calibration_tokens(src, num_samples=args.calib_samples, seq_len=args.calib_seq_len, text=CALIBS[calib],
-                              seed=0)
+                              seed=getattr(args, "calib_seed", 0))
 
 
 def calib_moments(model, src, calib: str, args):
@@ -234,7 +249,7 @@ def calib_moments(model, src, calib: str, args):
     from kvslim.eval import cache_dir
 
     tag = MODELS[args.model]["tag"]
-    path = cache_dir() / "matrix" / f"moments-{tag}{calib}-{args.calib_samples}x{args.calib_seq_len}-seed0.pt"
+    path = cache_dir() / "matrix" / f"moments-{tag}{calib}-{args.calib_samples}x{args.calib_seq_len}-seed{getattr(args, 'calib_seed', 0)}.pt"
     if path.is_file():
         return torch.load(path), None
     t0 = time.time()
@@ -390,12 +405,12 @@ def run(args) -> None:
     moments = {}
 
     def load_moments(calib, a):
-        key = (calib, a.calib_samples, a.calib_seq_len)
+        key = (calib, a.calib_samples, a.calib_seq_len, getattr(a, "calib_seed", 0))
         if key not in moments:
             moments[key], secs = calib_moments(model, src, calib, a)
             if secs is not None:
-                default = (a.calib_samples, a.calib_seq_len) == (args.calib_samples, args.calib_seq_len)
-                data["meta"][f"calib_seconds_{calib}" + ("" if default else f"_{key[1]}x{key[2]}")] = secs
+                default = key[1:] == (args.calib_samples, args.calib_seq_len, 0)
+                data["meta"][f"calib_seconds_{calib}" + ("" if default else f"_{key[1]}x{key[2]}_seed{key[3]}")] = secs
         return moments[key]
 
     def convert(calib, to, kw):
@@ -534,11 +549,13 @@ def render(args=None) -> None:
                   "d_R=128 (two heads' worth, as TransMLA's 448+128 for 128-dim heads) is not expressible with the "
                   "standard RoPE schedule. These are options measured on eval text, not a choice: a default d_R "
                   "would have to be picked on calibration data."]
-    if any(" calib " in r["name"] or " shrink " in r["name"] for r in rows):
+    if any(" calib " in r["name"] or " shrink" in r["name"] or " seed " in r["name"] for r in rows):
         lines += ["", "Calibration size and shrinkage (issue 16): the rows named `calib NxT` calibrate on N windows x T "
                   "tokens of the same `mix` calib splits (seed 0) instead of the 16 x 256 (4096 tokens) of every other "
-                  "row; `shrink λ` rows shrink each layer's calibration covariance toward a scaled identity "
-                  "(`calib_shrinkage`, kvslim/convert/calib.py `shrink_moment`) before the fit. Any default taken from "
+                  "row, and the rows named `seed S` sample their windows with seed S instead of 0 (the spread of "
+                  "these rows is the calibration-sampling noise); `shrink λ` rows shrink each layer's calibration covariance toward a scaled identity "
+                  "(`calib_shrinkage`, kvslim/convert/calib.py `shrink_moment`), `shrink-diag λ` rows toward its own "
+                  "diagonal (`calib_shrink_to=\"diagonal\"`), before the fit. Any default taken from "
                   "these rows is chosen on the in-mixture columns (sotu, moby-dick, shakespeare, code: eval documents "
                   "of the calibration genres), never on pyref/legal/docs."]
     ranked = [r for r in rows if r.get("rank_alloc")]
@@ -567,9 +584,11 @@ def render(args=None) -> None:
 
 
 def _marker(name: str) -> str:
+    if " seed " in name:
+        return "x"
     if " calib " in name:
         return "1" if "64x256" in name else "2"
-    if " shrink " in name:
+    if " shrink" in name:
         return "8"
     if "d_R=" in name:
         return {"d_R=32": "<", "d_R=16": ">", "d_R=8": "h"}.get(name.split()[2], "p")

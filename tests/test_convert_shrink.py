@@ -36,6 +36,21 @@ def test_shrink_moment_keeps_the_mean_and_moves_the_covariance_toward_a_scaled_i
         assert cond(ev) < cond(torch.linalg.eigvalsh(C))  # better conditioned than the raw covariance
 
 
+def test_shrink_to_diagonal_keeps_each_channel_variance():
+    m = _model(_spec(h_kv=2, bias=True))
+    S = _moments(m)[0]
+    assert shrink_moment(S, 0, "diagonal") is S
+    mu = S[:-1, -1]
+    C = S[:-1, :-1] - torch.outer(mu, mu)
+    T = shrink_moment(S, 0.4, "diagonal")
+    C2 = T[:-1, :-1] - torch.outer(mu, mu)
+    assert_close(C2.diagonal(), C.diagonal(), atol=1e-12)
+    off = ~torch.eye(C.shape[0], dtype=torch.bool)
+    assert_close(C2[off], 0.6 * C[off], atol=1e-12)
+    assert_close(T[:, -1], S[:, -1], atol=0, rtol=0)
+    assert not torch.allclose(T, shrink_moment(S, 0.4, "identity"))
+
+
 def test_shrink_qk_norm_moment():
     m = _qk_source()
     mom = _moments(m)[0]
@@ -58,9 +73,11 @@ def test_shrinkage_keeps_full_rank_fits_exact(to, kw):
     with torch.no_grad():
         ref = m(tok)
         for fit in ("bkv", "output"):
-            out, _ = convert_model(m, "gla" if to == "gla" else "mla", moments=_moments(m), kv_lora_rank=full,
-                                   rope_dim=16, fit=fit, calib_shrinkage=0.5, progress=False, **kw)
-            assert_close(out(tok), ref, atol=EXACT if qk else 1e-7, rtol=0)
+            for shrink_to in ("identity", "diagonal"):
+                out, _ = convert_model(m, "gla" if to == "gla" else "mla", moments=_moments(m), kv_lora_rank=full,
+                                       rope_dim=16, fit=fit, calib_shrinkage=0.5, calib_shrink_to=shrink_to,
+                                       progress=False, **kw)
+                assert_close(out(tok), ref, atol=EXACT if qk else 1e-7, rtol=0)
 
 
 def test_shrinkage_zero_is_the_default_and_nonzero_changes_a_low_rank_fit():
@@ -92,6 +109,15 @@ def test_bad_shrinkage_raises_naming_the_field(bad):
         check_conversion(m.spec, "mla", kv_lora_rank=8, rope_dim=16, calib_shrinkage=bad)
     with pytest.raises(ValueError, match="calib_shrinkage"):
         convert_model(m, "gta", moments=_moments(m), calib_shrinkage=bad, progress=False)
+
+
+@pytest.mark.parametrize("bad", ["diag", "", None, 0])
+def test_bad_shrink_target_raises_naming_the_field(bad):
+    m = _model(_spec(h_kv=2))
+    with pytest.raises(ValueError, match="calib_shrink_to"):
+        check_conversion(m.spec, "mla", kv_lora_rank=8, rope_dim=16, calib_shrinkage=0.1, calib_shrink_to=bad)
+    with pytest.raises(ValueError, match="calib_shrink_to"):
+        shrink_moment(_moments(m)[0], 0.1, bad)
 
 
 def test_shrinkage_with_gqa_target_raises():

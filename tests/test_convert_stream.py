@@ -72,7 +72,7 @@ CASES = [  # (source, to, options)
     ("hf", "gla", dict(latent_heads=3, kv_lora_rank=8, rope_dim=8, fmt="deepseek", target="vllm")),
     ("hf", "gta", dict()),
     ("hf", "mla", dict(kv_lora_rank=32, rope_dim=8, fit="output", fmt="kvslim", rank_alloc="energy",
-                       calib_shrinkage=0.2)),
+                       calib_shrinkage=0.2, calib_shrink_to="diagonal")),
     ("hf", "gta", dict(fit="output", calib_shrinkage=0.2, calib_pass="sequential")),
     ("hf", "gta", dict(fmt="deepseek", gta_state="key")),
     ("hf", "gqa", dict(kv_heads=1, fmt="hf")),
