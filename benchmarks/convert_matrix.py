@@ -629,7 +629,9 @@ def plot(rows, ratio, L, m, any_never) -> None:
     import matplotlib.pyplot as plt
 
     calibs = m["calibs"]
-    fig, axes = plt.subplots(1, len(calibs), figsize=(5.5 * len(calibs), 4.5), sharey=True, squeeze=False)
+    n_legend = sum(r["calib"] == calibs[-1] for r in rows)  # the legend (of the last panel) must fit the figure
+    fig, axes = plt.subplots(1, len(calibs), figsize=(5.5 * len(calibs), max(4.5, 0.19 * n_legend + 0.8)), sharey=True,
+                             squeeze=False)
     axes = axes[0]
     for ax, calib in zip(axes, calibs):
         for r in rows:
