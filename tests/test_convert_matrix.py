@@ -106,3 +106,26 @@ def test_rope_budget_rows_are_192_elements_and_valid_targets():
         check_latent_target(smollm2, 1, kw["kv_lora_rank"], kw["rope_dim"], fit="output")
     with pytest.raises(ValueError, match="must divide the source's rotary dims"):  # two heads' worth
         check_latent_target(smollm2, 1, 64, 128, fit="output")
+
+
+def test_calibration_size_seed_and_shrinkage_rows_are_valid_and_named_by_what_they_change():
+    import argparse
+
+    from kvslim.convert.pipeline import check_conversion
+
+    smollm2 = AttentionSpec(kind="gqa", hidden_size=576, num_heads=9, num_kv_heads=3, head_dim=64)
+    args = argparse.Namespace(calib_samples=16, calib_seq_len=256, model="smollm2")
+    new = [v for v in cm.variants_smollm2() if any(k in v[1] for k in (" calib ", " shrink", " seed "))]
+    assert len({v[1] for v in new}) == len(new) and new
+    for calib, name, to, kw in new:
+        assert calib == "mix"
+        a, conv_kw = cm.with_calib_size(args, kw)
+        assert not set(cm.CALIB_SIZE) & set(conv_kw) and vars(args)["calib_samples"] == 16  # args left alone
+        check_conversion(smollm2, to, **{k: v for k, v in conv_kw.items() if k != "calib_pass"},
+                         calib_pass=conv_kw.get("calib_pass", "original"))
+        n, t, seed = a.calib_samples, a.calib_seq_len, getattr(a, "calib_seed", 0)
+        assert (f" calib {n}x{t}" in name) == ((n, t) != (16, 256)), name
+        assert (f" seed {seed}" in name) == (seed != 0), name
+        assert (" shrink" in name) == bool(conv_kw.get("calib_shrinkage")), name
+    a, kw = cm.with_calib_size(args, {"kv_lora_rank": 128})
+    assert (a.calib_samples, a.calib_seq_len, getattr(a, "calib_seed", 0), kw) == (16, 256, 0, {"kv_lora_rank": 128})

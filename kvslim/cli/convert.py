@@ -64,6 +64,13 @@ def add(subparsers) -> None:
                    help="mla/gla/gta: which activations calibrate layer i: original = the source model's "
                    "(default); sequential = those of the already converted layers 0..i-1, so each layer is fit "
                    "on the inputs it will see (GPTQ-style; same cost and memory; see docs/convert.md)")
+    p.add_argument("--calib-shrinkage", type=float, default=0.0, metavar="LAMBDA",
+                   help="mla/gla/gta: shrink each layer's calibration covariance toward a scaled identity by "
+                   "LAMBDA in [0, 1) before fitting (Ledoit-Wolf style; 0 = none, the default; measured on SmolLM2: "
+                   "it does not help, docs/convert.md)")
+    p.add_argument("--calib-shrink-to", choices=["identity", "diagonal"], default="identity",
+                   help="with --calib-shrinkage: the shrinkage target, a scaled identity (default) or the "
+                   "covariance's own diagonal (keeps each channel's variance, shrinks correlations)")
     p.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="output weight dtype (default float32)")
@@ -86,6 +93,7 @@ def run(args) -> int:
         rope_dim=args.rope_dim, freqfold=args.freqfold, method=args.method, fit=fit, calib_samples=args.calib_samples,
         calib_seq_len=args.calib_seq_len, calib_text=args.calib, seed=args.seed, dtype=args.dtype,
         rank_alloc=args.rank_alloc, rank_min=args.rank_min, calib_pass=args.calib_pass,
+        calib_shrinkage=args.calib_shrinkage, calib_shrink_to=args.calib_shrink_to,
         stream=not args.in_memory,
     )
     print(kv_table(res.source, res.target, res.num_layers, layer_ranks=res.layer_ranks))

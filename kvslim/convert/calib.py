@@ -25,6 +25,16 @@ RMS norms of ``K_nope`` and ``V`` (computable from Σ), not of their mean L2 nor
 the moments are taken of what *is* linear: ``E[ũũᵀ]`` with ``ũ = [k̂; v; 1]`` (the normalised keys of
 all KV heads and the values) and the per-head query moments ``E[q̂_h q̂_hᵀ]`` (:class:`QKNormMoment`,
 accumulated in float64: ``ũ`` is narrow).
+
+**Shrinkage** (``calib_shrinkage``, :func:`shrink_moment`): the moments are means over a few thousand
+tokens of a few genres, and every fit keeps the directions *they* rank highest. Ledoit-Wolf-style
+shrinkage of the covariance toward a scaled identity, ``C' = (1-λ)C + λ·tr(C)/D·I`` (``C = Σ - μμᵀ``, the
+mean ``μ`` and the constant coordinate kept), moves each fit from the calibration data toward a data-free
+one (λ = 1: the weights' own PCA under isotropic inputs). ``calib_shrink_to="diagonal"`` shrinks toward
+``diag(C)`` instead (``C' = (1-λ)C + λ·diag(C)``): each channel keeps its variance, only the correlations
+shrink, the usual target when channel scales differ by orders of magnitude (RMSNorm outlier channels). λ = 0 is
+the unshrunk moment, bit for bit; any λ < 1 keeps a full-rank fit exact (the latent still spans the keys and
+values).
 """
 
 from __future__ import annotations
@@ -47,8 +57,10 @@ from kvslim.eval.perplexity import _as_token_ids
 from kvslim.eval.tokenizer import tokenize
 
 __all__ = ["CALIB_GRAMMAR", "CalibSource", "MomentSum", "QKNormMoment", "add_moment", "attention_input_moments",
-           "calibration_batches", "calibration_tokens", "check_calibration_batches", "parse_calib_spec",
-           "window_counts"]
+           "calibration_batches", "calibration_tokens", "check_calibration_batches", "check_shrinkage",
+           "parse_calib_spec", "SHRINK_TARGETS", "shrink_moment", "window_counts"]
+
+SHRINK_TARGETS = ("identity", "diagonal")
 
 
 def calibration_batches(
@@ -217,3 +229,38 @@ def calibration_tokens(tokenizer_dir, *, num_samples: int, seq_len: int, text: s
         parts.append(calibration_batches(c.text(), num_samples=n, seq_len=seq_len, seed=seed,
                                          tokenizer=str(tokenizer_dir)))
     return torch.cat(parts)
+
+
+def check_shrinkage(shrinkage, shrink_to: str = "identity") -> None:
+    """Raise ValueError naming ``calib_shrinkage`` unless it is a real number in [0, 1), or ``calib_shrink_to``
+    unless it is one of :data:`SHRINK_TARGETS`."""
+    if shrink_to not in SHRINK_TARGETS:
+        raise ValueError(f"calib_shrink_to must be one of {SHRINK_TARGETS}, got {shrink_to!r}")
+    ok = isinstance(shrinkage, (int, float)) and not isinstance(shrinkage, bool) and 0 <= shrinkage < 1
+    if not ok:  # (NaN fails the comparison)
+        raise ValueError(f"calib_shrinkage must be a number in [0, 1) (0 = no shrinkage; 1 would discard the "
+                         f"calibration), got {shrinkage!r}")
+
+
+def _shrink_cov(C: torch.Tensor, lam: float, shrink_to: str) -> torch.Tensor:
+    n = C.shape[0]
+    target = torch.diag(C.diagonal()) if shrink_to == "diagonal" else torch.trace(C) / n * torch.eye(n, dtype=C.dtype)
+    return (1 - lam) * C + lam * target
+
+
+def shrink_moment(moment, shrinkage: float, shrink_to: str = "identity"):
+    """``moment`` (``E[x̃x̃ᵀ]``, last coordinate the constant 1, or a :class:`QKNormMoment`) with its covariance
+    shrunk toward a scaled identity (or its own diagonal, ``shrink_to="diagonal"``) by ``shrinkage`` λ (module
+    docstring); the mean is kept. A QK-norm moment's ``kv`` is shrunk the same way and each query head's
+    ``E[q̂q̂ᵀ]`` toward ``tr/d_h·I`` or its diagonal (uncentred). λ = 0 returns ``moment`` itself."""
+    check_shrinkage(shrinkage, shrink_to)
+    if shrinkage == 0:
+        return moment
+    if isinstance(moment, QKNormMoment):
+        return QKNormMoment(kv=shrink_moment(moment.kv, shrinkage, shrink_to),
+                            q=torch.stack([_shrink_cov(q, shrinkage, shrink_to) for q in moment.q]))
+    S = moment.double()
+    mu = S[:-1, -1]
+    out = S.clone()
+    out[:-1, :-1] = _shrink_cov(S[:-1, :-1] - torch.outer(mu, mu), shrinkage, shrink_to) + torch.outer(mu, mu)
+    return out

@@ -19,7 +19,9 @@ from kvslim.convert.calib import (
     attention_input_moments,
     calibration_tokens,
     check_calibration_batches,
+    check_shrinkage,
     parse_calib_spec,
+    shrink_moment,
 )
 from kvslim.convert.deepseek import check_qk_norm
 from kvslim.convert.export import DTYPES, write_checkpoint
@@ -85,7 +87,8 @@ def export_summary(report: dict, num_layers: int, dtype_bytes: int = 2) -> str:
 def check_conversion(spec: AttentionSpec, to: str, *, kv_heads=None, latent_heads=None, kv_lora_rank=None,
                      rope_dim: int = 64, freqfold=None, method: str = "transmla", gta_state: str = "joint",
                      fit: str = "bkv", rank_alloc: str = "uniform", rank_min: int | None = None,
-                     calib_pass: str = "original") -> None:
+                     calib_pass: str = "original", calib_shrinkage: float = 0.0,
+                     calib_shrink_to: str = "identity") -> None:
     """Raise ValueError naming the bad option if ``spec`` cannot be converted ``to`` this target.
 
     The one validation of a conversion: :func:`convert_checkpoint` runs it before the slow
@@ -94,6 +97,10 @@ def check_conversion(spec: AttentionSpec, to: str, *, kv_heads=None, latent_head
     if to not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {to!r}")
     check_calib_pass(calib_pass, to)
+    check_shrinkage(calib_shrinkage, calib_shrink_to)
+    if calib_shrinkage and to == "gqa":
+        raise ValueError("calib_shrinkage applies to mla, gla and gta (the targets that calibrate); --to gqa "
+                         "mean-pools without calibration")
     if rank_alloc not in RANK_ALLOCS:
         raise ValueError(f"rank_alloc must be one of {RANK_ALLOCS}, got {rank_alloc!r}")
     if to in ("gqa", "gta"):
@@ -118,11 +125,14 @@ def check_conversion(spec: AttentionSpec, to: str, *, kv_heads=None, latent_head
 
 
 def _run(model: Transformer, to: str, moments, *, kv_heads, latent_heads, kv_lora_rank, rope_dim, freqfold, method,
-         gta_state, fit, rank_alloc, rank_min, progress) -> tuple[Transformer, dict]:
-    """Convert a model whose target :func:`check_conversion` accepted."""
+         gta_state, fit, rank_alloc, rank_min, progress, calib_shrinkage=0.0,
+         calib_shrink_to="identity") -> tuple[Transformer, dict]:
+    """Convert a model whose target :func:`check_conversion` accepted (``moments`` before shrinkage)."""
     stats: dict = {}
     if to == "gqa":
         return mha_to_gqa(model, num_kv_heads=kv_heads), stats
+    if calib_shrinkage:
+        moments = [shrink_moment(m, calib_shrinkage, calib_shrink_to) for m in moments]
     if to == "gta":
         return fit_gta(model, moments, state=gta_state, freqfold=freqfold, fit=fit, progress=progress,
                        stats=stats), stats
@@ -137,7 +147,8 @@ def convert_model(model: Transformer, to: str, *, calib: torch.Tensor | None = N
                   kv_heads: int | None = None, latent_heads: int | None = None, kv_lora_rank: int | None = None,
                   rope_dim: int = 64, freqfold: int | None = None, method: str = "transmla",
                   gta_state: str = "joint", fit: str = "bkv", rank_alloc: str = "uniform", rank_min: int | None = None,
-                  calib_pass: str = "original", progress: bool = True) -> tuple[Transformer, dict]:
+                  calib_pass: str = "original", calib_shrinkage: float = 0.0, calib_shrink_to: str = "identity",
+                  progress: bool = True) -> tuple[Transformer, dict]:
     """Convert an in-memory kvslim Transformer; returns (new model, diagnostics).
 
     ``moments`` (per-layer ``E[x̃x̃ᵀ]`` from ``attention_input_moments``) or ``calib`` token
@@ -146,10 +157,12 @@ def convert_model(model: Transformer, to: str, *, calib: torch.Tensor | None = N
     ``layer_ranks`` and ``rank_alloc`` (the fit objective of the ranks and of uniform ranks).
     ``calib_pass="sequential"`` (sequential.py) calibrates layer i on the activations of the converted
     layers ``0..i-1``; it needs ``calib`` (its moments exist only while converting), not ``moments``.
+    ``calib_shrinkage`` λ shrinks each layer's input covariance toward a scaled identity (``calib_shrink_to=
+    "diagonal"``: toward its diagonal) before fitting (calib.py ``shrink_moment``; 0 = none).
     """
     opts = dict(kv_heads=kv_heads, latent_heads=latent_heads, kv_lora_rank=kv_lora_rank, rope_dim=rope_dim,
                 freqfold=freqfold, method=method, gta_state=gta_state, fit=fit, rank_alloc=rank_alloc,
-                rank_min=rank_min)
+                rank_min=rank_min, calib_shrinkage=calib_shrinkage, calib_shrink_to=calib_shrink_to)
     check_conversion(model.spec, to, calib_pass=calib_pass, **opts)
     if calib_pass == "sequential":
         if moments is not None:
@@ -222,7 +235,8 @@ def convert_checkpoint(*, model_dir: str | os.PathLike, out: str | os.PathLike, 
                        calib_text: str = "sotu", calib_tokens: torch.Tensor | None = None, seed: int = 0,
                        dtype: str = "float32", gta_state: str = "joint", fit: str = "bkv",
                        rank_alloc: str = "uniform", rank_min: int | None = None, calib_pass: str = "original",
-                       progress: bool = True, stream: bool = True) -> ConvertResult:
+                       calib_shrinkage: float = 0.0, calib_shrink_to: str = "identity", progress: bool = True,
+                       stream: bool = True) -> ConvertResult:
     """Convert the checkpoint in ``model_dir`` and write it to ``out`` (atomically).
 
     Args:
@@ -250,6 +264,9 @@ def convert_checkpoint(*, model_dir: str | os.PathLike, out: str | os.PathLike, 
             or ``relative`` (the same on each layer's fraction of its own energy).
         calib_pass: ``original`` (every layer calibrated on the source model's activations) or
             ``sequential`` (layer i on those of the converted layers 0..i-1; sequential.py).
+        calib_shrinkage: λ in [0, 1): each layer's calibration covariance shrunk toward a scaled identity
+            before fitting (calib.py ``shrink_moment``; 0 = none, the default); ``calib_shrink_to="diagonal"``
+            shrinks toward the covariance's diagonal instead.
         stream: convert layer by layer, holding one layer at a time (stream.py; the default: its
             output is byte-identical); False loads the whole source model first.
     """
@@ -300,7 +317,7 @@ def convert_checkpoint(*, model_dir: str | os.PathLike, out: str | os.PathLike, 
     check_output(out, force=force, sources=(model_dir,), expected_bytes=n_params * DTYPES[dtype].itemsize)
     opts = dict(kv_heads=kv_heads, latent_heads=latent_heads, kv_lora_rank=kv_lora_rank, rope_dim=rope_dim,
                 freqfold=freqfold, method=method, gta_state=gta_state, fit=fit, rank_alloc=rank_alloc,
-                rank_min=rank_min)
+                rank_min=rank_min, calib_shrinkage=calib_shrinkage, calib_shrink_to=calib_shrink_to)
     check_conversion(spec, to, calib_pass=calib_pass, **opts)
     if fmt == "deepseek":
         check_qk_norm(spec)
@@ -354,8 +371,9 @@ def _stream_ranks(src: LazyCheckpoint | ModelLayers, calib, to: str, opts: dict,
     h_c = 1 if to == "mla" else opts["latent_heads"]
     kw = dict(latent_heads=h_c, rope_dim=opts["rope_dim"], freqfold=opts["freqfold"], method=opts["method"],
               fit=opts["fit"])
-    spectra = stream_layers(src, calib, lambda i, shell, moments: layer_spectra(shell, moments, **kw)[0],
-                            progress=progress)
+    lam, to_ = opts.get("calib_shrinkage", 0.0), opts.get("calib_shrink_to", "identity")
+    spectra = stream_layers(src, calib, lambda i, shell, moments: layer_spectra(
+        shell, [shrink_moment(m, lam, to_) for m in moments], **kw)[0], progress=progress)
     return allocate_ranks(spectra, budget=opts["kv_lora_rank"], rank_min=resolve_rank_min(opts["rank_min"]),
                           cap=max_latent_dim(src.config.attention, h_c, opts["rope_dim"]),
                           relative=opts["rank_alloc"] == "relative")
