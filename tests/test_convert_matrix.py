@@ -98,7 +98,7 @@ def test_render_marks_rows_scored_on_other_tokens(tmp_path, monkeypatch):
 
 def test_rope_budget_rows_are_192_elements_and_valid_targets():
     smollm2 = AttentionSpec(kind="gqa", hidden_size=576, num_heads=9, num_kv_heads=3, head_dim=64)
-    rows = [v for v in cm.variants_smollm2() if "d_R=" in v[1]]
+    rows = [v for v in cm.variants_smollm2() if "d_R=" in v[1] and v[1] != "MLA r=192 d_R=32 output-aware"]
     assert [kw["rope_dim"] for *_, kw in rows] == list(cm.ROPE_BUDGET)
     for calib, name, to, kw in rows:
         assert calib == "mix" and to == "mla" and kw["fit"] == "output"
@@ -106,6 +106,20 @@ def test_rope_budget_rows_are_192_elements_and_valid_targets():
         check_latent_target(smollm2, 1, kw["kv_lora_rank"], kw["rope_dim"], fit="output")
     with pytest.raises(ValueError, match="must divide the source's rotary dims"):  # two heads' worth
         check_latent_target(smollm2, 1, 64, 128, fit="output")
+
+
+def test_gta_diagnostic_rows_match_gta3_bytes():
+    # GTA-3 on SmolLM2 caches 3 states of 64 + one shared 32-dim RoPE key = 224 elements; the MLA rows that explain
+    # its gap must cache exactly that many, one with GTA's RoPE budget (32), one with a head's (64)
+    smollm2 = AttentionSpec(kind="gqa", hidden_size=576, num_heads=9, num_kv_heads=3, head_dim=64)
+    by = {name: (calib, to, kw) for calib, name, to, kw in cm.variants_smollm2()}
+    for name, rope in (("MLA r=192 d_R=32 output-aware", 32), ("MLA r=160 output-aware", 64)):
+        calib, to, kw = by[name]
+        assert (calib, to, kw["fit"], kw["rope_dim"]) == ("mix", "mla", "output", rope)
+        assert kw["kv_lora_rank"] + kw["rope_dim"] == 3 * 64 + 32 == 224
+        check_latent_target(smollm2, 1, kw["kv_lora_rank"], kw["rope_dim"], fit="output")
+    pairs = cm.MODELS["smollm2"]["pairs"]
+    assert ("GTA-3 output-aware", "MLA r=192 d_R=32 output-aware") in pairs
 
 
 def test_calibration_size_seed_and_shrinkage_rows_are_valid_and_named_by_what_they_change():
