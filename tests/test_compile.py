@@ -80,3 +80,27 @@ def test_compile_default_follows_the_device():
     assert cfg.compile is None
     eng = LLMEngine(tiny_model(tiny_spec("gqa-2"), layers=1), cfg)
     assert eng.runner.compiled is False
+
+
+def test_prefill_guards_and_recompile_limit():
+    """What the compiled prefill sees: Dynamo's recompile limit raised around the call (several runners share
+    one code object), history only for chunks longer than MAX_Q_LEN, block tables at least two columns wide."""
+    from kvslim.engine.runner import RECOMPILE_LIMIT
+    from kvslim.kernels import MAX_Q_LEN
+
+    model = tiny_model(tiny_spec("mla"), layers=1)
+    eng = LLMEngine(model, EngineConfig(num_pages=64, page_size=4, max_batch=4, max_model_len=64, device="cpu"))
+    runner, seen = eng.runner, []
+    run = runner._prefill_fn
+
+    def spy(tokens, start, block_table, every_position, history):
+        seen.append((torch._dynamo.config.recompile_limit, tuple(block_table.shape), history))
+        return run(tokens, start, block_table, every_position, history)
+
+    runner._prefill_fn = spy
+    assert torch._dynamo.config.recompile_limit < RECOMPILE_LIMIT  # only raised around the call
+    runner.prefill([[1, 2, 3]], [0], [[0]])  # short first chunk: no history, table padded to 2 columns
+    runner.prefill([list(range(1, MAX_Q_LEN + 2))] * 2, [0, 0], [[1, 2, 3], [4, 5, 6]])  # long, fresh
+    runner.prefill([list(range(1, MAX_Q_LEN + 2))] * 2, [0, 4], [[1, 2, 3], [4, 5, 6, 7]])  # unequal starts
+    assert seen == [(RECOMPILE_LIMIT, (1, 2), None), (RECOMPILE_LIMIT, (2, 3), 0), (RECOMPILE_LIMIT, (2, 4), None)]
+    assert torch._dynamo.config.recompile_limit < RECOMPILE_LIMIT

@@ -68,9 +68,11 @@ class AttentionBase(nn.Module):
         else:
             cache.write(rows)
             seq_lens = cache.start + T
-            if T > MAX_Q_LEN and cache.fresh and self.fresh_prefill_sdpa:
+            # fresh_prefill_sdpa first: attention without the SDPA paths never reads (so never guards on,
+            # under torch.compile) the host-known history
+            if self.fresh_prefill_sdpa and T > MAX_Q_LEN and cache.fresh:
                 o = self._attend_fresh(q, cache.roundtrip(rows))  # expanded K/V + SDPA: no history, no sync
-            elif T > MAX_Q_LEN and self.fresh_prefill_sdpa and self._expanded_fits(q, cache.history):
+            elif self.fresh_prefill_sdpa and T > MAX_Q_LEN and self._expanded_fits(q, cache.history):
                 o = self._attend_history(q, cache, cache.history + T)  # gathered history, expanded, no sync
             elif self.use_kernel_path() and (T <= MAX_Q_LEN or self.prefill_on_kernel(q)):
                 o = self.decode(q, cache, seq_lens)  # T > MAX_Q_LEN: the prefill kernel, no host sync

@@ -48,10 +48,17 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from kvslim.cache import LayerCache
 from kvslim.engine.allocator import SCRATCH_PAGES
 from kvslim.engine.config import DEFAULT_GRAPH_BATCHES
+from kvslim.kernels import MAX_Q_LEN
 from kvslim.rows import RowFormat, kv_dtype_name
 
 # Prefill attention backends: not cuDNN, which builds (~2 ms of host time) an execution plan for
 # every new (chunk length, cached length) shape, i.e. for almost every prefill forward.
+#: torch.compile recompilations allowed per compiled function (Dynamo's default is 8). Dynamo keys its cache
+#: on the code object, which every runner in a process shares, and each runner adds its own guard sets (its
+#: ``self``; batch 1 vs more, chunk length 1 / <= MAX_Q_LEN / longer, first chunk or not): an exactness
+#: gate plus two served variants in one process hit 8 on the H100 (2026-12-07) and Dynamo then ran later
+#: prefills eagerly, silently. Raised only around this runner's compiled calls.
+RECOMPILE_LIMIT = 64
 PREFILL_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 class ModelRunner:
@@ -153,9 +160,10 @@ class ModelRunner:
         ``history``: every start equals this (known on the host; None: unequal). Lets latent attention
         prefill on expanded K/V: SDPA over a first chunk's own rows (0) or over the gathered history.
         """
-        if decode:
-            return self._decode_fn(tokens, start, block_table)
-        return self._prefill_fn(tokens, start, block_table, every_position, history)
+        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+            if decode:
+                return self._decode_fn(tokens, start, block_table)
+            return self._prefill_fn(tokens, start, block_table, every_position, history)
 
     def _run_prefill(self, tokens, start, block_table, every_position=False, history=None):
         return self._run(tokens, start, block_table, every_position, history)
@@ -179,7 +187,9 @@ class ModelRunner:
         """Chunks of equal length T, each continuing its sequence at ``starts[i]`` -> logits ``[B, V]``."""
         t, s = self.upload(chunks, torch.long), self.upload(starts, torch.int32)
         with sdpa_kernel(PREFILL_SDPA):
-            history = starts[0] if min(starts) == max(starts) else None
+            # only chunks longer than MAX_Q_LEN read it: shorter ones get None, one guard set fewer to compile
+            equal = min(starts) == max(starts) and len(chunks[0]) > MAX_Q_LEN
+            history = starts[0] if equal else None
             return self._forward(t, s, self.upload(self._table(page_lists), torch.int32), history=history)
 
     def verify(self, chunks: list[list[int]], starts: list[int], page_lists: list[list[int]]) -> torch.Tensor:
@@ -200,8 +210,9 @@ class ModelRunner:
 
     @staticmethod
     def _table(page_lists: list[list[int]]) -> torch.Tensor:
-        """Block table ``[B, max pages]`` int32, padded with the scratch page."""
-        width = max(len(p) for p in page_lists)
+        """Block table ``[B, max(2, max pages)]`` int32, padded with the scratch page (at least two columns:
+        a width of 1 would be one more specialisation, so one more compile, of the compiled prefill)."""
+        width = max(2, max(len(p) for p in page_lists))
         bt = np.full((len(page_lists), width), SCRATCH_PAGES - 1, dtype=np.int32)
         for i, p in enumerate(page_lists):
             bt[i, : len(p)] = p
