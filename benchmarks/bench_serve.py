@@ -140,6 +140,11 @@ def engine_rows(args, v: str, bpt: int, device: str, concs: list[int], deadline:
         f"warm-up {w} requests {t_warm:.1f} s), "
         f"{pages} pages of {engine.allocator.page_size} tokens, cuda graphs {engine.runner.use_graphs}, "
         f"overlap {engine.pipeline.enabled}")
+    st = engine.runner.setup_times
+    if st:
+        slow = sorted(st["warmup_by_batch_s"].items(), key=lambda kv: -kv[1])[:4]
+        log(f"[{v}] graphs: warm-up forwards {st['warmup_s']:.1f} s (slowest batches {slow}), "
+            f"capture {st['capture_s']:.1f} s")
     try:
         for c in concs:
             n = _num_requests(args, c)

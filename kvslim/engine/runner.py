@@ -41,6 +41,8 @@ the pools; the other ranks' processes replay rank 0's forwards (``kvslim/engine/
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -147,6 +149,7 @@ class ModelRunner:
         self._greedy_host = torch.zeros(2, max_batch, dtype=torch.long, pin_memory=cuda)
         self._greedy_events = [torch.cuda.Event(), torch.cuda.Event()] if cuda else None
         self._greedy_turn = 0
+        self.setup_times: dict = {}
         if self.use_graphs:
             self._capture()
 
@@ -314,11 +317,17 @@ class ModelRunner:
         pool = None
         stream = torch.cuda.Stream(device=dev)
         stream.wait_stream(torch.cuda.current_stream(dev))
+        t0 = time.perf_counter()
+        warm = {}
         with torch.cuda.stream(stream):  # warm up (allocator, Triton autotune/compile)
             for b in self.graph_batches:
+                t = time.perf_counter()
                 self._graph_forward(b)
+                torch.cuda.synchronize(dev)
+                warm[b] = time.perf_counter() - t
         torch.cuda.current_stream(dev).wait_stream(stream)
         torch.cuda.synchronize(dev)
+        t1 = time.perf_counter()
         for b in reversed(self.graph_batches):  # largest first so smaller graphs share its pool
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g, pool=pool):
@@ -326,3 +335,7 @@ class ModelRunner:
             pool = g.pool() if pool is None else pool
             self.graphs[b] = g
         torch.cuda.synchronize(dev)
+        # where start-up goes (the H100 serve run of 2026-12-07 spent 55-102 s here): the first warm-up
+        # forward carries the torch.compile of the decode step, later ones Triton JIT of new specialisations
+        self.setup_times = {"warmup_s": t1 - t0, "capture_s": time.perf_counter() - t1,
+                            "warmup_by_batch_s": {b: round(v, 3) for b, v in warm.items()}}
