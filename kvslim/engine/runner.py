@@ -42,6 +42,7 @@ the pools; the other ranks' processes replay rank 0's forwards (``kvslim/engine/
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -163,7 +164,7 @@ class ModelRunner:
         ``history``: every start equals this (known on the host; None: unequal). Lets latent attention
         prefill on expanded K/V: SDPA over a first chunk's own rows (0) or over the gathered history.
         """
-        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT) if self.compiled else nullcontext():
             if decode:
                 return self._decode_fn(tokens, start, block_table)
             return self._prefill_fn(tokens, start, block_table, every_position, history)
