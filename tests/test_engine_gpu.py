@@ -84,3 +84,18 @@ def test_engine_features_same_tokens(preset, dtype):
     if dtype == torch.float32:  # q_len > 1 verify vs q_len = 1 decode: exact argmax only in fp32
         spec, st = run(model, enable_prefix_caching=False, num_speculative_tokens=4)
         assert spec == fused
+
+
+def test_lone_sequence_replays_the_batch_two_graph():
+    """The default graph batches start at 2 (no batch-1 compile): one sequence decodes through the batch-2
+    graph with a padded row and gives model.generate's tokens."""
+    from kvslim.engine.config import DEFAULT_GRAPH_BATCHES
+
+    assert 1 not in DEFAULT_GRAPH_BATCHES
+    model = random_model("mla", "tiny", device="cuda")
+    eng = LLMEngine(model, EngineConfig(num_pages=64, page_size=16, max_batch=8, max_model_len=256, device="cuda"))
+    assert eng.runner.use_graphs and min(eng.runner.graphs) == 2
+    prompt = prompts()[1]
+    out = eng.generate([prompt], SamplingParams(max_tokens=16))
+    assert eng.stats()["overlap_steps"] > 0  # decoded through the graphs
+    assert out == model.generate([prompt], max_new_tokens=16)

@@ -17,8 +17,11 @@ from kvslim.engine.speculative import MAX_SPECULATIVE_TOKENS
 from kvslim.rows import kv_dtype_name
 from kvslim.runtime import DTYPES
 
-#: decode batch sizes captured as CUDA graphs (clipped to ``max_batch``)
-DEFAULT_GRAPH_BATCHES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)
+#: decode batch sizes captured as CUDA graphs (clipped to ``max_batch``, which is always added). No 1: a lone
+#: sequence replays the batch-2 graph with one padded row (the same weight bytes, one scratch row of KV),
+#: because under torch.compile a batch of 1 is a specialisation of its own, one more compile of the whole
+#: decode step at start-up (Dynamo specialises sizes 0 and 1 even with dynamic=True)
+DEFAULT_GRAPH_BATCHES = (2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)
 DEVICES = ("auto", "cpu", "cuda")
 
 
