@@ -54,14 +54,15 @@ from kvslim.engine.config import DEFAULT_GRAPH_BATCHES
 from kvslim.kernels import MAX_Q_LEN
 from kvslim.rows import RowFormat, kv_dtype_name
 
-# Prefill attention backends: not cuDNN, which builds (~2 ms of host time) an execution plan for
-# every new (chunk length, cached length) shape, i.e. for almost every prefill forward.
 #: torch.compile recompilations allowed per compiled function (Dynamo's default is 8). Dynamo keys its cache
 #: on the code object, which every runner in a process shares, and each runner adds its own guard sets (its
 #: ``self``; batch 1 vs more, chunk length 1 / <= MAX_Q_LEN / longer, first chunk or not): an exactness
 #: gate plus two served variants in one process hit 8 on the H100 (2026-12-07) and Dynamo then ran later
 #: prefills eagerly, silently. Raised only around this runner's compiled calls.
 RECOMPILE_LIMIT = 64
+
+# Prefill attention backends: not cuDNN, which builds (~2 ms of host time) an execution plan for
+# every new (chunk length, cached length) shape, i.e. for almost every prefill forward.
 PREFILL_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 class ModelRunner:
