@@ -23,6 +23,9 @@ T_TESTS=${T_TESTS:-150} T_TRACE=${T_TRACE:-100} T_SERVE=${T_SERVE:-240} T_ROOF=$
 SWEEP=${SWEEP:-}
 PARTS=${PARTS:-tests,trace,serve,roof}
 want() { [[ ",$PARTS," == *",$1,"* ]]; }
+for p in ${PARTS//,/ }; do
+  case "$p" in tests|trace|serve|roof) ;; *) echo "PARTS: unknown part '$p' (tests, trace, serve, roof)" >&2; exit 2 ;; esac
+done
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm --format=csv,noheader | tee "$OUT/gpu.txt"
 
