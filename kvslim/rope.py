@@ -105,18 +105,26 @@ def inv_frequencies(rope_dim: int, theta: float, scaling: dict | None = None) ->
 class Rotary(torch.nn.Module):
     """cos/sin tables for one rope width; ``forward(positions)`` -> ``(cos, sin)``.
 
-    ``positions`` is ``[B, T]`` (long); outputs are ``[B, T, rope_dim]`` in fp32.
+    ``positions`` is ``[B, T]`` (long); outputs are ``[B, T, rope_dim]`` in fp32. With ``repeat`` > 1
+    (``AttentionSpec.rope_repeat``) the ``rope_dim/2`` slots take the frequencies of a ``rope_dim/repeat``
+    key, each used by ``repeat`` adjacent slots (slot s has frequency ``s // repeat``).
     """
 
-    def __init__(self, rope_dim: int, theta: float, scaling: dict | None = None):
+    def __init__(self, rope_dim: int, theta: float, scaling: dict | None = None, repeat: int = 1):
         super().__init__()
-        self.rope_dim, self.theta, self.scaling = rope_dim, theta, scaling
-        inv, self.attention_factor = rope_parameters(rope_dim, theta, scaling)
+        if repeat < 1 or rope_dim % (2 * repeat):
+            raise ValueError(f"rope_dim={rope_dim} must be a multiple of 2 * repeat={2 * repeat}")
+        self.rope_dim, self.theta, self.scaling, self.repeat = rope_dim, theta, scaling, repeat
+        inv, self.attention_factor = self._tables()
         self.register_buffer("inv_freq", inv, persistent=False)
+
+    def _tables(self) -> tuple[torch.Tensor, float]:
+        inv, factor = rope_parameters(self.rope_dim // self.repeat, self.theta, self.scaling)
+        return inv.repeat_interleave(self.repeat), factor
 
     def reset_tables(self) -> None:
         """Recompute the (non-persistent) frequency table, e.g. after building on the meta device."""
-        self.inv_freq = rope_parameters(self.rope_dim, self.theta, self.scaling)[0]
+        self.inv_freq = self._tables()[0]
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions.float()[..., None] * self.inv_freq  # [B, T, rope_dim/2]

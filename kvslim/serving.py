@@ -129,6 +129,10 @@ def mla_layout(spec: AttentionSpec, target: str = "transformers", head_size: int
         raise ValueError(f"target must be one of {SERVE_TARGETS}, got {target!r}")
     if not isinstance(spec, AttentionSpec):
         raise TypeError(f"spec must be an AttentionSpec, got {type(spec).__name__}")
+    if spec.rope_repeat != 1:
+        raise ValueError(f"format 'deepseek' cannot hold rope_repeat={spec.rope_repeat}: DeepSeek-V3's rotary embedding "
+                         "gives every RoPE dim pair its own frequency (in transformers, vLLM and SGLang alike); use "
+                         "--format kvslim")
     latent, d_r, d_n, d_v = _natural(spec)
     rope = d_r
     if target == "vllm" and d_r < VLLM_ROPE_DIM:

@@ -51,6 +51,10 @@ class AttentionSpec:
         rope_theta: RoPE base.
         rope_scaling: optional dict with ``rope_type`` in ``default, linear, llama3, yarn``
             plus that type's fields (Hugging Face format).
+        rope_repeat: MLA/GLA only: each of the RoPE key's ``d_R / (2·rope_repeat)`` frequencies (the standard
+            schedule for a key of ``d_R / rope_repeat`` dims) rotates ``rope_repeat`` adjacent slots, so a
+            converted key keeps several KV heads' rotary components of one frequency exactly (issue 16's
+            "two heads' worth of RoPE"). 1 = DeepSeek's layout; > 1 is kvslim-only (the DeepSeek export refuses it).
         q_lora_rank: optional low-rank query (MLA/GLA, DeepSeek's ``q_lora_rank``).
         latent_norm: RMS-normalise each latent head before caching (DeepSeek's
             ``kv_a_layernorm``). Converted checkpoints set it to False.
@@ -71,6 +75,7 @@ class AttentionSpec:
     v_head_dim: int | None = None
     rope_theta: float = 10000.0
     rope_scaling: dict | None = field(default=None, compare=False, hash=False)
+    rope_repeat: int = 1
     q_lora_rank: int | None = None
     latent_norm: bool = True
     qkv_bias: bool = False
@@ -107,6 +112,13 @@ class AttentionSpec:
                 rope_parameters(max(2, self.rope_dim), float(self.rope_theta), self.rope_scaling)
             except (KeyError, TypeError, ValueError) as e:
                 raise ValueError(f"AttentionSpec.rope_scaling {self.rope_scaling!r} is invalid: {e}") from None
+        _positive("rope_repeat", self.rope_repeat)
+        if self.rope_repeat > 1:
+            if kind not in ("mla", "gla"):
+                raise ValueError(f"AttentionSpec.rope_repeat > 1 is only supported for kind mla/gla, not {kind}")
+            if not self.rope_dim or self.rope_dim % (2 * self.rope_repeat):
+                raise ValueError(f"AttentionSpec.rope_dim={self.rope_dim} must be a positive multiple of "
+                                 f"2 * rope_repeat={2 * self.rope_repeat}")
         if self.q_lora_rank is not None:
             if kind not in ("mla", "gla"):
                 raise ValueError("AttentionSpec.q_lora_rank is only supported for kind mla/gla")

@@ -93,18 +93,20 @@ def test_render_marks_rows_scored_on_other_tokens(tmp_path, monkeypatch):
     assert "| MLA r=160 d_R=32 output-aware **[OTHER EVAL TOKENS: legal]** |" in md
     assert "| MLA r=128 output-aware |" in md and "| MLA r=192 TransMLA° |" in md
     assert "MLA r=160 d_R=32 output-aware x2.00 vs MLA r=128 output-aware x2.00" in md  # the equal-bytes line
-    assert "not comparable" in md and "d_R=128" in md
+    assert "not comparable" in md and "d_R=128 x2" in md
 
 
 def test_rope_budget_rows_are_192_elements_and_valid_targets():
     smollm2 = AttentionSpec(kind="gqa", hidden_size=576, num_heads=9, num_kv_heads=3, head_dim=64)
     rows = [v for v in cm.variants_smollm2() if "d_R=" in v[1] and v[1] != "MLA r=192 d_R=32 output-aware"]
-    assert [kw["rope_dim"] for *_, kw in rows] == list(cm.ROPE_BUDGET)
+    assert [(kw["rope_dim"], kw.get("rope_repeat", 1)) for *_, kw in rows] == (
+        [(d, 1) for d in cm.ROPE_BUDGET] + [(d, k) for _, d, k in cm.ROPE_REPEAT])
     for calib, name, to, kw in rows:
         assert calib == "mix" and to == "mla" and kw["fit"] == "output"
         assert kw["kv_lora_rank"] + kw["rope_dim"] == 192 and f"r={kw['kv_lora_rank']} d_R={kw['rope_dim']}" in name
-        check_latent_target(smollm2, 1, kw["kv_lora_rank"], kw["rope_dim"], fit="output")
-    with pytest.raises(ValueError, match="must divide the source's rotary dims"):  # two heads' worth
+        check_latent_target(smollm2, 1, kw["kv_lora_rank"], kw["rope_dim"], fit="output",
+                            rope_repeat=kw.get("rope_repeat", 1))
+    with pytest.raises(ValueError, match="must divide the source's rotary dims"):  # two heads' worth, one slot each
         check_latent_target(smollm2, 1, 64, 128, fit="output")
 
 

@@ -40,7 +40,8 @@ class AttentionBase(nn.Module):
         self.spec = spec
         self.local = spec.shard(tp_size)
         self.tp_rank, self.tp_size = tp_rank, tp_size
-        self.rotary = Rotary(spec.rope_dim, spec.rope_theta, spec.rope_scaling) if spec.rope_dim else None
+        self.rotary = Rotary(spec.rope_dim, spec.rope_theta, spec.rope_scaling, spec.rope_repeat) if spec.rope_dim \
+            else None
         self.impl = "auto"  # kernel choice for decode: auto | triton | torch
         self.process_group = None  # set to all-reduce the row-parallel output
         self.kv_roundtrip = None  # a RowFormat: attend to rows as that cache would give them back

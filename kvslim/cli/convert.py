@@ -3,6 +3,18 @@
 from __future__ import annotations
 
 
+def _freqfold(v: str):
+    """``--freqfold``: a positive int or ``auto``."""
+    import argparse
+
+    if v == "auto":
+        return v
+    try:
+        return int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an int or 'auto', got {v!r}") from None
+
+
 def add(subparsers) -> None:
     p = subparsers.add_parser(
         "convert",
@@ -32,8 +44,14 @@ def add(subparsers) -> None:
                    help="mla/gla: latent dim d_c (per latent head for gla)")
     p.add_argument("--latent-heads", type=int, help="gla: latent heads h_c (divides the source's KV heads)")
     p.add_argument("--rope-dim", type=int, default=64, help="mla/gla: shared RoPE key dim d_R (default 64)")
-    p.add_argument("--freqfold", type=int,
-                   help="mla/gla: adjacent RoPE frequencies per PCA (default: source rotary dims / d_R, e.g. 1)")
+    p.add_argument("--rope-repeat", type=int, default=1, metavar="N",
+                   help="mla/gla: RoRoPE components kept per RoPE frequency (default 1). With --rope-dim 2x the "
+                   "source's rotary dims and 2: two KV heads' worth of RoPE, each frequency on two slot pairs "
+                   "(kvslim format only: DeepSeek-V3 gives every slot its own frequency)")
+    p.add_argument("--freqfold", type=_freqfold, metavar="N|auto",
+                   help="mla/gla/gta: adjacent RoPE frequencies per PCA (default: source rotary dims / d_R, e.g. 1); "
+                   "auto = convert with c, 2c and 4c and keep the one with the lowest perplexity on other windows of "
+                   "the calibration text (needs --in-memory; docs/convert.md)")
     p.add_argument("--method", choices=["transmla", "mha2mla"], default="transmla",
                    help="transmla: RoRoPE + BKV-PCA (default); mha2mla: norm-selected partial RoPE + weight SVD")
     p.add_argument("--fit", choices=["bkv", "output"], default=None,
@@ -93,7 +111,7 @@ def run(args) -> int:
         rope_dim=args.rope_dim, freqfold=args.freqfold, method=args.method, fit=fit, calib_samples=args.calib_samples,
         calib_seq_len=args.calib_seq_len, calib_text=args.calib, seed=args.seed, dtype=args.dtype,
         rank_alloc=args.rank_alloc, rank_min=args.rank_min, calib_pass=args.calib_pass,
-        calib_shrinkage=args.calib_shrinkage, calib_shrink_to=args.calib_shrink_to,
+        calib_shrinkage=args.calib_shrinkage, calib_shrink_to=args.calib_shrink_to, rope_repeat=args.rope_repeat,
         stream=not args.in_memory,
     )
     print(kv_table(res.source, res.target, res.num_layers, layer_ranks=res.layer_ranks))

@@ -72,6 +72,7 @@ from kvslim.convert.common import (
 from kvslim.convert.ranks import allocate_ranks, check_rank_alloc, resolve_rank_min
 from kvslim.convert.rorope import (
     check_freqfold,
+    check_repeat,
     collapse_factor,
     effective_keys,
     norm_selection,
@@ -93,7 +94,7 @@ def max_latent_dim(spec: AttentionSpec, latent_heads: int, rope_dim: int) -> int
 
 
 def check_latent_target(spec: AttentionSpec, latent_heads, latent_dim, rope_dim, method="transmla",
-                        freqfold=None, fit="bkv") -> None:
+                        freqfold=None, fit="bkv", rope_repeat=1) -> None:
     """Raise ValueError naming the bad field if ``spec`` (MHA/MQA/GQA) cannot be fit to this latent target."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -104,7 +105,12 @@ def check_latent_target(spec: AttentionSpec, latent_heads, latent_dim, rope_dim,
     if spec.qk_norm and method != "transmla":
         raise ValueError(f"method={method!r} is a weight SVD of [W_K_nope; W_V]; a QK-norm source's keys are "
                          "normalised per head, not a linear map of x, so only method='transmla' applies")
-    collapse_factor(spec.rope_dim, rope_dim)
+    collapse_factor(spec.rope_dim, rope_dim, rope_repeat)
+    if rope_repeat > 1:
+        if method != "transmla":
+            raise ValueError(f"rope_repeat={rope_repeat} keeps several RoRoPE components per frequency; "
+                             f"method={method!r} selects single (head, frequency) pairs, so it needs rope_repeat=1")
+        check_repeat(spec.num_kv_heads, spec.rope_dim, rope_dim, rope_repeat)
     for name, v in (("latent_heads", latent_heads), ("latent_dim (kv_lora_rank)", latent_dim)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
@@ -121,23 +127,24 @@ def check_latent_target(spec: AttentionSpec, latent_heads, latent_dim, rope_dim,
             f"d_R={rope_dim}, latent_heads={latent_heads})"
         )
     if method == "transmla" and freqfold is not None:
-        check_freqfold(spec.rope_dim, rope_dim, freqfold)
+        check_freqfold(spec.rope_dim, rope_dim, freqfold, rope_repeat)
 
 
-def layer_rotation(view: LayerView, spec: AttentionSpec, rope_dim: int, freqfold: int, method: str):
+def layer_rotation(view: LayerView, spec: AttentionSpec, rope_dim: int, freqfold: int, method: str,
+                   rope_repeat: int = 1):
     Sk = view.Wk @ view.S @ view.Wk.T
     kw = dict(num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim, rope_dim=spec.rope_dim,
               target_rope_dim=rope_dim)
     if method == "mha2mla":
         return norm_selection(Sk, view.Wq @ view.S @ view.Wq.T, num_heads=spec.num_heads, **kw)
-    return rorope_rotation(Sk, freqfold=freqfold, **kw)
+    return rorope_rotation(Sk, freqfold=freqfold, repeat=rope_repeat, **kw)
 
 
 @torch.no_grad()
 def gqa_to_latent(model, moments: list[torch.Tensor] | None, *, latent_heads: int, latent_dim: int,
                   rope_dim: int, freqfold: int | None = None, method: str = "transmla", balance: bool = True,
                   fit: str = "bkv", rank_alloc: str = "uniform", rank_min: int | None = None, progress: bool = True,
-                  stats: dict | None = None):
+                  stats: dict | None = None, rope_repeat: int = 1):
     """Convert an MHA/MQA/GQA kvslim Transformer to MLA (``latent_heads=1``) or GLA.
 
     Args:
@@ -149,7 +156,9 @@ def gqa_to_latent(model, moments: list[torch.Tensor] | None, *, latent_heads: in
             ``rank_alloc="energy"`` the mean over layers (the budget is ``num_layers · latent_dim``).
         rope_dim: ``d_R`` of the shared RoPE key (must divide the source's rotary dims).
         freqfold: FreqFold group size (transmla only); default the smallest valid one,
-            ``r/d_R`` (1 when d_R equals the source's rotary dims).
+            ``c = r/(d_R/rope_repeat)`` (1 when d_R equals the source's rotary dims).
+        rope_repeat: RoRoPE components kept per RoPE frequency (``AttentionSpec.rope_repeat``; transmla
+            only): ``d_R = 2r, rope_repeat = 2`` is two KV heads' worth of RoPE (kvslim format only).
         method: ``transmla`` (RoRoPE + BKV-PCA) or ``mha2mla`` (norm-selected partial RoPE +
             weight SVD).
         balance: BKV balancing (transmla only).
@@ -163,12 +172,12 @@ def gqa_to_latent(model, moments: list[torch.Tensor] | None, *, latent_heads: in
         a new ``Transformer`` with kind mla/gla, ``latent_norm=False``.
     """
     spec = check_grouped_source(model)
-    check_latent_target(spec, latent_heads, latent_dim, rope_dim, method, freqfold, fit)
+    check_latent_target(spec, latent_heads, latent_dim, rope_dim, method, freqfold, fit, rope_repeat)
     check_rank_alloc(rank_alloc, to="mla" if latent_heads == 1 else "gla", latent_dim=latent_dim, rank_min=rank_min,
                      cap=max_latent_dim(spec, latent_heads, rope_dim))
     return fit_latent(model, moments, latent_heads=latent_heads, latent_dim=latent_dim, rope_dim=rope_dim,
                       freqfold=freqfold, method=method, balance=balance, fit=fit, rank_alloc=rank_alloc,
-                      rank_min=rank_min, progress=progress, stats=stats)
+                      rank_min=rank_min, progress=progress, stats=stats, rope_repeat=rope_repeat)
 
 
 @dataclass
@@ -207,14 +216,14 @@ class LayerFit:
 
 
 def layer_fit(attn, moment, spec: AttentionSpec, *, latent_heads: int, rope_dim: int, freqfold: int,
-              method: str, balance: bool, fit: str) -> LayerFit:
+              method: str, balance: bool, fit: str, rope_repeat: int = 1) -> LayerFit:
     """The full-rank fit of one source attention layer (module docstring, steps 1-3') from its calibration
     ``moment`` (``E[x̃x̃ᵀ]``, or a ``QKNormMoment`` for a QK-norm source)."""
     h_q, h_kv, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
     g_q, G = h_q // h_kv, h_kv // latent_heads
     view = layer_view(attn, moment)  # QK-norm: keys/values of the normalised keys (common.py)
     Wq, Wk, Wv, S, Wo = view.Wq, view.Wk, view.Wv, view.S, attn.o_proj.weight.detach().double().cpu()
-    rot = layer_rotation(view, spec, rope_dim, freqfold, method)
+    rot = layer_rotation(view, spec, rope_dim, freqfold, method, rope_repeat)
     R = rot.R
     E = effective_keys(R, Wk, rope_dim, h_kv, d)  # [h_kv, d, D+1]
     heads = []
@@ -278,27 +287,30 @@ def _fits(model, moments, spec, kw: dict, progress: bool, desc: str):
 
 @torch.no_grad()
 def layer_spectra(model, moments, *, latent_heads: int, rope_dim: int, freqfold: int | None = None,
-                  method: str = "transmla", balance: bool = True, fit: str = "bkv", progress: bool = False):
+                  method: str = "transmla", balance: bool = True, fit: str = "bkv", progress: bool = False,
+                  rope_repeat: int = 1):
     """Per layer, per latent head: the fit's eigenvalues (what ``rank_alloc="energy"`` allocates on)."""
     spec = model.spec
-    freqfold = collapse_factor(spec.rope_dim, rope_dim) if freqfold is None else freqfold
-    kw = dict(latent_heads=latent_heads, rope_dim=rope_dim, freqfold=freqfold, method=method, balance=balance, fit=fit)
+    freqfold = collapse_factor(spec.rope_dim, rope_dim, rope_repeat) if freqfold is None else freqfold
+    kw = dict(latent_heads=latent_heads, rope_dim=rope_dim, freqfold=freqfold, method=method, balance=balance, fit=fit,
+              rope_repeat=rope_repeat)
     return [lf.spectra for lf in _fits(model, moments, spec, kw, progress, "spectra")]
 
 
 @torch.no_grad()
 def fit_latent(model, moments, *, latent_heads: int, latent_dim: int, rope_dim: int, freqfold: int | None = None,
                method: str = "transmla", balance: bool = True, fit: str = "bkv", rank_alloc: str = "uniform",
-               rank_min: int | None = None, progress: bool = True, stats: dict | None = None):
+               rank_min: int | None = None, progress: bool = True, stats: dict | None = None, rope_repeat: int = 1):
     """The fit of :func:`gqa_to_latent` for a target already checked by :func:`check_latent_target`
     (and :func:`check_rank_alloc`)."""
     spec = model.spec
     if freqfold is None:
-        freqfold = collapse_factor(spec.rope_dim, rope_dim)
+        freqfold = collapse_factor(spec.rope_dim, rope_dim, rope_repeat)
     L = model.config.num_layers
     if moments is None or len(moments) != L:
         raise ValueError(f"moments: need one E[x x^T] per layer ({L}), got {None if moments is None else len(moments)}")
-    kw = dict(latent_heads=latent_heads, rope_dim=rope_dim, freqfold=freqfold, method=method, balance=balance, fit=fit)
+    kw = dict(latent_heads=latent_heads, rope_dim=rope_dim, freqfold=freqfold, method=method, balance=balance, fit=fit,
+              rope_repeat=rope_repeat)
     name = "mla" if latent_heads == 1 else f"gla-{latent_heads}"
     fits = _fits(model, moments, spec, kw, progress, f"convert {name}")
     ranks, alloc = [latent_dim] * L, None
@@ -310,7 +322,7 @@ def fit_latent(model, moments, *, latent_heads: int, latent_dim: int, rope_dim: 
         kind="mla" if latent_heads == 1 else "gla", hidden_size=spec.hidden_size, num_heads=spec.num_heads,
         head_dim=spec.head_dim, num_latent_heads=latent_heads, latent_dim=max(ranks), rope_dim=rope_dim,
         v_head_dim=spec.head_dim, rope_theta=spec.rope_theta, rope_scaling=spec.rope_scaling, latent_norm=False,
-        qkv_bias=spec.qkv_bias, num_kv_heads=spec.num_kv_heads if spec.qk_norm else None, **qk_norm_fields(spec),
+        rope_repeat=rope_repeat, qkv_bias=spec.qkv_bias, num_kv_heads=spec.num_kv_heads if spec.qk_norm else None, **qk_norm_fields(spec),
     )
     out = new_model(model, new_spec, ranks)
     if stats is not None:
@@ -328,18 +340,18 @@ def fit_latent(model, moments, *, latent_heads: int, latent_dim: int, rope_dim: 
 
 def gqa_to_mla(model, moments, *, kv_lora_rank: int, rope_dim: int = 64, freqfold: int | None = None,
                method: str = "transmla", balance: bool = True, fit: str = "bkv", rank_alloc: str = "uniform",
-               rank_min: int | None = None, progress: bool = True, stats: dict | None = None):
+               rank_min: int | None = None, progress: bool = True, stats: dict | None = None, rope_repeat: int = 1):
     """GQA -> MLA (TransMLA): one latent of ``kv_lora_rank`` (the mean over layers with ``rank_alloc="energy"``)
     + one shared RoPE key of ``rope_dim``."""
     return gqa_to_latent(model, moments, latent_heads=1, latent_dim=kv_lora_rank, rope_dim=rope_dim,
                          freqfold=freqfold, method=method, balance=balance, fit=fit, rank_alloc=rank_alloc,
-                         rank_min=rank_min, progress=progress, stats=stats)
+                         rank_min=rank_min, progress=progress, stats=stats, rope_repeat=rope_repeat)
 
 
 def gqa_to_gla(model, moments, *, latent_heads: int, latent_dim: int, rope_dim: int = 64, freqfold: int | None = None,
                method: str = "transmla", balance: bool = True, fit: str = "bkv", rank_alloc: str = "uniform",
-               rank_min: int | None = None, progress: bool = True, stats: dict | None = None):
+               rank_min: int | None = None, progress: bool = True, stats: dict | None = None, rope_repeat: int = 1):
     """GQA -> GLA with ``latent_heads`` latents of ``latent_dim`` each (must divide h_kv)."""
     return gqa_to_latent(model, moments, latent_heads=latent_heads, latent_dim=latent_dim, rope_dim=rope_dim,
                          freqfold=freqfold, method=method, balance=balance, fit=fit, rank_alloc=rank_alloc,
-                         rank_min=rank_min, progress=progress, stats=stats)
+                         rank_min=rank_min, progress=progress, stats=stats, rope_repeat=rope_repeat)

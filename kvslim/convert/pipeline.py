@@ -29,6 +29,7 @@ from kvslim.convert.gqa_to_gta import check_gta_target, fit_gta
 from kvslim.convert.latent import check_latent_target, fit_latent, layer_spectra, max_latent_dim
 from kvslim.convert.mha_to_gqa import check_gqa_target, mha_to_gqa
 from kvslim.convert.ranks import RANK_ALLOCS, allocate_ranks, check_rank_alloc, resolve_rank_min
+from kvslim.convert.select import AUTO, freqfold_candidates, select_freqfold
 from kvslim.convert.sequential import ModelLayers, check_calib_pass, convert_sequential
 from kvslim.convert.stream import CALIB_BATCH, stream_convert, stream_layers
 from kvslim.convert.tensorio import LazyCheckpoint
@@ -88,7 +89,7 @@ def check_conversion(spec: AttentionSpec, to: str, *, kv_heads=None, latent_head
                      rope_dim: int = 64, freqfold=None, method: str = "transmla", gta_state: str = "joint",
                      fit: str = "bkv", rank_alloc: str = "uniform", rank_min: int | None = None,
                      calib_pass: str = "original", calib_shrinkage: float = 0.0,
-                     calib_shrink_to: str = "identity") -> None:
+                     calib_shrink_to: str = "identity", rope_repeat: int = 1) -> None:
     """Raise ValueError naming the bad option if ``spec`` cannot be converted ``to`` this target.
 
     The one validation of a conversion: :func:`convert_checkpoint` runs it before the slow
@@ -96,6 +97,11 @@ def check_conversion(spec: AttentionSpec, to: str, *, kv_heads=None, latent_head
     """
     if to not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {to!r}")
+    if freqfold == AUTO:
+        if to == "gqa" or method != "transmla":
+            raise ValueError(f"freqfold='auto' picks RoRoPE's FreqFold group for mla, gla and gta (method transmla), "
+                             f"not --to {to} with method {method!r}")
+        freqfold = None
     check_calib_pass(calib_pass, to)
     check_shrinkage(calib_shrinkage, calib_shrink_to)
     if calib_shrinkage and to == "gqa":
@@ -105,6 +111,8 @@ def check_conversion(spec: AttentionSpec, to: str, *, kv_heads=None, latent_head
         raise ValueError(f"rank_alloc must be one of {RANK_ALLOCS}, got {rank_alloc!r}")
     if to in ("gqa", "gta"):
         check_rank_alloc(rank_alloc, to=to, latent_dim=kv_lora_rank, rank_min=rank_min, cap=0)
+        if rope_repeat != 1:
+            raise ValueError(f"rope_repeat applies to mla and gla (their decoupled RoPE key), not --to {to}")
     if spec.kind not in ("mha", "mqa", "gqa"):
         raise ValueError(f"unsupported source attention kind {spec.kind!r}: converters read MHA/MQA/GQA checkpoints")
     if to == "gqa":
@@ -119,14 +127,14 @@ def check_conversion(spec: AttentionSpec, to: str, *, kv_heads=None, latent_head
         h_c = 1 if to == "mla" else latent_heads
         if h_c is None:
             raise ValueError("--to gla needs --latent-heads")
-        check_latent_target(spec, h_c, kv_lora_rank, rope_dim, method, freqfold, fit)
+        check_latent_target(spec, h_c, kv_lora_rank, rope_dim, method, freqfold, fit, rope_repeat)
         check_rank_alloc(rank_alloc, to=to, latent_dim=kv_lora_rank, rank_min=rank_min,
                          cap=max_latent_dim(spec, h_c, rope_dim))
 
 
 def _run(model: Transformer, to: str, moments, *, kv_heads, latent_heads, kv_lora_rank, rope_dim, freqfold, method,
          gta_state, fit, rank_alloc, rank_min, progress, calib_shrinkage=0.0,
-         calib_shrink_to="identity") -> tuple[Transformer, dict]:
+         calib_shrink_to="identity", rope_repeat=1) -> tuple[Transformer, dict]:
     """Convert a model whose target :func:`check_conversion` accepted (``moments`` before shrinkage)."""
     stats: dict = {}
     if to == "gqa":
@@ -139,7 +147,7 @@ def _run(model: Transformer, to: str, moments, *, kv_heads, latent_heads, kv_lor
     h_c = 1 if to == "mla" else latent_heads
     out = fit_latent(model, moments, latent_heads=h_c, latent_dim=kv_lora_rank, rope_dim=rope_dim,
                      freqfold=freqfold, method=method, fit=fit, rank_alloc=rank_alloc, rank_min=rank_min,
-                     progress=progress, stats=stats)
+                     progress=progress, stats=stats, rope_repeat=rope_repeat)
     return out, stats
 
 
@@ -148,6 +156,7 @@ def convert_model(model: Transformer, to: str, *, calib: torch.Tensor | None = N
                   rope_dim: int = 64, freqfold: int | None = None, method: str = "transmla",
                   gta_state: str = "joint", fit: str = "bkv", rank_alloc: str = "uniform", rank_min: int | None = None,
                   calib_pass: str = "original", calib_shrinkage: float = 0.0, calib_shrink_to: str = "identity",
+                  rope_repeat: int = 1, select_calib: torch.Tensor | None = None,
                   progress: bool = True) -> tuple[Transformer, dict]:
     """Convert an in-memory kvslim Transformer; returns (new model, diagnostics).
 
@@ -159,11 +168,28 @@ def convert_model(model: Transformer, to: str, *, calib: torch.Tensor | None = N
     layers ``0..i-1``; it needs ``calib`` (its moments exist only while converting), not ``moments``.
     ``calib_shrinkage`` λ shrinks each layer's input covariance toward a scaled identity (``calib_shrink_to=
     "diagonal"``: toward its diagonal) before fitting (calib.py ``shrink_moment``; 0 = none).
+    ``freqfold="auto"`` converts once per FreqFold candidate and keeps the one with the lowest NLL on
+    ``select_calib`` (calibration-split windows other than the fitting ones; select.py); diagnostics then hold
+    ``freqfold_select``.
     """
     opts = dict(kv_heads=kv_heads, latent_heads=latent_heads, kv_lora_rank=kv_lora_rank, rope_dim=rope_dim,
                 freqfold=freqfold, method=method, gta_state=gta_state, fit=fit, rank_alloc=rank_alloc,
-                rank_min=rank_min, calib_shrinkage=calib_shrinkage, calib_shrink_to=calib_shrink_to)
+                rank_min=rank_min, calib_shrinkage=calib_shrinkage, calib_shrink_to=calib_shrink_to,
+                rope_repeat=rope_repeat)
     check_conversion(model.spec, to, calib_pass=calib_pass, **opts)
+    if freqfold == AUTO:
+        if select_calib is None:
+            raise ValueError("select_calib: freqfold='auto' scores each candidate on calibration windows other than "
+                             "the fitting ones; pass them as select_calib")
+        check_calibration_batches(select_calib, model.config.vocab_size)
+        if calib_pass != "sequential" and moments is None and calib is not None:
+            moments, calib = attention_input_moments(model, calib, progress=progress), None  # shared by all
+        run = dict(calib=calib, moments=moments, calib_pass=calib_pass, progress=False)
+        out, stats, sel = select_freqfold(lambda f: convert_model(model, to, **run, **dict(opts, freqfold=f)),
+                                          _freqfold_candidates(model.spec, to, rope_dim, rope_repeat), select_calib,
+                                          progress)
+        stats["freqfold_select"] = sel
+        return out, stats
     if calib_pass == "sequential":
         if moments is not None:
             raise ValueError("moments: calib_pass='sequential' takes layer i's moment on the converted layers "
@@ -179,6 +205,16 @@ def convert_model(model: Transformer, to: str, *, calib: torch.Tensor | None = N
     if moments is not None and len(moments) != model.config.num_layers:
         raise ValueError(f"moments: need one E[x x^T] per layer ({model.config.num_layers}), got {len(moments)}")
     return _run(model, to, moments, progress=progress, **opts)
+
+
+SELECT_SAMPLES = 8  # calibration windows freqfold="auto" scores its candidates on (convert_checkpoint)
+
+
+def _freqfold_candidates(spec: AttentionSpec, to: str, rope_dim: int, rope_repeat: int) -> list[int]:
+    """The FreqFold groups ``freqfold="auto"`` tries (GTA's RoPE key is d_h/2 wide)."""
+    if to == "gta":
+        return freqfold_candidates(spec.rope_dim, spec.head_dim // 2)
+    return freqfold_candidates(spec.rope_dim, rope_dim, rope_repeat)
 
 
 def _layer_converter(to: str, opts: dict, ranks: list):
@@ -204,14 +240,15 @@ def _run_sequential(model: Transformer, to: str, calib: torch.Tensor, opts: dict
     return out, stats
 
 
-def _target_spec(spec: AttentionSpec, to: str, *, latent_heads, kv_lora_rank, rope_dim) -> AttentionSpec:
+def _target_spec(spec: AttentionSpec, to: str, *, latent_heads, kv_lora_rank, rope_dim, rope_repeat=1) -> AttentionSpec:
     """The converted model's attention, known before calibrating (so the export can be checked first)."""
     base = dict(hidden_size=spec.hidden_size, num_heads=spec.num_heads, head_dim=spec.head_dim,
                 rope_theta=spec.rope_theta, rope_scaling=spec.rope_scaling, qkv_bias=spec.qkv_bias)
     if to == "gta":
         return AttentionSpec(kind="gta", num_kv_heads=spec.num_kv_heads, **base)
     return AttentionSpec(kind=to, num_latent_heads=1 if to == "mla" else latent_heads, latent_dim=kv_lora_rank,
-                         rope_dim=rope_dim, v_head_dim=spec.head_dim, latent_norm=False, **base)
+                         rope_dim=rope_dim, rope_repeat=rope_repeat, v_head_dim=spec.head_dim, latent_norm=False,
+                         **base)
 
 
 def _check_deepseek_source(bias, num_layers: int) -> None:
@@ -235,7 +272,8 @@ def convert_checkpoint(*, model_dir: str | os.PathLike, out: str | os.PathLike, 
                        calib_text: str = "sotu", calib_tokens: torch.Tensor | None = None, seed: int = 0,
                        dtype: str = "float32", gta_state: str = "joint", fit: str = "bkv",
                        rank_alloc: str = "uniform", rank_min: int | None = None, calib_pass: str = "original",
-                       calib_shrinkage: float = 0.0, calib_shrink_to: str = "identity", progress: bool = True,
+                       calib_shrinkage: float = 0.0, calib_shrink_to: str = "identity", rope_repeat: int = 1,
+                       select_tokens: torch.Tensor | None = None, progress: bool = True,
                        stream: bool = True) -> ConvertResult:
     """Convert the checkpoint in ``model_dir`` and write it to ``out`` (atomically).
 
@@ -251,7 +289,11 @@ def convert_checkpoint(*, model_dir: str | os.PathLike, out: str | os.PathLike, 
         head_size: ``kv_lora_rank + qk_rope_head_dim`` to pad the DeepSeek export to (e.g. 576).
         kv_lora_rank: latent dim per latent head (mla/gla).
         rope_dim: ``d_R`` of the shared RoPE key (mla/gla; gta uses d_h/2).
-        freqfold, method: see ``gqa_to_latent`` (freqfold None = smallest valid, r/d_R).
+        freqfold, method: see ``gqa_to_latent`` (freqfold None = smallest valid, r/(d_R/rope_repeat)).
+            ``"auto"``: the candidate (select.py) whose conversion has the lowest NLL on ``SELECT_SAMPLES``
+            other windows of the calibration text (seed + 1), or on ``select_tokens``; needs ``stream=False``.
+        rope_repeat: RoRoPE components per RoPE frequency (mla/gla; ``AttentionSpec.rope_repeat``): with
+            ``rope_dim = 2r`` and 2, two KV heads' worth of RoPE. Format kvslim only.
         calib_samples, calib_seq_len, seed: calibration windows (real text, calib splits).
         calib_text: a ``--calib`` spec (calib.py ``CALIB_GRAMMAR``): one source or a weighted
             mixture, e.g. ``sotu:0.25,moby-dick:0.25,shakespeare:0.25,code:0.25``.
@@ -272,6 +314,11 @@ def convert_checkpoint(*, model_dir: str | os.PathLike, out: str | os.PathLike, 
     """
     t0 = time.time()
     model_dir, out = Path(model_dir), Path(out)
+    if freqfold == AUTO and stream:
+        raise ValueError("freqfold='auto' converts and scores the whole model once per FreqFold candidate: it needs "
+                         "stream=False (--in-memory), or pick --freqfold")
+    if freqfold == AUTO and calib_tokens is not None and select_tokens is None:
+        raise ValueError("select_tokens: with calib_tokens, freqfold='auto' needs its selection windows too")
     if to != "gqa" and calib_tokens is None:
         parse_calib_spec(calib_text)  # a bad --calib fails before anything is read or written
     read_config(model_dir)
@@ -293,7 +340,7 @@ def convert_checkpoint(*, model_dir: str | os.PathLike, out: str | os.PathLike, 
                          "largest rank would make the served cache larger than the uniform one; use --format kvslim "
                          "(kvslim's model, engine and planner serve per-layer ranks) or --rank-alloc uniform")
     fmt = fmt or ("deepseek" if target is not None or head_size is not None
-                  else "kvslim" if per_layer else DEFAULT_FORMAT.get(to, "kvslim"))
+                  else "kvslim" if per_layer or rope_repeat != 1 else DEFAULT_FORMAT.get(to, "kvslim"))
     if fmt == "deepseek" and to == "gqa":
         raise ValueError("format 'deepseek' holds MLA, GLA or GTA models (as DeepSeek MLA); --to gqa needs "
                          "--format hf or kvslim")
@@ -317,12 +364,13 @@ def convert_checkpoint(*, model_dir: str | os.PathLike, out: str | os.PathLike, 
     check_output(out, force=force, sources=(model_dir,), expected_bytes=n_params * DTYPES[dtype].itemsize)
     opts = dict(kv_heads=kv_heads, latent_heads=latent_heads, kv_lora_rank=kv_lora_rank, rope_dim=rope_dim,
                 freqfold=freqfold, method=method, gta_state=gta_state, fit=fit, rank_alloc=rank_alloc,
-                rank_min=rank_min, calib_shrinkage=calib_shrinkage, calib_shrink_to=calib_shrink_to)
+                rank_min=rank_min, calib_shrinkage=calib_shrinkage, calib_shrink_to=calib_shrink_to,
+                rope_repeat=rope_repeat)
     check_conversion(spec, to, calib_pass=calib_pass, **opts)
     if fmt == "deepseek":
         check_qk_norm(spec)
-        mla_layout(_target_spec(spec, to, latent_heads=latent_heads, kv_lora_rank=kv_lora_rank, rope_dim=rope_dim),
-                   target, head_size)
+        mla_layout(_target_spec(spec, to, latent_heads=latent_heads, kv_lora_rank=kv_lora_rank, rope_dim=rope_dim,
+                                rope_repeat=rope_repeat), target, head_size)
         if cfg.mlp_bias:
             raise ValueError("DeepSeek-V3's MLP has no biases: a model with mlp_bias needs --format kvslim")
         _check_deepseek_source(bias, cfg.num_layers)
@@ -333,6 +381,9 @@ def convert_checkpoint(*, model_dir: str | os.PathLike, out: str | os.PathLike, 
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         calib = calibration_tokens(model_dir, num_samples=calib_samples, seq_len=calib_seq_len,
                                    text=calib_text, seed=seed)
+        if freqfold == AUTO:
+            select_tokens = calibration_tokens(model_dir, num_samples=SELECT_SAMPLES, seq_len=calib_seq_len,
+                                               text=calib_text, seed=seed + 1)
     if to == "gqa":
         calib = None
     else:
@@ -352,7 +403,10 @@ def convert_checkpoint(*, model_dir: str | os.PathLike, out: str | os.PathLike, 
             stats["rank_alloc"] = alloc
         target_spec = new.spec.replace(latent_dim=max(ranks)) if new.spec.is_latent else new.spec
     else:
-        if calib_pass == "sequential":
+        if freqfold == AUTO:
+            new, stats = convert_model(model, to, calib=calib, calib_pass=calib_pass, select_calib=select_tokens,
+                                       progress=progress, **opts)
+        elif calib_pass == "sequential":
             new, stats = _run_sequential(model, to, calib, opts, progress)
         else:
             moments = None if calib is None else attention_input_moments(model, calib, batch_size=CALIB_BATCH,
@@ -370,7 +424,7 @@ def _stream_ranks(src: LazyCheckpoint | ModelLayers, calib, to: str, opts: dict,
     """Per-layer latent ranks by energy (ranks.py), from a first streaming pass over the layers' spectra."""
     h_c = 1 if to == "mla" else opts["latent_heads"]
     kw = dict(latent_heads=h_c, rope_dim=opts["rope_dim"], freqfold=opts["freqfold"], method=opts["method"],
-              fit=opts["fit"])
+              fit=opts["fit"], rope_repeat=opts.get("rope_repeat", 1))
     lam, to_ = opts.get("calib_shrinkage", 0.0), opts.get("calib_shrink_to", "identity")
     spectra = stream_layers(src, calib, lambda i, shell, moments: layer_spectra(
         shell, [shrink_moment(m, lam, to_) for m in moments], **kw)[0], progress=progress)

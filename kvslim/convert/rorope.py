@@ -21,6 +21,12 @@ The target RoPE key has ``d_R/2`` slots whose frequencies follow the standard sc
 ``c`` (TransMLA's "collapse"; GTA from a full-RoPE model has c = 2). A FreqFold group of
 ``f`` frequencies (``f`` a multiple of ``c``) owns ``f/c`` slots.
 
+Several components per frequency (``repeat`` > 1, ``AttentionSpec.rope_repeat``): the target key's
+``d_R/2`` slots take the frequencies of a ``d_R/repeat`` key, each rotating ``repeat`` adjacent slots
+(rope.py ``Rotary``). Then ``c = (r/2)/(d_R/(2·repeat))`` and a group keeps its top ``(f/c)·repeat``
+components, so e.g. ``d_R = 2r`` with ``repeat = 2`` keeps two of ``h_kv`` heads' worth of every frequency
+(exact at full rank when ``h_kv <= repeat``).
+
 The result is one orthogonal matrix ``R`` on the merged key: its first ``d_R`` rows are the
 RoPE key in rotate_half layout (slot m real part at row m, imaginary part at row m + d_R/2),
 the other rows are NoPE components.
@@ -32,7 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Rotation", "check_freqfold", "collapse_factor", "effective_keys", "norm_selection", "rorope_rotation"]
+__all__ = ["Rotation", "check_freqfold", "check_repeat", "collapse_factor", "effective_keys", "norm_selection", "rorope_rotation"]
 
 
 @dataclass
@@ -53,32 +59,47 @@ class Rotation:
     kept_energy: float
 
 
-def collapse_factor(rope_dim: int, target_rope_dim: int) -> int:
-    """c = (r/2)/(d_R/2): the target's slot m has the source's frequency m·c."""
+def collapse_factor(rope_dim: int, target_rope_dim: int, repeat: int = 1) -> int:
+    """c = (r/2)/(d_R/(2·repeat)): the target's distinct frequency m is the source's frequency m·c."""
     if target_rope_dim <= 0 or target_rope_dim % 2:
         raise ValueError(f"rope_dim (d_R) must be a positive even int, got {target_rope_dim}")
+    if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
+        raise ValueError(f"rope_repeat must be a positive int, got {repeat!r}")
+    if target_rope_dim % (2 * repeat):
+        raise ValueError(f"rope_dim (d_R) = {target_rope_dim} must be a multiple of 2 * rope_repeat = {2 * repeat}")
     if rope_dim <= 0:
         raise ValueError("the source model has no rotary dims (rope_dim = 0): nothing to convert to d_R")
-    if target_rope_dim > rope_dim or rope_dim % target_rope_dim:
+    distinct = target_rope_dim // repeat
+    if distinct > rope_dim or rope_dim % distinct:
+        what = f"d_R / rope_repeat = {target_rope_dim}/{repeat}" if repeat > 1 else f"rope_dim (d_R) = {target_rope_dim}"
         raise ValueError(
-            f"rope_dim (d_R) = {target_rope_dim} must divide the source's rotary dims per head ({rope_dim}): "
-            f"the target RoPE frequencies theta^(-2m/d_R) must be a subset of the source's"
+            f"{what} must divide the source's rotary dims per head ({rope_dim}): the target RoPE frequencies "
+            f"theta^(-2m/(d_R/rope_repeat)) must be a subset of the source's"
         )
-    return rope_dim // target_rope_dim
+    return rope_dim // distinct
 
 
-def check_freqfold(rope_dim: int, target_rope_dim: int, freqfold) -> None:
-    """Raise ValueError unless ``freqfold`` is a multiple of ``r/d_R`` dividing the ``r/2`` frequencies."""
-    _check(0, 0, rope_dim, target_rope_dim, freqfold)
+def check_freqfold(rope_dim: int, target_rope_dim: int, freqfold, repeat: int = 1) -> None:
+    """Raise ValueError unless ``freqfold`` is a multiple of ``c`` (:func:`collapse_factor`) dividing the ``r/2``
+    frequencies."""
+    _check(0, 0, rope_dim, target_rope_dim, freqfold, repeat)
 
 
-def _check(num_kv_heads, head_dim, rope_dim, target_rope_dim, freqfold) -> tuple[int, int, int]:
-    c = collapse_factor(rope_dim, target_rope_dim)
+def check_repeat(num_kv_heads: int, rope_dim: int, target_rope_dim: int, repeat: int) -> None:
+    """Raise ValueError unless the source has ``repeat`` rotary components per target slot frequency."""
+    c = collapse_factor(rope_dim, target_rope_dim, repeat)
+    if repeat > num_kv_heads * c:
+        raise ValueError(f"rope_repeat = {repeat} keeps more components per frequency than the source has "
+                         f"({num_kv_heads} KV heads x {c} collapsed frequencies)")
+
+
+def _check(num_kv_heads, head_dim, rope_dim, target_rope_dim, freqfold, repeat=1) -> tuple[int, int, int]:
+    c = collapse_factor(rope_dim, target_rope_dim, repeat)
     P = rope_dim // 2
     if isinstance(freqfold, bool) or not isinstance(freqfold, int) or freqfold < 1 or freqfold % c or P % freqfold:
         raise ValueError(
-            f"freqfold must be a multiple of {c} (source rotary dims {rope_dim} / d_R {target_rope_dim}) "
-            f"that divides the {P} frequencies, got {freqfold!r}"
+            f"freqfold must be a multiple of {c} (source rotary dims {rope_dim} / (d_R {target_rope_dim} / "
+            f"rope_repeat {repeat})) that divides the {P} frequencies, got {freqfold!r}"
         )
     return c, P, target_rope_dim // 2
 
@@ -110,7 +131,7 @@ def _assemble(n, num_kv_heads, head_dim, rope_dim, M, slots, nope_pairs, energy)
 
 
 def rorope_rotation(sigma_k: torch.Tensor, *, num_kv_heads: int, head_dim: int, rope_dim: int,
-                    target_rope_dim: int, freqfold: int = 1) -> Rotation:
+                    target_rope_dim: int, freqfold: int = 1, repeat: int = 1) -> Rotation:
     """RoRoPE (+ FreqFold) rotation from the second moment of the merged pre-RoPE keys.
 
     Args:
@@ -118,13 +139,15 @@ def rorope_rotation(sigma_k: torch.Tensor, *, num_kv_heads: int, head_dim: int, 
         num_kv_heads, head_dim: source ``h_kv``, ``d_h``.
         rope_dim: source rotary dims per head ``r`` (RoPE on dims ``[0, r)`` of each head).
         target_rope_dim: ``d_R`` of the shared RoPE key.
-        freqfold: adjacent frequencies per PCA group (multiple of ``r/d_R``).
+        freqfold: adjacent frequencies per PCA group (multiple of ``c``, :func:`collapse_factor`).
+        repeat: components kept per target frequency (``AttentionSpec.rope_repeat``).
     """
     n = num_kv_heads * head_dim
     if tuple(sigma_k.shape) != (n, n):
         raise ValueError(f"sigma_k must be [{n}, {n}], got {tuple(sigma_k.shape)}")
-    c, P, M = _check(num_kv_heads, head_dim, rope_dim, target_rope_dim, freqfold)
-    f, k = freqfold, freqfold // c
+    c, P, M = _check(num_kv_heads, head_dim, rope_dim, target_rope_dim, freqfold, repeat)
+    check_repeat(num_kv_heads, rope_dim, target_rope_dim, repeat)
+    f, k = freqfold, (freqfold // c) * repeat
     S = sigma_k.double()
     slots, nope, kept, total = [], [], 0.0, 0.0
     for g in range(P // f):
@@ -140,10 +163,10 @@ def rorope_rotation(sigma_k: torch.Tensor, *, num_kv_heads: int, head_dim: int, 
             r_re = torch.zeros(n, dtype=torch.float64)
             r_im = torch.zeros(n, dtype=torch.float64)
             r_re[re], r_im[im] = U[:, t], U[:, t]
-            # the frequency this component rotates with: its slot's (kept) or, for NoPE rows,
-            # the group's first (exact only when f = 1, where it is the one frequency)
+            # the frequency this component rotates with: its slot's (kept; slot s of the key has distinct
+            # frequency s // repeat) or, for NoPE rows, the group's first (exact only when f = 1)
             if t < k:
-                slots.append((r_re, r_im, freqs[t * c]))
+                slots.append((r_re, r_im, freqs[(t // repeat) * c]))
             else:
                 nope.append((r_re, r_im, freqs[0]))
     return _assemble(n, num_kv_heads, head_dim, rope_dim, M, slots, nope, (kept, total))
