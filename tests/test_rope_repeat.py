@@ -7,7 +7,14 @@ import json
 import pytest
 import torch
 
-from kvslim.convert import convert_checkpoint, gqa_to_latent, gqa_to_mla, max_latent_dim, rorope_rotation, save_kvslim
+from kvslim.convert import (
+    convert_checkpoint,
+    gqa_to_latent,
+    gqa_to_mla,
+    max_latent_dim,
+    rorope_rotation,
+    save_kvslim,
+)
 from kvslim.convert.rorope import rope_pairs_apply
 from kvslim.model import Transformer
 from kvslim.rope import Rotary, apply_rope, inv_frequencies
