@@ -388,16 +388,10 @@ def stamp_legacy_row(row: dict, ppl_now: dict, digests: dict, date: str, rtol: f
 
 @torch.no_grad()
 def nll(model, x: torch.Tensor, batch_size: int = 2) -> float:
-    """Mean next-token NLL (nats) over all windows (position t predicts t+1)."""
-    tot, n = 0.0, 0
-    device = next(model.parameters()).device
-    for s in range(0, x.shape[0], batch_size):
-        b = x[s : s + batch_size].to(device)
-        logits = model(b).float()
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                                                 b[:, 1:].reshape(-1), reduction="sum")
-        tot, n = tot + float(loss), n + b[:, 1:].numel()
-    return tot / n
+    """Mean next-token NLL (nats) over all windows (position t predicts t+1): what ``--freqfold auto`` scores."""
+    from kvslim.convert.select import window_nll
+
+    return window_nll(model, x, batch_size)
 
 
 def measure(model, evals, tok, prompts, gen_tokens: int) -> dict:
