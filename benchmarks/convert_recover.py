@@ -51,6 +51,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 _MATRIX = {n: (to, kw) for c, n, to, kw in variants_smollm2() if c == "mix"}
 #: short name -> (the matrix's row name, convert_model target, options): the matrix's ``mix`` rows
 TARGETS = {k: (n, *_MATRIX[n]) for k, n in (("mla-r128-oa", "MLA r=128 output-aware"),
+                                              # FreqFold 2: what --freqfold auto picks on calibration text
+                                              ("mla-r128-ff2-oa", "MLA r=128 freqfold 2 output-aware"),
                                               ("gla3-d64-oa", "GLA-3 d_c=64 output-aware"),
                                               ("gta3-oa", "GTA-3 output-aware"))}
 

@@ -52,9 +52,10 @@ def _targets(args) -> list[tuple[str, dict]]:
     (every setting a default or fixed in advance: nothing is chosen on the evaluation text)."""
     r = args.rank
     return [
-        (f"MLA r={r}", dict(to="mla", kv_lora_rank=r, rope_dim=64, fit="output")),
-        (f"GLA-3 r={r // 3}x3", dict(to="gla", latent_heads=3, kv_lora_rank=r // 3, rope_dim=64, fit="output")),
-        ("GTA-3", dict(to="gta", fit="output")),
+        (f"MLA r={r}", dict(to="mla", kv_lora_rank=r, rope_dim=64, fit="output", freqfold="auto")),
+        (f"GLA-3 r={r // 3}x3", dict(to="gla", latent_heads=3, kv_lora_rank=r // 3, rope_dim=64, fit="output",
+                                     freqfold="auto")),
+        ("GTA-3", dict(to="gta", fit="output", freqfold="auto")),
     ]
 
 
@@ -93,30 +94,36 @@ def main(argv=None) -> None:
 
     rows = [("original GQA-3", model.spec.bytes_per_token(2), _ppls(model, evals, args.seq_len), model)]
     print(f"\n== 3. convert (calibration: --calib {DEFAULT_CALIB} = {CALIB_PRESETS[DEFAULT_CALIB]}, calib splits; "
-          "output-aware fit)")
+          "output-aware fit; FreqFold chosen by perplexity on other calibration windows)")
     from kvslim.convert import attention_input_moments, calibration_tokens, convert_model
+    from kvslim.convert.pipeline import SELECT_SAMPLES
 
     calib = calibration_tokens(mdir, num_samples=args.calib_samples, seq_len=args.calib_seq_len,
                                text=DEFAULT_CALIB, seed=0)
     moments = attention_input_moments(model, calib, progress=False)  # shared by all targets
+    select = calibration_tokens(mdir, num_samples=SELECT_SAMPLES, seq_len=args.calib_seq_len, text=DEFAULT_CALIB,
+                                seed=1)  # --freqfold auto's windows: calibration text, not the fitting windows
     for label, kw in _targets(args):
         t = time.time()
-        conv, _ = convert_model(model, moments=moments, progress=False, **kw)
+        conv, stats = convert_model(model, moments=moments, select_calib=select, progress=False, **kw)
+        sel = stats["freqfold_select"]
+        label += f" (FreqFold {sel['chosen']})"
         conv.eval()
         out = Path(args.out) / kw["to"]
         conv.save_pretrained(out, force=True)
         rows.append((label, conv.spec.bytes_per_token(2), _ppls(conv, evals, args.seq_len), conv))
-        print(f"   {label}: converted in {time.time() - t:.0f} s -> {out}")
+        ppl = ", ".join(f"{f}: {v:.1f}" for f, v in sel["ppl"].items())
+        print(f"   {label}: converted in {time.time() - t:.0f} s -> {out} (selection-window ppl per FreqFold: {ppl})")
 
     print("\n== 4. perplexity (x = ratio to the original; sotu is in the calibration mixture, legal and docs "
           "were never seen; bf16 KV bytes per token per layer)")
     base = rows[0][2]
     head = "".join(f" {g + (' (in-mix)' if g not in HELD_OUT else ''):>15}" for g in GENRES)
-    print(f"{'model':<22} {'KV B/tok/layer':>14}{head} {'held-out gmean':>15}")
+    print(f"{'model':<28} {'KV B/tok/layer':>14}{head} {'held-out gmean':>15}")
     for label, nbytes, ppl, _ in rows:
         cells = "".join(f" {ppl[g]:>8.2f} x{ppl[g] / base[g]:<5.2f}" for g in GENRES)
         gm = math.prod(ppl[g] / base[g] for g in HELD_OUT) ** (1 / len(HELD_OUT))
-        print(f"{label:<22} {nbytes:>14}{cells} {'x' + format(gm, '.2f'):>15}")
+        print(f"{label:<28} {nbytes:>14}{cells} {'x' + format(gm, '.2f'):>15}")
 
     print("\n== 5. greedy generation (KV-cached decode)")
     for prompt in PROMPTS:

@@ -22,10 +22,11 @@ from torch import nn
 from kvslim.attention import build_attention
 from kvslim.cache import KVCache, LayerCache
 from kvslim.checkpoint import FORMAT, load_tensors, read_config, state_dict_for_save, write_model_dir
+from kvslim.hf_config import hf_int
 from kvslim.layers import MLP, RMSNorm, fuse_linears
 from kvslim.rope import Rotary
 from kvslim.sampling import check_sampling, sample
-from kvslim.spec import AttentionSpec, hf_int
+from kvslim.spec import AttentionSpec
 
 
 @dataclass

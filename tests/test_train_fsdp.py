@@ -12,6 +12,7 @@ read the same half of the batch lands ~6e-2 away, so the test tells the two apar
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -72,6 +73,12 @@ def launched(tmp_path_factory):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            str(ROOT / "tests" / "fsdp_worker.py"), str(d / "job.json")]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    if r.returncode and "terminate called without an active exception" in r.stdout + r.stderr:
+        # gloo's threads can abort a rank at interpreter exit after every job finished (seen twice under a
+        # loaded full suite, never alone); one relaunch on fresh output dirs, a second abort fails as before
+        for name in ("fresh", "resumed", "cli"):
+            shutil.rmtree(d / name, ignore_errors=True)
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, f"torchrun failed:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
     return d
 

@@ -6,7 +6,8 @@ import argparse
 import os
 
 from kvslim.checkpoint import FORMAT
-from kvslim.spec import AttentionSpec, _as_dict, preset_names
+from kvslim.hf_config import as_dict
+from kvslim.spec import AttentionSpec, preset_names
 
 
 def csv_list(text: str) -> list[str]:
@@ -48,7 +49,7 @@ def _load_hf(path: str) -> tuple[AttentionSpec, dict]:
 
     A kvslim config yields ``num_hidden_layers`` and its per-layer latent ranks (``layer_ranks``).
     """
-    cfg = _as_dict(path)
+    cfg = as_dict(path)
     if cfg.get("format") == FORMAT:
         from kvslim.model import ModelConfig
 
