@@ -149,6 +149,11 @@ def variants_smollm2():
     for name, (to, kw) in FREQFOLD_AUTO.items():
         spec[name] = (to, kw)
         order.append(("mix", name))
+    for seed, n, t in ((1, 16, 256), (2, 16, 256), (1, 64, 256)):  # the spread of the 50 % row over windows
+        name = "MLA r=128 freqfold auto output-aware" + (f" calib {n}x{t}" if (n, t) != (16, 256) else "") + f" seed {seed}"
+        spec[name] = ("mla", dict(kv_lora_rank=128, rope_dim=64, freqfold="auto", fit="output", calib_samples=n,
+                                  calib_seq_len=t, calib_seed=seed))
+        order.append(("mix", name))
     # calibration size and covariance shrinkage (issue 16): the mix rows above calibrate on 16 x 256 tokens
     base = {"MLA r=128 output-aware": spec["MLA r=128 output-aware"], "GLA-3 d_c=64 output-aware":
             spec["GLA-3 d_c=64 output-aware"], "GTA-3 output-aware": spec["GTA-3 output-aware"]}
