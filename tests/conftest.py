@@ -35,3 +35,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def convert_kwargs(monkeypatch):
+    """What ``kvslim convert`` passes to ``convert_checkpoint``: a dict filled by a stand-in that then stops the
+    command (``main`` returns 2), so CLI flags are checked without converting anything."""
+    got = {}
+
+    def fake(**kw):
+        got.update(kw)
+        raise ValueError("stop")
+
+    monkeypatch.setattr("kvslim.convert.convert_checkpoint", fake)
+    return got

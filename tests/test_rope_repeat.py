@@ -203,21 +203,14 @@ def test_freqfold_auto_bad_input_is_named(tmp_path):
     assert res.stats["freqfold_select"]["chosen"] in (1, 2, 4)
 
 
-def test_cli_freqfold_and_rope_repeat_reach_the_converter(tmp_path, capsys, monkeypatch):
+def test_cli_freqfold_and_rope_repeat_reach_the_converter(tmp_path, capsys, convert_kwargs):
     from kvslim.cli import main
 
     args = ["convert", "--model", str(tmp_path), "--to", "mla", "--kv-lora-rank", "16", "--out", str(tmp_path / "o")]
     with pytest.raises(SystemExit) as e:
         main([*args, "--freqfold", "two"])
     assert e.value.code == 2 and "--freqfold" in capsys.readouterr().err
-    got = {}
-
-    def fake(**kw):
-        got.update(kw)
-        raise ValueError("stop")
-
-    monkeypatch.setattr("kvslim.convert.convert_checkpoint", fake)
     for flags, want in (([], (None, 1)), (["--freqfold", "auto", "--rope-repeat", "2"], ("auto", 2)),
                         (["--freqfold", "4"], (4, 1))):
         assert main([*args, *flags]) == 2
-        assert (got["freqfold"], got["rope_repeat"]) == want
+        assert (convert_kwargs["freqfold"], convert_kwargs["rope_repeat"]) == want
