@@ -191,9 +191,9 @@ def test_freqfold_auto_bad_input_is_named(tmp_path):
                       select_calib=calib, progress=False)
     src = tmp_path / "src"
     save_kvslim(m, src)
-    with pytest.raises(ValueError, match="needs stream=False"):
+    with pytest.raises(ValueError, match="calib_pass='sequential' or per-layer ranks use stream=False"):
         convert_checkpoint(model_dir=src, out=tmp_path / "o", to="mla", kv_lora_rank=8, rope_dim=16, freqfold="auto",
-                           calib_tokens=calib, select_tokens=calib, progress=False)
+                           calib_tokens=calib, select_tokens=calib, calib_pass="sequential", progress=False)
     with pytest.raises(ValueError, match="select_tokens"):
         convert_checkpoint(model_dir=src, out=tmp_path / "o", to="mla", kv_lora_rank=8, rope_dim=16, freqfold="auto",
                            calib_tokens=calib, stream=False, progress=False)
@@ -214,3 +214,24 @@ def test_cli_freqfold_and_rope_repeat_reach_the_converter(tmp_path, capsys, conv
                         (["--freqfold", "4"], (4, 1))):
         assert main([*args, *flags]) == 2
         assert (convert_kwargs["freqfold"], convert_kwargs["rope_repeat"]) == want
+
+
+@pytest.mark.parametrize("to,kw", [("mla", dict(kv_lora_rank=20, rope_dim=16)), ("gta", {})])
+def test_streaming_freqfold_auto_scores_and_chooses_as_in_memory(tmp_path, to, kw):
+    from safetensors.torch import load_file
+
+    m = _model(_spec(h_kv=3, h_q=6)).float()
+    src = tmp_path / "src"
+    save_kvslim(m, src)
+    calib = torch.randint(0, VOCAB, (6, 20), generator=torch.Generator().manual_seed(5))
+    select = torch.randint(0, VOCAB, (5, 20), generator=torch.Generator().manual_seed(6))
+    base = dict(model_dir=src, to=to, fit="output", fmt="kvslim", calib_tokens=calib, progress=False, **kw)
+    st = convert_checkpoint(out=tmp_path / "st", freqfold="auto", select_tokens=select, **base)
+    mem = convert_checkpoint(out=tmp_path / "mem", freqfold="auto", select_tokens=select, stream=False, **base)
+    a, b = st.stats["freqfold_select"], mem.stats["freqfold_select"]
+    assert a["chosen"] == b["chosen"] and sorted(a["ppl"]) == sorted(b["ppl"])
+    for f in a["ppl"]:
+        assert abs(a["ppl"][f] / b["ppl"][f] - 1) < 1e-5, (f, a["ppl"][f], b["ppl"][f])
+    convert_checkpoint(out=tmp_path / "fixed", freqfold=a["chosen"], **base)  # the written model is the choice's
+    x, y = load_file(tmp_path / "st" / "model.safetensors"), load_file(tmp_path / "fixed" / "model.safetensors")
+    assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)

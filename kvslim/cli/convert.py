@@ -51,7 +51,7 @@ def add(subparsers) -> None:
     p.add_argument("--freqfold", type=_freqfold, metavar="N|auto",
                    help="mla/gla/gta: adjacent RoPE frequencies per PCA (default: source rotary dims / d_R, e.g. 1); "
                    "auto = convert with c, 2c and 4c and keep the one with the lowest perplexity on other windows of "
-                   "the calibration text (needs --in-memory; docs/convert.md)")
+                   "the calibration text (streaming: one extra walk over the layers; docs/convert.md)")
     p.add_argument("--method", choices=["transmla", "mha2mla"], default="transmla",
                    help="transmla: RoRoPE + BKV-PCA (default); mha2mla: norm-selected partial RoPE + weight SVD")
     p.add_argument("--fit", choices=["bkv", "output"], default=None,

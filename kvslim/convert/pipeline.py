@@ -7,6 +7,7 @@ output atomically (export.py).
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ from kvslim.convert.mha_to_gqa import check_gqa_target, mha_to_gqa
 from kvslim.convert.ranks import RANK_ALLOCS, allocate_ranks, check_rank_alloc, resolve_rank_min
 from kvslim.convert.select import AUTO, freqfold_candidates, select_freqfold
 from kvslim.convert.sequential import ModelLayers, check_calib_pass, convert_sequential
-from kvslim.convert.stream import CALIB_BATCH, stream_convert, stream_layers
+from kvslim.convert.stream import CALIB_BATCH, stream_convert, stream_layers, stream_select_nll
 from kvslim.convert.tensorio import LazyCheckpoint
 from kvslim.model import Transformer
 from kvslim.serving import SERVE_TARGETS, mla_layout
@@ -291,7 +292,8 @@ def convert_checkpoint(*, model_dir: str | os.PathLike, out: str | os.PathLike, 
         rope_dim: ``d_R`` of the shared RoPE key (mla/gla; gta uses d_h/2).
         freqfold, method: see ``gqa_to_latent`` (freqfold None = smallest valid, r/(d_R/rope_repeat)).
             ``"auto"``: the candidate (select.py) whose conversion has the lowest NLL on ``SELECT_SAMPLES``
-            other windows of the calibration text (seed + 1), or on ``select_tokens``; needs ``stream=False``.
+            other windows of the calibration text (seed + 1), or on ``select_tokens``; streaming scores every
+            candidate in one extra walk over the layers (stream.py ``stream_select_nll``).
         rope_repeat: RoRoPE components per RoPE frequency (mla/gla; ``AttentionSpec.rope_repeat``): with
             ``rope_dim = 2r`` and 2, two KV heads' worth of RoPE. Format kvslim only.
         calib_samples, calib_seq_len, seed: calibration windows (real text, calib splits).
@@ -314,9 +316,10 @@ def convert_checkpoint(*, model_dir: str | os.PathLike, out: str | os.PathLike, 
     """
     t0 = time.time()
     model_dir, out = Path(model_dir), Path(out)
-    if freqfold == AUTO and stream:
-        raise ValueError("freqfold='auto' converts and scores the whole model once per FreqFold candidate: it needs "
-                         "stream=False (--in-memory), or pick --freqfold")
+    if freqfold == AUTO and stream and (calib_pass == "sequential" or rank_alloc != "uniform"):
+        raise ValueError("freqfold='auto' in a streaming conversion scores candidates on the original calibration "
+                         "pass with uniform ranks; with calib_pass='sequential' or per-layer ranks use stream=False "
+                         "(--in-memory), or pick --freqfold")
     if freqfold == AUTO and calib_tokens is not None and select_tokens is None:
         raise ValueError("select_tokens: with calib_tokens, freqfold='auto' needs its selection windows too")
     if to != "gqa" and calib_tokens is None:
@@ -392,7 +395,15 @@ def convert_checkpoint(*, model_dir: str | os.PathLike, out: str | os.PathLike, 
     ds = dict(target=target, head_size=head_size) if fmt == "deepseek" else {}
     write = dict(tokenizer_from=model_dir, force=force, sources=(model_dir,))
     if stream:
-        ranks, alloc = [kv_lora_rank] * cfg.num_layers, None
+        ranks, alloc, sel = [kv_lora_rank] * cfg.num_layers, None, None
+        if freqfold == AUTO:  # one scoring walk over the layers, then the conversion with the chosen group
+            cands = _freqfold_candidates(spec, to, rope_dim, rope_repeat)
+            nll = stream_select_nll(src, calib, select_tokens,
+                                    {f: _layer_converter(to, dict(opts, freqfold=f), ranks) for f in cands},
+                                    progress=progress)
+            ppl = {f: math.exp(v) for f, v in nll.items()}
+            sel = {"chosen": min(ppl, key=ppl.get), "ppl": ppl, "windows": list(select_tokens.shape)}
+            opts = dict(opts, freqfold=sel["chosen"])
         if per_layer:  # a first pass for every layer's spectrum, then the conversion with its rank
             ranks, alloc = _stream_ranks(src, calib, to, opts, progress)
         new, stats, report = stream_convert(src, out, convert_layer=_layer_converter(to, opts, ranks), calib=calib,
@@ -401,6 +412,8 @@ def convert_checkpoint(*, model_dir: str | os.PathLike, out: str | os.PathLike, 
                                             layer_ranks=ranks if len(set(ranks)) > 1 else None, **ds, **write)
         if alloc is not None:
             stats["rank_alloc"] = alloc
+        if sel is not None:
+            stats["freqfold_select"] = sel
         target_spec = new.spec.replace(latent_dim=max(ranks)) if new.spec.is_latent else new.spec
     else:
         if freqfold == AUTO:

@@ -5,7 +5,8 @@ group size serves a model best is not visible in any one layer's fit. ``select_f
 once per candidate (the calibration moments are shared, so each costs only the fits) and keeps the candidate
 with the lowest next-token NLL on *selection windows*: calibration-split text drawn with another seed than
 the fitting windows, never evaluation text. Candidates: ``c``, ``2c``, ``4c`` (``c`` the smallest valid group,
-:func:`~kvslim.convert.rorope.collapse_factor`) that divide the source's frequencies.
+:func:`~kvslim.convert.rorope.collapse_factor`) that divide the source's frequencies. A streaming conversion
+scores the same candidates layer by layer instead (stream.py ``stream_select_nll``).
 """
 
 from __future__ import annotations

@@ -47,10 +47,11 @@ from kvslim.convert.calib import MomentSum
 from kvslim.convert.deepseek import deepseek_config, deepseek_ends, deepseek_state, fp16_check, fp16_error
 from kvslim.convert.export import hf_llama_config, kvslim_config
 from kvslim.convert.tensorio import LazyCheckpoint, SafetensorsWriter
+from kvslim.layers import RMSNorm
 from kvslim.model import ModelConfig, Transformer
 from kvslim.runtime import dtype_name
 
-__all__ = ["CALIB_BATCH", "stream_convert", "stream_layers"]
+__all__ = ["CALIB_BATCH", "stream_convert", "stream_layers", "stream_select_nll"]
 
 CALIB_BATCH = 4  # windows per forward, in both paths: the moments are then bit-identical
 _EMB, _NORM, _HEAD = "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"
@@ -164,6 +165,46 @@ def stream_layers(src, calib: torch.Tensor | None, fn: Callable, *, sequential: 
     desc = "convert (sequential)" if sequential else "calibrate (streaming)"
     with closing(_walk(src, calib, fn, sequential=sequential, desc=desc, done="read", progress=progress)) as walk:
         return [out for _, out in walk]
+
+
+@torch.no_grad()
+def stream_select_nll(src, calib: torch.Tensor, select: torch.Tensor, converters: dict, progress: bool = True) -> dict:
+    """``{key: mean next-token NLL of select [N, T]}`` of each candidate conversion, one layer in memory at a time.
+
+    ``converters``: ``{key: fn(i, one-layer model, [Σ_i]) -> (converted one-layer model, stats)}``; every
+    candidate is fit on the same moments (the original pass over ``calib``, as :func:`stream_convert`), and the
+    selection windows go through each candidate's converted layers, then the final norm and LM head. What
+    ``freqfold="auto"`` scores (select.py) without holding the model: the same numbers as the in-memory
+    ``window_nll`` of each converted model, to float rounding.
+    """
+    cfg = src.config
+    emb = src.tensors([_EMB])[_EMB]
+    batches = [select[s : s + CALIB_BATCH] for s in range(0, select.shape[0], CALIB_BATCH)]
+    sel = {k: [F.embedding(b, emb) for b in batches] for k in converters}
+    del emb
+
+    def step(i, shell, moments):
+        for k, convert in converters.items():
+            layer = convert(i, shell, moments)[0].model.layers[0]
+            sel[k] = [_forward(layer, x) for x in sel[k]]
+
+    for _ in _walk(src, calib, step, sequential=False, desc="freqfold auto (streaming)", done="scored",
+                   progress=progress):
+        pass
+    ends = src.tensors([_NORM, _EMB if cfg.tie_word_embeddings else _HEAD])
+    norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+    norm.weight.copy_(ends[_NORM])
+    head = ends[_EMB if cfg.tie_word_embeddings else _HEAD]
+    out = {}
+    for k, hidden in sel.items():
+        tot, n = 0.0, 0
+        for b, x in zip(batches, hidden):
+            logits = F.linear(norm(x), head).float()
+            tot += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), b[:, 1:].reshape(-1),
+                                         reduction="sum"))
+            n += b[:, 1:].numel()
+        out[k] = tot / n
+    return out
 
 
 @torch.no_grad()
