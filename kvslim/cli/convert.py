@@ -126,6 +126,11 @@ def run(args) -> int:
               f"vs {alloc['objective_uniform']:.4g} with uniform dims{gain}")
         print("format kvslim: per-layer ranks (DeepSeek-V3 holds one kv_lora_rank; `kvslim plan --hf-config OUT` "
               "plans this cache)")
+    sel = res.stats.get("freqfold_select")
+    if sel:
+        ppl = ", ".join(f"{f}: {v:.3f}" for f, v in sel["ppl"].items())
+        print(f"\nfreqfold auto: chose {sel['chosen']} (perplexity on {sel['windows'][0]} other calibration windows "
+              f"per candidate: {ppl})")
     if res.export:
         print(export_summary(res.export, res.num_layers))
     print(f"\nwrote {res.out} ({res.seconds:.1f} s)")
