@@ -210,10 +210,13 @@ def test_cli_freqfold_and_rope_repeat_reach_the_converter(tmp_path, capsys, conv
     with pytest.raises(SystemExit) as e:
         main([*args, "--freqfold", "two"])
     assert e.value.code == 2 and "--freqfold" in capsys.readouterr().err
-    for flags, want in (([], (None, 1)), (["--freqfold", "auto", "--rope-repeat", "2"], ("auto", 2)),
-                        (["--freqfold", "4"], (4, 1))):
+    for flags, want in (([], ("auto", 1)), (["--freqfold", "auto", "--rope-repeat", "2"], ("auto", 2)),
+                        (["--freqfold", "4"], (4, 1)), (["--calib-pass", "sequential"], (None, 1)),
+                        (["--calib-pass", "sequential", "--in-memory"], ("auto", 1)),
+                        (["--rank-alloc", "energy"], (None, 1)), (["--method", "mha2mla"], (None, 1)),
+                        (["--to", "gqa", "--kv-heads", "1"], (None, 1))):
         assert main([*args, *flags]) == 2
-        assert (convert_kwargs["freqfold"], convert_kwargs["rope_repeat"]) == want
+        assert (convert_kwargs["freqfold"], convert_kwargs["rope_repeat"]) == want, flags
 
 
 @pytest.mark.parametrize("to,kw", [("mla", dict(kv_lora_rank=20, rope_dim=16)), ("gta", {})])

@@ -49,9 +49,10 @@ def add(subparsers) -> None:
                    "source's rotary dims and 2: two KV heads' worth of RoPE, each frequency on two slot pairs "
                    "(kvslim format only: DeepSeek-V3 gives every slot its own frequency)")
     p.add_argument("--freqfold", type=_freqfold, metavar="N|auto",
-                   help="mla/gla/gta: adjacent RoPE frequencies per PCA (default: source rotary dims / d_R, e.g. 1); "
-                   "auto = convert with c, 2c and 4c and keep the one with the lowest perplexity on other windows of "
-                   "the calibration text (streaming: one extra walk over the layers; docs/convert.md)")
+                   help="mla/gla/gta: adjacent RoPE frequencies per PCA. auto (the default with --method transmla) = "
+                   "convert with c, 2c and 4c (c = source rotary dims / d_R, the exact rotation) and keep the one with "
+                   "the lowest perplexity on 8 other windows of the calibration text (streaming: one extra walk over "
+                   "the layers); a streaming --calib-pass sequential or --rank-alloc uses c (docs/convert.md)")
     p.add_argument("--method", choices=["transmla", "mha2mla"], default="transmla",
                    help="transmla: RoRoPE + BKV-PCA (default); mha2mla: norm-selected partial RoPE + weight SVD")
     p.add_argument("--fit", choices=["bkv", "output"], default=None,
@@ -104,11 +105,20 @@ def run(args) -> int:
     from kvslim.eval.models import resolve_model_dir
 
     fit = args.fit or ("output" if args.to in ("mla", "gla", "gta") and args.method == "transmla" else "bkv")
+    freqfold = args.freqfold
+    if freqfold is None and args.to in ("mla", "gla", "gta") and args.method == "transmla":
+        if args.in_memory or (args.calib_pass == "original" and args.rank_alloc == "uniform"):
+            freqfold = "auto"
+        else:
+            import sys
+
+            print("--freqfold: the exact rotation (auto does not combine with a streaming --calib-pass sequential "
+                  "or --rank-alloc; add --in-memory for auto, or pick a --freqfold)", file=sys.stderr)
     res = convert_checkpoint(
         model_dir=resolve_model_dir(args.model), out=args.out, to=args.to, fmt=args.format, target=args.target,
         head_size=args.mla_head_size, force=args.force,
         kv_heads=args.kv_heads, latent_heads=args.latent_heads, kv_lora_rank=args.kv_lora_rank,
-        rope_dim=args.rope_dim, freqfold=args.freqfold, method=args.method, fit=fit, calib_samples=args.calib_samples,
+        rope_dim=args.rope_dim, freqfold=freqfold, method=args.method, fit=fit, calib_samples=args.calib_samples,
         calib_seq_len=args.calib_seq_len, calib_text=args.calib, seed=args.seed, dtype=args.dtype,
         rank_alloc=args.rank_alloc, rank_min=args.rank_min, calib_pass=args.calib_pass,
         calib_shrinkage=args.calib_shrinkage, calib_shrink_to=args.calib_shrink_to, rope_repeat=args.rope_repeat,
