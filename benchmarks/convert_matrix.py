@@ -63,6 +63,10 @@ from pathlib import Path
 
 import torch
 
+from kvslim.convert.select import (
+    window_nll as nll,  # mean next-token NLL over windows: what --freqfold auto scores
+)
+
 RESULTS = Path(__file__).resolve().parent / "results"
 CALIBS = {"sotu": "sotu", "mix": "sotu:0.25,moby-dick:0.25,shakespeare:0.25,code:0.25"}
 GENRES = ("sotu", "moby-dick", "shakespeare", "code", "pyref", "legal", "docs")
@@ -401,13 +405,6 @@ def stamp_legacy_row(row: dict, ppl_now: dict, digests: dict, date: str, rtol: f
 
 
 @torch.no_grad()
-def nll(model, x: torch.Tensor, batch_size: int = 2) -> float:
-    """Mean next-token NLL (nats) over all windows (position t predicts t+1): what ``--freqfold auto`` scores."""
-    from kvslim.convert.select import window_nll
-
-    return window_nll(model, x, batch_size)
-
-
 def measure(model, evals, tok, prompts, gen_tokens: int) -> dict:
     """Perplexity per genre and greedy continuations of ``prompts``."""
     row = {"ppl": {g: math.exp(nll(model, x)) for g, x in evals.items()}}
@@ -479,11 +476,10 @@ def run(args) -> None:
     def convert(calib, to, kw):
         a, kw = with_calib_size(args, kw)
         if kw.get("freqfold") == "auto":  # scored on other calibration windows, as convert_checkpoint draws them
-            from kvslim.convert import calibration_tokens
-            from kvslim.convert.pipeline import SELECT_SAMPLES
+            from kvslim.convert.select import selection_tokens
 
-            kw = dict(kw, select_calib=calibration_tokens(src, num_samples=SELECT_SAMPLES, seq_len=a.calib_seq_len,
-                                                          text=CALIBS[calib], seed=getattr(a, "calib_seed", 0) + 1))
+            kw = dict(kw, select_calib=selection_tokens(src, seq_len=a.calib_seq_len, text=CALIBS[calib],
+                                                        seed=getattr(a, "calib_seed", 0)))
         if kw.get("calib_pass") == "sequential":  # its moments exist only while converting: it takes the windows
             return convert_model(model, to, calib=calib_windows(src, calib, a), progress=False, **kw)
         return convert_model(model, to, moments=load_moments(calib, a), progress=False, **kw)

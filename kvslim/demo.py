@@ -96,13 +96,12 @@ def main(argv=None) -> None:
     print(f"\n== 3. convert (calibration: --calib {DEFAULT_CALIB} = {CALIB_PRESETS[DEFAULT_CALIB]}, calib splits; "
           "output-aware fit; FreqFold chosen by perplexity on other calibration windows)")
     from kvslim.convert import attention_input_moments, calibration_tokens, convert_model
-    from kvslim.convert.pipeline import SELECT_SAMPLES
+    from kvslim.convert.select import selection_tokens
 
     calib = calibration_tokens(mdir, num_samples=args.calib_samples, seq_len=args.calib_seq_len,
                                text=DEFAULT_CALIB, seed=0)
     moments = attention_input_moments(model, calib, progress=False)  # shared by all targets
-    select = calibration_tokens(mdir, num_samples=SELECT_SAMPLES, seq_len=args.calib_seq_len, text=DEFAULT_CALIB,
-                                seed=1)  # --freqfold auto's windows: calibration text, not the fitting windows
+    select = selection_tokens(mdir, seq_len=args.calib_seq_len, text=DEFAULT_CALIB, seed=0)  # --freqfold auto's
     for label, kw in _targets(args):
         t = time.time()
         conv, stats = convert_model(model, moments=moments, select_calib=select, progress=False, **kw)

@@ -107,7 +107,9 @@ def run(args) -> int:
     fit = args.fit or ("output" if args.to in ("mla", "gla", "gta") and args.method == "transmla" else "bkv")
     freqfold = args.freqfold
     if freqfold is None and args.to in ("mla", "gla", "gta") and args.method == "transmla":
-        if args.in_memory or (args.calib_pass == "original" and args.rank_alloc == "uniform"):
+        from kvslim.convert.pipeline import freqfold_auto_streams
+
+        if args.in_memory or freqfold_auto_streams(args.calib_pass, args.rank_alloc):
             freqfold = "auto"
         else:
             import sys

@@ -7,7 +7,6 @@ output atomically (export.py).
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ from kvslim.convert.gqa_to_gta import check_gta_target, fit_gta
 from kvslim.convert.latent import check_latent_target, fit_latent, layer_spectra, max_latent_dim
 from kvslim.convert.mha_to_gqa import check_gqa_target, mha_to_gqa
 from kvslim.convert.ranks import RANK_ALLOCS, allocate_ranks, check_rank_alloc, resolve_rank_min
-from kvslim.convert.select import AUTO, freqfold_candidates, select_freqfold
+from kvslim.convert.select import AUTO, freqfold_candidates, select_freqfold, selection, selection_tokens
 from kvslim.convert.sequential import ModelLayers, check_calib_pass, convert_sequential
 from kvslim.convert.stream import CALIB_BATCH, stream_convert, stream_layers, stream_select_nll
 from kvslim.convert.tensorio import LazyCheckpoint
@@ -179,18 +178,13 @@ def convert_model(model: Transformer, to: str, *, calib: torch.Tensor | None = N
                 rope_repeat=rope_repeat)
     check_conversion(model.spec, to, calib_pass=calib_pass, **opts)
     if freqfold == AUTO:
-        if select_calib is None:
-            raise ValueError("select_calib: freqfold='auto' scores each candidate on calibration windows other than "
-                             "the fitting ones; pass them as select_calib")
-        check_calibration_batches(select_calib, model.config.vocab_size)
-        if calib_pass != "sequential" and moments is None and calib is not None:
-            moments, calib = attention_input_moments(model, calib, progress=progress), None  # shared by all
-        run = dict(calib=calib, moments=moments, calib_pass=calib_pass, progress=False)
-        out, stats, sel = select_freqfold(lambda f: convert_model(model, to, **run, **dict(opts, freqfold=f)),
-                                          _freqfold_candidates(model.spec, to, rope_dim, rope_repeat), select_calib,
-                                          progress)
-        stats["freqfold_select"] = sel
-        return out, stats
+        return _convert_auto(model, to, calib, moments, calib_pass, opts, select_calib, progress)
+    return _convert_checked(model, to, calib, moments, calib_pass, opts, progress)
+
+
+def _convert_checked(model: Transformer, to: str, calib, moments, calib_pass: str, opts: dict,
+                     progress: bool) -> tuple[Transformer, dict]:
+    """:func:`convert_model` once :func:`check_conversion` accepted ``opts`` (a FreqFold group, not ``auto``)."""
     if calib_pass == "sequential":
         if moments is not None:
             raise ValueError("moments: calib_pass='sequential' takes layer i's moment on the converted layers "
@@ -202,13 +196,33 @@ def convert_model(model: Transformer, to: str, *, calib: torch.Tensor | None = N
     if to != "gqa" and moments is None:
         if calib is None:
             raise ValueError(f"--to {to} needs calibration tokens")
-        moments = attention_input_moments(model, calib, progress=progress)
+        moments = attention_input_moments(model, calib, batch_size=CALIB_BATCH, progress=progress)
     if moments is not None and len(moments) != model.config.num_layers:
         raise ValueError(f"moments: need one E[x x^T] per layer ({model.config.num_layers}), got {len(moments)}")
     return _run(model, to, moments, progress=progress, **opts)
 
 
-SELECT_SAMPLES = 8  # calibration windows freqfold="auto" scores its candidates on (convert_checkpoint)
+def _convert_auto(model: Transformer, to: str, calib, moments, calib_pass: str, opts: dict, select_calib,
+                  progress: bool) -> tuple[Transformer, dict]:
+    """``freqfold="auto"`` in memory: :func:`_convert_checked` per candidate (one calibration pass shared by all,
+    except the sequential pass's), the lowest NLL on ``select_calib`` kept (select.py)."""
+    if select_calib is None:
+        raise ValueError("select_calib: freqfold='auto' scores each candidate on calibration windows other than "
+                         "the fitting ones; pass them as select_calib")
+    check_calibration_batches(select_calib, model.config.vocab_size)
+    if calib_pass != "sequential" and moments is None and calib is not None:
+        moments, calib = attention_input_moments(model, calib, batch_size=CALIB_BATCH, progress=progress), None
+    out, stats, sel = select_freqfold(
+        lambda f: _convert_checked(model, to, calib, moments, calib_pass, dict(opts, freqfold=f), False),
+        _freqfold_candidates(model.spec, to, opts["rope_dim"], opts["rope_repeat"]), select_calib, progress)
+    stats["freqfold_select"] = sel
+    return out, stats
+
+
+def freqfold_auto_streams(calib_pass: str, rank_alloc: str) -> bool:
+    """Whether a streaming conversion can choose ``freqfold="auto"`` (it scores candidates on the original
+    calibration pass with uniform ranks)."""
+    return calib_pass == "original" and rank_alloc == "uniform"
 
 
 def _freqfold_candidates(spec: AttentionSpec, to: str, rope_dim: int, rope_repeat: int) -> list[int]:
@@ -291,7 +305,7 @@ def convert_checkpoint(*, model_dir: str | os.PathLike, out: str | os.PathLike, 
         kv_lora_rank: latent dim per latent head (mla/gla).
         rope_dim: ``d_R`` of the shared RoPE key (mla/gla; gta uses d_h/2).
         freqfold, method: see ``gqa_to_latent`` (freqfold None = smallest valid, r/(d_R/rope_repeat)).
-            ``"auto"``: the candidate (select.py) whose conversion has the lowest NLL on ``SELECT_SAMPLES``
+            ``"auto"``: the candidate whose conversion has the lowest NLL on ``SELECT_SAMPLES`` (select.py)
             other windows of the calibration text (seed + 1), or on ``select_tokens``; streaming scores every
             candidate in one extra walk over the layers (stream.py ``stream_select_nll``).
         rope_repeat: RoRoPE components per RoPE frequency (mla/gla; ``AttentionSpec.rope_repeat``): with
@@ -316,7 +330,7 @@ def convert_checkpoint(*, model_dir: str | os.PathLike, out: str | os.PathLike, 
     """
     t0 = time.time()
     model_dir, out = Path(model_dir), Path(out)
-    if freqfold == AUTO and stream and (calib_pass == "sequential" or rank_alloc != "uniform"):
+    if freqfold == AUTO and stream and not freqfold_auto_streams(calib_pass, rank_alloc):
         raise ValueError("freqfold='auto' in a streaming conversion scores candidates on the original calibration "
                          "pass with uniform ranks; with calib_pass='sequential' or per-layer ranks use stream=False "
                          "(--in-memory), or pick --freqfold")
@@ -385,8 +399,7 @@ def convert_checkpoint(*, model_dir: str | os.PathLike, out: str | os.PathLike, 
         calib = calibration_tokens(model_dir, num_samples=calib_samples, seq_len=calib_seq_len,
                                    text=calib_text, seed=seed)
         if freqfold == AUTO:
-            select_tokens = calibration_tokens(model_dir, num_samples=SELECT_SAMPLES, seq_len=calib_seq_len,
-                                               text=calib_text, seed=seed + 1)
+            select_tokens = selection_tokens(model_dir, seq_len=calib_seq_len, text=calib_text, seed=seed)
     if to == "gqa":
         calib = None
     else:
@@ -398,11 +411,9 @@ def convert_checkpoint(*, model_dir: str | os.PathLike, out: str | os.PathLike, 
         ranks, alloc, sel = [kv_lora_rank] * cfg.num_layers, None, None
         if freqfold == AUTO:  # one scoring walk over the layers, then the conversion with the chosen group
             cands = _freqfold_candidates(spec, to, rope_dim, rope_repeat)
-            nll = stream_select_nll(src, calib, select_tokens,
-                                    {f: _layer_converter(to, dict(opts, freqfold=f), ranks) for f in cands},
-                                    progress=progress)
-            ppl = {f: math.exp(v) for f, v in nll.items()}
-            sel = {"chosen": min(ppl, key=ppl.get), "ppl": ppl, "windows": list(select_tokens.shape)}
+            sel = selection(stream_select_nll(src, calib, select_tokens,
+                                              {f: _layer_converter(to, dict(opts, freqfold=f), ranks) for f in cands},
+                                              progress=progress), select_tokens)
             opts = dict(opts, freqfold=sel["chosen"])
         if per_layer:  # a first pass for every layer's spectrum, then the conversion with its rank
             ranks, alloc = _stream_ranks(src, calib, to, opts, progress)
@@ -417,14 +428,9 @@ def convert_checkpoint(*, model_dir: str | os.PathLike, out: str | os.PathLike, 
         target_spec = new.spec.replace(latent_dim=max(ranks)) if new.spec.is_latent else new.spec
     else:
         if freqfold == AUTO:
-            new, stats = convert_model(model, to, calib=calib, calib_pass=calib_pass, select_calib=select_tokens,
-                                       progress=progress, **opts)
-        elif calib_pass == "sequential":
-            new, stats = _run_sequential(model, to, calib, opts, progress)
+            new, stats = _convert_auto(model, to, calib, None, calib_pass, opts, select_tokens, progress)
         else:
-            moments = None if calib is None else attention_input_moments(model, calib, batch_size=CALIB_BATCH,
-                                                                         progress=progress)
-            new, stats = _run(model, to, moments, progress=progress, **opts)
+            new, stats = _convert_checked(model, to, calib, None, calib_pass, opts, progress)
         write_checkpoint(new, out, fmt=fmt, dtype=DTYPES[dtype], report=report, **ds, **write)
         target_spec = new.spec
     layer_ranks = stats.get("layer_ranks")

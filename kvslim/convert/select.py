@@ -18,9 +18,27 @@ import torch
 
 from kvslim.convert.rorope import collapse_factor
 
-__all__ = ["freqfold_candidates", "select_freqfold", "window_nll"]
+__all__ = ["SELECT_SAMPLES", "freqfold_candidates", "nll_sum", "select_freqfold", "selection", "selection_tokens",
+           "window_nll"]
 
 AUTO = "auto"
+SELECT_SAMPLES = 8  # calibration windows freqfold="auto" scores its candidates on
+
+
+def selection_tokens(src, *, seq_len: int, text: str, seed: int) -> torch.Tensor:
+    """The ``[SELECT_SAMPLES, seq_len]`` selection windows of a conversion whose fitting windows have ``seed``:
+    the same calibration text (calib splits), drawn with ``seed + 1``."""
+    from kvslim.convert.calib import calibration_tokens
+
+    return calibration_tokens(src, num_samples=SELECT_SAMPLES, seq_len=seq_len, text=text, seed=seed + 1)
+
+
+def nll_sum(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[float, int]:
+    """``(summed next-token NLL in nats, tokens scored)`` of ``logits [B, T, V]`` for ``tokens [B, T]``."""
+    logits = logits.float()
+    tot = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1),
+                                            reduction="sum")
+    return float(tot), tokens[:, 1:].numel()
 
 
 @torch.no_grad()
@@ -30,11 +48,15 @@ def window_nll(model, x: torch.Tensor, batch_size: int = 2) -> float:
     device = next(model.parameters()).device
     for s in range(0, x.shape[0], batch_size):
         b = x[s : s + batch_size].to(device)
-        logits = model(b).float()
-        tot += float(torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                                                       b[:, 1:].reshape(-1), reduction="sum"))
-        n += b[:, 1:].numel()
+        t, k = nll_sum(model(b), b)
+        tot, n = tot + t, n + k
     return tot / n
+
+
+def selection(nll: dict, select_tokens: torch.Tensor) -> dict:
+    """``{"chosen", "ppl": {freqfold: perplexity}, "windows"}`` from each candidate's mean NLL (the lowest wins)."""
+    ppl = {f: math.exp(v) for f, v in nll.items()}
+    return {"chosen": min(ppl, key=ppl.get), "ppl": ppl, "windows": list(select_tokens.shape)}
 
 
 def freqfold_candidates(source_rope_dim: int, target_rope_dim: int, rope_repeat: int = 1) -> list[int]:
@@ -50,19 +72,18 @@ def select_freqfold(convert: Callable[[int], tuple], candidates: list[int], sele
     Args:
         convert: ``freqfold -> (converted model, stats)``.
         candidates: FreqFold group sizes to try (:func:`freqfold_candidates`).
-        select_tokens: ``[N, T]`` calibration-split windows, disjoint from the fitting windows.
+        select_tokens: ``[N, T]`` calibration-split windows drawn with another seed than the fitting windows.
     Returns:
         the chosen model and its stats, and ``{"chosen", "ppl": {freqfold: perplexity}, "windows"}``.
     """
-    best, ppl = None, {}
+    best, nll = None, {}
     for f in candidates:
         out, stats = convert(f)
-        ppl[f] = math.exp(window_nll(out, select_tokens))
+        nll[f] = window_nll(out, select_tokens)
         if progress:
-            print(f"freqfold {f}: selection-window perplexity {ppl[f]:.3f}", flush=True)
-        if best is None or ppl[f] < ppl[best[0]]:
+            print(f"freqfold {f}: selection-window perplexity {math.exp(nll[f]):.3f}", flush=True)
+        if best is None or nll[f] < nll[best[0]]:
             best = (f, out, stats)
         else:
             del out
-    f, out, stats = best
-    return out, stats, {"chosen": f, "ppl": ppl, "windows": list(select_tokens.shape)}
+    return best[1], best[2], selection(nll, select_tokens)  # the same first-lowest candidate

@@ -46,6 +46,7 @@ from kvslim.checkpoint import _failpoint, state_dict_for_save, write_model_dir
 from kvslim.convert.calib import MomentSum
 from kvslim.convert.deepseek import deepseek_config, deepseek_ends, deepseek_state, fp16_check, fp16_error
 from kvslim.convert.export import hf_llama_config, kvslim_config
+from kvslim.convert.select import nll_sum
 from kvslim.convert.tensorio import LazyCheckpoint, SafetensorsWriter
 from kvslim.layers import RMSNorm
 from kvslim.model import ModelConfig, Transformer
@@ -199,10 +200,8 @@ def stream_select_nll(src, calib: torch.Tensor, select: torch.Tensor, converters
     for k, hidden in sel.items():
         tot, n = 0.0, 0
         for b, x in zip(batches, hidden):
-            logits = F.linear(norm(x), head).float()
-            tot += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), b[:, 1:].reshape(-1),
-                                         reduction="sum"))
-            n += b[:, 1:].numel()
+            t, m = nll_sum(F.linear(norm(x), head), b)
+            tot, n = tot + t, n + m
         out[k] = tot / n
     return out
 
