@@ -331,6 +331,7 @@ def test_convert_and_plan_report_the_serving_cost(tmp_path, capsys, monkeypatch)
                            rope_dim=8, fmt="kvslim", target="vllm", calib_tokens=calib, progress=False)
     assert not (tmp_path / "x").exists()
     monkeypatch.setattr(pipeline, "calibration_tokens", lambda *a, **k: calib)  # (no tokenizer in the tiny source)
+    monkeypatch.setattr(pipeline, "selection_tokens", lambda *a, **k: calib)  # --freqfold auto's windows, likewise
     assert main(["convert", "--model", str(tmp_path / "src"), "--to", "gla", "--latent-heads", "2", "--kv-lora-rank",
                  "8", "--rope-dim", "8", "--target", "vllm", "--mla-head-size", "576", "--out", str(tmp_path / "g")]) == 0
     text = capsys.readouterr().out
