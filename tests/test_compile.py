@@ -55,12 +55,23 @@ def test_ops_schema_and_fake():
                           test_utils=("test_schema", "test_faketensor"))
     torch.library.opcheck(ops.prefill_tied_op, (torch.randn(2, 5, 4, 24), tc, bt, lens, 2, 16, 16, 8, 16, 0.2, []),
                           test_utils=("test_schema", "test_faketensor"))
-    qs, ks, vs = torch.randn(2, 4, 5, 16), torch.randn(2, 4, 9, 16), torch.randn(2, 4, 9, 8)
+    # token-major [B, T, H, d] in and out, as the attention layer holds them; q a strided view (a slice of a
+    # fused projection) as in the model
+    qs = torch.randn(2, 5, 4, 24)[..., :16]
+    ks, vs = torch.randn(2, 9, 4, 16), torch.randn(2, 9, 4, 8)
     torch.library.opcheck(ops.sdpa_lower_right_op, (qs, ks, vs, 0.25), test_utils=("test_schema", "test_faketensor"))
+    # the real output has the fake's strides (Inductor asserts them at run time; on CUDA the flash backend keeps
+    # the query's layout, which no CPU test sees, so the op promises and returns contiguous)
+    got = ops.sdpa_lower_right_op(qs, ks, vs, 0.25)
+    fake = torch._subclasses.fake_tensor.FakeTensorMode()
+    with fake:
+        want_meta = ops.sdpa_lower_right_op(fake.from_tensor(qs), fake.from_tensor(ks), fake.from_tensor(vs), 0.25)
+    assert got.shape == want_meta.shape and got.stride() == want_meta.stride() and got.is_contiguous()
     # lower right: the last query sees every key, the first only the history before the chunk and itself
     want = torch.nn.functional.scaled_dot_product_attention(
-        qs, ks, vs, attn_mask=torch.arange(9)[None, :] <= torch.arange(5)[:, None] + 4, scale=0.25)
-    torch.testing.assert_close(ops.sdpa_lower_right_op(qs, ks, vs, 0.25), want)
+        qs.transpose(1, 2), ks.transpose(1, 2), vs.transpose(1, 2),
+        attn_mask=torch.arange(9)[None, :] <= torch.arange(5)[:, None] + 4, scale=0.25).transpose(1, 2)
+    torch.testing.assert_close(got, want)
 
 
 def test_fmt_args_roundtrip():

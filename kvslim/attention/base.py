@@ -131,13 +131,12 @@ class AttentionBase(nn.Module):
             v = v.repeat_interleave(H // Hk, dim=2)
         if q.is_cuda and mask is None and dv < q.shape[-1]:
             v = F.pad(v, (0, q.shape[-1] - dv))
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if causal and T != L:  # one op, eager or compiled: torch.compile cannot trace CausalBias itself
-            o = sdpa_lower_right_op(q, k, v, self.spec.softmax_scale)
-        else:
-            # a plain bool: under torch.compile `T > 1` is a SymBool that SDPA refuses (and bool() keeps symbolic)
-            causal = True if causal else False  # noqa: SIM210
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.spec.softmax_scale)
+            return sdpa_lower_right_op(q, k, v, self.spec.softmax_scale)[..., :dv]
+        # a plain bool: under torch.compile `T > 1` is a SymBool that SDPA refuses (and bool() keeps symbolic)
+        causal = True if causal else False  # noqa: SIM210
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.spec.softmax_scale)
         return o.transpose(1, 2)[..., :dv]
 
     def _expanded_fits(self, q, history) -> bool:

@@ -122,14 +122,19 @@ def _(pool, rows, block_table, start, fmt):
 
 @torch.library.custom_op("kvslim::sdpa_lower_right", mutates_args=())
 def sdpa_lower_right_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """SDPA of ``q [B, H, T, d]`` over ``k``/``v [B, H, L, d]`` with the causal mask aligned to the lower right
-    (query ``t`` sees keys ``<= L - T + t``: a chunk over its history). Opaque to Dynamo, which cannot trace
-    ``torch.nn.attention.bias.CausalBias`` with symbolic sizes (it would break the graph and, inside the layer
-    loop, drop the whole forward to eager); run eagerly, the bias dispatches to the flash / efficient kernels."""
+    """SDPA of ``q [B, T, H, d]`` over ``k``/``v [B, L, H, d]`` -> contiguous ``[B, T, H, dv]``, with the causal
+    mask aligned to the lower right (query ``t`` sees keys ``<= L - T + t``: a chunk over its history). Opaque to
+    Dynamo, which cannot trace ``torch.nn.attention.bias.CausalBias`` with symbolic sizes (it would break the
+    graph and, inside the layer loop, drop the whole forward to eager); run eagerly, the bias dispatches to the
+    flash / efficient kernels. The output is made contiguous in the token-major layout the fake promises: the
+    backends disagree on SDPA's output strides (flash keeps the query's, math returns head-major), and Inductor
+    asserts the fake's strides at run time (flash needs no copy here)."""
     from torch.nn.attention.bias import causal_lower_right
 
-    mask = causal_lower_right(q.shape[2], k.shape[2])
-    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    mask = causal_lower_right(q.shape[1], k.shape[1])
+    o = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                         attn_mask=mask, scale=scale)
+    return o.transpose(1, 2).contiguous()
 
 
 @sdpa_lower_right_op.register_fake
