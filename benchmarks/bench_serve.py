@@ -122,17 +122,22 @@ def engine_rows(args, v: str, bpt: int, device: str, concs: list[int], deadline:
     model = ModelSource(preset=preset, shape=args.shape, dtype=args.dtype,
                         max_len=max(4096, args.max_model_len)).build(dev)
     t_model = time.perf_counter() - t0
+    log(f"[{v}] model built in {t_model:.1f} s; building the engine (pool, decode compile, CUDA-graph capture)")
     config = EngineConfig(kv_memory_gib=args.kv_memory, page_size=args.page_size, max_batch=args.max_batch,
                           max_num_batched_tokens=args.max_num_batched_tokens,
                           max_model_len=args.max_model_len, cuda_graphs=False if args.no_cuda_graphs else None,
-                          kv_dtype=kv, compile=args.compile, overlap=not args.no_overlap)
+                          kv_dtype=kv, compile=args.compile, prefill_compile=args.prefill_compile,
+                          overlap=not args.no_overlap)
     engine = LLMEngine(model, config)
+    log(f"[{v}] engine built in {time.perf_counter() - t0 - t_model:.1f} s; warm-up")
     # warm-up outside the measurement: a short closed loop of the same prompts, so the first row does
     # not pay one-time costs (Triton specialisations of short prefill chunks, cuBLAS/SDPA shapes, allocator)
     tw = time.perf_counter()
     w = min(64, max(concs))
-    run_engine_bench(engine, num_requests=w, concurrency=w, input_len=args.input_len, output_len=8,
-                     seed=args.seed + 1)
+    ws = run_engine_bench(engine, num_requests=w, concurrency=w, input_len=args.input_len, output_len=8,
+                          seed=args.seed + 1, deadline=deadline, progress_every=args.progress_every, log=log)
+    if ws["timed_out"]:
+        log(f"[{v}] the time budget ran out in the warm-up ({ws['completed']}/{w} requests)")
     t_warm = time.perf_counter() - tw
     setup = time.perf_counter() - t0
     pages = engine.allocator.num_usable
@@ -186,6 +191,7 @@ def http_rows(args, v: str, bpt: int, concs: list[int], deadline: float, est: di
                    ["--no-cuda-graphs"] if args.no_cuda_graphs else []) + (
                    ["--no-overlap"] if args.no_overlap else []) + (
                    [] if args.compile is None else ["--compile" if args.compile else "--no-compile"])
+        cmd += ["--prefill-compile", args.prefill_compile]
         if args.tp > 1:
             cmd += ["--tp", str(args.tp)]
         if args.dp > 1:
@@ -319,6 +325,8 @@ def main(argv=None) -> None:
     ap.add_argument("--no-cuda-graphs", action="store_true")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                     help="torch.compile the engine's decode step and prefill (default: the engine's, on with CUDA)")
+    ap.add_argument("--prefill-compile", choices=("layer", "model"), default="layer",
+                    help="with compile: prefill compiled per decoder layer (default) or as one graph of the model")
     ap.add_argument("--no-overlap", action="store_true",
                     help="read each decode step's tokens before launching the next (A/B of the overlapped decode)")
     ap.add_argument("--time-budget", type=float, default=float("inf"),

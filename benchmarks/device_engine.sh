@@ -13,6 +13,8 @@
 # needed more than 110 s and the trace wrote nothing in 80 s (compiling the 1b model takes ~50 s), so:
 #   PARTS=trace,roof T_TRACE=200 bash benchmarks/device_engine.sh
 # engine_roofline builds (compiles + captures) each variant in 42-69 s there: T_ROOF=300 for all four.
+# PARTS=prefill (not in the default) times a 4 x 2048 prefill step eager, compiled per layer (the engine's
+# default) and compiled whole (benchmarks/prefill_step.py --compile all), with each one's build time.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
@@ -20,11 +22,13 @@ OUT=${OUT:-benchmarks/results/device}
 VARIANTS=${VARIANTS:-gqa-4,mla,gta-4,gla-2}
 SERVE_VARIANTS=${SERVE_VARIANTS:-$VARIANTS}
 T_TESTS=${T_TESTS:-150} T_TRACE=${T_TRACE:-100} T_SERVE=${T_SERVE:-240} T_ROOF=${T_ROOF:-100} T_SWEEP=${T_SWEEP:-150}
+T_PREFILL=${T_PREFILL:-240} PREFILL_VARIANTS=${PREFILL_VARIANTS:-mla,gqa-4}
 SWEEP=${SWEEP:-}
 PARTS=${PARTS:-tests,trace,serve,roof}
 want() { [[ ",$PARTS," == *",$1,"* ]]; }
 for p in ${PARTS//,/ }; do
-  case "$p" in tests|trace|serve|roof) ;; *) echo "PARTS: unknown part '$p' (tests, trace, serve, roof)" >&2; exit 2 ;; esac
+  case "$p" in tests|trace|serve|roof|prefill) ;;
+    *) echo "PARTS: unknown part '$p' (tests, trace, serve, roof, prefill)" >&2; exit 2 ;; esac
 done
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm --format=csv,noheader | tee "$OUT/gpu.txt"
@@ -44,12 +48,17 @@ fi
 want serve && timeout "$T_SERVE" python3 -m benchmarks.bench_serve --variants "$SERVE_VARIANTS" --concurrency 256 \
     --time-budget $((T_SERVE - 10)) \
     --out "$OUT" > "$OUT/serve_log.txt" 2>&1
-want serve && grep -h "engine setup\|graphs:\|recompile_limit" "$OUT/serve_log.txt" | cut -c1-200
+want serve && grep -h "model built\|engine built\|engine setup\|graphs:\|recompile_limit\|FAILED\|exactness" \
+    "$OUT/serve_log.txt" | cut -c1-200
 want serve && grep -h "^|" "$OUT"/*serve*.md | cut -c1-200
 
 want roof && timeout "$T_ROOF" python3 -m benchmarks.engine_roofline --variants "$VARIANTS" --batch 64,256 --compile on \
     --out "$OUT" > "$OUT/roofline_log.txt" 2>&1
 want roof && grep -h "^|" "$OUT"/engine_roofline*.md | head -12
+
+want prefill && timeout "$T_PREFILL" python3 -m benchmarks.prefill_step --variants "$PREFILL_VARIANTS" --compile all \
+    --out "$OUT" > "$OUT/prefill_log.txt" 2>&1
+want prefill && grep -v "^ \|Warning\|warn" "$OUT/prefill_log.txt" | tail -14
 
 if [ -n "$SWEEP" ]; then
   timeout "$T_SWEEP" python3 -m benchmarks.bench_fp8 --sweep --only "$SWEEP" --jobs 12 --out "$OUT" \

@@ -60,8 +60,9 @@ def profile_step(fn) -> tuple[dict[str, float], float]:
     return out, wall
 
 
-def measure(preset: str, shape: str, B: int, T: int, cached: list[int], page_size: int, compile: bool,
+def measure(preset: str, shape: str, B: int, T: int, cached: list[int], page_size: int, compile: str,
             reps: int, peak: float, ref: dict) -> list[dict]:
+    """``compile``: ``off`` (eager), ``layer`` or ``model`` (``ModelRunner``'s ``prefill_compile``)."""
     from kvslim.engine.runner import ModelRunner
     from kvslim.engine.source import random_model
 
@@ -70,7 +71,8 @@ def measure(preset: str, shape: str, B: int, T: int, cached: list[int], page_siz
     pages_per_seq = -(-L // page_size)
     t0 = time.perf_counter()
     runner = ModelRunner(model, num_pages=B * pages_per_seq + 1, page_size=page_size,
-                         max_pages_per_seq=pages_per_seq, max_batch=B, cuda_graphs=False, compile=compile)
+                         max_pages_per_seq=pages_per_seq, max_batch=B, cuda_graphs=False, compile=compile != "off",
+                         prefill_compile="model" if compile == "model" else "layer")
     pages = [list(range(1 + i * pages_per_seq, 1 + (i + 1) * pages_per_seq)) for i in range(B)]
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, model.config.vocab_size, (B, L), generator=g).tolist()
@@ -113,7 +115,9 @@ def main(argv=None) -> None:
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--cached", default="0,2048", help="history lengths before the chunk (0 = fresh prompt)")
     ap.add_argument("--page-size", type=int, default=16)
-    ap.add_argument("--compile", choices=("off", "on", "both"), default="both")
+    ap.add_argument("--compile", choices=("off", "on", "layer", "model", "both", "all"), default="both",
+                    help="on = layer (the engine's default: one decoder layer compiled, reused by every layer), "
+                         "model (the whole forward as one graph), both = off + layer, all = off + layer + model")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args(argv)
@@ -123,14 +127,15 @@ def main(argv=None) -> None:
     gpu = torch.cuda.get_device_name()
     print(f"# {gpu}, torch {torch.__version__}, bf16 GEMM peak {peak / 1e12:.0f} TFLOP/s", flush=True)
     cached = [int(c) for c in args.cached.split(",")]
-    modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
+    modes = {"off": ["off"], "on": ["layer"], "layer": ["layer"], "model": ["model"], "both": ["off", "layer"],
+             "all": ["off", "layer", "model"]}[args.compile]
     rows, ref = [], {}
     for v in args.variants.split(","):
         for c in modes:
             for r in measure(v, args.shape, args.batch, args.tokens, cached, args.page_size, c, args.reps, peak, ref):
                 rows.append(r)
                 err = "" if r["rel_err_vs_eager"] is None else f" err {r['rel_err_vs_eager']:.1e}"
-                print(f"{v:7s} compile={c!s:5s} start {r['start']:5d}: {r['step_ms']:7.2f} ms  {r['tflops']:5.0f} TFLOP/s "
+                print(f"{v:7s} compile={c:5s} start {r['start']:5d}: {r['step_ms']:7.2f} ms  {r['tflops']:5.0f} TFLOP/s "
                       f"= {r['peak_frac']:.0%} of peak | attn {r['attention_ms']:.1f} gemm {r['gemm_ms']:.1f} "
                       f"write {r['cache write_ms']:.1f} other {r['other_ms']:.1f} ms, profiled wall "
                       f"{r['profiled_wall_ms']:.1f}{err} (build {r['build_s']:.0f} s)", flush=True)
@@ -150,7 +155,7 @@ def main(argv=None) -> None:
              "| profiled wall ms | rel. err vs eager |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         err = "" if r["rel_err_vs_eager"] is None else f"{r['rel_err_vs_eager']:.1e}"
-        lines.append(f"| {r['variant']} | {'on' if r['compile'] else 'off'} | {r['start']} | {r['step_ms']:.2f} | "
+        lines.append(f"| {r['variant']} | {r['compile']} | {r['start']} | {r['step_ms']:.2f} | "
                      f"{r['tflops']:.0f} | {r['peak_frac']:.0%} | {r['attention_ms']:.2f} | {r['gemm_ms']:.2f} | "
                      f"{r['cache write_ms']:.2f} | {r['other_ms']:.2f} | {r['profiled_wall_ms']:.1f} | {err} |")
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")

@@ -20,15 +20,16 @@ PROMPTS = [[1, 2, 3, 4, 5, 6, 7], [9, 8, 7, 6, 5, 4, 3, 2, 1, 11, 12], list(rang
 
 # the latent fp8 case runs the long prompt alone: every prefill shape (batch 1 vs more, fresh vs history) is
 # another compiled graph, and each costs 20-30 s of cold Inductor compile on the CI machine
-@pytest.mark.parametrize("preset,kv,prompts", [("gqa-2", None, PROMPTS), ("gla-2", "fp8", PROMPTS[2:])])
-def test_compiled_decode_matches_eager(preset, kv, prompts):
-    model = tiny_model(tiny_spec(preset), layers=1)
+@pytest.mark.parametrize("preset,kv,prompts,unit", [("gqa-2", None, PROMPTS, "layer"), ("gla-2", "fp8", PROMPTS[2:], "layer"),
+                                                     ("mla", None, PROMPTS[2:], "model")])
+def test_compiled_decode_matches_eager(preset, kv, prompts, unit):
+    model = tiny_model(tiny_spec(preset), layers=2)
     model.set_attention_options(impl="triton")  # the custom-op path (Triton interpreter on CPU)
     out = {}
     for comp in (False, True):
         counters.clear()
         cfg = EngineConfig(num_pages=64, page_size=4, max_batch=4, max_model_len=64, compile=comp, device="cpu",
-                           kv_dtype=kv, max_num_batched_tokens=16)
+                           kv_dtype=kv, max_num_batched_tokens=16, prefill_compile=unit)
         eng = LLMEngine(model, cfg)
         assert eng.runner.compiled is comp
         out[comp] = eng.generate(prompts, SamplingParams(max_tokens=6))
@@ -103,16 +104,49 @@ def test_prefill_guards_and_recompile_limit():
     eng = LLMEngine(model, EngineConfig(num_pages=64, page_size=4, max_batch=4, max_model_len=64, device="cpu"))
     runner, seen = eng.runner, []
     runner.compiled = True  # the limit is raised around compiled calls only (the spy below stands in for one)
-    run = runner._prefill_fn
+    run = runner._prefill_layer  # what prefill_compile="layer" compiles: one layer's step
 
-    def spy(tokens, start, block_table, every_position, history):
+    def spy(layer, x, positions, pool, block_table, start, fmt, write_impl, history):
         seen.append((torch._dynamo.config.recompile_limit, tuple(block_table.shape), history))
-        return run(tokens, start, block_table, every_position, history)
+        return run(layer, x, positions, pool, block_table, start, fmt, write_impl, history)
 
-    runner._prefill_fn = spy
+    runner._prefill_layer = spy
     assert torch._dynamo.config.recompile_limit < RECOMPILE_LIMIT  # only raised around the call
     runner.prefill([[1, 2, 3]], [0], [[0]])  # short first chunk: no history, table padded to 2 columns
     runner.prefill([list(range(1, MAX_Q_LEN + 2))] * 2, [0, 0], [[1, 2, 3], [4, 5, 6]])  # long, fresh
     runner.prefill([list(range(1, MAX_Q_LEN + 2))] * 2, [0, 4], [[1, 2, 3], [4, 5, 6, 7]])  # unequal starts
     assert seen == [(RECOMPILE_LIMIT, (1, 2), None), (RECOMPILE_LIMIT, (2, 3), 0), (RECOMPILE_LIMIT, (2, 4), None)]
     assert torch._dynamo.config.recompile_limit < RECOMPILE_LIMIT
+
+
+@pytest.mark.parametrize("unit", ["layer", "model"])
+def test_prefill_compile_unit_and_depth(monkeypatch, unit):
+    """``prefill_compile="layer"`` traces one decoder layer, whatever the depth (every layer, weights and pool
+    as inputs, reuses it), so a prefill guard set's compile does not grow with the model; ``"model"`` traces
+    all of them. Same logits as eager either way (the eager backend: Dynamo's tracing, not Inductor's time)."""
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_(fn, **{**kw, "backend": "eager"}))
+    captured, graphs = {}, {}
+    for layers in (1, 3):
+        torch._dynamo.reset()
+        counters.clear()
+        model = tiny_model(tiny_spec("mla"), layers=layers)
+        model.set_attention_options(impl="triton")
+        logits = {}
+        for comp in (False, True):
+            eng = LLMEngine(model, EngineConfig(num_pages=64, page_size=4, max_batch=4, max_model_len=64, compile=comp,
+                                                device="cpu", prefill_compile=unit))
+            chunks, pages = [list(range(1, 13))] * 2, [[1, 2, 3], [4, 5, 6]]
+            logits[comp] = eng.runner.prefill(chunks, [0, 0], pages)
+        torch.testing.assert_close(logits[True], logits[False])
+        captured[layers], graphs[layers] = counters["stats"]["calls_captured"], counters["stats"]["unique_graphs"]
+    assert graphs == {1: 1, 3: 1}
+    if unit == "layer":
+        assert captured[3] == captured[1]
+    else:
+        assert captured[3] > 2 * captured[1]
+
+
+def test_prefill_compile_bad_value():
+    with pytest.raises(ValueError, match="prefill_compile"):
+        EngineConfig(prefill_compile="block")

@@ -50,6 +50,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the decode step and prefill forwards (fuses norms, RoPE, casts around "
                         "the kernels; slower start-up). Default: on with CUDA, off on CPU")
+    g.add_argument("--prefill-compile", choices=("layer", "model"), default="layer",
+                   help="with --compile, compile prefill forwards per decoder layer (one graph every layer reuses: "
+                        "start-up does not grow with depth; default) or as one graph of the whole model")
     g.add_argument("--fuse-projections", action="store_true",
                    help="one GEMM for q/k/v (or q + latent down-projection) and one for gate/up per layer")
     g.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (default 1)")
@@ -100,7 +103,8 @@ def engine_config_from_args(args) -> EngineConfig:
         num_pages=args.num_pages, kv_memory_gib=args.kv_memory, mem_util=args.mem_util, page_size=args.page_size,
         max_batch=args.max_batch, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len, cuda_graphs=False if args.no_cuda_graphs else None,
-        compile=args.compile, fuse_projections=getattr(args, "fuse_projections", False),
+        compile=args.compile, prefill_compile=getattr(args, "prefill_compile", "layer"),
+        fuse_projections=getattr(args, "fuse_projections", False),
         kv_dtype=None if args.kv_dtype == "auto" else args.kv_dtype,
         device=args.device or "auto", dtype=args.dtype, tp=args.tp,
         enable_prefix_caching=getattr(args, "prefix_caching", True),

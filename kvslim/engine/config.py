@@ -70,6 +70,9 @@ class EngineConfig:
             fuses the elementwise work around the kernels, which stay custom ops; compiled before graph
             capture, so it costs start-up time once). None: on CUDA (H100, 2026-12-07: a 4 x 2048-token
             prefill step 1.4-1.7x faster, the B=256 decode step 1.2-1.3x), off on CPU.
+        prefill_compile: with ``compile``, what a prefill forward compiles: ``layer`` (one decoder layer,
+            reused by every layer, so a compile does not grow with depth; the default) or ``model`` (the
+            whole forward as one graph). See ``kvslim.engine.runner.PREFILL_COMPILE``.
         fuse_projections: one GEMM for q/k/v (or q + latent down-projection) and one for gate+up
             in every layer (``Transformer.fuse_projections``; same weights, no extra memory). Off by
             default: on the H200 (2026-12-03, ``1b`` shape) it changed the decode step by -2..+2 %
@@ -104,6 +107,7 @@ class EngineConfig:
     cuda_graphs: bool | None = None
     graph_batches: tuple[int, ...] = DEFAULT_GRAPH_BATCHES
     compile: bool | None = None
+    prefill_compile: str = "layer"
     fuse_projections: bool = False
     kv_dtype: str | None = None
     seed: int | None = None
@@ -129,6 +133,8 @@ class EngineConfig:
             raise ValueError(f"cuda_graphs must be None, True or False, got {self.cuda_graphs!r}")
         if self.compile not in (None, True, False):
             raise ValueError(f"compile must be None, True or False, got {self.compile!r}")
+        if self.prefill_compile not in ("layer", "model"):
+            raise ValueError(f"prefill_compile must be 'layer' or 'model', got {self.prefill_compile!r}")
         if not isinstance(self.fuse_projections, bool):
             raise ValueError(f"fuse_projections must be True or False, got {self.fuse_projections!r}")
         batches = tuple(self.graph_batches)

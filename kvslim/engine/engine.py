@@ -101,7 +101,7 @@ class LLMEngine:
                          kv_format=self.kv_formats, cuda_graphs=config.cuda_graphs,
                          graph_batches=config.graph_batches,
                          compile=self.device.type == "cuda" if config.compile is None else config.compile,
-                         fuse_projections=config.fuse_projections)
+                         prefill_compile=config.prefill_compile, fuse_projections=config.fuse_projections)
         if tp is not None:
             tp.send("init", runner_kw)
         self.runner = ModelRunner(model, **runner_kw)

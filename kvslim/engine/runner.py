@@ -61,6 +61,20 @@ from kvslim.rows import RowFormat, kv_dtype_name
 #: prefills eagerly, silently. Raised only around this runner's compiled calls.
 RECOMPILE_LIMIT = 64
 
+#: how a compiled runner compiles prefill / verify forwards: ``layer`` compiles one decoder layer (every
+#: layer of every runner reuses the graph: the layers share their code, their weights and pools are inputs),
+#: ``model`` the whole forward as one graph. Each prefill guard set (batch 1 or more, chunk length <=
+#: MAX_Q_LEN or longer, first chunk, history or unequal starts) is a compile of its own, and a compile of
+#: the whole model grows with its depth: on the H100 (2026-12-07) an MLA serve run's engine set-up did not
+#: finish in 235 s. The decode step is always compiled whole (once, then captured in CUDA graphs).
+PREFILL_COMPILE = ("layer", "model")
+
+
+def layer_step(layer, x, positions, pool, block_table, start, fmt, write_impl, history):
+    """One decoder layer over its pool (the unit ``prefill_compile="layer"`` compiles)."""
+    cache = LayerCache(pool, block_table, start, check_bounds=False, fmt=fmt, write_impl=write_impl, history=history)
+    return layer(x, positions, cache)
+
 # Prefill attention backends: not cuDNN, which builds (~2 ms of host time) an execution plan for
 # every new (chunk length, cached length) shape, i.e. for almost every prefill forward.
 PREFILL_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
@@ -84,19 +98,26 @@ class ModelRunner:
             (``Transformer.fuse_projections``, done in place on ``model``).
         compile_mode: ``torch.compile`` mode of the decode step (e.g. ``max-autotune-no-cudagraphs``:
             Inductor times its Triton GEMM templates against cuBLAS for the skinny decode GEMMs).
+        prefill_compile: with ``compile``, what a prefill / verify forward compiles: ``layer`` (one
+            decoder layer, reused by every layer; embedding, final norm and head eager) or ``model``
+            (the whole forward); see ``PREFILL_COMPILE``.
     """
 
     def __init__(self, model, *, num_pages: int, page_size: int, max_pages_per_seq: int, max_batch: int,
                  kv_format: RowFormat | list[RowFormat] | None = None, cuda_graphs: bool | None = None,
                  graph_batches=DEFAULT_GRAPH_BATCHES, compile: bool = False, fuse_projections: bool = False,
-                 compile_mode: str | None = None):
+                 compile_mode: str | None = None, prefill_compile: str = "layer"):
+        if prefill_compile not in PREFILL_COMPILE:
+            raise ValueError(f"prefill_compile must be one of {PREFILL_COMPILE}, got {prefill_compile!r}")
         self.model = model
         if fuse_projections:
             model.fuse_projections()
         self.compiled = compile
+        self.prefill_compile = prefill_compile if compile else None
         self._decode_fn = torch.compile(self._run, dynamic=True, mode=compile_mode) if compile else self._run
         # a separate code object, so prefill's guards (chunk length, fresh, every position) never evict decode's
-        self._prefill_fn = torch.compile(self._run_prefill, dynamic=True) if compile else self._run
+        self._prefill_fn = torch.compile(self._run_prefill, dynamic=True) if prefill_compile == "model" and compile else None
+        self._prefill_layer = torch.compile(layer_step, dynamic=True) if prefill_compile == "layer" and compile else layer_step
         # the cache write takes the attention's kernel choice (impl="triton" also under TRITON_INTERPRET)
         self.write_impl = "triton" if model.model.layers[0].self_attn.impl == "triton" else "auto"
         p = next(model.parameters())
@@ -168,21 +189,22 @@ class ModelRunner:
         with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT) if self.compiled else nullcontext():
             if decode:
                 return self._decode_fn(tokens, start, block_table)
-            return self._prefill_fn(tokens, start, block_table, every_position, history)
+            if self.prefill_compile == "model":
+                return self._prefill_fn(tokens, start, block_table, every_position, history)
+            return self._run(tokens, start, block_table, every_position, history, step=self._prefill_layer)
 
     def _run_prefill(self, tokens, start, block_table, every_position=False, history=None):
         return self._run(tokens, start, block_table, every_position, history)
 
     def _run(self, tokens: torch.Tensor, start: torch.Tensor, block_table: torch.Tensor,
-             every_position: bool = False, history: int | None = None) -> torch.Tensor:
+             every_position: bool = False, history: int | None = None, step=layer_step) -> torch.Tensor:
+        """The forward; ``step`` runs one layer (the compiled ``layer_step`` for per-layer compiled prefill)."""
         m = self.model
         T = tokens.shape[1]
         positions = start.long()[:, None] + torch.arange(T, device=tokens.device)[None, :]
         x = m.model.embed_tokens(tokens)
         for layer, pool, fmt in zip(m.model.layers, self.pools, self.layer_fmts):
-            cache = LayerCache(pool, block_table, start, check_bounds=False, fmt=fmt,
-                               write_impl=self.write_impl, history=history)
-            x = layer(x, positions, cache)
+            x = step(layer, x, positions, pool, block_table, start, fmt, self.write_impl, history)
         if every_position:
             return m.lm_head(m.model.norm(x)).float()
         x = m.model.norm(x[:, -1:])
