@@ -298,6 +298,20 @@ MODELS = {
 }
 
 
+DEFAULT_WINDOWS = 2  # eval windows per genre of the main reports; other counts write <stem>_w<N>.*
+
+
+def model_entry(args) -> dict:
+    """``MODELS[args.model]``, its report stem suffixed ``_w<N>`` when ``--windows`` is not the default: a run
+    scoring more (or fewer) eval windows per genre is a report of its own, never mixed into the main one."""
+    m = MODELS[getattr(args, "model", None) or "smollm2"]
+    w = getattr(args, "windows", DEFAULT_WINDOWS)
+    if w == DEFAULT_WINDOWS:
+        return m
+    base_cmd = m.get("cmd") or ("run" if m["stem"] == "convert_matrix" else f"run --model {args.model}")
+    return dict(m, stem=f"{m['stem']}_w{w}", cmd=f"{base_cmd} --windows {w}")
+
+
 def _json(m: dict) -> Path:
     return RESULTS / f"{m['stem']}.json"
 
@@ -423,7 +437,7 @@ def run(args) -> None:
 
     torch.manual_seed(0)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    m = MODELS[args.model]
+    m = model_entry(args)
     path = _json(m)
     data = json.loads(path.read_text()) if path.exists() and not args.fresh else {"rows": [], "meta": {}}
     done = {(r["calib"], r["name"]) for r in data["rows"]}
@@ -497,7 +511,7 @@ def run(args) -> None:
             path.write_text(json.dumps(data, indent=1))
             print(f"verified {calib} / {name}: {old['eval_digest_note']}", flush=True)
             del conv
-        if (calib, name) in done or (args.only and not any(x in name for x in args.only.split(","))) or (
+        if (calib, name) in done or (args.only and not selected(args.only, calib, name)) or (
                 args.verify and not args.only):
             continue
         if kw.get("calib_pass") != "sequential":  # reading (or computing) the moments is not conversion time
@@ -525,6 +539,12 @@ def run(args) -> None:
     render(args)
 
 
+def selected(only: str, calib: str, name: str) -> bool:
+    """Whether ``--only`` picks a row: an entry with a ``/`` names one row exactly (``calib/name``), any other
+    entry is a substring of the row's name."""
+    return any(f"{calib}/{name}" == x if "/" in x else x in name for x in only.split(","))
+
+
 def digest_mismatch(row: dict, base: dict, genres) -> list[str] | None:
     """Genres whose eval-window digest in ``row`` differs from ``base``'s ([] = same tokens; None = a row or a
     base without digests, measured before they were recorded)."""
@@ -539,7 +559,7 @@ def _gmean(xs):
 
 def render(args=None) -> None:
     """Write ``<stem>.md`` and ``<stem>.png`` from ``<stem>.json`` (``args.model``, default smollm2)."""
-    m = MODELS[getattr(args, "model", None) or "smollm2"]
+    m = model_entry(args)
     genres, stem = m["genres"], m["stem"]
     never = {c: [g for g in genres if g in NEVER[c]] for c in m["calibs"]}
     any_never = [g for g in genres if g in NEVER["mix"]]
@@ -738,9 +758,11 @@ def main(argv=None) -> int:
     p.add_argument("--gen-tokens", type=int, default=16, help="greedy tokens generated per prompt and row")
     p.add_argument("--calib-samples", type=int, default=16)
     p.add_argument("--calib-seq-len", type=int, default=256)
-    p.add_argument("--windows", type=int, default=2, help="eval windows per genre")
+    p.add_argument("--windows", type=int, default=DEFAULT_WINDOWS,
+                   help=f"eval windows per genre (other than {DEFAULT_WINDOWS}: results go to <stem>_w<N>.*)")
     p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--only", help="comma-separated substrings: run only variants whose name contains one")
+    p.add_argument("--only", help="comma-separated: run only variants whose name contains one, or named exactly "
+                   "by an entry calib/name (e.g. mix/MLA r=128 output-aware)")
     p.add_argument("--fresh", action="store_true", help="ignore results already in the JSON")
     p.add_argument("--verify", help="comma-separated row names or calib/name: re-measure these rows recorded before eval digests "
                    "and stamp them if their perplexity reproduces, else stop (no new rows unless --only is given)")

@@ -6,6 +6,7 @@ The guard's pure parts are tested on fake rows (no model): ``window_digest``, ``
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
@@ -145,3 +146,14 @@ def test_calibration_size_seed_and_shrinkage_rows_are_valid_and_named_by_what_th
         assert (" shrink" in name) == bool(conv_kw.get("calib_shrinkage")), name
     a, kw = cm.with_calib_size(args, {"kv_lora_rank": 128})
     assert (a.calib_samples, a.calib_seq_len, getattr(a, "calib_seed", 0), kw) == (16, 256, 0, {"kv_lora_rank": 128})
+
+
+def test_only_selection_and_windows_stem():
+    assert cm.selected("r=128", "mix", "MLA r=128 output-aware calib 64x256")
+    assert cm.selected("mix/MLA r=128 output-aware", "mix", "MLA r=128 output-aware")
+    assert not cm.selected("mix/MLA r=128 output-aware", "mix", "MLA r=128 output-aware calib 64x256")
+    assert not cm.selected("mix/MLA r=128 output-aware", "sotu", "MLA r=128 output-aware")
+    main = cm.model_entry(argparse.Namespace(model="smollm2", windows=cm.DEFAULT_WINDOWS))
+    more = cm.model_entry(argparse.Namespace(model="qwen2.5-coder-0.5b", windows=16))
+    assert main["stem"] == "convert_matrix" and more["stem"] == "convert_matrix_qwen_w16"
+    assert more["cmd"] == "run --model qwen2.5-coder-0.5b --windows 16"
