@@ -158,6 +158,10 @@ def variants_smollm2():
         spec[name] = ("mla", dict(kv_lora_rank=128, rope_dim=64, freqfold="auto", fit="output", calib_samples=n,
                                   calib_seq_len=t, calib_seed=seed))
         order.append(("mix", name))
+    # what `kvslim convert` does by default (32 x 256 calibration windows, FreqFold auto, output-aware)
+    spec["MLA r=128 freqfold auto output-aware calib 32x256"] = ("mla", dict(
+        kv_lora_rank=128, rope_dim=64, freqfold="auto", fit="output", calib_samples=32, calib_seq_len=256))
+    order.append(("mix", "MLA r=128 freqfold auto output-aware calib 32x256"))
     # calibration size and covariance shrinkage (issue 16): the mix rows above calibrate on 16 x 256 tokens
     base = {"MLA r=128 output-aware": spec["MLA r=128 output-aware"], "GLA-3 d_c=64 output-aware":
             spec["GLA-3 d_c=64 output-aware"], "GTA-3 output-aware": spec["GTA-3 output-aware"]}

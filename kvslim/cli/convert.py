@@ -71,7 +71,9 @@ def add(subparsers) -> None:
     p.add_argument("--rank-min", type=int, metavar="R",
                    help="with --rank-alloc energy/relative: the least latent dim of a layer (a multiple of 16; "
                    "default 16)")
-    p.add_argument("--calib-samples", type=int, default=32, help="calibration windows (default 32)")
+    p.add_argument("--calib-samples", type=int, default=64,
+                   help="calibration windows (default 64: on SmolLM2's in-mixture genres 64 x 256 beat 32 and 16 x 256, "
+                        "docs/convert.md)")
     p.add_argument("--calib-seq-len", type=int, default=256, help="tokens per calibration window (default 256)")
     p.add_argument("--calib", "--calib-text", dest="calib", default="mix", metavar="SPEC",
                    help="calibration text: SOURCE[:WEIGHT][,SOURCE[:WEIGHT]...]; SOURCE = a corpus (sotu, "
