@@ -41,7 +41,7 @@ import torch
 
 from kvslim.engine.allocator import page_bytes
 from kvslim.engine.bench import run_bench, run_engine_bench
-from kvslim.engine.config import EngineConfig
+from kvslim.engine.config import PREFILL_COMPILE, EngineConfig
 from kvslim.engine.engine import LLMEngine, SamplingParams
 from kvslim.engine.source import SHAPES, ModelSource, random_model
 from kvslim.spec import AttentionSpec
@@ -325,7 +325,7 @@ def main(argv=None) -> None:
     ap.add_argument("--no-cuda-graphs", action="store_true")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                     help="torch.compile the engine's decode step and prefill (default: the engine's, on with CUDA)")
-    ap.add_argument("--prefill-compile", choices=("layer", "model"), default="layer",
+    ap.add_argument("--prefill-compile", choices=PREFILL_COMPILE, default="layer",
                     help="with compile: prefill compiled per decoder layer (default) or as one graph of the model")
     ap.add_argument("--no-overlap", action="store_true",
                     help="read each decode step's tokens before launching the next (A/B of the overlapped decode)")

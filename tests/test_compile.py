@@ -104,13 +104,13 @@ def test_prefill_guards_and_recompile_limit():
     eng = LLMEngine(model, EngineConfig(num_pages=64, page_size=4, max_batch=4, max_model_len=64, device="cpu"))
     runner, seen = eng.runner, []
     runner.compiled = True  # the limit is raised around compiled calls only (the spy below stands in for one)
-    run = runner._prefill_layer  # what prefill_compile="layer" compiles: one layer's step
+    run = runner._prefill_fn
 
-    def spy(layer, x, positions, pool, block_table, start, fmt, write_impl, history):
+    def spy(tokens, start, block_table, every_position, history):
         seen.append((torch._dynamo.config.recompile_limit, tuple(block_table.shape), history))
-        return run(layer, x, positions, pool, block_table, start, fmt, write_impl, history)
+        return run(tokens, start, block_table, every_position, history)
 
-    runner._prefill_layer = spy
+    runner._prefill_fn = spy
     assert torch._dynamo.config.recompile_limit < RECOMPILE_LIMIT  # only raised around the call
     runner.prefill([[1, 2, 3]], [0], [[0]])  # short first chunk: no history, table padded to 2 columns
     runner.prefill([list(range(1, MAX_Q_LEN + 2))] * 2, [0, 0], [[1, 2, 3], [4, 5, 6]])  # long, fresh

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from kvslim.engine.config import EngineConfig, ServerConfig
+from kvslim.engine.config import PREFILL_COMPILE, EngineConfig, ServerConfig
 from kvslim.engine.source import SHAPES, ModelSource
 from kvslim.runtime import DTYPES
 
@@ -50,7 +50,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the decode step and prefill forwards (fuses norms, RoPE, casts around "
                         "the kernels; slower start-up). Default: on with CUDA, off on CPU")
-    g.add_argument("--prefill-compile", choices=("layer", "model"), default="layer",
+    g.add_argument("--prefill-compile", choices=PREFILL_COMPILE, default="layer",
                    help="with --compile, compile prefill forwards per decoder layer (one graph every layer reuses: "
                         "start-up does not grow with depth; default) or as one graph of the whole model")
     g.add_argument("--fuse-projections", action="store_true",

@@ -23,6 +23,13 @@ from kvslim.runtime import DTYPES
 #: decode step at start-up (Dynamo specialises sizes 0 and 1 even with dynamic=True)
 DEFAULT_GRAPH_BATCHES = (2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)
 DEVICES = ("auto", "cpu", "cuda")
+#: what a compiled runner compiles for a prefill / verify forward: ``layer`` one decoder layer (every layer of
+#: every runner reuses the graph: the layers share their code, their weights and pools are inputs), ``model``
+#: the whole forward as one graph. Each prefill guard set (batch 1 or more, chunk length <= MAX_Q_LEN or
+#: longer, first chunk, history or unequal starts) is a compile of its own, and a compile of the whole model
+#: grows with its depth: on the H100 (2026-12-07) an MLA serve run's engine set-up did not finish in 235 s.
+#: The decode step is always compiled whole (once, then captured in CUDA graphs).
+PREFILL_COMPILE = ("layer", "model")
 
 
 def _int(name: str, v, lo: int = 1, *, optional: bool = False) -> None:
@@ -72,7 +79,7 @@ class EngineConfig:
             prefill step 1.4-1.7x faster, the B=256 decode step 1.2-1.3x), off on CPU.
         prefill_compile: with ``compile``, what a prefill forward compiles: ``layer`` (one decoder layer,
             reused by every layer, so a compile does not grow with depth; the default) or ``model`` (the
-            whole forward as one graph). See ``kvslim.engine.runner.PREFILL_COMPILE``.
+            whole forward as one graph). See ``PREFILL_COMPILE``.
         fuse_projections: one GEMM for q/k/v (or q + latent down-projection) and one for gate+up
             in every layer (``Transformer.fuse_projections``; same weights, no extra memory). Off by
             default: on the H200 (2026-12-03, ``1b`` shape) it changed the decode step by -2..+2 %
@@ -133,8 +140,8 @@ class EngineConfig:
             raise ValueError(f"cuda_graphs must be None, True or False, got {self.cuda_graphs!r}")
         if self.compile not in (None, True, False):
             raise ValueError(f"compile must be None, True or False, got {self.compile!r}")
-        if self.prefill_compile not in ("layer", "model"):
-            raise ValueError(f"prefill_compile must be 'layer' or 'model', got {self.prefill_compile!r}")
+        if self.prefill_compile not in PREFILL_COMPILE:
+            raise ValueError(f"prefill_compile must be one of {PREFILL_COMPILE}, got {self.prefill_compile!r}")
         if not isinstance(self.fuse_projections, bool):
             raise ValueError(f"fuse_projections must be True or False, got {self.fuse_projections!r}")
         batches = tuple(self.graph_batches)

@@ -41,6 +41,7 @@ the pools; the other ranks' processes replay rank 0's forwards (``kvslim/engine/
 
 from __future__ import annotations
 
+import functools
 import time
 from contextlib import nullcontext
 
@@ -50,7 +51,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kvslim.cache import LayerCache
 from kvslim.engine.allocator import SCRATCH_PAGES
-from kvslim.engine.config import DEFAULT_GRAPH_BATCHES
+from kvslim.engine.config import DEFAULT_GRAPH_BATCHES, PREFILL_COMPILE
 from kvslim.kernels import MAX_Q_LEN
 from kvslim.rows import RowFormat, kv_dtype_name
 
@@ -60,15 +61,6 @@ from kvslim.rows import RowFormat, kv_dtype_name
 #: gate plus two served variants in one process hit 8 on the H100 (2026-12-07) and Dynamo then ran later
 #: prefills eagerly, silently. Raised only around this runner's compiled calls.
 RECOMPILE_LIMIT = 64
-
-#: how a compiled runner compiles prefill / verify forwards: ``layer`` compiles one decoder layer (every
-#: layer of every runner reuses the graph: the layers share their code, their weights and pools are inputs),
-#: ``model`` the whole forward as one graph. Each prefill guard set (batch 1 or more, chunk length <=
-#: MAX_Q_LEN or longer, first chunk, history or unequal starts) is a compile of its own, and a compile of
-#: the whole model grows with its depth: on the H100 (2026-12-07) an MLA serve run's engine set-up did not
-#: finish in 235 s. The decode step is always compiled whole (once, then captured in CUDA graphs).
-PREFILL_COMPILE = ("layer", "model")
-
 
 def layer_step(layer, x, positions, pool, block_table, start, fmt, write_impl, history):
     """One decoder layer over its pool (the unit ``prefill_compile="layer"`` compiles)."""
@@ -100,7 +92,7 @@ class ModelRunner:
             Inductor times its Triton GEMM templates against cuBLAS for the skinny decode GEMMs).
         prefill_compile: with ``compile``, what a prefill / verify forward compiles: ``layer`` (one
             decoder layer, reused by every layer; embedding, final norm and head eager) or ``model``
-            (the whole forward); see ``PREFILL_COMPILE``.
+            (the whole forward); see ``kvslim.engine.config.PREFILL_COMPILE``.
     """
 
     def __init__(self, model, *, num_pages: int, page_size: int, max_pages_per_seq: int, max_batch: int,
@@ -113,11 +105,14 @@ class ModelRunner:
         if fuse_projections:
             model.fuse_projections()
         self.compiled = compile
-        self.prefill_compile = prefill_compile if compile else None
         self._decode_fn = torch.compile(self._run, dynamic=True, mode=compile_mode) if compile else self._run
-        # a separate code object, so prefill's guards (chunk length, fresh, every position) never evict decode's
-        self._prefill_fn = torch.compile(self._run_prefill, dynamic=True) if prefill_compile == "model" and compile else None
-        self._prefill_layer = torch.compile(layer_step, dynamic=True) if prefill_compile == "layer" and compile else layer_step
+        # prefill / verify forwards: (tokens, start, block_table, every_position, history) -> logits
+        if compile and prefill_compile == "model":
+            # a separate code object, so prefill's guards (chunk length, fresh, every position) never evict decode's
+            self._prefill_fn = torch.compile(self._run_prefill, dynamic=True)
+        else:
+            step = torch.compile(layer_step, dynamic=True) if compile else layer_step
+            self._prefill_fn = functools.partial(self._run, step=step)
         # the cache write takes the attention's kernel choice (impl="triton" also under TRITON_INTERPRET)
         self.write_impl = "triton" if model.model.layers[0].self_attn.impl == "triton" else "auto"
         p = next(model.parameters())
@@ -189,9 +184,7 @@ class ModelRunner:
         with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT) if self.compiled else nullcontext():
             if decode:
                 return self._decode_fn(tokens, start, block_table)
-            if self.prefill_compile == "model":
-                return self._prefill_fn(tokens, start, block_table, every_position, history)
-            return self._run(tokens, start, block_table, every_position, history, step=self._prefill_layer)
+            return self._prefill_fn(tokens, start, block_table, every_position, history)
 
     def _run_prefill(self, tokens, start, block_table, every_position=False, history=None):
         return self._run(tokens, start, block_table, every_position, history)
