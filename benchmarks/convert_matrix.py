@@ -158,7 +158,8 @@ def variants_smollm2():
         spec[name] = ("mla", dict(kv_lora_rank=128, rope_dim=64, freqfold="auto", fit="output", calib_samples=n,
                                   calib_seq_len=t, calib_seed=seed))
         order.append(("mix", name))
-    # what `kvslim convert` does by default (32 x 256 calibration windows, FreqFold auto, output-aware)
+    # `kvslim convert`'s default calibration size until 2026-12-07 (32 x 256 windows; since then 64 x 256, the
+    # "calib 64x256" row above), with its FreqFold auto and output-aware fit
     spec["MLA r=128 freqfold auto output-aware calib 32x256"] = ("mla", dict(
         kv_lora_rank=128, rope_dim=64, freqfold="auto", fit="output", calib_samples=32, calib_seq_len=256))
     order.append(("mix", "MLA r=128 freqfold auto output-aware calib 32x256"))
@@ -308,12 +309,13 @@ DEFAULT_WINDOWS = 2  # eval windows per genre of the main reports; other counts 
 def model_entry(args) -> dict:
     """``MODELS[args.model]``, its report stem suffixed ``_w<N>`` when ``--windows`` is not the default: a run
     scoring more (or fewer) eval windows per genre is a report of its own, never mixed into the main one."""
-    m = MODELS[getattr(args, "model", None) or "smollm2"]
+    key = getattr(args, "model", None) or "smollm2"
+    m = MODELS[key]
+    cmd = m.get("cmd") or ("run" if m["stem"] == "convert_matrix" else f"run --model {key}")  # what re-runs it
     w = getattr(args, "windows", DEFAULT_WINDOWS)
     if w == DEFAULT_WINDOWS:
-        return m
-    base_cmd = m.get("cmd") or ("run" if m["stem"] == "convert_matrix" else f"run --model {args.model}")
-    return dict(m, stem=f"{m['stem']}_w{w}", cmd=f"{base_cmd} --windows {w}")
+        return dict(m, cmd=cmd)
+    return dict(m, stem=f"{m['stem']}_w{w}", cmd=f"{cmd} --windows {w}")
 
 
 def _json(m: dict) -> Path:
@@ -572,7 +574,7 @@ def render(args=None) -> None:
     base = next(r for r in rows if r["name"] == m["base"])
     ratio = {(r["calib"], r["name"]): {g: r["ppl"][g] / base["ppl"][g] for g in genres} for r in rows}
     L = meta["layers"]
-    cmd = m.get("cmd") or ("run" if m["stem"] == "convert_matrix" else f"run --model {meta.get('model_key')}")
+    cmd = m["cmd"]
     calib_text = ("from the calib splits of `sotu` (the CLI default) or `mix` = " if "sotu" in m["calibs"]
                   else "from the calib splits of `mix` = ")
     seen = ("(for `mix`, sotu/moby-dick/shakespeare/code are in the mixture, with different documents)"
