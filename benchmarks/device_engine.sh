@@ -12,7 +12,9 @@
 # (default tests,trace,serve,roof; the sweep runs when SWEEP is set). On an H100 (2026-12-07) the GPU tests
 # needed more than 110 s and the trace wrote nothing in 80 s (compiling the 1b model takes ~50 s), so:
 #   PARTS=trace,roof T_TRACE=200 bash benchmarks/device_engine.sh
-# engine_roofline builds (compiles + captures) each variant in 42-69 s there: T_ROOF=300 for all four.
+# engine_roofline builds (compiles + captures) each variant in 42-69 s there: T_ROOF=300 for all four. It measures
+# each variant at the engine's own page size (--page-size auto: 64 for MLA/GLA, 16 for GQA/GTA; the leases up to
+# 2026-12-07 used 16 for all).
 # PARTS=prefill (not in the default) times a 4 x 2048 prefill step eager, compiled per layer (the engine's
 # default) and compiled whole (benchmarks/prefill_step.py --compile all), with each one's build time.
 set -uo pipefail

@@ -43,6 +43,19 @@ def category(name: str) -> str:
     return "other"
 
 
+def page_sizes(arg: str) -> list:
+    """``--page-size``: comma-separated positive ints or ``auto`` (the engine's default for each variant)."""
+    out = []
+    for x in arg.split(","):
+        if x == "auto":
+            out.append(x)
+        elif x.isdigit() and int(x) > 0:
+            out.append(int(x))
+        else:
+            raise SystemExit(f"--page-size: expected positive ints or 'auto', got {x!r}")
+    return out
+
+
 def copy_bandwidth() -> float:
     a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
     b = torch.empty_like(a)
@@ -75,14 +88,17 @@ def breakdown(runner, b: int) -> dict[str, float]:
     return out
 
 
-def measure(preset: str, shape: str, batches: list[int], context: int, page_size: int, compile: bool,
+def measure(preset: str, shape: str, batches: list[int], context: int, page_size: int | str, compile: bool,
             kv_dtype: str | None, reps: int, fuse: bool = False, compile_mode: str | None = None) -> list[dict]:
+    from kvslim.engine.config import default_page_size
     from kvslim.engine.runner import ModelRunner
     from kvslim.engine.source import random_model
     from kvslim.rows import RowFormat
 
     model = random_model(preset, shape, device="cuda", max_len=context + 64).to(torch.bfloat16)
     spec = model.spec
+    if page_size == "auto":
+        page_size = default_page_size(spec)
     fmt = RowFormat.for_spec(spec, kv_dtype or "bf16")
     pages_per_seq = -(-(context + 1) // page_size)
     B = max(batches)
@@ -120,7 +136,9 @@ def main(argv=None) -> None:
     ap.add_argument("--shape", default="1b")
     ap.add_argument("--batch", default="64,256")
     ap.add_argument("--context", type=int, default=2560)
-    ap.add_argument("--page-size", default="16", help="comma-separated page sizes")
+    ap.add_argument("--page-size", default="auto",
+                    help="comma-separated page sizes; 'auto' = the engine's default for the variant "
+                         "(kvslim.engine.config.default_page_size: 64 for MLA/GLA, 16 for the others)")
     ap.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
     ap.add_argument("--compile", choices=("off", "on", "both"), default="both")
     ap.add_argument("--fuse", choices=("off", "on", "both"), default="on",
@@ -130,6 +148,7 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--tag", default="", help="suffix of the result file names")
     args = ap.parse_args(argv)
+    pages = page_sizes(args.page_size)
     if not torch.cuda.is_available():
         raise SystemExit("engine_roofline needs a CUDA device")
     batches = sorted(int(b) for b in args.batch.split(","))
@@ -140,13 +159,13 @@ def main(argv=None) -> None:
     rows = []
     for v in args.variants.split(","):
         for c, f, page in [(c, f, p) for c in modes[args.compile] for f in modes[args.fuse]
-                           for p in (int(x) for x in args.page_size.split(","))]:
+                           for p in pages]:
             for r in measure(v, args.shape, batches, args.context, page, c, args.kv_dtype, args.reps, f,
                              args.compile_mode):
                 r["roofline_ms"] = (r["weight_bytes"] + r["kv_bytes"]) / bw * 1e3
                 r["ratio"] = r["step_ms"] / r["roofline_ms"]
                 rows.append(r)
-                print(f"{r['variant']:8s} B={r['batch']:4d} page={page:3d} compile={c!s:5s} fuse={f!s:5s} "
+                print(f"{r['variant']:8s} B={r['batch']:4d} page={r['page_size']:3d} compile={c!s:5s} fuse={f!s:5s} "
                       f"step {r['step_ms']:7.3f} ms  roofline "
                       f"{r['roofline_ms']:6.3f} ms  = {r['ratio']:.2f}x  | attn {r['attention_ms']:.2f} gemm "
                       f"{r['gemm_ms']:.2f} write {r['cache write_ms']:.2f} other {r['other_ms']:.2f} ms "

@@ -70,6 +70,9 @@ def main(argv=None) -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--calib-samples", type=int, default=16)
     ap.add_argument("--calib-seq-len", type=int, default=256)
+    ap.add_argument("--refit-steps", type=int, default=0,
+                    help="layer-wise refit steps per layer (kvslim/convert/refit.py; `kvslim convert` defaults to 128, "
+                         "the demo to 0: on a 2-core CPU the refit adds minutes per conversion)")
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--out", default="runs/demo", help="where converted checkpoints are written")
     args = ap.parse_args(argv)
@@ -94,7 +97,9 @@ def main(argv=None) -> None:
 
     rows = [("original GQA-3", model.spec.bytes_per_token(2), _ppls(model, evals, args.seq_len), model)]
     print(f"\n== 3. convert (calibration: --calib {DEFAULT_CALIB} = {CALIB_PRESETS[DEFAULT_CALIB]}, calib splits; "
-          "output-aware fit; FreqFold chosen by perplexity on other calibration windows)")
+          "output-aware fit; FreqFold chosen by perplexity on other calibration windows; "
+          + (f"{args.refit_steps} refit steps per layer)" if args.refit_steps else
+             "no layer-wise refit: `kvslim convert` adds 128 steps per layer, --refit-steps N here)"))
     from kvslim.convert import attention_input_moments, calibration_tokens, convert_model
     from kvslim.convert.select import selection_tokens
 
@@ -104,7 +109,8 @@ def main(argv=None) -> None:
     select = selection_tokens(mdir, seq_len=args.calib_seq_len, text=DEFAULT_CALIB, seed=0)  # --freqfold auto's
     for label, kw in _targets(args):
         t = time.time()
-        conv, stats = convert_model(model, moments=moments, select_calib=select, progress=False, **kw)
+        data = dict(calib=calib, refit_steps=args.refit_steps) if args.refit_steps else dict(moments=moments)
+        conv, stats = convert_model(model, select_calib=select, progress=False, **data, **kw)
         sel = stats["freqfold_select"]
         label += f" (FreqFold {sel['chosen']})"
         conv.eval()

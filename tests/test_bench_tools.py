@@ -68,3 +68,13 @@ def test_convert_memory_llama8b_writer_tiny(tmp_path):
     save_file(sd, out / "model.safetensors")
     with pytest.raises(ValueError, match="missing.*layers.2.mlp.up_proj"):
         verify_output(out)
+
+
+def test_engine_roofline_page_sizes():
+    from benchmarks.engine_roofline import page_sizes
+
+    assert page_sizes("auto") == ["auto"]
+    assert page_sizes("16,64,auto") == [16, 64, "auto"]
+    for bad in ("0", "-16", "sixteen", "16,", "16.0"):
+        with pytest.raises(SystemExit, match="--page-size"):
+            page_sizes(bad)

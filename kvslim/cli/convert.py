@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from kvslim.convert.refit import REFIT_LR, REFIT_STEPS_CLI
+
 
 def _freqfold(v: str):
     """``--freqfold``: a positive int or ``auto``."""
@@ -92,6 +94,13 @@ def add(subparsers) -> None:
     p.add_argument("--calib-shrink-to", choices=["identity", "diagonal"], default="identity",
                    help="with --calib-shrinkage: the shrinkage target, a scaled identity (default) or the "
                    "covariance's own diagonal (keeps each channel's variance, shrinks correlations)")
+    p.add_argument("--refit-steps", type=int, default=None, metavar="N",
+                   help=f"mla/gla/gta: after the closed-form fit, N Adam steps per layer (one batch of 4 calibration "
+                   "windows each) that match the converted attention's output to the source layer's on the calibration "
+                   f"windows; the best parameters seen are kept (default {REFIT_STEPS_CLI} for mla/gla/gta; 0 = the "
+                   "closed-form fit only; docs/convert.md)")
+    p.add_argument("--refit-lr", type=float, default=REFIT_LR, metavar="LR",
+                   help=f"Adam step size of --refit-steps, relative to each weight's RMS (default {REFIT_LR:g})")
     p.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="output weight dtype (default float32)")
@@ -126,7 +135,9 @@ def run(args) -> int:
         calib_seq_len=args.calib_seq_len, calib_text=args.calib, seed=args.seed, dtype=args.dtype,
         rank_alloc=args.rank_alloc, rank_min=args.rank_min, calib_pass=args.calib_pass,
         calib_shrinkage=args.calib_shrinkage, calib_shrink_to=args.calib_shrink_to, rope_repeat=args.rope_repeat,
-        stream=not args.in_memory,
+        refit_steps=args.refit_steps if args.refit_steps is not None else (
+            REFIT_STEPS_CLI if args.to in ("mla", "gla", "gta") else 0),
+        refit_lr=args.refit_lr, stream=not args.in_memory,
     )
     print(kv_table(res.source, res.target, res.num_layers, layer_ranks=res.layer_ranks))
     alloc = res.stats.get("rank_alloc")
@@ -145,6 +156,11 @@ def run(args) -> int:
         ppl = ", ".join(f"{f}: {v:.3f}" for f, v in sel["ppl"].items())
         print(f"\nfreqfold auto: chose {sel['chosen']} (perplexity on {sel['windows'][0]} other calibration windows "
               f"per candidate: {ppl})")
+    err = res.stats.get("refit_error")
+    if err:
+        before, after = (sum(e[k] for e in err) / len(err) for k in (0, 1))
+        print(f"\nrefit: relative attention-output error on the calibration windows, mean over {len(err)} layers: "
+              f"{before:.4f} -> {after:.4f}")
     if res.export:
         print(export_summary(res.export, res.num_layers))
     print(f"\nwrote {res.out} ({res.seconds:.1f} s)")

@@ -29,6 +29,7 @@ from kvslim.convert.gqa_to_gta import check_gta_target, fit_gta
 from kvslim.convert.latent import check_latent_target, fit_latent, layer_spectra, max_latent_dim
 from kvslim.convert.mha_to_gqa import check_gqa_target, mha_to_gqa
 from kvslim.convert.ranks import RANK_ALLOCS, allocate_ranks, check_rank_alloc, resolve_rank_min
+from kvslim.convert.refit import REFIT_LR, check_refit, refit_attention
 from kvslim.convert.select import AUTO, freqfold_candidates, select_freqfold, selection, selection_tokens
 from kvslim.convert.sequential import ModelLayers, check_calib_pass, convert_sequential
 from kvslim.convert.stream import CALIB_BATCH, stream_convert, stream_layers, stream_select_nll
@@ -89,7 +90,8 @@ def check_conversion(spec: AttentionSpec, to: str, *, kv_heads=None, latent_head
                      rope_dim: int = 64, freqfold=None, method: str = "transmla", gta_state: str = "joint",
                      fit: str = "bkv", rank_alloc: str = "uniform", rank_min: int | None = None,
                      calib_pass: str = "original", calib_shrinkage: float = 0.0,
-                     calib_shrink_to: str = "identity", rope_repeat: int = 1) -> None:
+                     calib_shrink_to: str = "identity", rope_repeat: int = 1, refit_steps: int = 0,
+                     refit_lr: float = REFIT_LR) -> None:
     """Raise ValueError naming the bad option if ``spec`` cannot be converted ``to`` this target.
 
     The one validation of a conversion: :func:`convert_checkpoint` runs it before the slow
@@ -103,6 +105,7 @@ def check_conversion(spec: AttentionSpec, to: str, *, kv_heads=None, latent_head
                              f"not --to {to} with method {method!r}")
         freqfold = None
     check_calib_pass(calib_pass, to)
+    check_refit(refit_steps, refit_lr, to)
     check_shrinkage(calib_shrinkage, calib_shrink_to)
     if calib_shrinkage and to == "gqa":
         raise ValueError("calib_shrinkage applies to mla, gla and gta (the targets that calibrate); --to gqa "
@@ -156,8 +159,8 @@ def convert_model(model: Transformer, to: str, *, calib: torch.Tensor | None = N
                   rope_dim: int = 64, freqfold: int | None = None, method: str = "transmla",
                   gta_state: str = "joint", fit: str = "bkv", rank_alloc: str = "uniform", rank_min: int | None = None,
                   calib_pass: str = "original", calib_shrinkage: float = 0.0, calib_shrink_to: str = "identity",
-                  rope_repeat: int = 1, select_calib: torch.Tensor | None = None,
-                  progress: bool = True) -> tuple[Transformer, dict]:
+                  rope_repeat: int = 1, select_calib: torch.Tensor | None = None, refit_steps: int = 0,
+                  refit_lr: float = REFIT_LR, progress: bool = True) -> tuple[Transformer, dict]:
     """Convert an in-memory kvslim Transformer; returns (new model, diagnostics).
 
     ``moments`` (per-layer ``E[x̃x̃ᵀ]`` from ``attention_input_moments``) or ``calib`` token
@@ -170,29 +173,40 @@ def convert_model(model: Transformer, to: str, *, calib: torch.Tensor | None = N
     "diagonal"``: toward its diagonal) before fitting (calib.py ``shrink_moment``; 0 = none).
     ``freqfold="auto"`` converts once per FreqFold candidate and keeps the one with the lowest NLL on
     ``select_calib`` (calibration-split windows other than the fitting ones; select.py); diagnostics then hold
-    ``freqfold_select``.
+    ``freqfold_select``. ``refit_steps > 0`` then refits every converted attention layer to the source layer's
+    output on ``calib`` (refit.py; needs ``calib``); diagnostics hold ``refit_error`` (per layer, the relative
+    output error before and after). With ``auto``, FreqFold is chosen on the closed-form fits, then refit once.
     """
     opts = dict(kv_heads=kv_heads, latent_heads=latent_heads, kv_lora_rank=kv_lora_rank, rope_dim=rope_dim,
                 freqfold=freqfold, method=method, gta_state=gta_state, fit=fit, rank_alloc=rank_alloc,
                 rank_min=rank_min, calib_shrinkage=calib_shrinkage, calib_shrink_to=calib_shrink_to,
                 rope_repeat=rope_repeat)
-    check_conversion(model.spec, to, calib_pass=calib_pass, **opts)
+    check_conversion(model.spec, to, calib_pass=calib_pass, refit_steps=refit_steps, refit_lr=refit_lr, **opts)
+    refit = refitter(refit_steps, refit_lr)
     if freqfold == AUTO:
-        return _convert_auto(model, to, calib, moments, calib_pass, opts, select_calib, progress)
-    return _convert_checked(model, to, calib, moments, calib_pass, opts, progress)
+        return _convert_auto(model, to, calib, moments, calib_pass, opts, select_calib, progress, refit)
+    return _convert_checked(model, to, calib, moments, calib_pass, opts, progress, refit)
+
+
+def refitter(steps: int, lr: float):
+    """The per-layer refit the layer walk applies (stream.py ``_walk``), or None for ``steps == 0``."""
+    if not steps:
+        return None
+    return lambda source, converted, inputs: refit_attention(source, converted, inputs, steps=steps, lr=lr)
 
 
 def _convert_checked(model: Transformer, to: str, calib, moments, calib_pass: str, opts: dict,
-                     progress: bool) -> tuple[Transformer, dict]:
+                     progress: bool, refit=None) -> tuple[Transformer, dict]:
     """:func:`convert_model` once :func:`check_conversion` accepted ``opts`` (a FreqFold group, not ``auto``)."""
-    if calib_pass == "sequential":
-        if moments is not None:
+    if calib_pass == "sequential" or refit is not None:
+        if calib_pass == "sequential" and moments is not None:
             raise ValueError("moments: calib_pass='sequential' takes layer i's moment on the converted layers "
                              "0..i-1, so it cannot use precomputed moments; pass calib (token windows) instead")
         if calib is None:
-            raise ValueError(f"--to {to} needs calibration tokens")
+            raise ValueError(f"--to {to} needs calibration tokens" + (
+                "" if refit is None else " (refit_steps: the refit reads the calibration windows, not only moments)"))
         check_calibration_batches(calib, model.config.vocab_size)
-        return _run_sequential(model, to, calib, opts, progress)
+        return _run_walk(model, to, calib, opts, progress, calib_pass == "sequential", refit)
     if to != "gqa" and moments is None:
         if calib is None:
             raise ValueError(f"--to {to} needs calibration tokens")
@@ -203,18 +217,24 @@ def _convert_checked(model: Transformer, to: str, calib, moments, calib_pass: st
 
 
 def _convert_auto(model: Transformer, to: str, calib, moments, calib_pass: str, opts: dict, select_calib,
-                  progress: bool) -> tuple[Transformer, dict]:
+                  progress: bool, refit=None) -> tuple[Transformer, dict]:
     """``freqfold="auto"`` in memory: :func:`_convert_checked` per candidate (one calibration pass shared by all,
-    except the sequential pass's), the lowest NLL on ``select_calib`` kept (select.py)."""
+    except the sequential pass's), the lowest NLL on ``select_calib`` kept (select.py); with ``refit``, the
+    chosen candidate is converted again and refit (the candidates are scored as closed-form fits)."""
     if select_calib is None:
         raise ValueError("select_calib: freqfold='auto' scores each candidate on calibration windows other than "
                          "the fitting ones; pass them as select_calib")
     check_calibration_batches(select_calib, model.config.vocab_size)
+    windows = calib
     if calib_pass != "sequential" and moments is None and calib is not None:
         moments, calib = attention_input_moments(model, calib, batch_size=CALIB_BATCH, progress=progress), None
     out, stats, sel = select_freqfold(
         lambda f: _convert_checked(model, to, calib, moments, calib_pass, dict(opts, freqfold=f), False),
         _freqfold_candidates(model.spec, to, opts["rope_dim"], opts["rope_repeat"]), select_calib, progress)
+    if refit is not None:
+        del out
+        out, stats = _convert_checked(model, to, windows, None, calib_pass, dict(opts, freqfold=sel["chosen"]),
+                                      progress, refit)
     stats["freqfold_select"] = sel
     return out, stats
 
@@ -243,13 +263,15 @@ def _layer_converter(to: str, opts: dict, ranks: list):
     return convert_layer
 
 
-def _run_sequential(model: Transformer, to: str, calib: torch.Tensor, opts: dict,
-                    progress: bool) -> tuple[Transformer, dict]:
-    """The in-memory sequential conversion (sequential.py) with the converter streaming applies per layer."""
+def _run_walk(model: Transformer, to: str, calib: torch.Tensor, opts: dict, progress: bool, sequential: bool,
+              refit=None) -> tuple[Transformer, dict]:
+    """The in-memory conversion layer by layer (sequential.py ``convert_sequential``) with the converter
+    streaming applies per layer: the sequential pass, and any conversion with a refit (refit.py)."""
     ranks, alloc = [opts["kv_lora_rank"]] * model.config.num_layers, None
     if opts["rank_alloc"] != "uniform":  # allocated on the original pass, as streaming does
         ranks, alloc = _stream_ranks(ModelLayers(model), calib, to, opts, progress)
-    out, stats = convert_sequential(model, calib, _layer_converter(to, opts, ranks), progress=progress)
+    out, stats = convert_sequential(model, calib, _layer_converter(to, opts, ranks), progress=progress,
+                                    sequential=sequential, refit=refit)
     if alloc is not None:
         stats["rank_alloc"] = alloc
     return out, stats
@@ -288,8 +310,8 @@ def convert_checkpoint(*, model_dir: str | os.PathLike, out: str | os.PathLike, 
                        dtype: str = "float32", gta_state: str = "joint", fit: str = "bkv",
                        rank_alloc: str = "uniform", rank_min: int | None = None, calib_pass: str = "original",
                        calib_shrinkage: float = 0.0, calib_shrink_to: str = "identity", rope_repeat: int = 1,
-                       select_tokens: torch.Tensor | None = None, progress: bool = True,
-                       stream: bool = True) -> ConvertResult:
+                       select_tokens: torch.Tensor | None = None, refit_steps: int = 0, refit_lr: float = REFIT_LR,
+                       progress: bool = True, stream: bool = True) -> ConvertResult:
     """Convert the checkpoint in ``model_dir`` and write it to ``out`` (atomically).
 
     Args:
@@ -325,6 +347,9 @@ def convert_checkpoint(*, model_dir: str | os.PathLike, out: str | os.PathLike, 
         calib_shrinkage: λ in [0, 1): each layer's calibration covariance shrunk toward a scaled identity
             before fitting (calib.py ``shrink_moment``; 0 = none, the default); ``calib_shrink_to="diagonal"``
             shrinks toward the covariance's diagonal instead.
+        refit_steps, refit_lr: Adam steps (one batch of calibration windows each) per layer that refit the
+            converted attention to the source layer's output on the calibration windows (refit.py; 0 = the
+            closed-form fit only); with ``freqfold="auto"`` the group is chosen first, on the closed-form fits.
         stream: convert layer by layer, holding one layer at a time (stream.py; the default: its
             output is byte-identical); False loads the whole source model first.
     """
@@ -383,7 +408,8 @@ def convert_checkpoint(*, model_dir: str | os.PathLike, out: str | os.PathLike, 
                 freqfold=freqfold, method=method, gta_state=gta_state, fit=fit, rank_alloc=rank_alloc,
                 rank_min=rank_min, calib_shrinkage=calib_shrinkage, calib_shrink_to=calib_shrink_to,
                 rope_repeat=rope_repeat)
-    check_conversion(spec, to, calib_pass=calib_pass, **opts)
+    check_conversion(spec, to, calib_pass=calib_pass, refit_steps=refit_steps, refit_lr=refit_lr, **opts)
+    refit = refitter(refit_steps, refit_lr)
     if fmt == "deepseek":
         check_qk_norm(spec)
         mla_layout(_target_spec(spec, to, latent_heads=latent_heads, kv_lora_rank=kv_lora_rank, rope_dim=rope_dim,
@@ -419,7 +445,7 @@ def convert_checkpoint(*, model_dir: str | os.PathLike, out: str | os.PathLike, 
             ranks, alloc = _stream_ranks(src, calib, to, opts, progress)
         new, stats, report = stream_convert(src, out, convert_layer=_layer_converter(to, opts, ranks), calib=calib,
                                             fmt=fmt, dtype=DTYPES[dtype], sequential=calib_pass == "sequential",
-                                            progress=progress,
+                                            progress=progress, refit=refit,
                                             layer_ranks=ranks if len(set(ranks)) > 1 else None, **ds, **write)
         if alloc is not None:
             stats["rank_alloc"] = alloc
@@ -428,9 +454,9 @@ def convert_checkpoint(*, model_dir: str | os.PathLike, out: str | os.PathLike, 
         target_spec = new.spec.replace(latent_dim=max(ranks)) if new.spec.is_latent else new.spec
     else:
         if freqfold == AUTO:
-            new, stats = _convert_auto(model, to, calib, None, calib_pass, opts, select_tokens, progress)
+            new, stats = _convert_auto(model, to, calib, None, calib_pass, opts, select_tokens, progress, refit)
         else:
-            new, stats = _convert_checked(model, to, calib, None, calib_pass, opts, progress)
+            new, stats = _convert_checked(model, to, calib, None, calib_pass, opts, progress, refit)
         write_checkpoint(new, out, fmt=fmt, dtype=DTYPES[dtype], report=report, **ds, **write)
         target_spec = new.spec
     layer_ranks = stats.get("layer_ranks")

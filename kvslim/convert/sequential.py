@@ -74,18 +74,23 @@ class ModelLayers:
 
 @torch.no_grad()
 def convert_sequential(model: Transformer, calib: torch.Tensor, convert_layer: Callable, *,
-                       progress: bool = True) -> tuple[Transformer, dict]:
-    """Convert an in-memory ``model`` layer by layer, each layer calibrated on the converted layers before it.
+                       progress: bool = True, sequential: bool = True,
+                       refit: Callable | None = None) -> tuple[Transformer, dict]:
+    """Convert an in-memory ``model`` layer by layer, each layer calibrated on the converted layers before it
+    (``sequential=False``: on the source's, as the in-memory pass; the walk a refit needs, refit.py).
 
     Args:
         model: the source kvslim Transformer (left unchanged).
         calib: ``[N, T]`` int64 calibration windows (checked by the caller).
         convert_layer: ``fn(i, one-layer model, [moment]) -> (converted one-layer model, stats)``, the
             converter stream.py applies (pipeline.py).
+        refit: ``refit(source layer, converted layer, inputs) -> stats`` applied to each converted layer
+            (stream.py ``_walk``).
     Returns:
         ``(converted model, stats)``; per-layer stats lists concatenated over layers, as streaming does.
     """
-    layers = stream_layers(ModelLayers(model), calib, convert_layer, sequential=True, progress=progress)
+    layers = stream_layers(ModelLayers(model), calib, convert_layer, sequential=sequential, progress=progress,
+                           refit=refit)
     first = layers[0][0].spec
     ranks = [new.spec.latent_dim for new, _ in layers] if first.is_latent else None
     per_layer = ranks is not None and len(set(ranks)) > 1

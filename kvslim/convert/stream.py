@@ -117,7 +117,7 @@ def _calibrate(shell: Transformer, hidden: list[torch.Tensor], advance: bool):
 
 
 def _walk(src, calib: torch.Tensor | None, fn: Callable, *, sequential: bool, desc: str, done: str,
-          progress: bool):
+          progress: bool, refit: Callable | None = None):
     """Yield ``(i, fn(i, one-layer model of source layer i, [Σ_i] or None))`` for every layer, in order, with
     the calibration hidden states advanced layer by layer (steps 1-2): through source layer ``i`` (the
     ``original`` pass), or, ``sequential``, through the converted layer ``fn`` returned (``fn(...)[0]``, a
@@ -125,6 +125,9 @@ def _walk(src, calib: torch.Tensor | None, fn: Callable, *, sequential: bool, de
 
     ``src``: a :class:`LazyCheckpoint`, or anything with its ``config``, ``layer(i)`` and ``tensors([embedding
     name])`` (sequential.py ``ModelLayers``: an in-memory model).
+    ``refit``: ``refit(source layer, converted layer, inputs) -> stats`` (refit.py), applied to the converted
+    layer ``fn`` returned, on the hidden states layer i's moment was taken on, before they advance; its
+    stats are appended to ``fn``'s (one entry per layer).
     """
     t0 = time.time()
     L = src.config.num_layers
@@ -138,9 +141,15 @@ def _walk(src, calib: torch.Tensor | None, fn: Callable, *, sequential: bool, de
         for i in bar:
             shell = src.layer(i)
             advance = i < L - 1
+            inputs = None
+            if refit is not None and hidden is not None:  # _calibrate advances hidden in place on the original pass
+                inputs = [x.clone() for x in hidden] if advance and not sequential else hidden
             moments = None if hidden is None else [_calibrate(shell, hidden, advance and not sequential)]
             out = fn(i, shell, moments)
-            del shell, moments
+            if inputs is not None:
+                for k, v in refit(shell.model.layers[0], out[0].model.layers[0], inputs).items():
+                    out[1].setdefault(k, []).append(v)
+            del shell, moments, inputs
             if sequential and advance and hidden is not None:
                 layer = out[0].model.layers[0]
                 for b, x in enumerate(hidden):
@@ -155,16 +164,20 @@ def _walk(src, calib: torch.Tensor | None, fn: Callable, *, sequential: bool, de
 
 @torch.no_grad()
 def stream_layers(src, calib: torch.Tensor | None, fn: Callable, *, sequential: bool = False,
-                  progress: bool = True) -> list:
+                  progress: bool = True, refit: Callable | None = None) -> list:
     """``[fn(i, one-layer model of source layer i, moments) for every layer]``, one layer in memory at a time.
 
     The pass a conversion needs before it can convert any layer, e.g. the spectra of every layer
     that ``rank_alloc="energy"`` allocates ranks on (ranks.py); the moments are those
     :func:`stream_convert` computes. ``sequential``: ``fn`` converts (it returns ``(converted one-layer
-    model, ...)``) and each layer's moments are taken after the converted layers before it (:func:`_walk`).
+    model, ...)``) and each layer's moments are taken after the converted layers before it (:func:`_walk`);
+    ``refit`` (needs a converting ``fn``) refits each converted layer (:func:`_walk`, refit.py).
     """
     desc = "convert (sequential)" if sequential else "calibrate (streaming)"
-    with closing(_walk(src, calib, fn, sequential=sequential, desc=desc, done="read", progress=progress)) as walk:
+    if refit is not None:
+        desc = "convert + refit" + (" (sequential)" if sequential else "")
+    with closing(_walk(src, calib, fn, sequential=sequential, desc=desc, done="read", progress=progress,
+                       refit=refit)) as walk:
         return [out for _, out in walk]
 
 
@@ -210,7 +223,7 @@ def stream_select_nll(src, calib: torch.Tensor, select: torch.Tensor, converters
 def stream_convert(src: LazyCheckpoint, out, *, convert_layer: Callable, calib: torch.Tensor | None, fmt: str,
                    dtype: torch.dtype, target: str = "transformers", head_size: int | None = None,
                    layer_ranks: list[int] | None = None, sequential: bool = False, progress: bool = True,
-                   **write) -> tuple[Transformer, dict, dict]:
+                   refit: Callable | None = None, **write) -> tuple[Transformer, dict, dict]:
     """Convert ``src`` layer by layer into ``out`` (module docstring); nothing is left at ``out`` on error.
 
     Args:
@@ -226,6 +239,7 @@ def stream_convert(src: LazyCheckpoint, out, *, convert_layer: Callable, calib: 
             format ``kvslim`` only): ``convert_layer(i, ...)`` must give layer i that rank.
         sequential: calibrate layer i on the activations of the *converted* layers ``0..i-1``
             (sequential.py) instead of the source's.
+        refit: refit each converted layer on its calibration inputs before writing it (:func:`_walk`, refit.py).
     Returns:
         ``(converted layer 0 as a one-layer model, stats over all layers, DeepSeek report or {})``.
     """
@@ -239,7 +253,7 @@ def stream_convert(src: LazyCheckpoint, out, *, convert_layer: Callable, calib: 
     def weights(staging):
         writer = None
         walk = _walk(src, calib, convert_layer, sequential=sequential, desc="convert (streaming)", done="written",
-                     progress=progress)
+                     progress=progress, refit=refit)
         try:
             for i, (new, stats) in walk:
                 tensors, info = _layer_parts(new, fmt, dtype, target, head_size)

@@ -1,0 +1,120 @@
+"""Layer-wise refit (beyond TransMLA; issue 16): gradient steps that match each converted attention layer's
+*output* to the source layer's on the calibration windows, starting from the closed-form fit.
+
+**Why.** Every closed-form fit (latent.py, gqa_to_gta.py) minimises a quadratic proxy: the key/value
+reconstruction error under the layer's input moment, at best weighted by the queries and ``o_proj``
+(``fit="output"``). What the next layer reads is the attention output ``o_proj(softmax(q·k/√d) v)``,
+and three things in it are invisible to any such proxy: the softmax (a score error matters only where
+the weights are large), RoPE on the one shared RoPE key (a rotation per position that no moment of the
+un-rotated key sees), and the ties of the target (GTA's key half *is* part of its value; GLA's latent head
+serves several groups). The refit minimises the relative error
+
+    E‖attn'(x) − attn(x)‖² / E‖attn(x)‖²
+
+directly, over every parameter of the converted attention (query, state/latent, RoPE-key and output
+projections, biases), with Adam from the closed-form solution. The step size is relative: each tensor's is
+``lr`` times its RMS, because the fits leave the tensors at very different scales (an output-aware
+up-projection carries ``M^{-1/2}``), and one absolute step that suits one tensor (or model) wrecks another. The cache layout and the bytes per token
+do not change: a refit conversion is the same target, with better weights.
+
+**Inputs and target.** The inputs ``x`` are the hidden states the layer's moment is taken on (stream.py
+``_walk``): the source's activations (``calib_pass="original"``) or the converted layers' own
+(``"sequential"``, sequential.py), and the target is the *source* layer's attention on those same inputs:
+converted layer i is taught to mimic original layer i on the inputs it is calibrated on, as the moments
+already do. Only the calibration windows are read; nothing is selected on evaluation text.
+
+**Safety.** Each optimiser step takes one batch of ``CALIB_BATCH`` windows, in order, cycling. The loss
+over all windows is measured before the first step and every ``check_every`` steps; the parameters with
+the lowest one are kept (the closed-form ones included). So a refit never ends worse on the calibration
+windows than the fit it starts from, and a conversion that is exact (full rank) stays exact.
+
+**Cost.** ``steps`` forward+backward passes of one attention layer on ``CALIB_BATCH`` windows per
+layer, plus ``steps / check_every + 1`` forward passes over all windows. SmolLM2-135M, 128 steps,
+4 x 256-token batches: about 3 s per layer on a 2-core CPU (benchmarks/convert_matrix.py rows "... refit").
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["REFIT_LR", "REFIT_STEPS_CLI", "check_refit", "refit_attention"]
+
+REFIT_LR = 1e-2  # Adam step size relative to each tensor's RMS
+REFIT_STEPS_CLI = 128  # kvslim convert's default (issue 16 matrix rows "... refit")
+CHECK_EVERY = 32
+
+
+def check_refit(steps, lr, to: str) -> None:
+    """Raise ValueError naming the bad field unless ``steps`` (int >= 0) and ``lr`` (finite > 0) are valid for ``to``."""
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+        raise ValueError(f"refit_steps must be an int >= 0, got {steps!r}")
+    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not math.isfinite(lr) or lr <= 0:
+        raise ValueError(f"refit_lr must be a finite number > 0, got {lr!r}")
+    if steps and to == "gqa":
+        raise ValueError("refit_steps applies to mla, gla and gta (the targets that calibrate); --to gqa "
+                         "mean-pools without calibration")
+
+
+def _positions(x: torch.Tensor) -> torch.Tensor:
+    B, T = x.shape[:2]
+    return torch.arange(T, device=x.device).expand(B, T)
+
+
+def _attention(layer, x: torch.Tensor) -> torch.Tensor:
+    """``layer``'s attention output (before the residual add) for hidden states ``x [B, T, D]``."""
+    return layer.self_attn(layer.input_layernorm(x), _positions(x), None)
+
+
+@torch.no_grad()
+def _loss(layer, hidden: list[torch.Tensor], targets: list[torch.Tensor], denom: float) -> float:
+    return sum(float((_attention(layer, x) - t).pow(2).sum()) for x, t in zip(hidden, targets)) / denom
+
+
+def refit_attention(source, converted, hidden: list[torch.Tensor], *, steps: int, lr: float = REFIT_LR,
+                    check_every: int = CHECK_EVERY) -> dict:
+    """Refit ``converted``'s attention (in place) to ``source``'s output on ``hidden`` (module docstring).
+
+    Args:
+        source: the source decoder layer (unchanged).
+        converted: the converted decoder layer; its ``self_attn`` parameters are updated.
+        hidden: the layer's input hidden states, batches of ``[B, T, D]`` (unchanged).
+        steps: optimiser steps, one batch each (0: nothing is done).
+        lr: Adam step size relative to each tensor's RMS (a zero tensor, e.g. a bias, takes the mean RMS).
+    Returns:
+        ``{"refit_error": (relative error before, after)}`` over all of ``hidden``.
+    """
+    if steps == 0 or not hidden:
+        return {}
+    with torch.no_grad():
+        targets = [_attention(source, x) for x in hidden]
+    denom = max(sum(float(t.pow(2).sum()) for t in targets), 1e-300)
+    params = [p for p in converted.self_attn.parameters() if p.is_floating_point()]
+    was = [p.requires_grad for p in params]
+    best = first = _loss(converted, hidden, targets, denom)
+    keep = [p.detach().clone() for p in params]
+    rms = [float(p.detach().pow(2).mean().sqrt()) for p in params]
+    mean = sum(rms) / len(rms) or 1.0
+    opt = torch.optim.Adam([{"params": [p], "lr": lr * (r or mean)} for p, r in zip(params, rms)])
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        for s in range(steps):
+            b = s % len(hidden)
+            with torch.enable_grad():
+                err = (_attention(converted, hidden[b]) - targets[b]).pow(2).sum() * (len(hidden) / denom)
+                err.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if (s + 1) % check_every == 0 or s + 1 == steps:
+                now = _loss(converted, hidden, targets, denom)
+                if now < best:
+                    best = now
+                    keep = [p.detach().clone() for p in params]
+    finally:
+        with torch.no_grad():
+            for p, k, w in zip(params, keep, was):
+                p.copy_(k)
+                p.requires_grad_(w)
+    return {"refit_error": (first, best)}
