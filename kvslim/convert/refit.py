@@ -29,8 +29,9 @@ the lowest one are kept (the closed-form ones included). So a refit never ends w
 windows than the fit it starts from, and a conversion that is exact (full rank) stays exact.
 
 **Cost.** ``steps`` forward+backward passes of one attention layer on ``CALIB_BATCH`` windows per
-layer, plus ``steps / check_every + 1`` forward passes over all windows. SmolLM2-135M, 128 steps,
-4 x 256-token batches: about 3 s per layer on a 2-core CPU (benchmarks/convert_matrix.py rows "... refit").
+layer, plus ``steps / check_every + 1`` forward passes over all windows. SmolLM2-135M, 128 steps of
+4 x 256 tokens, fp32 on a 2-core CPU: about 9 s per layer for GTA-3 and 17 s for MLA r=128, so the whole
+conversion takes 5-9 minutes instead of about one (benchmarks/convert_matrix.py rows "... refit").
 """
 
 from __future__ import annotations
