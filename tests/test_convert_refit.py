@@ -174,3 +174,72 @@ def test_cli_prints_the_refit(tmp_path, capsys, monkeypatch):
     assert main(["convert", "--model", str(tmp_path), "--to", "gta", "--out", str(tmp_path / "o")]) == 0
     assert ("refit: relative attention-output error on the calibration windows, mean over 2 layers: 0.4000 -> "
             "0.1500") in capsys.readouterr().out
+
+
+def test_refit_on_a_device_runs_on_copies_and_equals_the_in_place_refit():
+    """``device`` set: the refit runs on copies of both layers and the inputs, then the weights come back.
+    On the layers' own device (the only one CI has) it equals the in-place refit bit for bit."""
+    m, calib = _deep(_spec(h_kv=2), layers=1), _calib()
+    conv, _ = convert_model(m, "mla", calib=calib, progress=False, kv_lora_rank=8, rope_dim=16, fit="output")
+    twin = {k: v.clone() for k, v in conv.state_dict().items()}
+    h = [m.model.embed_tokens(calib[:4]).detach(), m.model.embed_tokens(calib[4:]).detach()]
+    src = {k: v.clone() for k, v in m.state_dict().items()}
+    flags = [p.requires_grad for p in conv.parameters()]
+    a = refit_attention(m.model.layers[0], conv.model.layers[0], h, steps=5, device="cpu")
+    away = conv.state_dict()
+    conv.load_state_dict(twin)
+    b = refit_attention(m.model.layers[0], conv.model.layers[0], h, steps=5)
+    assert a == b and a["refit_error"][1] < a["refit_error"][0]
+    for k, v in conv.state_dict().items():
+        assert torch.equal(away[k], v), k
+    assert all(torch.equal(v, src[k]) for k, v in m.state_dict().items())
+    assert [p.requires_grad for p in conv.parameters()] == flags
+
+
+def test_refit_device_is_checked_by_name(sources, tmp_path, monkeypatch):  # noqa: F811
+    from kvslim.convert.refit import refit_device
+
+    assert refit_device(None) is None and refit_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert refit_device("auto") == torch.device("cpu")
+    m, calib = _deep(_spec(h_kv=2), layers=1), _calib()
+    for bad, msg in (("cuda", "refit_device 'cuda': this machine has 0 CUDA device"),
+                     ("gpu0", "refit_device must be 'auto' or a torch device"),
+                     ("meta", "refit_device must be a cpu or cuda device")):
+        with pytest.raises(ValueError, match=msg):
+            convert_model(m, "mla", calib=calib, kv_lora_rank=8, rope_dim=16, refit_steps=2, refit_device=bad,
+                          progress=False)
+        with pytest.raises(ValueError, match=msg):  # before anything is read or written
+            convert_checkpoint(model_dir=sources["hf"], out=tmp_path / "o", to="mla", kv_lora_rank=16, rope_dim=8,
+                               calib_tokens=calib, refit_steps=2, refit_device=bad, progress=False)
+        assert not (tmp_path / "o").exists()
+
+
+def test_cli_refit_device(sources, tmp_path, convert_kwargs):  # noqa: F811
+    from kvslim.cli import main
+
+    args = ["convert", "--model", str(sources["hf"]), "--to", "mla", "--kv-lora-rank", "16", "--rope-dim", "8",
+            "--out", str(tmp_path / "o")]
+    assert main(args) == 2
+    assert convert_kwargs["refit_device"] == "auto"
+    assert main([*args, "--refit-device", "cpu"]) == 2
+    assert convert_kwargs["refit_device"] == "cpu"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_refit_on_cuda_matches_the_cpu_refit():
+    """On a GPU the same steps give about the same fit (fp32 on both; Adam's sign-like steps amplify rounding in
+    near-zero gradients, so the weights are not compared element by element)."""
+    m, calib = tiny_model(_spec(h_kv=2), vocab=VOCAB, layers=1).float(), _calib()
+    conv, _ = convert_model(m, "gla", calib=calib, progress=False, latent_heads=2, kv_lora_rank=6, rope_dim=16)
+    twin = {k: v.clone() for k, v in conv.state_dict().items()}
+    h = [m.model.embed_tokens(calib).detach()]
+    gpu = refit_attention(m.model.layers[0], conv.model.layers[0], h, steps=8, device="cuda")
+    assert next(conv.parameters()).device.type == "cpu" and next(m.parameters()).device.type == "cpu"
+    assert any(not torch.equal(twin[k], v) for k, v in conv.state_dict().items())  # the weights came back
+    conv.load_state_dict(twin)
+    cpu = refit_attention(m.model.layers[0], conv.model.layers[0], h, steps=8)
+    assert gpu["refit_error"][0] == pytest.approx(cpu["refit_error"][0], rel=1e-4)
+    assert gpu["refit_error"][1] == pytest.approx(cpu["refit_error"][1], rel=5e-2)
+    assert gpu["refit_error"][1] < 0.9 * gpu["refit_error"][0]

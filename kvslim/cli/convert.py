@@ -101,6 +101,10 @@ def add(subparsers) -> None:
                    "closed-form fit only; docs/convert.md)")
     p.add_argument("--refit-lr", type=float, default=REFIT_LR, metavar="LR",
                    help=f"Adam step size of --refit-steps, relative to each weight's RMS (default {REFIT_LR:g})")
+    p.add_argument("--refit-device", default="auto", metavar="DEVICE",
+                   help="where --refit-steps runs: auto (a CUDA GPU when there is one, else the CPU; default), cpu, "
+                   "cuda or cuda:N. One layer and its calibration activations are on it at a time; the rest of the "
+                   "conversion runs on the CPU")
     p.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="output weight dtype (default float32)")
@@ -137,7 +141,7 @@ def run(args) -> int:
         calib_shrinkage=args.calib_shrinkage, calib_shrink_to=args.calib_shrink_to, rope_repeat=args.rope_repeat,
         refit_steps=args.refit_steps if args.refit_steps is not None else (
             REFIT_STEPS_CLI if args.to in ("mla", "gla", "gta") else 0),
-        refit_lr=args.refit_lr, stream=not args.in_memory,
+        refit_lr=args.refit_lr, refit_device=args.refit_device, stream=not args.in_memory,
     )
     print(kv_table(res.source, res.target, res.num_layers, layer_ranks=res.layer_ranks))
     alloc = res.stats.get("rank_alloc")

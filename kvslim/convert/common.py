@@ -25,7 +25,13 @@ from kvslim.model import Transformer
 from kvslim.spec import AttentionSpec
 
 __all__ = ["FITS", "LayerView", "aug", "check_grouped_source", "layer_view", "metric_basis", "metric_eigs",
-           "new_model", "output_metric", "qk_norm_fields", "set_linear", "set_queries", "sqrt_pair", "top_eigvecs"]
+           "new_model", "output_metric", "positions", "qk_norm_fields", "set_linear", "set_queries", "sqrt_pair", "top_eigvecs"]
+
+
+def positions(x: torch.Tensor) -> torch.Tensor:
+    """``[B, T]`` positions ``0..T-1`` for hidden states ``x [B, T, D]`` (as Transformer.forward numbers them)."""
+    B, T = x.shape[:2]
+    return torch.arange(T, device=x.device).expand(B, T)
 
 
 def aug(lin: nn.Linear) -> torch.Tensor:

@@ -31,7 +31,7 @@ from kvslim.convert.mha_to_gqa import check_gqa_target, mha_to_gqa
 from kvslim.convert.ranks import RANK_ALLOCS, allocate_ranks, check_rank_alloc, resolve_rank_min
 from kvslim.convert.refit import REFIT_LR, check_refit, refit_attention
 from kvslim.convert.select import AUTO, freqfold_candidates, select_freqfold, selection, selection_tokens
-from kvslim.convert.sequential import ModelLayers, check_calib_pass, convert_sequential
+from kvslim.convert.sequential import ModelLayers, check_calib_pass, convert_layerwise
 from kvslim.convert.stream import CALIB_BATCH, stream_convert, stream_layers, stream_select_nll
 from kvslim.convert.tensorio import LazyCheckpoint
 from kvslim.model import Transformer
@@ -91,7 +91,7 @@ def check_conversion(spec: AttentionSpec, to: str, *, kv_heads=None, latent_head
                      fit: str = "bkv", rank_alloc: str = "uniform", rank_min: int | None = None,
                      calib_pass: str = "original", calib_shrinkage: float = 0.0,
                      calib_shrink_to: str = "identity", rope_repeat: int = 1, refit_steps: int = 0,
-                     refit_lr: float = REFIT_LR) -> None:
+                     refit_lr: float = REFIT_LR, refit_device: str | None = None) -> None:
     """Raise ValueError naming the bad option if ``spec`` cannot be converted ``to`` this target.
 
     The one validation of a conversion: :func:`convert_checkpoint` runs it before the slow
@@ -105,7 +105,7 @@ def check_conversion(spec: AttentionSpec, to: str, *, kv_heads=None, latent_head
                              f"not --to {to} with method {method!r}")
         freqfold = None
     check_calib_pass(calib_pass, to)
-    check_refit(refit_steps, refit_lr, to)
+    check_refit(refit_steps, refit_lr, to, refit_device)
     check_shrinkage(calib_shrinkage, calib_shrink_to)
     if calib_shrinkage and to == "gqa":
         raise ValueError("calib_shrinkage applies to mla, gla and gta (the targets that calibrate); --to gqa "
@@ -160,7 +160,8 @@ def convert_model(model: Transformer, to: str, *, calib: torch.Tensor | None = N
                   gta_state: str = "joint", fit: str = "bkv", rank_alloc: str = "uniform", rank_min: int | None = None,
                   calib_pass: str = "original", calib_shrinkage: float = 0.0, calib_shrink_to: str = "identity",
                   rope_repeat: int = 1, select_calib: torch.Tensor | None = None, refit_steps: int = 0,
-                  refit_lr: float = REFIT_LR, progress: bool = True) -> tuple[Transformer, dict]:
+                  refit_lr: float = REFIT_LR, refit_device: str | None = None,
+                  progress: bool = True) -> tuple[Transformer, dict]:
     """Convert an in-memory kvslim Transformer; returns (new model, diagnostics).
 
     ``moments`` (per-layer ``E[x̃x̃ᵀ]`` from ``attention_input_moments``) or ``calib`` token
@@ -176,23 +177,26 @@ def convert_model(model: Transformer, to: str, *, calib: torch.Tensor | None = N
     ``freqfold_select``. ``refit_steps > 0`` then refits every converted attention layer to the source layer's
     output on ``calib`` (refit.py; needs ``calib``); diagnostics hold ``refit_error`` (per layer, the relative
     output error before and after). With ``auto``, FreqFold is chosen on the closed-form fits, then refit once.
+    ``refit_device``: where the refit runs (refit.py ``refit_device``: None = the CPU, ``"auto"``, ``"cuda"``).
     """
     opts = dict(kv_heads=kv_heads, latent_heads=latent_heads, kv_lora_rank=kv_lora_rank, rope_dim=rope_dim,
                 freqfold=freqfold, method=method, gta_state=gta_state, fit=fit, rank_alloc=rank_alloc,
                 rank_min=rank_min, calib_shrinkage=calib_shrinkage, calib_shrink_to=calib_shrink_to,
                 rope_repeat=rope_repeat)
-    check_conversion(model.spec, to, calib_pass=calib_pass, refit_steps=refit_steps, refit_lr=refit_lr, **opts)
-    refit = refitter(refit_steps, refit_lr)
+    check_conversion(model.spec, to, calib_pass=calib_pass, refit_steps=refit_steps, refit_lr=refit_lr,
+                     refit_device=refit_device, **opts)
+    refit = refitter(refit_steps, refit_lr, refit_device)
     if freqfold == AUTO:
         return _convert_auto(model, to, calib, moments, calib_pass, opts, select_calib, progress, refit)
     return _convert_checked(model, to, calib, moments, calib_pass, opts, progress, refit)
 
 
-def refitter(steps: int, lr: float):
+def refitter(steps: int, lr: float, device: str | None = None):
     """The per-layer refit the layer walk applies (stream.py ``_walk``), or None for ``steps == 0``."""
     if not steps:
         return None
-    return lambda source, converted, inputs: refit_attention(source, converted, inputs, steps=steps, lr=lr)
+    return lambda source, converted, inputs: refit_attention(source, converted, inputs, steps=steps, lr=lr,
+                                                             device=device)
 
 
 def _convert_checked(model: Transformer, to: str, calib, moments, calib_pass: str, opts: dict,
@@ -265,12 +269,12 @@ def _layer_converter(to: str, opts: dict, ranks: list):
 
 def _run_walk(model: Transformer, to: str, calib: torch.Tensor, opts: dict, progress: bool, sequential: bool,
               refit=None) -> tuple[Transformer, dict]:
-    """The in-memory conversion layer by layer (sequential.py ``convert_sequential``) with the converter
+    """The in-memory conversion layer by layer (sequential.py ``convert_layerwise``) with the converter
     streaming applies per layer: the sequential pass, and any conversion with a refit (refit.py)."""
     ranks, alloc = [opts["kv_lora_rank"]] * model.config.num_layers, None
     if opts["rank_alloc"] != "uniform":  # allocated on the original pass, as streaming does
         ranks, alloc = _stream_ranks(ModelLayers(model), calib, to, opts, progress)
-    out, stats = convert_sequential(model, calib, _layer_converter(to, opts, ranks), progress=progress,
+    out, stats = convert_layerwise(model, calib, _layer_converter(to, opts, ranks), progress=progress,
                                     sequential=sequential, refit=refit)
     if alloc is not None:
         stats["rank_alloc"] = alloc
@@ -311,7 +315,7 @@ def convert_checkpoint(*, model_dir: str | os.PathLike, out: str | os.PathLike, 
                        rank_alloc: str = "uniform", rank_min: int | None = None, calib_pass: str = "original",
                        calib_shrinkage: float = 0.0, calib_shrink_to: str = "identity", rope_repeat: int = 1,
                        select_tokens: torch.Tensor | None = None, refit_steps: int = 0, refit_lr: float = REFIT_LR,
-                       progress: bool = True, stream: bool = True) -> ConvertResult:
+                       refit_device: str | None = None, progress: bool = True, stream: bool = True) -> ConvertResult:
     """Convert the checkpoint in ``model_dir`` and write it to ``out`` (atomically).
 
     Args:
@@ -350,6 +354,8 @@ def convert_checkpoint(*, model_dir: str | os.PathLike, out: str | os.PathLike, 
         refit_steps, refit_lr: Adam steps (one batch of calibration windows each) per layer that refit the
             converted attention to the source layer's output on the calibration windows (refit.py; 0 = the
             closed-form fit only); with ``freqfold="auto"`` the group is chosen first, on the closed-form fits.
+        refit_device: where the refit runs: None (the CPU, with the rest of the conversion), ``"auto"`` (CUDA
+            when available) or a device name; one layer and its calibration inputs are copied there at a time.
         stream: convert layer by layer, holding one layer at a time (stream.py; the default: its
             output is byte-identical); False loads the whole source model first.
     """
@@ -408,8 +414,9 @@ def convert_checkpoint(*, model_dir: str | os.PathLike, out: str | os.PathLike, 
                 freqfold=freqfold, method=method, gta_state=gta_state, fit=fit, rank_alloc=rank_alloc,
                 rank_min=rank_min, calib_shrinkage=calib_shrinkage, calib_shrink_to=calib_shrink_to,
                 rope_repeat=rope_repeat)
-    check_conversion(spec, to, calib_pass=calib_pass, refit_steps=refit_steps, refit_lr=refit_lr, **opts)
-    refit = refitter(refit_steps, refit_lr)
+    check_conversion(spec, to, calib_pass=calib_pass, refit_steps=refit_steps, refit_lr=refit_lr,
+                     refit_device=refit_device, **opts)
+    refit = refitter(refit_steps, refit_lr, refit_device)
     if fmt == "deepseek":
         check_qk_norm(spec)
         mla_layout(_target_spec(spec, to, latent_heads=latent_heads, kv_lora_rank=kv_lora_rank, rope_dim=rope_dim,

@@ -36,19 +36,24 @@ conversion takes 5-9 minutes instead of about one (benchmarks/convert_matrix.py 
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
 
-__all__ = ["REFIT_LR", "REFIT_STEPS_CLI", "check_refit", "refit_attention"]
+from kvslim.convert.common import positions
+
+__all__ = ["REFIT_LR", "REFIT_STEPS_CLI", "check_refit", "refit_attention", "refit_device"]
 
 REFIT_LR = 1e-2  # Adam step size relative to each tensor's RMS
 REFIT_STEPS_CLI = 128  # kvslim convert's default (issue 16 matrix rows "... refit")
 CHECK_EVERY = 32
 
 
-def check_refit(steps, lr, to: str) -> None:
-    """Raise ValueError naming the bad field unless ``steps`` (int >= 0) and ``lr`` (finite > 0) are valid for ``to``."""
+def check_refit(steps, lr, to: str, device=None) -> None:
+    """Raise ValueError naming the bad field unless ``steps`` (int >= 0), ``lr`` (finite > 0) and ``device``
+    (:func:`refit_device`) are valid for ``to``."""
+    refit_device(device)
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
         raise ValueError(f"refit_steps must be an int >= 0, got {steps!r}")
     if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not math.isfinite(lr) or lr <= 0:
@@ -58,14 +63,28 @@ def check_refit(steps, lr, to: str) -> None:
                          "mean-pools without calibration")
 
 
-def _positions(x: torch.Tensor) -> torch.Tensor:
-    B, T = x.shape[:2]
-    return torch.arange(T, device=x.device).expand(B, T)
+def refit_device(device) -> torch.device | None:
+    """Where the refit runs: None (where the layers are: the CPU in a conversion), ``"auto"`` (CUDA when
+    available, else the CPU) or a torch device name (``"cpu"``, ``"cuda"``, ``"cuda:1"``). Raises ValueError
+    naming ``refit_device`` for a name torch does not know or a CUDA device this machine does not have."""
+    if device is None:
+        return None
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"refit_device must be 'auto' or a torch device such as 'cpu' or 'cuda', got {device!r}") from e
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"refit_device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"refit_device must be a cpu or cuda device, got {device!r}")
+    return dev
 
 
 def _attention(layer, x: torch.Tensor) -> torch.Tensor:
     """``layer``'s attention output (before the residual add) for hidden states ``x [B, T, D]``."""
-    return layer.self_attn(layer.input_layernorm(x), _positions(x), None)
+    return layer.self_attn(layer.input_layernorm(x), positions(x), None)
 
 
 @torch.no_grad()
@@ -74,7 +93,7 @@ def _loss(layer, hidden: list[torch.Tensor], targets: list[torch.Tensor], denom:
 
 
 def refit_attention(source, converted, hidden: list[torch.Tensor], *, steps: int, lr: float = REFIT_LR,
-                    check_every: int = CHECK_EVERY) -> dict:
+                    check_every: int = CHECK_EVERY, device=None) -> dict:
     """Refit ``converted``'s attention (in place) to ``source``'s output on ``hidden`` (module docstring).
 
     Args:
@@ -83,11 +102,23 @@ def refit_attention(source, converted, hidden: list[torch.Tensor], *, steps: int
         hidden: the layer's input hidden states, batches of ``[B, T, D]`` (unchanged).
         steps: optimiser steps, one batch each (0: nothing is done).
         lr: Adam step size relative to each tensor's RMS (a zero tensor, e.g. a bias, takes the mean RMS).
+        device: :func:`refit_device`; when given, the refit runs on copies of both layers and of ``hidden``
+            there (``source`` may be a layer of the caller's model: it is never moved), and the refit weights
+            are copied back into ``converted``.
     Returns:
         ``{"refit_error": (relative error before, after)}`` over all of ``hidden``.
     """
     if steps == 0 or not hidden:
         return {}
+    dev = refit_device(device)
+    if dev is not None:  # on copies (also on the layers' own device: one path, tested on the CPU)
+        away = copy.deepcopy(converted).to(dev)
+        stats = refit_attention(copy.deepcopy(source).to(dev), away, [x.to(dev) for x in hidden], steps=steps,
+                                lr=lr, check_every=check_every)
+        with torch.no_grad():
+            for p, q in zip(converted.self_attn.parameters(), away.self_attn.parameters()):
+                p.copy_(q)
+        return stats
     with torch.no_grad():
         targets = [_attention(source, x) for x in hidden]
     denom = max(sum(float(t.pow(2).sum()) for t in targets), 1e-300)

@@ -39,7 +39,7 @@ from kvslim.convert.common import new_model
 from kvslim.convert.stream import stream_layers
 from kvslim.model import ModelConfig, Transformer
 
-__all__ = ["CALIB_PASSES", "ModelLayers", "check_calib_pass", "convert_sequential"]
+__all__ = ["CALIB_PASSES", "ModelLayers", "check_calib_pass", "convert_layerwise"]
 
 CALIB_PASSES = ("original", "sequential")
 
@@ -73,7 +73,7 @@ class ModelLayers:
 
 
 @torch.no_grad()
-def convert_sequential(model: Transformer, calib: torch.Tensor, convert_layer: Callable, *,
+def convert_layerwise(model: Transformer, calib: torch.Tensor, convert_layer: Callable, *,
                        progress: bool = True, sequential: bool = True,
                        refit: Callable | None = None) -> tuple[Transformer, dict]:
     """Convert an in-memory ``model`` layer by layer, each layer calibrated on the converted layers before it

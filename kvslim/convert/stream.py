@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 
 from kvslim.checkpoint import _failpoint, state_dict_for_save, write_model_dir
 from kvslim.convert.calib import MomentSum
+from kvslim.convert.common import positions
 from kvslim.convert.deepseek import deepseek_config, deepseek_ends, deepseek_state, fp16_check, fp16_error
 from kvslim.convert.export import hf_llama_config, kvslim_config
 from kvslim.convert.select import nll_sum
@@ -89,8 +90,7 @@ def _merge_report(infos: list[dict], num_layers: int, fp16_err: float) -> dict:
 
 def _forward(layer, x: torch.Tensor) -> torch.Tensor:
     """``layer``'s output for hidden states ``x [B, T, D]`` at positions ``0..T-1`` (as Transformer.forward)."""
-    B, T = x.shape[:2]
-    return layer(x, torch.arange(T).expand(B, T), None)
+    return layer(x, positions(x), None)
 
 
 def _calibrate(shell: Transformer, hidden: list[torch.Tensor], advance: bool):
