@@ -687,6 +687,12 @@ def render(args=None) -> None:
                   "output-aware` sit at GTA-3's 224 elements: the first with GTA-3's RoPE budget (d_R = d_h/2 = 32, "
                   "one key shared by all groups), the second with one head's (64); the gap between GTA-3 output-aware "
                   "and the first is what tying the value to the key's state costs, not the RoPE budget."]
+    if any(r["name"].endswith(" refit v1") for r in rows):
+        lines += ["", "Layer-wise refit (issue 16; kvslim/convert/refit.py): the rows `... refit v1` ran the first version "
+                  "(a constant Adam step of 1e-2 of each tensor's RMS, 128 steps per layer; kvslim 879714f, "
+                  "2026-12-07), the rows `... refit` and `... refit calib 64x256` the current one (3e-3 decayed along "
+                  "a cosine, 256 steps: `kvslim convert`'s default), chosen on calibration loss curves after v1 "
+                  "was found to overfit 16 windows and to stay above the closed-form fit with 64."]
     if any(" calib " in r["name"] or " shrink" in r["name"] or " seed " in r["name"] for r in rows):
         lines += ["", "Calibration size and shrinkage (issue 16): the rows named `calib NxT` calibrate on N windows x T "
                   "tokens of the same `mix` calib splits (seed 0) instead of the 16 x 256 (4096 tokens) of every other "
