@@ -92,14 +92,11 @@ FREQFOLD_AUTO = {"MLA r=128 freqfold auto output-aware": ("mla", dict(kv_lora_ra
                  "MLA r=128 freqfold auto output-aware calib 64x256": ("mla", dict(
                      kv_lora_rank=128, rope_dim=64, freqfold="auto", fit="output", calib_samples=64,
                      calib_seq_len=256))}  # d_R of the equal-bytes rows against d_R=64 ("MLA r=128 output-aware")
-# the layer-wise refit (kvslim/convert/refit.py) on top of each FreqFold-auto row: kvslim convert's default steps
+# the layer-wise refit (kvslim/convert/refit.py) on top of each FreqFold-auto row: kvslim convert's default steps,
+# with the matrix's 16 x 256 calibration ("... refit") and with kvslim convert's 64 x 256 ("... refit calib 64x256",
+# 4x the refit's training windows; the first refit, the "... refit v1" rows, overfitted the 16)
 REFIT = ("MLA r=128 freqfold auto output-aware", "GTA-3 freqfold auto output-aware", "MLA r=160 freqfold auto output-aware",
          "GLA-3 d_c=64 freqfold auto output-aware", "MLA r=192 freqfold auto output-aware")
-# the same refits with kvslim convert's default calibration (64 x 256 windows), where the refit's training data
-# is 4x larger (the first refit, v1 below, was tuned to nothing and overfitted the 16 windows)
-REFIT64 = ("GTA-3 freqfold auto output-aware", "MLA r=160 freqfold auto output-aware",
-           "MLA r=128 freqfold auto output-aware", "GLA-3 d_c=64 freqfold auto output-aware",
-           "MLA r=192 freqfold auto output-aware")
 REFIT_QWEN = ("MLA r=64 freqfold auto output-aware", "GLA-2 d_c=32 freqfold auto output-aware",
               "GTA-2 freqfold auto output-aware", "MLA r=96 freqfold auto output-aware")
 PROMPTS = ["The capital of France is", "def fibonacci(n):\n    "]
@@ -200,15 +197,11 @@ def variants_smollm2():
         name = "MLA r=128 output-aware" + (f" calib {n}x{t}" if (n, t) != (16, 256) else "") + f" seed {seed}"
         spec[name] = ("mla", dict(spec["MLA r=128 output-aware"][1], calib_samples=n, calib_seq_len=t, calib_seed=seed))
         order.append(("mix", name))
-    for name in REFIT64:
-        to, kw = spec[name]
-        spec[f"{name} refit calib 64x256"] = (to, dict(kw, refit_steps=REFIT_STEPS_CLI, refit_lr=REFIT_LR,
-                                                       calib_samples=64, calib_seq_len=256))
-        order.append(("mix", f"{name} refit calib 64x256"))
-    for name in REFIT:
-        to, kw = spec[name]
-        spec[f"{name} refit"] = (to, dict(kw, refit_steps=REFIT_STEPS_CLI, refit_lr=REFIT_LR))
-        order.append(("mix", f"{name} refit"))
+    for suffix, size in ((" calib 64x256", dict(calib_samples=64, calib_seq_len=256)), ("", {})):
+        for name in REFIT:
+            to, kw = spec[name]
+            spec[f"{name} refit{suffix}"] = (to, dict(kw, refit_steps=REFIT_STEPS_CLI, refit_lr=REFIT_LR, **size))
+            order.append(("mix", f"{name} refit{suffix}"))
     return [(c, n, *spec[n]) for c, n in order]
 
 
