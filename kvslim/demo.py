@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from kvslim.convert.calib import CALIB_PRESETS, DEFAULT_CALIB
+from kvslim.convert.refit import REFIT_STEPS_CLI
 from kvslim.model import Transformer
 from kvslim.plan import compare
 from kvslim.spec import AttentionSpec
@@ -71,7 +72,8 @@ def main(argv=None) -> None:
     ap.add_argument("--calib-samples", type=int, default=16)
     ap.add_argument("--calib-seq-len", type=int, default=256)
     ap.add_argument("--refit-steps", type=int, default=0,
-                    help="layer-wise refit steps per layer (kvslim/convert/refit.py; `kvslim convert` defaults to 128, "
+                    help="layer-wise refit steps per layer (kvslim/convert/refit.py; `kvslim convert` defaults to "
+                         f"{REFIT_STEPS_CLI}, "
                          "the demo to 0: on a 2-core CPU the refit adds minutes per conversion)")
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--out", default="runs/demo", help="where converted checkpoints are written")
@@ -99,7 +101,7 @@ def main(argv=None) -> None:
     print(f"\n== 3. convert (calibration: --calib {DEFAULT_CALIB} = {CALIB_PRESETS[DEFAULT_CALIB]}, calib splits; "
           "output-aware fit; FreqFold chosen by perplexity on other calibration windows; "
           + (f"{args.refit_steps} refit steps per layer)" if args.refit_steps else
-             "no layer-wise refit: `kvslim convert` adds 128 steps per layer, --refit-steps N here)"))
+             f"no layer-wise refit: `kvslim convert` adds {REFIT_STEPS_CLI} steps per layer, --refit-steps N here)"))
     from kvslim.convert import attention_input_moments, calibration_tokens, convert_model
     from kvslim.convert.select import selection_tokens
 
